@@ -1,0 +1,14 @@
+"""autodac: make trained CNNs cheaper without retraining, by per-layer factorisations chosen under a budget."""
+
+from autodac._logging import set_verbosity
+from autodac.api import Result, apply, decompose_conv, optimize
+from autodac.errors import AutodacError, BudgetError, ModelError, PlanError
+from autodac.layers import FactorizedLayer
+from autodac.plan import LayerChoice, Plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "optimize", "apply", "decompose_conv", "Result", "Plan", "LayerChoice", "FactorizedLayer",
+    "AutodacError", "BudgetError", "ModelError", "PlanError", "set_verbosity", "__version__",
+]

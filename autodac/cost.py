@@ -1,0 +1,58 @@
+"""Costs: fvcore's count of a model (traced once), and the closed-form layer costs the search uses.
+
+fvcore counts one multiply-add as one flop, and ignores element-wise ops such as residual
+adds, activations and pooling (it logs a warning for each skipped op type, silenced here).
+Budgets in autodac are ratios of two such counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from autodac.errors import ModelError
+
+__all__ = ["FlopCount", "count_flops", "count_params"]
+
+
+class FlopCount:
+    """fvcore's total and per-module counts of one model on one input."""
+
+    def __init__(self, total: int, by_module: dict[str, int]) -> None:
+        self.total = total
+        self.by_module = by_module
+
+
+def count_flops(model: nn.Module, example_inputs: tuple[Any, ...]) -> FlopCount:
+    """Trace ``model`` once with fvcore (in eval mode, no grad) and return its multiply-add counts."""
+    from fvcore.nn import FlopCountAnalysis
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analysis = FlopCountAnalysis(model, example_inputs)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            fvcore_logger = logging.getLogger("fvcore")
+            previous = fvcore_logger.level
+            fvcore_logger.setLevel(logging.ERROR)
+            try:
+                total = int(analysis.total())
+                by_module = {name: int(value) for name, value in analysis.by_module().items()}
+            finally:
+                fvcore_logger.setLevel(previous)
+    except Exception as error:  # fvcore traces with torch.jit: name what failed, keep the cause
+        raise ModelError(f"fvcore could not trace the model to count its FLOPs: {type(error).__name__}: {error}") from error
+    finally:
+        model.train(was_training)
+    return FlopCount(total, by_module)
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameter elements (shared parameters counted once)."""
+    return sum(p.numel() for p in module.parameters())

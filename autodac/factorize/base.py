@@ -1,0 +1,99 @@
+"""The interface every factorisation implements: pure tensor math, no ``nn.Module``.
+
+A factorisation takes a dense weight ``W`` (``N x C x k...`` for a conv, ``N x C`` for a
+linear layer) and a rank ``r`` and returns the weights of two smaller layers whose
+composition approximates ``W``; at ``max_rank`` the composition is exact. It also gives, in
+closed form, the multiply-adds of those two layers (counted the way fvcore counts them) and
+the relative reconstruction error at every rank, from one SVD of the layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+__all__ = ["Geometry", "Factors", "Factorization", "svd_dtype", "tail_energy"]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the cost of one layer depends on, read off one forward pass.
+
+    ``kernel_size`` is ``()`` for a linear layer. ``input_spatial``/``output_spatial`` are the
+    spatial sizes of one call (``()`` for linear layers); ``batch`` is the number of rows a
+    linear layer sees (all leading dims) or the batch of a conv. ``calls`` lists one
+    ``(batch, input_spatial, output_spatial)`` triple per time the module runs in a forward.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    calls: tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...]
+
+    @property
+    def kernel_elements(self) -> int:
+        n = 1
+        for k in self.kernel_size:
+            n *= k
+        return n
+
+    def dense_cost(self) -> int:
+        """fvcore's count of the dense layer: one multiply-add per weight per output position."""
+        total = 0
+        for batch, _, out_spatial in self.calls:
+            total += batch * _prod(out_spatial) * self.out_channels * self.in_channels * self.kernel_elements
+        return total
+
+
+@dataclass(frozen=True)
+class Factors:
+    """The weights of the two layers that replace one dense layer (bias goes on ``second``)."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+
+
+class Factorization(Protocol):
+    """A way to split one dense layer into two cheaper ones."""
+
+    name: str
+
+    def applies_to(self, weight_shape: tuple[int, ...]) -> bool:
+        """Whether this method can factor a (groups=1) weight of this shape."""
+
+    def max_rank(self, weight_shape: tuple[int, ...]) -> int:
+        """The rank at which the factorisation is exact."""
+
+    def errors(self, weight: torch.Tensor) -> torch.Tensor:
+        """``errors[r - 1]``: relative squared Frobenius error ``|W - W_r|^2 / |W|^2`` at rank ``r``."""
+
+    def factors(self, weight: torch.Tensor, rank: int) -> Factors:
+        """The two weights at ``rank`` (same dtype and device as ``weight``)."""
+
+    def cost(self, geometry: Geometry, rank: int) -> int:
+        """Multiply-adds of the pair, counted as fvcore counts them."""
+
+
+def _prod(values: tuple[int, ...]) -> int:
+    n = 1
+    for v in values:
+        n *= int(v)
+    return n
+
+
+def svd_dtype(dtype: torch.dtype) -> torch.dtype:
+    """SVDs run in float64 for float64 weights and float32 otherwise (half types have no SVD)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tail_energy(singular_values: torch.Tensor, total_energy: torch.Tensor) -> torch.Tensor:
+    """Relative error at each rank from spectra ``... x m``: sum of discarded ``s^2`` over all batches.
+
+    Returns a float64 vector of length ``m`` whose entry ``r - 1`` is the error at rank ``r``.
+    """
+    energy = singular_values.double().pow(2).reshape(-1, singular_values.shape[-1]).sum(0)
+    kept = torch.cumsum(energy, 0)
+    total = total_energy.double().clamp_min(torch.finfo(torch.float64).tiny)
+    return ((total - kept) / total).clamp_min(0.0)

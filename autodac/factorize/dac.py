@@ -1,0 +1,45 @@
+"""DAC (Li et al., WACV 2019): per-input-channel SVD into a depthwise conv then a pointwise conv.
+
+For each input channel ``c`` the slice ``W[:, c]`` (``N x K``, ``K`` kernel elements) is
+factored as ``U S V^T``; the depthwise conv holds the top ``r`` rows of ``V^T`` for every
+channel (``C*r`` outputs, ``groups=C``, output index ``c*r + j``), the pointwise conv holds
+``U[:, :r] * S[:r]``. All ``C`` SVDs run as one batched call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from autodac.factorize.base import Factors, Geometry, _prod, svd_dtype, tail_energy
+
+__all__ = ["DAC"]
+
+
+class DAC:
+    name = "dac"
+
+    def applies_to(self, weight_shape: tuple[int, ...]) -> bool:
+        return len(weight_shape) >= 3 and _prod(weight_shape[2:]) > 1
+
+    def max_rank(self, weight_shape: tuple[int, ...]) -> int:
+        return min(weight_shape[0], _prod(weight_shape[2:]))
+
+    def _per_channel(self, weight: torch.Tensor) -> torch.Tensor:
+        n, c = weight.shape[:2]
+        return weight.detach().to(svd_dtype(weight.dtype)).reshape(n, c, -1).permute(1, 0, 2)  # C x N x K
+
+    def errors(self, weight: torch.Tensor) -> torch.Tensor:
+        slices = self._per_channel(weight)
+        return tail_energy(torch.linalg.svdvals(slices), slices.pow(2).sum())
+
+    def factors(self, weight: torch.Tensor, rank: int) -> Factors:
+        n, c = weight.shape[:2]
+        kernel = tuple(weight.shape[2:])
+        u, s, vh = torch.linalg.svd(self._per_channel(weight), full_matrices=False)
+        depthwise = vh[:, :rank, :].reshape(c * rank, 1, *kernel)
+        pointwise = (u[:, :, :rank] * s[:, None, :rank]).permute(1, 0, 2).reshape(n, c * rank, *([1] * len(kernel)))
+        return Factors(depthwise.to(weight.dtype).contiguous(), pointwise.to(weight.dtype).contiguous())
+
+    def cost(self, geometry: Geometry, rank: int) -> int:
+        k, n, c = geometry.kernel_elements, geometry.out_channels, geometry.in_channels
+        return sum(batch * _prod(out) * c * rank * (k + n) for batch, _, out in geometry.calls)

@@ -1,0 +1,51 @@
+"""Spatial SVD (Jaderberg et al. 2014): a ``kh x 1`` conv to ``r`` channels, then a ``1 x kw`` conv.
+
+The weight is reshaped to a ``(C*kh) x (N*kw)`` matrix and factored once. The vertical conv
+keeps the original stride, padding and dilation along the height, the horizontal conv those
+along the width, so the pair is exact at full rank for any padding mode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from autodac.factorize.base import Factors, Geometry, _prod, svd_dtype, tail_energy
+
+__all__ = ["Spatial"]
+
+
+class Spatial:
+    name = "spatial"
+
+    def applies_to(self, weight_shape: tuple[int, ...]) -> bool:
+        # Only true 2-D kernels: with kh == 1 or kw == 1 it is the plain low-rank split.
+        return len(weight_shape) == 4 and weight_shape[2] > 1 and weight_shape[3] > 1
+
+    def max_rank(self, weight_shape: tuple[int, ...]) -> int:
+        n, c, kh, kw = weight_shape
+        return min(c * kh, n * kw)
+
+    def _matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        n, c, kh, kw = weight.shape
+        return weight.detach().to(svd_dtype(weight.dtype)).permute(1, 2, 0, 3).reshape(c * kh, n * kw)
+
+    def errors(self, weight: torch.Tensor) -> torch.Tensor:
+        matrix = self._matrix(weight)
+        return tail_energy(torch.linalg.svdvals(matrix), matrix.pow(2).sum())
+
+    def factors(self, weight: torch.Tensor, rank: int) -> Factors:
+        n, c, kh, kw = weight.shape
+        u, s, vh = torch.linalg.svd(self._matrix(weight), full_matrices=False)
+        root = s[:rank].sqrt()
+        vertical = (u[:, :rank] * root).reshape(c, kh, rank).permute(2, 0, 1).reshape(rank, c, kh, 1)
+        horizontal = (root[:, None] * vh[:rank]).reshape(rank, n, kw).permute(1, 0, 2).reshape(n, rank, 1, kw)
+        return Factors(vertical.to(weight.dtype).contiguous(), horizontal.to(weight.dtype).contiguous())
+
+    def cost(self, geometry: Geometry, rank: int) -> int:
+        kh, kw = geometry.kernel_size
+        n, c = geometry.out_channels, geometry.in_channels
+        total = 0
+        for batch, in_spatial, out_spatial in geometry.calls:
+            mid = out_spatial[0] * in_spatial[1]  # height already strided, width not yet
+            total += batch * (c * rank * kh * mid + rank * n * kw * _prod(out_spatial))
+        return total

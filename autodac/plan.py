@@ -1,0 +1,149 @@
+"""Plans: what to do with each layer, keyed by dotted module name, saved as versioned JSON.
+
+A plan is data, not objects: it can be saved, loaded, compared, and replayed on a fresh copy
+of the same model with ``autodac.apply``. Loading checks the version and every field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from autodac.errors import PlanError
+
+__all__ = ["PLAN_VERSION", "LayerChoice", "Plan"]
+
+PLAN_VERSION = 1
+DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """What the plan does with one layer: keep it dense, or factorise it by ``method`` at ``rank``.
+
+    ``flops_before``/``flops_after`` are fvcore-style multiply-adds at the plan's input shape;
+    ``error`` is the predicted relative error the planner used (0 for a dense layer).
+    """
+
+    method: str
+    rank: int | None
+    weight_shape: tuple[int, ...]
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    error: float = 0.0
+
+    @property
+    def is_dense(self) -> bool:
+        return self.method == DENSE
+
+
+_LAYER_FIELDS = {"method", "rank", "weight_shape", "flops_before", "flops_after", "params_before", "params_after", "error"}
+_PLAN_FIELDS = {
+    "format", "_version", "budget", "input_shapes", "input_assumed", "original_flops", "flops",
+    "layers", "skipped", "metrics", "notes",
+}
+
+
+@dataclass
+class Plan:
+    """Per-layer choices plus what they were planned for; ``metrics`` carries measured figures."""
+
+    layers: dict[str, LayerChoice]
+    original_flops: int
+    budget: dict[str, float] = field(default_factory=dict)
+    input_shapes: list[list[int]] = field(default_factory=list)
+    input_assumed: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def flops(self) -> int:
+        """Planned multiply-adds of the whole model (fvcore's count of the original, minus what the plan saves)."""
+        return self.original_flops - sum(c.flops_before - c.flops_after for c in self.layers.values())
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops / self.original_flops
+
+    @property
+    def factorized(self) -> dict[str, LayerChoice]:
+        return {name: choice for name, choice in self.layers.items() if not choice.is_dense}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "autodac.plan",
+            "_version": PLAN_VERSION,
+            "budget": dict(self.budget),
+            "input_shapes": [list(s) for s in self.input_shapes],
+            "input_assumed": self.input_assumed,
+            "original_flops": self.original_flops,
+            "flops": self.flops,
+            "layers": {name: {**asdict(c), "weight_shape": list(c.weight_shape)} for name, c in self.layers.items()},
+            "skipped": dict(self.skipped),
+            "metrics": dict(self.metrics),
+            "notes": list(self.notes),
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Plan":
+        if not isinstance(data, dict) or data.get("format") != "autodac.plan":
+            raise PlanError("a plan must be a JSON object with format='autodac.plan'")
+        version = data.get("_version")
+        if version != PLAN_VERSION:
+            raise PlanError(f"this autodac reads plan version {PLAN_VERSION}, but got _version={version!r}")
+        unknown = set(data) - _PLAN_FIELDS
+        if unknown:
+            raise PlanError(f"a plan may only hold the fields {sorted(_PLAN_FIELDS)}, but got {sorted(unknown)}")
+        layers_data = data.get("layers")
+        if not isinstance(layers_data, dict):
+            raise PlanError("a plan's `layers` must be an object keyed by dotted module name")
+        layers = {}
+        for name, entry in layers_data.items():
+            if not isinstance(entry, dict) or set(entry) != _LAYER_FIELDS:
+                raise PlanError(f"layer {name!r} must have exactly the fields {sorted(_LAYER_FIELDS)}, but got {entry!r}")
+            rank = entry["rank"]
+            if entry["method"] != DENSE and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+                raise PlanError(f"layer {name!r}: `rank >= 1` must hold for a factorised layer, but got rank={rank!r}")
+            error = float(entry["error"])
+            if not math.isfinite(error):
+                raise PlanError(f"layer {name!r}: `error` must be finite, but got {error!r}")
+            layers[name] = LayerChoice(
+                method=str(entry["method"]), rank=rank, weight_shape=tuple(int(v) for v in entry["weight_shape"]),
+                flops_before=int(entry["flops_before"]), flops_after=int(entry["flops_after"]),
+                params_before=int(entry["params_before"]), params_after=int(entry["params_after"]), error=error,
+            )
+        try:
+            original = int(data["original_flops"])
+        except (KeyError, TypeError, ValueError):
+            raise PlanError(f"a plan needs an integer `original_flops`, but got {data.get('original_flops')!r}") from None
+        return cls(
+            layers=layers, original_flops=original, budget={k: float(v) for k, v in dict(data.get("budget", {})).items()},
+            input_shapes=[list(map(int, s)) for s in data.get("input_shapes", [])],
+            input_assumed=bool(data.get("input_assumed", False)), skipped=dict(data.get("skipped", {})),
+            metrics={k: float(v) for k, v in dict(data.get("metrics", {})).items()}, notes=list(data.get("notes", [])),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise PlanError(f"a plan must be valid JSON, but parsing failed: {error}") from None
+        return cls.from_dict(data)
+
+    def save(self, path) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_json(handle.read())

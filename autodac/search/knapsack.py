@@ -1,0 +1,96 @@
+"""Exact allocation of a cost budget across layers: a multiple-choice knapsack.
+
+Each layer offers options (cost, error); exactly one is taken per layer; the total cost must
+stay within the budget and the summed error is minimised. Costs are integers (multiply-adds).
+The dynamic programme runs on costs rounded *up* to a grid, so every answer is feasible in
+exact costs; a greedy pass then spends what the rounding left over.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["LayerOptions", "pareto_front", "solve", "minimum_cost"]
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """The choices of one layer: parallel arrays of integer costs and errors (option 0 is any)."""
+
+    costs: np.ndarray  # int64
+    errors: np.ndarray  # float64
+
+
+def pareto_front(options: LayerOptions) -> np.ndarray:
+    """Indices of the options no other option beats on both cost and error, cheapest first."""
+    order = np.lexsort((options.errors, options.costs))
+    keep, best = [], math.inf
+    for index in order:
+        if options.errors[index] < best:
+            keep.append(index)
+            best = options.errors[index]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def minimum_cost(layers: list[LayerOptions]) -> int:
+    return int(sum(int(o.costs.min()) for o in layers))
+
+
+def solve(layers: list[LayerOptions], budget: int, resolution: int = 20000) -> list[int]:
+    """The option index per layer minimising summed error with summed cost ``<= budget``.
+
+    Raises ``ValueError`` when even the cheapest options exceed the budget.
+    """
+    if minimum_cost(layers) > budget:
+        raise ValueError(f"minimum cost {minimum_cost(layers)} exceeds budget {budget}")
+    fronts = [pareto_front(o) for o in layers]
+    unit = max(1.0, budget / resolution)
+    slots = int(budget // unit)
+    dp = np.zeros(slots + 1)
+    choices = np.zeros((len(layers), slots + 1), dtype=np.int32)
+    for i, (options, front) in enumerate(zip(layers, fronts)):
+        units = np.ceil(options.costs[front] / unit).astype(np.int64)
+        best = np.full(slots + 1, math.inf)
+        pick = np.zeros(slots + 1, dtype=np.int32)
+        for j, (u, e) in enumerate(zip(units, options.errors[front])):
+            if u > slots:
+                continue
+            candidate = dp[: slots + 1 - u] + e
+            better = candidate < best[u:]
+            best[u:][better] = candidate[better]
+            pick[u:][better] = j
+        dp = best
+        choices[i] = pick
+    if not math.isfinite(dp[slots]):  # rounding up made the cheapest set infeasible: fall back to it
+        selection = [int(front[0]) for front in fronts]
+    else:
+        selection, remaining = [], slots
+        for i in range(len(layers) - 1, -1, -1):
+            j = int(choices[i, remaining])
+            selection.append(int(fronts[i][j]))
+            remaining -= int(math.ceil(layers[i].costs[fronts[i][j]] / unit))
+        selection.reverse()
+    return _spend_leftover(layers, fronts, selection, budget)
+
+
+def _spend_leftover(layers: list[LayerOptions], fronts: list[np.ndarray], selection: list[int], budget: int) -> list[int]:
+    """Greedily move layers to costlier, better options while the exact total fits the budget."""
+    selection = list(selection)
+    spent = sum(int(layers[i].costs[s]) for i, s in enumerate(selection))
+    while True:
+        best_gain, best_move = 0.0, None
+        for i, front in enumerate(fronts):
+            cost_now, error_now = int(layers[i].costs[selection[i]]), float(layers[i].errors[selection[i]])
+            for index in front:
+                extra = int(layers[i].costs[index]) - cost_now
+                gain = error_now - float(layers[i].errors[index])
+                if extra > 0 and gain > 0 and spent + extra <= budget and gain / extra > best_gain:
+                    best_gain, best_move = gain / extra, (i, int(index), extra)
+        if best_move is None:
+            return selection
+        i, index, extra = best_move
+        selection[i] = index
+        spent += extra
