@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["resnet20", "cifar_vgg", "resnet50_shaped", "BasicBlock", "Bottleneck"]
+__all__ = ["resnet20", "cifar_vgg", "resnet50_shaped", "pretrained", "BasicBlock", "Bottleneck"]
 
 
 class BasicBlock(nn.Module):
@@ -151,3 +151,24 @@ class ResNet50Shaped(nn.Module):
 def resnet50_shaped(in_channels: int = 3, num_classes: int = 1000) -> nn.Module:
     """ResNet-50's layout (about 4.1 GMAC at 224x224); random weights unless you train it."""
     return ResNet50Shaped(in_channels, num_classes)
+
+
+_WEIGHTS = {"resnet20": "resnet20_fashion_mnist.pt", "cifar_vgg": "cifar_vgg_fashion_mnist.pt"}
+
+
+def pretrained(name: str) -> nn.Module:
+    """A reference net with the Fashion-MNIST weights shipped in the package, in float32 and eval mode.
+
+    The weights were trained by ``scripts/train_reference_models.py``; inputs are normalised
+    28x28 grey images (see ``autodac.datasets``).
+    """
+    from pathlib import Path
+
+    from autodac.errors import AutodacError
+
+    if name not in _WEIGHTS:
+        raise AutodacError(f"`name` must be one of {sorted(_WEIGHTS)}, but got name={name!r}")
+    model = {"resnet20": resnet20, "cifar_vgg": cifar_vgg}[name]()
+    state = torch.load(Path(__file__).with_name("weights") / _WEIGHTS[name], map_location="cpu", weights_only=True)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.eval()
