@@ -7,12 +7,13 @@ count it with fvcore to prove the budget holds. The caller's model is never chan
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -24,9 +25,14 @@ from autodac.errors import AutodacError, BudgetError, ModelError, PlanError
 from autodac.factorize import METHODS, get_method
 from autodac.layers import SUPPORTED_TYPES, build_factorized
 from autodac.plan import DENSE, LayerChoice, Plan
-from autodac.probes import reconstruction_errors
+from autodac.probes import (
+    DEFAULT_PROBE_SIZE, Probe, _device_of, collect_probe, divergence, has_batchnorm, predict, reconstruction_errors,
+    reestimate_batchnorm, top1_match,
+)
 from autodac.report import plan_table
 from autodac.search.knapsack import LayerOptions, minimum_cost, solve
+from autodac.search.refine import Trial, refine
+from autodac.search.sensitivity import SensitivityProfile, interpolate_losses, measure_profile, pick_ranks
 from autodac.surgery import TracedLayer, replace_layers, trace_layers
 
 __all__ = ["optimize", "apply", "decompose_conv", "Result", "DEFAULT_METHODS"]
@@ -46,6 +52,13 @@ class Result:
     original_params: int
     params: int
     notes: list[str] = field(default_factory=list)
+    profile: SensitivityProfile | None = None
+    trials: list[Trial] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Measured figures: probe metric of the original and of the result, with and without BN re-estimation."""
+        return self.plan.metrics
 
     @property
     def flops_ratio(self) -> float:
@@ -201,29 +214,135 @@ def _params_after(module: nn.Module, method: str, rank: int) -> int:
     return rank * c * k + n * rank + bias
 
 
+class _Factors:
+    """One SVD per (layer, method), computed on first use and reused for every rank the search tries."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.cache: dict[tuple[str, str], Any] = {}
+
+    def build(self, name: str, method: str, rank: int) -> nn.Module:
+        key = (name, method)
+        if key not in self.cache:
+            self.cache[key] = get_method(method).decompose(self.modules[name].weight)
+        return build_factorized(self.modules[name], method, rank, self.cache[key])
+
+
+def _choices(candidates: list[_Candidate], selection: Sequence[int]) -> dict[str, LayerChoice]:
+    layers = {}
+    for candidate, index in zip(candidates, selection):
+        method, rank, cost, error = candidate.options[index]
+        module = candidate.layer.module
+        params = count_params(module)
+        layers[candidate.layer.name] = LayerChoice(
+            method=method, rank=rank, weight_shape=tuple(module.weight.shape), flops_before=candidate.dense_cost,
+            flops_after=cost, params_before=params,
+            params_after=params if method == DENSE else _params_after(module, method, rank), error=float(error),
+        )
+    return layers
+
+
+def _build(model: nn.Module, candidates: list[_Candidate], selection: Sequence[int], factors: _Factors) -> nn.Module:
+    replacements = {}
+    for candidate, index in zip(candidates, selection):
+        method, rank, _, _ = candidate.options[index]
+        if method != DENSE:
+            replacements[candidate.layer.name] = factors.build(candidate.layer.name, method, rank)
+    return replace_layers(model, replacements)
+
+
+class _ProbeRunner:
+    """Scores a candidate model on the probe, with or without BatchNorm re-estimation.
+
+    Two figures per model from one pass over the held-out half: the *objective* the search
+    maximises (minus the KL divergence from the original's outputs: smooth and label-free, so a
+    1k-image probe ranks plans without the noise of top-1 counts) and the *metric* reported to
+    the user (top-1 accuracy with labels, top-1 agreement without). ``evaluate`` replaces both.
+    Re-estimation uses the calibration half, so a correction that only fits the images it saw
+    cannot look like an improvement.
+    """
+
+    def __init__(self, model: nn.Module, probe: Probe | None, evaluate: Callable[[nn.Module], float] | None) -> None:
+        self.evaluate = evaluate
+        self.calibration: torch.Tensor | None = None
+        self.held_out: Probe | None = None
+        if probe is not None:
+            if evaluate is not None or len(probe) < 2:
+                self.calibration = probe.inputs
+            else:
+                self.calibration = probe.inputs[0::2]
+                self.held_out = probe.subset(slice(1, None, 2))
+                self.held_out.reference = predict(model, self.held_out.inputs)
+
+    @property
+    def metric_name(self) -> str:
+        if self.evaluate is not None:
+            return "evaluate(model)"
+        return "top-1 accuracy" if self.held_out.labels is not None else "top-1 agreement with the original"
+
+    def score(self, model: nn.Module, reestimate: bool = False) -> tuple[float, float]:
+        """``(objective, metric)`` of ``model`` (re-estimated on a copy first when asked)."""
+        if reestimate:
+            model = reestimate_batchnorm(copy.deepcopy(model), self.calibration)
+        if self.evaluate is not None:
+            value = self.evaluate(model)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+                raise AutodacError(f"`evaluate(model)` must return a finite real number, but returned {value!r}")
+            return float(value), float(value)
+        outputs = predict(model, self.held_out.inputs)
+        reference = self.held_out.reference
+        targets = self.held_out.labels if self.held_out.labels is not None else reference.argmax(1)
+        return -divergence(outputs, reference), top1_match(outputs, targets)
+
+
 def optimize(
     model: nn.Module,
     flops_budget: float,
     *,
     example_inputs: Any = None,
+    data: Iterable[Any] | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
     methods: Iterable[str] = DEFAULT_METHODS,
     exclude: Iterable[str] = (),
+    probe_size: int = DEFAULT_PROBE_SIZE,
+    profile_size: int = 256,
+    profile_ranks: int = 4,
+    reestimate_bn: bool = True,
+    n_trials: int = 16,
+    timeout: float | None = None,
+    seed: int = 0,
     progress: bool = True,
 ) -> Result:
     """Decompose a copy of ``model`` to at most ``flops_budget`` of its fvcore FLOPs.
 
     ``flops_budget`` is a ratio in ``(0, 1]`` of fvcore's count of the model on
-    ``example_inputs`` (a tensor or tuple of arguments; if omitted, a 224x224 image batch of one
-    is assumed and a warning says so). ``methods`` restricts the factorisations the planner may
-    choose per layer (``"dac"``, ``"spatial"``, ``"lowrank"``); ``exclude`` lists glob patterns of
-    layer names to keep dense. Each layer's rank is chosen by an exact knapsack on the relative
-    reconstruction error. Returns a ``Result``; the caller's model is not changed.
+    ``example_inputs`` (a tensor or tuple of arguments; if omitted, the first probe example is
+    used, or a 224x224 image batch of one is assumed with a warning). ``methods`` restricts the
+    factorisations the planner may choose per layer; ``exclude`` lists glob patterns of layer
+    names to keep dense.
+
+    Without ``data`` the ranks come from an exact knapsack on reconstruction error. With
+    ``data`` (batches ``x`` or ``(x, y)``; at most ``probe_size`` examples are used) each layer's
+    sensitivity is measured on ``profile_size`` probe examples, the knapsack runs on it, and
+    Optuna refines the allocation for ``n_trials`` trials (or ``timeout`` seconds) on the probe
+    metric: top-1 accuracy with labels, agreement with the original without, or
+    ``evaluate(model) -> float`` (higher is better) when given. BatchNorm statistics are
+    re-estimated on the probe when ``reestimate_bn`` and kept only if the metric improves.
+    Seeded runs without ``timeout`` are deterministic. The caller's model is not changed.
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
     budget = _check_budget("flops_budget", flops_budget)
     methods = _check_methods(methods)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    for name, value, low in (("probe_size", probe_size, 2), ("profile_size", profile_size, 1), ("profile_ranks", profile_ranks, 1), ("n_trials", n_trials, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise AutodacError(f"`{name} >= {low}` must hold (an integer), but got {name}={value!r}")
+    if evaluate is not None and not callable(evaluate):
+        raise AutodacError(f"`evaluate` must be a callable model -> float, but got {type(evaluate).__name__}")
+    probe = collect_probe(data, probe_size) if data is not None else None
+    if example_inputs is None and probe is not None:
+        example_inputs = probe.inputs[:1].to(_device_of(model))
     inputs, assumed = _check_inputs(model, example_inputs)
     notes = []
     if assumed:
@@ -238,40 +357,103 @@ def optimize(
     original = count_flops(model, inputs)
     target = math.floor(budget * original.total)
     fixed = original.total - sum(c.dense_cost for c in candidates)
-    layer_options = [
-        LayerOptions(np.array([o[2] for o in c.options], dtype=np.int64), np.array([o[3] for o in c.options])) for c in candidates
-    ]
-    reachable = fixed + minimum_cost(layer_options)
+    costs = [np.array([o[2] for o in c.options], dtype=np.int64) for c in candidates]
+    weight_scores = [LayerOptions(cost, np.array([o[3] for o in c.options])) for cost, c in zip(costs, candidates)]
+    reachable = fixed + minimum_cost(weight_scores)
     if reachable > target:
         raise BudgetError(
             f"`flops_budget >= {math.ceil(reachable / original.total * 1e4) / 1e4:.4f}` must hold for this model with "
             f"methods={list(methods)} (the smallest reachable ratio), but got flops_budget={budget!r}"
         )
-    selection = solve(layer_options, target - fixed)
 
-    layers = {}
-    for candidate, index in zip(candidates, selection):
-        method, rank, cost, error = candidate.options[index]
-        module = candidate.layer.module
-        params = count_params(module)
-        layers[candidate.layer.name] = LayerChoice(
-            method=method, rank=rank, weight_shape=tuple(module.weight.shape), flops_before=candidate.dense_cost,
-            flops_after=cost, params_before=params,
-            params_after=params if method == DENSE else _params_after(module, method, rank), error=error,
-        )
+    metrics: dict[str, float] = {}
+    profile = None
+    refined = None
+    scores = weight_scores
+    use_bn = False
+    factors = _Factors({c.layer.name: c.layer.module for c in candidates})
+    if probe is None and evaluate is None:
+        selection = solve(scores, target - fixed)
+    else:
+        runner = _ProbeRunner(model, probe, evaluate)
+        if runner.held_out is not None:
+            profile, scores = _profile_scores(model, candidates, runner.held_out, factors, profile_size, profile_ranks, progress)
+        metrics["probe_original"] = runner.score(model)[1]
+        can_reestimate = reestimate_bn and runner.calibration is not None and has_batchnorm(model)
+        use_bn = False
+        if can_reestimate:  # decide once, on the plain allocation, whether re-estimation helps at all
+            first = _build(model, candidates, solve(scores, target - fixed), factors)
+            use_bn = runner.score(first, reestimate=True)[0] > runner.score(first)[0]
+
+        def evaluate_selection(selection: tuple[int, ...]) -> float:
+            return runner.score(_build(model, candidates, selection, factors), reestimate=use_bn)[0]
+
+        refined = refine(scores, target - fixed, evaluate_selection, n_trials=n_trials, timeout=timeout, seed=seed, progress=progress)
+        selection = list(refined.best.selection)
+
     plan = Plan(
-        layers=layers, original_flops=original.total, budget={"flops": budget}, input_shapes=_input_shapes(inputs),
-        input_assumed=assumed, skipped=skipped, notes=notes,
+        layers=_choices(candidates, selection), original_flops=original.total, budget={"flops": budget},
+        input_shapes=_input_shapes(inputs), input_assumed=assumed, skipped=skipped, notes=notes,
     )
-    decomposed = apply(model, plan)
+    decomposed = _build(model, candidates, selection, factors)
+    if probe is not None or evaluate is not None:
+        plain = runner.score(decomposed)
+        metrics["probe_without_bn_reestimate"] = plain[1]
+        if can_reestimate:
+            reestimated = reestimate_batchnorm(copy.deepcopy(decomposed), runner.calibration)
+            with_bn = runner.score(reestimated)
+            metrics["probe_with_bn_reestimate"] = with_bn[1]
+            if with_bn[0] > plain[0]:
+                decomposed = reestimated
+                plan.notes.append("BatchNorm statistics re-estimated on the probe (kept: it brought the outputs closer to the original's)")
+            else:
+                plan.notes.append("BatchNorm re-estimation tried and rejected (it did not bring the outputs closer to the original's)")
+        metrics["probe"] = runner.score(decomposed)[1]
+        metrics["probe_examples"] = float(len(probe)) if probe is not None else 0.0
+        plan.notes.append(f"probe metric: {runner.metric_name} on {len(runner.held_out) if runner.held_out is not None else 0} held-out probe examples")
+    plan.metrics.update(metrics)
     counted = count_flops(decomposed, inputs).total
     if counted != plan.flops or counted > target:  # the closed form and fvcore disagree: a bug, never a silent miss
         raise AutodacError(f"internal check failed: fvcore counts {counted} FLOPs, plan predicts {plan.flops}, budget {target}")
-    logger.info("planned %d of %d layers; FLOPs ratio %.4f", len(plan.factorized), len(layers), plan.flops_ratio)
+    logger.info("planned %d of %d layers; FLOPs ratio %.4f", len(plan.factorized), len(plan.layers), plan.flops_ratio)
     return Result(
         model=decomposed, plan=plan, original_flops=original.total, flops=counted,
         original_params=count_params(model), params=count_params(decomposed), notes=notes,
+        profile=profile, trials=[] if refined is None else refined.trials,
     )
+
+
+def _profile_scores(model, candidates, held_out: Probe, factors: _Factors, size: int, ranks_per_method: int, progress: bool):
+    """Measure each layer's sensitivity at a few ranks and interpolate it to every option."""
+    sample = held_out.subset(slice(0, size))
+    reference = predict(model, sample.inputs)
+
+    def loss(candidate_model: nn.Module) -> float:
+        return divergence(predict(candidate_model, sample.inputs), reference)
+
+    plan_rows = []
+    for candidate in candidates:
+        chosen = []
+        for method in dict.fromkeys(o[0] for o in candidate.options[1:]):
+            ranks = [o[1] for o in candidate.options if o[0] == method]
+            costs = [o[2] for o in candidate.options if o[0] == method]
+            chosen += [(method, r) for r in pick_ranks(ranks, costs, ranks_per_method)]
+        plan_rows.append((candidate.layer.name, candidate.layer.module, chosen))
+    profile = measure_profile(model, plan_rows, factors.build, loss, len(sample), progress)
+    scores = []
+    for candidate, cost in zip(candidates, (np.array([o[2] for o in c.options], dtype=np.int64) for c in candidates)):
+        losses = np.zeros(len(candidate.options))
+        measured = profile.losses[candidate.layer.name]
+        for method in dict.fromkeys(o[0] for o in candidate.options[1:]):
+            idx = [i for i, o in enumerate(candidate.options) if o[0] == method]
+            weight_errors = np.array([candidate.options[i][3] for i in idx])
+            ranks = [candidate.options[i][1] for i in idx]
+            # ranks are consecutive from 1, so position = rank - 1
+            points = {r: v for (m, r), v in measured.items() if m == method}
+            curve = interpolate_losses(weight_errors, points) if points else weight_errors
+            losses[idx] = curve[: len(ranks)]
+        scores.append(LayerOptions(cost, losses))
+    return profile, scores
 
 
 def apply(model: nn.Module, plan: Plan) -> nn.Module:

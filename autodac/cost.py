@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from autodac.errors import ModelError
+from autodac.surgery import evaluating
 
 __all__ = ["FlopCount", "count_flops", "count_params"]
 
@@ -27,16 +28,23 @@ class FlopCount:
         self.by_module = by_module
 
 
+def _conv_mode_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore's conv count for ``aten::_convolution_mode``: what a conv with ``padding='same'``/``'valid'``
+    (and ``padding_mode='zeros'``) traces to; fvcore has no handle for it and would count it as 0."""
+    from fvcore.nn.jit_handles import conv_flop_count, get_shape
+
+    return conv_flop_count(get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0]), transposed=False)
+
+
 def count_flops(model: nn.Module, example_inputs: tuple[Any, ...]) -> FlopCount:
     """Trace ``model`` once with fvcore (in eval mode, no grad) and return its multiply-add counts."""
     from fvcore.nn import FlopCountAnalysis
 
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with evaluating(model), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             analysis = FlopCountAnalysis(model, example_inputs)
+            analysis.set_op_handle("aten::_convolution_mode", _conv_mode_flop_jit)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             fvcore_logger = logging.getLogger("fvcore")
             previous = fvcore_logger.level
@@ -48,8 +56,6 @@ def count_flops(model: nn.Module, example_inputs: tuple[Any, ...]) -> FlopCount:
                 fvcore_logger.setLevel(previous)
     except Exception as error:  # fvcore traces with torch.jit: name what failed, keep the cause
         raise ModelError(f"fvcore could not trace the model to count its FLOPs: {type(error).__name__}: {error}") from error
-    finally:
-        model.train(was_training)
     return FlopCount(total, by_module)
 
 

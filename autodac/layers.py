@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from autodac.errors import AutodacError
-from autodac.factorize import get_method
+from autodac.factorize import Decomposition, get_method
 
 __all__ = ["FactorizedLayer", "build_factorized", "SUPPORTED_TYPES"]
 
@@ -45,8 +45,12 @@ def _split_2d(value, axis: int, neutral):
 
 
 @torch.no_grad()
-def build_factorized(module: nn.Module, method: str, rank: int) -> FactorizedLayer:
-    """The factorised replacement of ``module`` at ``rank``, on its device and in its dtype."""
+def build_factorized(module: nn.Module, method: str, rank: int, decomposition: Decomposition | None = None) -> FactorizedLayer:
+    """The factorised replacement of ``module`` at ``rank``, on its device and in its dtype.
+
+    ``decomposition`` is the method's full SVD of this layer when the caller already has it
+    (the search builds many ranks of one layer from one SVD).
+    """
     factorization = get_method(method)
     if not isinstance(module, SUPPORTED_TYPES):
         raise AutodacError(f"only {[t.__name__ for t in SUPPORTED_TYPES]} can be factorised, but got {type(module).__name__}")
@@ -59,7 +63,7 @@ def build_factorized(module: nn.Module, method: str, rank: int) -> FactorizedLay
     max_rank = factorization.max_rank(shape)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
         raise AutodacError(f"`1 <= rank <= {max_rank}` must hold for {method!r} on weight {shape}, but got rank={rank!r}")
-    factors = factorization.factors(weight, rank)
+    factors = factorization.truncate(decomposition if decomposition is not None else factorization.decompose(weight), rank)
     has_bias = module.bias is not None
     options = {"device": weight.device, "dtype": weight.dtype}
     n, c = shape[:2]

@@ -112,24 +112,35 @@ class Plan:
             rank = entry["rank"]
             if entry["method"] != DENSE and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
                 raise PlanError(f"layer {name!r}: `rank >= 1` must hold for a factorised layer, but got rank={rank!r}")
-            error = float(entry["error"])
-            if not math.isfinite(error):
-                raise PlanError(f"layer {name!r}: `error` must be finite, but got {error!r}")
-            layers[name] = LayerChoice(
-                method=str(entry["method"]), rank=rank, weight_shape=tuple(int(v) for v in entry["weight_shape"]),
-                flops_before=int(entry["flops_before"]), flops_after=int(entry["flops_after"]),
-                params_before=int(entry["params_before"]), params_after=int(entry["params_after"]), error=error,
-            )
+            try:  # a malformed field is a PlanError naming the layer, never a bare TypeError/ValueError
+                error = float(entry["error"])
+                if not math.isfinite(error):
+                    raise PlanError(f"layer {name!r}: `error` must be finite, but got {error!r}")
+                layers[name] = LayerChoice(
+                    method=str(entry["method"]), rank=rank, weight_shape=tuple(int(v) for v in entry["weight_shape"]),
+                    flops_before=int(entry["flops_before"]), flops_after=int(entry["flops_after"]),
+                    params_before=int(entry["params_before"]), params_after=int(entry["params_after"]), error=error,
+                )
+            except (TypeError, ValueError) as problem:
+                if isinstance(problem, PlanError):
+                    raise
+                raise PlanError(f"layer {name!r}: every field must have its type (numbers, a list of ints), but {problem}") from None
         try:
             original = int(data["original_flops"])
         except (KeyError, TypeError, ValueError):
             raise PlanError(f"a plan needs an integer `original_flops`, but got {data.get('original_flops')!r}") from None
-        return cls(
-            layers=layers, original_flops=original, budget={k: float(v) for k, v in dict(data.get("budget", {})).items()},
-            input_shapes=[list(map(int, s)) for s in data.get("input_shapes", [])],
-            input_assumed=bool(data.get("input_assumed", False)), skipped=dict(data.get("skipped", {})),
-            metrics={k: float(v) for k, v in dict(data.get("metrics", {})).items()}, notes=list(data.get("notes", [])),
-        )
+        try:
+            return cls(
+                layers=layers, original_flops=original, budget={k: float(v) for k, v in dict(data.get("budget", {})).items()},
+                input_shapes=[list(map(int, s)) for s in data.get("input_shapes", [])],
+                input_assumed=bool(data.get("input_assumed", False)), skipped=dict(data.get("skipped", {})),
+                metrics={k: float(v) for k, v in dict(data.get("metrics", {})).items()}, notes=list(data.get("notes", [])),
+            )
+        except (TypeError, ValueError) as problem:
+            raise PlanError(
+                f"a plan's `budget`, `metrics` (objects of numbers), `input_shapes` (lists of ints), `skipped` (an object) "
+                f"and `notes` (a list) must have those types, but {problem}"
+            ) from None
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":

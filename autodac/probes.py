@@ -1,13 +1,33 @@
-"""Quality signals for candidate layers. Data-free: relative reconstruction error from the spectra."""
+"""Quality signals: reconstruction error (no data), and probe metrics on a small held-out set.
+
+A *probe* is a bounded set of inputs (and, if the user has them, labels) drawn from the
+user's ``data``. With labels the metric is top-1 accuracy; without, it is top-1 agreement
+with the original model. A caller-supplied ``evaluate(model) -> float`` replaces both.
+BatchNorm statistics can be re-estimated on probe inputs; the search keeps that correction
+only when the probe metric, measured on probe images the re-estimation did not see, improves.
+"""
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
 import numpy as np
+import torch
 from torch import nn
 
+from autodac.errors import AutodacError, ModelError
 from autodac.factorize import get_method
+from autodac.surgery import evaluating
 
-__all__ = ["reconstruction_errors"]
+__all__ = [
+    "DEFAULT_PROBE_SIZE", "Probe", "collect_probe", "reconstruction_errors", "predict", "top1_match",
+    "divergence", "reestimate_batchnorm", "has_batchnorm",
+]
+
+DEFAULT_PROBE_SIZE = 2048
+_BATCH = 256
 
 
 def reconstruction_errors(module: nn.Module, method: str) -> np.ndarray:
@@ -17,3 +37,135 @@ def reconstruction_errors(module: nn.Module, method: str) -> np.ndarray:
     the layer's weight energy that truncation discards.
     """
     return get_method(method).errors(module.weight).cpu().numpy()
+
+
+@dataclass
+class Probe:
+    """Probe inputs (``N x ...``), optional integer labels, and the original model's outputs on them."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor | None
+    reference: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def subset(self, index: slice | torch.Tensor) -> "Probe":
+        return Probe(
+            self.inputs[index], None if self.labels is None else self.labels[index],
+            None if self.reference is None else self.reference[index],
+        )
+
+
+def collect_probe(data: Iterable[Any], max_samples: int = DEFAULT_PROBE_SIZE) -> Probe:
+    """Take at most ``max_samples`` examples from ``data`` (batches ``x`` or ``(x, y)``), in order."""
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data) and (
+        data[0].dim() > 1 and data[1].dim() == 1 and data[0].shape[0] == data[1].shape[0]
+    ):
+        data = [tuple(data)]  # one (inputs, labels) pair given directly
+    try:
+        batches = iter(data)
+    except TypeError:
+        raise AutodacError(f"`data` must be an iterable of batches (x or (x, y)), but got {type(data).__name__}") from None
+    xs, ys, count, labelled = [], [], 0, None
+    for position, batch in enumerate(batches):
+        if isinstance(batch, torch.Tensor):
+            x, y = batch, None
+        elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+            x = batch[0]
+            y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        else:
+            raise AutodacError(
+                f"each batch of `data` must be a tensor x or a tuple (x, y) of tensors, but batch {position} is {type(batch).__name__}"
+            )
+        if y is not None and (y.dim() < 1 or y.shape[0] != x.shape[0] or y.is_floating_point()):
+            y = None  # not class indices: use agreement with the original instead
+        if labelled is None:
+            labelled = y is not None
+        if labelled != (y is not None):
+            raise AutodacError(f"every batch of `data` must carry labels or none must, but batch {position} differs")
+        take = min(max_samples - count, x.shape[0])
+        xs.append(x[:take].detach())
+        if y is not None:
+            ys.append(y[:take].detach())
+        count += take
+        if count >= max_samples:
+            break
+    if count == 0:
+        raise AutodacError("`data` must hold at least one example, but it was empty")
+    return Probe(torch.cat(xs), torch.cat(ys) if ys else None)
+
+
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = _BATCH) -> torch.Tensor:
+    """The model's outputs on ``inputs`` in eval mode, batched, on the model's device, returned on CPU."""
+    device = _device_of(model)
+    outs = []
+    with evaluating(model):
+        for start in range(0, inputs.shape[0], batch_size):
+            out = model(inputs[start : start + batch_size].to(device))
+            if not isinstance(out, torch.Tensor):
+                raise ModelError(
+                    f"the built-in probe metric needs a model that returns one tensor, but it returned {type(out).__name__}; "
+                    "pass evaluate=callable for other outputs"
+                )
+            outs.append(out.float().cpu())
+    return torch.cat(outs)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in itertools.chain(model.parameters(), model.buffers()):
+        return p.device
+    return torch.device("cpu")
+
+
+def top1_match(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Fraction of positions where ``argmax`` over dim 1 equals ``targets`` (labels or reference argmax)."""
+    if outputs.dim() < 2:
+        raise ModelError(f"the built-in probe metric needs outputs with a class dimension (N x classes ...), but got shape {tuple(outputs.shape)}")
+    return float((outputs.argmax(1) == targets).float().mean())
+
+
+def divergence(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    """How far outputs drift from the original's: KL(original || new) over dim 1 for class scores.
+
+    For outputs that are not class scores (a single channel) it is the relative squared error.
+    """
+    if outputs.dim() >= 2 and outputs.shape[1] > 1:
+        log_p = torch.log_softmax(reference, 1)
+        log_q = torch.log_softmax(outputs, 1)
+        return float((log_p.exp() * (log_p - log_q)).sum(1).mean())
+    return float((outputs - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-12))
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+
+
+def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = _BATCH) -> nn.Module:
+    """Recompute every BatchNorm's running statistics from ``inputs`` (in place; returns ``model``).
+
+    Statistics are a true average over all of ``inputs`` (momentum ``None``); the rest of the
+    model stays in eval mode, so dropout and the like are not switched on.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return model
+    device = _device_of(model)
+    momenta = [(m, m.momentum) for m in norms]
+    with evaluating(model):
+        try:
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            for start in range(0, inputs.shape[0], batch_size):
+                model(inputs[start : start + batch_size].to(device))
+        finally:
+            for m, momentum in momenta:
+                m.momentum = momentum
+    return model
+
+
+Metric = Callable[[nn.Module], float]

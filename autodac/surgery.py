@@ -6,6 +6,7 @@ replacement is built and checked before the copy is touched.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -17,7 +18,7 @@ from autodac.errors import AutodacError, ModelError
 from autodac.factorize import Geometry
 from autodac.layers import SUPPORTED_TYPES, FactorizedLayer
 
-__all__ = ["TracedLayer", "trace_layers", "replace_layers", "run_model"]
+__all__ = ["TracedLayer", "trace_layers", "replace_layers", "run_model", "evaluating"]
 
 
 @dataclass
@@ -30,12 +31,24 @@ class TracedLayer:
     followed_by: str | None = None  # dotted name of the BatchNorm that consumes its output, if any
 
 
-def run_model(model: nn.Module, example_inputs: tuple[Any, ...]) -> Any:
-    """Run ``model`` in eval mode without grad, turning any failure into a ``ModelError``."""
-    was_training = model.training
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode and no grad for the block; afterwards every module's own mode is restored
+    (restoring only the root's would silently un-freeze a BatchNorm the caller froze)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
+            yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def run_model(model: nn.Module, example_inputs: tuple[Any, ...]) -> Any:
+    """Run ``model`` in eval mode without grad, turning any failure into a ``ModelError``."""
+    try:
+        with evaluating(model):
             return model(*example_inputs)
     except Exception as error:
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
@@ -43,8 +56,6 @@ def run_model(model: nn.Module, example_inputs: tuple[Any, ...]) -> Any:
             f"the model must run on its example inputs, but calling it on inputs of shape {shapes} "
             f"raised {type(error).__name__}: {error}"
         ) from error
-    finally:
-        model.train(was_training)
 
 
 def _inside_factorized(name: str, factorized_prefixes: list[str]) -> bool:
@@ -128,6 +139,8 @@ def replace_layers(model: nn.Module, replacements: Mapping[str, nn.Module]) -> n
             result.get_submodule(name)
         except AttributeError:
             raise AutodacError(f"every replaced layer must exist in the model, but {name!r} does not") from None
+    if "" in replacements:  # the model is the layer itself (a bare Conv/Linear): it has no parent to set it on
+        return replacements[""]
     for name, new in replacements.items():
         parent_name, _, child = name.rpartition(".")
         parent = result.get_submodule(parent_name) if parent_name else result

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from autodac.errors import AutodacError
-from autodac.factorize.base import Factorization, Factors, Geometry
+from autodac.factorize.base import Decomposition, Factorization, Factors, Geometry
 from autodac.factorize.dac import DAC
 from autodac.factorize.lowrank import LowRank
 from autodac.factorize.spatial import Spatial
 
-__all__ = ["METHODS", "Factorization", "Factors", "Geometry", "get_method", "DAC", "Spatial", "LowRank"]
+__all__ = ["METHODS", "Decomposition", "Factorization", "Factors", "Geometry", "get_method", "DAC", "Spatial", "LowRank"]
 
 METHODS: dict[str, Factorization] = {method.name: method for method in (DAC(), Spatial(), LowRank())}
 

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["Geometry", "Factors", "Factorization", "svd_dtype", "tail_energy"]
+__all__ = ["Geometry", "Decomposition", "Factors", "Factorization", "svd_dtype", "tail_energy"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,25 @@ class Geometry:
 
 
 @dataclass(frozen=True)
+class Decomposition:
+    """One full SVD of a layer in a method's own layout, truncated to any rank without recomputing.
+
+    ``u``: ``... x rows x m``, ``s``: ``... x m``, ``vh``: ``... x m x cols`` (batched for DAC).
+    ``weight_shape`` and ``dtype`` are the dense layer's, so factors come back in its dtype.
+    """
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+    energy: torch.Tensor
+    weight_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def errors(self) -> torch.Tensor:
+        return tail_energy(self.s, self.energy)
+
+
+@dataclass(frozen=True)
 class Factors:
     """The weights of the two layers that replace one dense layer (bias goes on ``second``)."""
 
@@ -69,8 +88,11 @@ class Factorization(Protocol):
     def errors(self, weight: torch.Tensor) -> torch.Tensor:
         """``errors[r - 1]``: relative squared Frobenius error ``|W - W_r|^2 / |W|^2`` at rank ``r``."""
 
-    def factors(self, weight: torch.Tensor, rank: int) -> Factors:
-        """The two weights at ``rank`` (same dtype and device as ``weight``)."""
+    def decompose(self, weight: torch.Tensor) -> Decomposition:
+        """The full SVD this method truncates (one batched call)."""
+
+    def truncate(self, decomposition: Decomposition, rank: int) -> Factors:
+        """The two weights at ``rank`` (in the dense layer's dtype, on its device)."""
 
     def cost(self, geometry: Geometry, rank: int) -> int:
         """Multiply-adds of the pair, counted as fvcore counts them."""
@@ -97,3 +119,9 @@ def tail_energy(singular_values: torch.Tensor, total_energy: torch.Tensor) -> to
     kept = torch.cumsum(energy, 0)
     total = total_energy.double().clamp_min(torch.finfo(torch.float64).tiny)
     return ((total - kept) / total).clamp_min(0.0)
+
+
+def full_svd(matrix: torch.Tensor, weight: torch.Tensor) -> Decomposition:
+    """SVD of ``matrix`` (already in the SVD dtype) packaged with what truncation needs."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return Decomposition(u, s, vh, matrix.pow(2).sum(), tuple(weight.shape), weight.dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from autodac.factorize.base import Factors, Geometry, _prod, svd_dtype, tail_energy
+from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, full_svd, svd_dtype, tail_energy
 
 __all__ = ["DAC"]
 
@@ -32,13 +32,18 @@ class DAC:
         slices = self._per_channel(weight)
         return tail_energy(torch.linalg.svdvals(slices), slices.pow(2).sum())
 
+    def decompose(self, weight: torch.Tensor) -> Decomposition:
+        return full_svd(self._per_channel(weight), weight)
+
+    def truncate(self, d: Decomposition, rank: int) -> Factors:
+        n, c = d.weight_shape[:2]
+        kernel = d.weight_shape[2:]
+        depthwise = d.vh[:, :rank, :].reshape(c * rank, 1, *kernel)
+        pointwise = (d.u[:, :, :rank] * d.s[:, None, :rank]).permute(1, 0, 2).reshape(n, c * rank, *([1] * len(kernel)))
+        return Factors(depthwise.to(d.dtype).contiguous(), pointwise.to(d.dtype).contiguous())
+
     def factors(self, weight: torch.Tensor, rank: int) -> Factors:
-        n, c = weight.shape[:2]
-        kernel = tuple(weight.shape[2:])
-        u, s, vh = torch.linalg.svd(self._per_channel(weight), full_matrices=False)
-        depthwise = vh[:, :rank, :].reshape(c * rank, 1, *kernel)
-        pointwise = (u[:, :, :rank] * s[:, None, :rank]).permute(1, 0, 2).reshape(n, c * rank, *([1] * len(kernel)))
-        return Factors(depthwise.to(weight.dtype).contiguous(), pointwise.to(weight.dtype).contiguous())
+        return self.truncate(self.decompose(weight), rank)
 
     def cost(self, geometry: Geometry, rank: int) -> int:
         k, n, c = geometry.kernel_elements, geometry.out_channels, geometry.in_channels

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from autodac.factorize.base import Factors, Geometry, _prod, svd_dtype, tail_energy
+from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, full_svd, svd_dtype, tail_energy
 
 __all__ = ["LowRank"]
 
@@ -30,13 +30,18 @@ class LowRank:
         matrix = self._matrix(weight)
         return tail_energy(torch.linalg.svdvals(matrix), matrix.pow(2).sum())
 
+    def decompose(self, weight: torch.Tensor) -> Decomposition:
+        return full_svd(self._matrix(weight), weight)
+
+    def truncate(self, d: Decomposition, rank: int) -> Factors:
+        n, c = d.weight_shape[:2]
+        kernel = d.weight_shape[2:]
+        first = d.vh[:rank].reshape(rank, c, *kernel)
+        second = (d.u[:, :rank] * d.s[:rank]).reshape(n, rank, *([1] * len(kernel)))
+        return Factors(first.to(d.dtype).contiguous(), second.to(d.dtype).contiguous())
+
     def factors(self, weight: torch.Tensor, rank: int) -> Factors:
-        n, c = weight.shape[:2]
-        kernel = tuple(weight.shape[2:])
-        u, s, vh = torch.linalg.svd(self._matrix(weight), full_matrices=False)
-        first = vh[:rank].reshape(rank, c, *kernel)
-        second = (u[:, :rank] * s[:rank]).reshape(n, rank, *([1] * len(kernel)))
-        return Factors(first.to(weight.dtype).contiguous(), second.to(weight.dtype).contiguous())
+        return self.truncate(self.decompose(weight), rank)
 
     def cost(self, geometry: Geometry, rank: int) -> int:
         k, n, c = geometry.kernel_elements, geometry.out_channels, geometry.in_channels

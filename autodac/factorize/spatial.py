@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from autodac.factorize.base import Factors, Geometry, _prod, svd_dtype, tail_energy
+from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, full_svd, svd_dtype, tail_energy
 
 __all__ = ["Spatial"]
 
@@ -33,13 +33,18 @@ class Spatial:
         matrix = self._matrix(weight)
         return tail_energy(torch.linalg.svdvals(matrix), matrix.pow(2).sum())
 
+    def decompose(self, weight: torch.Tensor) -> Decomposition:
+        return full_svd(self._matrix(weight), weight)
+
+    def truncate(self, d: Decomposition, rank: int) -> Factors:
+        n, c, kh, kw = d.weight_shape
+        root = d.s[:rank].sqrt()
+        vertical = (d.u[:, :rank] * root).reshape(c, kh, rank).permute(2, 0, 1).reshape(rank, c, kh, 1)
+        horizontal = (root[:, None] * d.vh[:rank]).reshape(rank, n, kw).permute(1, 0, 2).reshape(n, rank, 1, kw)
+        return Factors(vertical.to(d.dtype).contiguous(), horizontal.to(d.dtype).contiguous())
+
     def factors(self, weight: torch.Tensor, rank: int) -> Factors:
-        n, c, kh, kw = weight.shape
-        u, s, vh = torch.linalg.svd(self._matrix(weight), full_matrices=False)
-        root = s[:rank].sqrt()
-        vertical = (u[:, :rank] * root).reshape(c, kh, rank).permute(2, 0, 1).reshape(rank, c, kh, 1)
-        horizontal = (root[:, None] * vh[:rank]).reshape(rank, n, kw).permute(1, 0, 2).reshape(n, rank, 1, kw)
-        return Factors(vertical.to(weight.dtype).contiguous(), horizontal.to(weight.dtype).contiguous())
+        return self.truncate(self.decompose(weight), rank)
 
     def cost(self, geometry: Geometry, rank: int) -> int:
         kh, kw = geometry.kernel_size

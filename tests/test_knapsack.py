@@ -1,0 +1,123 @@
+"""The multiple-choice knapsack against brute force on small random instances."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from autodac.search.knapsack import LayerOptions, minimum_cost, pareto_front, solve
+
+
+def _instance(rng: np.random.Generator, max_cost: int) -> list[LayerOptions]:
+    layers = []
+    for _ in range(rng.integers(1, 5)):
+        count = int(rng.integers(1, 6))
+        costs = rng.integers(0, max_cost, size=count).astype(np.int64)
+        errors = rng.random(count)
+        if rng.random() < 0.3 and count > 1:  # ties in cost and in error
+            costs[1] = costs[0]
+            errors[-1] = errors[0]
+        layers.append(LayerOptions(costs, errors))
+    return layers
+
+
+def _brute_force(layers: list[LayerOptions], budget: int) -> float:
+    """Smallest summed error over every combination within the budget (inf if none fits)."""
+    best = np.inf
+    for combo in itertools.product(*(range(len(o.costs)) for o in layers)):
+        cost = sum(int(o.costs[i]) for o, i in zip(layers, combo))
+        if cost <= budget:
+            best = min(best, sum(float(o.errors[i]) for o, i in zip(layers, combo)))
+    return best
+
+
+def _evaluate(layers: list[LayerOptions], selection: list[int]) -> tuple[int, float]:
+    assert len(selection) == len(layers)
+    assert all(0 <= s < len(o.costs) for o, s in zip(layers, selection))
+    cost = sum(int(o.costs[s]) for o, s in zip(layers, selection))
+    return cost, sum(float(o.errors[s]) for o, s in zip(layers, selection))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_exact_grid_matches_brute_force(seed: int) -> None:
+    """With budgets below ``resolution`` the grid is one unit: the answer is optimal."""
+    rng = np.random.default_rng(seed)
+    layers = _instance(rng, max_cost=60)
+    low, high = minimum_cost(layers), int(sum(o.costs.max() for o in layers))
+    for budget in sorted({low, (low + high) // 2, int(rng.integers(low, high + 1)), high}):
+        cost, error = _evaluate(layers, solve(layers, budget))
+        assert cost <= budget
+        assert error <= _brute_force(layers, budget) + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_coarse_grid_is_feasible_and_near_optimal(seed: int) -> None:
+    """On a coarse grid the answer still fits exactly, and is at least as good as the optimum
+    at the budget less one grid unit per layer (what rounding costs up can lose)."""
+    rng = np.random.default_rng(100 + seed)
+    layers = _instance(rng, max_cost=10_000)
+    low, high = minimum_cost(layers), int(sum(o.costs.max() for o in layers))
+    resolution = 16
+    for budget in sorted({low, (low + high) // 2, int(rng.integers(low, high + 1)), high}):
+        cost, error = _evaluate(layers, solve(layers, budget, resolution=resolution))
+        optimum = _brute_force(layers, budget)
+        assert cost <= budget
+        assert error >= optimum - 1e-12
+        unit = max(1.0, budget / resolution)
+        assert error <= _brute_force(layers, int(budget - len(layers) * unit)) + 1e-12
+
+
+def test_large_costs_with_default_resolution_are_near_optimal() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(10):
+        layers = [
+            LayerOptions(np.sort(rng.integers(10**6, 10**8, size=6)).astype(np.int64), np.sort(rng.random(6))[::-1].copy())
+            for _ in range(4)
+        ]
+        budget = int(sum(int(o.costs[2]) for o in layers))
+        cost, error = _evaluate(layers, solve(layers, budget))
+        assert cost <= budget
+        assert error <= _brute_force(layers, int(budget * (1 - 4 / 20000))) + 1e-12
+
+
+def test_infeasible_budget_raises() -> None:
+    layers = [LayerOptions(np.array([5, 9]), np.array([1.0, 0.0])), LayerOptions(np.array([3]), np.array([0.0]))]
+    assert minimum_cost(layers) == 8
+    assert _evaluate(layers, solve(layers, 8)) == (8, 1.0)
+    with pytest.raises(ValueError, match="minimum cost 8 exceeds budget 7"):
+        solve(layers, 7)
+
+
+def test_budget_spent_on_the_best_improvement() -> None:
+    """A hand-made instance: the budget buys the option that lowers the error most, not the nearest."""
+    layers = [
+        LayerOptions(np.array([10, 20, 30]), np.array([0.9, 0.5, 0.0])),
+        LayerOptions(np.array([10, 15]), np.array([0.6, 0.0])),
+    ]
+    assert solve(layers, 25) == [0, 1]  # 0.9: spend 5 on layer 2 (-0.6), not 10 on layer 1 (-0.4)
+    assert solve(layers, 35) == [1, 1]
+    assert solve(layers, 45) == [2, 1]
+    assert solve(layers, 20) == [0, 0]
+
+
+def _dominated(costs: np.ndarray, errors: np.ndarray, i: int) -> bool:
+    return any(
+        costs[j] <= costs[i] and errors[j] <= errors[i] and (costs[j] < costs[i] or errors[j] < errors[i])
+        for j in range(len(costs))
+    )
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_pareto_front(seed: int) -> None:
+    rng = np.random.default_rng(200 + seed)
+    count = int(rng.integers(1, 12))
+    costs = rng.integers(0, 8, size=count).astype(np.int64)  # many ties on a small range
+    errors = rng.integers(0, 5, size=count) / 4.0
+    front = pareto_front(LayerOptions(costs, errors))
+    assert front.dtype == np.int64 and len(set(front.tolist())) == len(front)
+    assert np.all(np.diff(costs[front]) > 0) and np.all(np.diff(errors[front]) < 0)  # cheapest first
+    assert not any(_dominated(costs, errors, i) for i in front)
+    undominated = {(int(costs[i]), float(errors[i])) for i in range(count) if not _dominated(costs, errors, i)}
+    assert {(int(costs[i]), float(errors[i])) for i in front} == undominated

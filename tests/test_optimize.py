@@ -1,0 +1,345 @@
+"""``autodac.optimize``: the budget always holds and is used, the caller's model is untouched, bad input is refused."""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import autodac
+from autodac import zoo
+from autodac.cost import count_flops
+from autodac.factorize import METHODS
+from autodac.plan import LayerChoice, Plan
+from autodac.testing import Conv1dNet, DepthwiseOnlyNet, GroupedConvNet, LinearHeadNet, SmallConvNet
+
+ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "resnet20": (zoo.resnet20, (1, 1, 28, 28)),
+    "cifar_vgg": (zoo.cifar_vgg, (1, 1, 28, 28)),
+    "resnet50_shaped": (zoo.resnet50_shaped, (1, 3, 224, 224)),
+}
+MIN_RATIO = re.compile(r"`flops_budget >= (\d\.\d{4})` must hold")
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], state[k]) for k in state)
+
+
+@functools.lru_cache(maxsize=None)
+def _zoo_run(name: str, budget: float, methods: tuple[str, ...] = ("dac", "spatial", "lowrank")):
+    """(model, input, state before, result) for one zoo model; cached so tests share the work."""
+    factory, shape = ZOO[name]
+    torch.manual_seed(0)
+    model = factory()
+    x = torch.randn(shape)
+    before = _state(model)
+    result = autodac.optimize(model, budget, example_inputs=x, methods=methods, progress=False)
+    return model, x, before, result
+
+
+ZOO_RUNS = [
+    pytest.param("resnet20", 0.3), pytest.param("resnet20", 0.5), pytest.param("resnet20", 0.7),
+    pytest.param("cifar_vgg", 0.3), pytest.param("cifar_vgg", 0.5), pytest.param("cifar_vgg", 0.7),
+    pytest.param("resnet50_shaped", 0.3),
+    pytest.param("resnet50_shaped", 0.5, marks=pytest.mark.slow),
+    pytest.param("resnet50_shaped", 0.7, marks=pytest.mark.slow),
+]
+
+
+# ----------------------------------------------------------------------------- the budget
+
+
+@pytest.mark.parametrize("name, budget", ZOO_RUNS)
+def test_budget_holds_and_is_used(name: str, budget: float) -> None:
+    model, x, _, result = _zoo_run(name, budget)
+    original = count_flops(model, (x,)).total
+    counted = count_flops(result.model, (x,)).total
+    assert result.original_flops == original
+    assert counted == result.flops == result.plan.flops
+    assert counted <= math.floor(budget * original)
+    assert result.flops_ratio <= budget
+    assert result.flops_ratio >= budget - 0.01  # the knapsack spends the budget
+    assert result.plan.budget == {"flops": budget}
+    assert result.plan.input_shapes == [list(x.shape)] and not result.plan.input_assumed
+
+
+@pytest.mark.parametrize("name, budget", ZOO_RUNS)
+def test_callers_model_is_untouched(name: str, budget: float) -> None:
+    model, x, before, result = _zoo_run(name, budget)
+    _assert_same_state(model, before)
+    assert result.model is not model
+    assert not any(isinstance(m, autodac.FactorizedLayer) for m in model.modules())
+    assert not {p.data_ptr() for p in result.model.parameters()} & {p.data_ptr() for p in model.parameters()}
+
+
+def test_training_modes_are_kept() -> None:
+    """A model in training mode with a frozen BatchNorm keeps exactly those modes (and so does the copy)."""
+    model = SmallConvNet().train()
+    model.bn1.eval()
+    modes = [m.training for m in model.modules()]
+    result = autodac.optimize(model, 0.5, example_inputs=torch.randn(2, 3, 8, 8), progress=False)
+    assert [m.training for m in model.modules()] == modes
+    assert not result.model.bn1.training and result.model.bn2.training
+
+
+def test_resnet50_shaped_reaches_03_only_with_lowrank() -> None:
+    _, x, _, result = _zoo_run("resnet50_shaped", 0.3)
+    assert "lowrank" in {c.method for c in result.plan.factorized.values()}
+    # the 1x1 convs (about half of the FLOPs) can only be cut by the channel split
+    assert any(c.method == "lowrank" and c.weight_shape[2:] == (1, 1) for c in result.plan.factorized.values())
+    model = ZOO["resnet50_shaped"][0]()
+    with pytest.raises(autodac.BudgetError) as caught:
+        autodac.optimize(model, 0.3, example_inputs=x, methods=("dac",), progress=False)
+    minimum = float(MIN_RATIO.search(str(caught.value)).group(1))
+    assert minimum > 0.3
+    assert "flops_budget=0.3" in str(caught.value) and "methods=['dac']" in str(caught.value)
+
+
+def test_minimum_ratio_in_the_message_is_reachable() -> None:
+    """The smallest reachable ratio the error names is exact to its four decimals."""
+    model = zoo.resnet20()
+    x = torch.randn(1, 1, 28, 28)
+    before = _state(model)
+    with pytest.raises(autodac.BudgetError) as caught:
+        autodac.optimize(model, 0.01, example_inputs=x, methods=("dac",), progress=False)
+    _assert_same_state(model, before)
+    minimum = float(MIN_RATIO.search(str(caught.value)).group(1))
+    assert "flops_budget=0.01" in str(caught.value)
+    result = autodac.optimize(model, minimum, example_inputs=x, methods=("dac",), progress=False)
+    assert result.flops_ratio <= minimum
+    with pytest.raises(autodac.BudgetError):
+        autodac.optimize(model, minimum - 1e-4, example_inputs=x, methods=("dac",), progress=False)
+
+
+# ----------------------------------------------------------------------------- what the planner picks
+
+
+def test_methods_restrict_the_choice() -> None:
+    _, _, _, result = _zoo_run("resnet20", 0.5, ("dac",))
+    assert {c.method for c in result.plan.layers.values()} <= {"dac", "dense"}
+    assert result.plan.factorized
+    # 1x1 shortcuts and the Linear head cannot take DAC, so they are skipped with a reason
+    assert "fc" in result.plan.skipped and "layers.3.shortcut.0" in result.plan.skipped
+
+
+def test_knapsack_beats_uniform_rank_dac() -> None:
+    """The planned allocation has a lower summed error than every-layer-at-rank-r DAC at no more FLOPs."""
+    model = zoo.resnet20()
+    x = torch.randn(1, 1, 28, 28)
+    original = count_flops(model, (x,)).total
+    dac = METHODS["dac"]
+    for rank in (1, 2, 3, 4):
+        layers, uniform_error = {}, 0.0
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Conv2d) and dac.applies_to(tuple(module.weight.shape)):
+                uniform_error += float(dac.errors(module.weight)[rank - 1])
+                layers[name] = LayerChoice("dac", rank, tuple(module.weight.shape), 0, 0, 0, 0)
+        uniform = autodac.apply(model, Plan(layers=layers, original_flops=original))
+        uniform_flops = count_flops(uniform, (x,)).total
+        budget = (uniform_flops + 0.5) / original  # floor(budget * original) == uniform_flops
+        result = autodac.optimize(model, budget, example_inputs=x, methods=("dac",), progress=False)
+        planned_error = sum(c.error for c in result.plan.layers.values())
+        assert result.flops <= uniform_flops
+        if rank == 1:  # rank 1 everywhere is the cheapest DAC plan, so it is the only one that fits
+            assert planned_error == pytest.approx(uniform_error, rel=1e-12)
+        else:
+            assert planned_error < uniform_error, (rank, planned_error, uniform_error)
+
+
+def test_more_budget_never_means_more_error() -> None:
+    errors = [sum(c.error for c in _zoo_run("resnet20", b)[3].plan.layers.values()) for b in (0.3, 0.5, 0.7)]
+    assert errors[0] > errors[1] > errors[2] > 0
+
+
+@pytest.mark.parametrize("budget", [1.0, 1])
+def test_full_budget_changes_nothing(budget: float) -> None:
+    model = zoo.resnet20().eval()
+    x = torch.randn(2, 1, 28, 28)
+    result = autodac.optimize(model, budget, example_inputs=x, progress=False)
+    assert result.flops == result.original_flops
+    assert not result.plan.factorized and all(c.error == 0.0 for c in result.plan.layers.values())
+    with torch.no_grad():
+        assert torch.equal(result.model.eval()(x), model(x))
+
+
+def test_high_budget_keeps_outputs_close() -> None:
+    model = SmallConvNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    result = autodac.optimize(model, 0.95, example_inputs=x, progress=False)
+    assert result.flops_ratio <= 0.95
+    with torch.no_grad():
+        expected = model(x)
+        low = autodac.optimize(model, 0.4, example_inputs=x, progress=False).model.eval()(x)
+        high = result.model.eval()(x)
+    assert (high - expected).norm() < (low - expected).norm()
+
+
+def test_deterministic() -> None:
+    model, x, _, first = _zoo_run("resnet20", 0.5)
+    torch.manual_seed(123)  # the global RNG must play no part
+    second = autodac.optimize(model, 0.5, example_inputs=x, progress=False)
+    assert second.plan.to_json() == first.plan.to_json()
+    with torch.no_grad():
+        assert torch.equal(second.model.eval()(x), first.model.eval()(x))
+
+
+@pytest.mark.parametrize(
+    "factory, shape, budget",
+    [(Conv1dNet, (2, 4, 16), 0.4), (LinearHeadNet, (2, 2, 6, 6), 0.3), (SmallConvNet, (2, 3, 8, 8), 0.5)],
+    ids=["conv1d", "linear_head", "small_conv"],
+)
+def test_tiny_models(factory: Callable[[], nn.Module], shape: tuple[int, ...], budget: float) -> None:
+    model = factory()
+    x = torch.randn(shape)
+    before = _state(model)
+    result = autodac.optimize(model, budget, example_inputs=x, progress=False)
+    assert count_flops(result.model, (x,)).total <= math.floor(budget * count_flops(model, (x,)).total)
+    _assert_same_state(model, before)
+    if factory is LinearHeadNet:  # the Linear holds most FLOPs: only cutting it reaches 0.3
+        assert result.plan.layers["fc1"].method == "lowrank"
+
+
+def test_grouped_and_depthwise_convs_are_skipped_with_a_reason() -> None:
+    result = autodac.optimize(GroupedConvNet(), 0.8, example_inputs=torch.randn(1, 4, 6, 6), progress=False)
+    assert set(result.plan.skipped) == {"grouped", "depthwise"}
+    assert "groups=2" in result.plan.skipped["grouped"] and "groups=8" in result.plan.skipped["depthwise"]
+    assert set(result.plan.layers) == {"conv"}
+    assert isinstance(result.model.grouped, nn.Conv2d) and isinstance(result.model.depthwise, nn.Conv2d)
+
+
+def test_exclude_keeps_layers_dense() -> None:
+    result = autodac.optimize(SmallConvNet(), 0.7, example_inputs=torch.randn(2, 3, 8, 8), exclude=("conv[13]",), progress=False)
+    assert set(result.plan.skipped) == {"conv1", "conv3"}
+    assert "excluded" in result.plan.skipped["conv1"]
+    assert set(result.plan.layers) == {"conv2", "fc"}
+    assert isinstance(result.model.conv1, nn.Conv2d) and isinstance(result.model.conv3, nn.Conv2d)
+
+
+def test_missing_example_inputs_warns_and_is_recorded() -> None:
+    model = SmallConvNet()
+    with pytest.warns(UserWarning, match="no example_inputs given; assumed one input of shape \\[1, 3, 224, 224\\]"):
+        result = autodac.optimize(model, 0.5, progress=False)
+    assert result.plan.input_assumed
+    assert result.plan.input_shapes == [[1, 3, 224, 224]]
+    assert autodac.Plan.from_json(result.plan.to_json()).input_assumed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not autodac.optimize(model, 0.5, example_inputs=torch.randn(1, 3, 8, 8), progress=False).plan.input_assumed
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+BAD_BUDGETS = [
+    pytest.param("0.5", "flops_budget='0.5'", id="string"),
+    pytest.param(None, "flops_budget=None", id="None"),
+    pytest.param(True, "flops_budget=True", id="True"),
+    pytest.param(False, "flops_budget=False", id="False"),
+    pytest.param(0, "flops_budget=0.0", id="zero"),
+    pytest.param(-0.5, "flops_budget=-0.5", id="negative"),
+    pytest.param(1.3, "flops_budget=1.3", id="above-one"),
+    pytest.param(2, "flops_budget=2.0", id="two"),
+    pytest.param(float("nan"), "flops_budget=nan", id="nan"),
+    pytest.param(float("inf"), "flops_budget=inf", id="inf"),
+    pytest.param(float("-inf"), "flops_budget=-inf", id="-inf"),
+    pytest.param(np.float64("nan"), "flops_budget=nan", id="numpy-nan"),
+]
+
+
+@pytest.mark.parametrize("budget, echoed", BAD_BUDGETS)
+def test_bad_budget_is_refused(budget: Any, echoed: str) -> None:
+    model = SmallConvNet()
+    before = _state(model)
+    with pytest.raises(autodac.BudgetError) as caught:
+        autodac.optimize(model, budget, example_inputs=torch.randn(1, 3, 8, 8), progress=False)
+    message = str(caught.value)
+    assert "0 < flops_budget <= 1" in message and echoed in message
+    _assert_same_state(model, before)
+
+
+def test_numpy_budget_is_accepted() -> None:
+    result = autodac.optimize(SmallConvNet(), np.float32(0.5), example_inputs=torch.randn(1, 3, 8, 8), progress=False)
+    assert result.flops_ratio <= 0.5
+
+
+def test_budget_below_the_reachable_minimum() -> None:
+    model = SmallConvNet()
+    before = _state(model)
+    with pytest.raises(autodac.BudgetError, match=r"`flops_budget >= 0\.\d{4}` must hold.*smallest reachable ratio.*flops_budget=0\.001"):
+        autodac.optimize(model, 0.001, example_inputs=torch.randn(1, 3, 8, 8), progress=False)
+    _assert_same_state(model, before)
+
+
+def test_nothing_to_decompose() -> None:
+    model = DepthwiseOnlyNet()
+    before = _state(model)
+    with pytest.raises(autodac.ModelError, match=r"at least one layer that can be decomposed.*depthwise: grouped conv \(groups=4\)"):
+        autodac.optimize(model, 0.5, example_inputs=torch.randn(1, 4, 6, 6), progress=False)
+    _assert_same_state(model, before)
+    with pytest.raises(autodac.ModelError, match="no Conv1d, Conv2d or Linear layer"):
+        autodac.optimize(nn.Sequential(nn.ReLU()), 0.5, progress=False)
+
+
+def test_inputs_the_model_cannot_run() -> None:
+    model = SmallConvNet()
+    before = _state(model)
+    with pytest.raises(autodac.ModelError, match=r"must run on its example inputs.*\(1, 5, 8, 8\)") as caught:
+        autodac.optimize(model, 0.5, example_inputs=torch.randn(1, 5, 8, 8), progress=False)
+    assert not isinstance(caught.value, RuntimeError)
+    assert isinstance(caught.value.__cause__, RuntimeError)  # the torch error is kept as the cause
+    _assert_same_state(model, before)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"example_inputs": ()}, autodac.ModelError, "non-empty tuple of model arguments, but got tuple"),
+        ({"example_inputs": {"x": 1}}, autodac.ModelError, "but got dict"),
+        ({"methods": ("tucker",)}, autodac.AutodacError, "method='tucker'"),
+        ({"methods": ()}, autodac.AutodacError, r"methods=\(\)"),
+    ],
+    ids=["empty-inputs", "dict-inputs", "unknown-method", "no-methods"],
+)
+def test_other_bad_arguments(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
+    model = SmallConvNet()
+    before = _state(model)
+    kwargs = {"example_inputs": torch.randn(1, 3, 8, 8), **kwargs}
+    with pytest.raises(error, match=message):
+        autodac.optimize(model, 0.5, progress=False, **kwargs)
+    _assert_same_state(model, before)
+
+
+def test_not_a_model() -> None:
+    with pytest.raises(autodac.ModelError, match="must be a torch.nn.Module, but got str"):
+        autodac.optimize("resnet", 0.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [(nn.Conv2d(8, 8, 3, padding=1), (1, 8, 8, 8)), (nn.Linear(32, 32), (4, 32))],
+    ids=["conv2d", "linear"],
+)
+def test_a_bare_layer_is_a_model(layer: nn.Module, shape: tuple[int, ...]) -> None:
+    """The model may be the layer itself (its dotted name is ``''``); the result is its factorised form."""
+    x = torch.randn(shape)
+    before = _state(layer)
+    result = autodac.optimize(layer, 0.5, example_inputs=x, progress=False)
+    assert isinstance(result.model, autodac.FactorizedLayer)
+    assert result.flops == count_flops(result.model, (x,)).total <= math.floor(0.5 * count_flops(layer, (x,)).total)
+    _assert_same_state(layer, before)
+    replayed = autodac.apply(layer, autodac.Plan.from_json(result.plan.to_json()))
+    with torch.no_grad():
+        assert torch.equal(replayed(x), result.model(x))

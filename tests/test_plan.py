@@ -1,0 +1,267 @@
+"""Plans as versioned JSON: exact round trip, exact replay on a fresh model, and refusals that change nothing."""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+import autodac
+from autodac import zoo
+from autodac.cost import count_flops, count_params
+from autodac.plan import PLAN_VERSION
+from autodac.testing import Conv1dNet, LinearHeadNet, SmallConvNet
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], float]] = {
+    "small_conv": (lambda: SmallConvNet(seed=0), (2, 3, 8, 8), 0.5),  # plans DAC
+    "conv1d": (lambda: Conv1dNet(seed=0), (2, 4, 16), 0.5),  # plans low-rank Conv1d
+    "linear_head": (lambda: LinearHeadNet(seed=0), (2, 2, 6, 6), 0.3),  # plans low-rank Linear
+    "resnet20": (lambda: zoo.resnet20(), (1, 1, 28, 28), 0.5),  # plans spatial
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _optimized(name: str) -> tuple[nn.Module, torch.Tensor, autodac.Result]:
+    factory, shape, budget = MODELS[name]
+    torch.manual_seed(1)
+    model = factory().eval()
+    x = torch.randn(shape)
+    return model, x, autodac.optimize(model, budget, example_inputs=x, progress=False)
+
+
+def _fresh_copy(name: str, model: nn.Module) -> nn.Module:
+    """A newly built model (other initial weights) loaded with ``model``'s weights."""
+    torch.manual_seed(12345)
+    fresh = MODELS[name][0]()
+    fresh.load_state_dict(model.state_dict())
+    return fresh.eval()
+
+
+def _structure(model: nn.Module) -> list[tuple[Any, ...]]:
+    """Every module's name, type, (method, rank) and own parameter shapes."""
+    return [
+        (
+            name, type(module).__name__, getattr(module, "method", None), getattr(module, "rank", None),
+            tuple((p, tuple(t.shape)) for p, t in module.named_parameters(recurse=False)),
+        )
+        for name, module in model.named_modules()
+    ]
+
+
+def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], list]:
+    return {k: v.clone() for k, v in model.state_dict().items()}, _structure(model)
+
+
+def _assert_unchanged(model: nn.Module, snapshot: tuple[dict[str, torch.Tensor], list]) -> None:
+    state, structure = snapshot
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], state[k]) for k in state)
+    assert _structure(model) == structure
+
+
+# ----------------------------------------------------------------------------- round trip and replay
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_json_round_trip_is_exact(name: str) -> None:
+    _, _, result = _optimized(name)
+    text = result.plan.to_json()
+    loaded = autodac.Plan.from_json(text)
+    assert loaded == result.plan
+    assert loaded.to_json() == text
+    data = json.loads(text)
+    assert data["_version"] == PLAN_VERSION and data["format"] == "autodac.plan"
+    assert data["flops"] == result.flops and data["original_flops"] == result.original_flops
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_replayed_plan_gives_the_same_model(name: str) -> None:
+    model, x, result = _optimized(name)
+    assert result.plan.factorized  # the replay has something to rebuild
+    fresh = _fresh_copy(name, model)
+    replayed = autodac.apply(fresh, autodac.Plan.from_json(result.plan.to_json())).eval()
+    assert _structure(replayed) == _structure(result.model)
+    with torch.no_grad():
+        assert torch.equal(replayed(x), result.model.eval()(x))
+    replayed_state, result_state = replayed.state_dict(), result.model.state_dict()
+    assert replayed_state.keys() == result_state.keys()
+    assert all(torch.equal(replayed_state[k], result_state[k]) for k in result_state)
+
+
+def test_replay_covers_every_method() -> None:
+    methods = {c.method for name in MODELS for c in _optimized(name)[2].plan.factorized.values()}
+    assert methods == {"dac", "spatial", "lowrank"}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_layer_figures_match_the_built_model(name: str) -> None:
+    """Each choice's FLOPs and parameters are those fvcore and torch find in the decomposed model."""
+    _, x, result = _optimized(name)
+    by_module = count_flops(result.model, (x,)).by_module
+    for layer, choice in result.plan.layers.items():
+        module = result.model.get_submodule(layer)
+        assert choice.flops_after == by_module[layer], layer
+        assert choice.params_after == count_params(module), layer
+        if choice.is_dense:
+            assert choice.flops_after == choice.flops_before and choice.error == 0.0
+        else:
+            assert isinstance(module, autodac.FactorizedLayer)
+            assert (module.method, module.rank) == (choice.method, choice.rank)
+    assert result.plan.flops == result.flops
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def _mutated(result: autodac.Result, change: Callable[[dict], Any]) -> str:
+    data = json.loads(result.plan.to_json())
+    change(data)
+    return json.dumps(data)
+
+
+def _first_factorized(data: dict) -> str:
+    return next(name for name, entry in data["layers"].items() if entry["method"] != "dense")
+
+
+def _rename_layer(data: dict) -> None:
+    name = _first_factorized(data)
+    data["layers"]["no_such.layer"] = data["layers"].pop(name)
+
+
+def _set(field: str, value: Any) -> Callable[[dict], None]:
+    def change(data: dict) -> None:
+        data["layers"][_first_factorized(data)][field] = value
+
+    return change
+
+
+APPLY_REFUSALS = {
+    "missing layer": (_rename_layer, r"'no_such\.layer' must exist in the model"),
+    "wrong weight shape": (_set("weight_shape", [7, 7, 3, 3]), r"'conv1' must have the weight shape the plan was made for, \(7, 7, 3, 3\)"),
+    "rank too high": (_set("rank", 10_000), r"layer 'conv1'.*1 <= rank <= \d+.*rank=10000"),
+    "unknown method": (_set("method", "tucker"), r"layer 'conv1'.*method='tucker'"),
+}
+
+
+@pytest.mark.parametrize("case", APPLY_REFUSALS)
+def test_apply_refuses_a_plan_that_does_not_fit(case: str) -> None:
+    change, message = APPLY_REFUSALS[case]
+    model, _, result = _optimized("small_conv")
+    assert _first_factorized(json.loads(result.plan.to_json())) == "conv1"
+    plan = autodac.Plan.from_json(_mutated(result, change))
+    fresh = _fresh_copy("small_conv", model)
+    snapshot = _snapshot(fresh)
+    with pytest.raises(autodac.PlanError, match=message):
+        autodac.apply(fresh, plan)
+    _assert_unchanged(fresh, snapshot)
+
+
+def test_apply_refuses_a_method_that_does_not_apply_and_a_non_conv_layer() -> None:
+    model, _, result = _optimized("small_conv")
+    fresh = _fresh_copy("small_conv", model)
+    snapshot = _snapshot(fresh)
+
+    def lowrank_to_spatial_on_fc(data: dict) -> None:
+        data["layers"]["fc"].update(method="spatial", rank=1)
+
+    with pytest.raises(autodac.PlanError, match=r"layer 'fc'.*'spatial' does not apply"):
+        autodac.apply(fresh, autodac.Plan.from_json(_mutated(result, lowrank_to_spatial_on_fc)))
+
+    def point_at_batchnorm(data: dict) -> None:
+        data["layers"]["bn1"] = data["layers"].pop("conv1")
+
+    with pytest.raises(autodac.PlanError, match=r"'bn1' must be a Conv1d, Conv2d or Linear, but it is a BatchNorm2d"):
+        autodac.apply(fresh, autodac.Plan.from_json(_mutated(result, point_at_batchnorm)))
+    _assert_unchanged(fresh, snapshot)
+
+
+def test_a_refused_layer_leaves_nothing_half_done() -> None:
+    """A bad last layer must not leave the earlier, valid layers swapped in the caller's model."""
+    model, _, result = _optimized("small_conv")
+    fresh = _fresh_copy("small_conv", model)
+    snapshot = _snapshot(fresh)
+
+    def break_last(data: dict) -> None:
+        data["layers"]["fc"].update(method="lowrank", rank=999)
+
+    with pytest.raises(autodac.PlanError, match="layer 'fc'"):
+        autodac.apply(fresh, autodac.Plan.from_json(_mutated(result, break_last)))
+    _assert_unchanged(fresh, snapshot)
+
+
+def _set_top(field: str, value: Any) -> Callable[[dict], None]:
+    def change(data: dict) -> None:
+        data[field] = value
+
+    return change
+
+
+LOAD_REFUSALS = {
+    "version 2": (_set_top("_version", 2), r"plan version 1, but got _version=2"),
+    "no version": (lambda d: d.pop("_version"), r"_version=None"),
+    "not a plan": (_set_top("format", "other"), r"format='autodac\.plan'"),
+    "unknown field": (_set_top("extra", 1), r"may only hold the fields.*'extra'"),
+    "rank zero": (_set("rank", 0), r"layer 'conv1'.*rank >= 1.*rank=0"),
+    "rank string": (_set("rank", "2"), r"layer 'conv1'.*rank='2'"),
+    "rank bool": (_set("rank", True), r"layer 'conv1'.*rank=True"),
+    "missing field": (lambda d: d["layers"]["conv1"].pop("weight_shape"), r"layer 'conv1' must have exactly the fields"),
+    "layers not an object": (_set_top("layers", []), r"`layers` must be an object"),
+    "bad original_flops": (_set_top("original_flops", "many"), r"integer `original_flops`.*'many'"),
+    "error not finite": (_set("error", float("inf")), r"layer 'conv1'.*`error` must be finite"),
+    "error null": (_set("error", None), r"layer 'conv1': every field must have its type"),
+    "weight_shape a number": (_set("weight_shape", 5), r"layer 'conv1': every field must have its type"),
+    "flops a word": (_set("flops_before", "many"), r"layer 'conv1': every field must have its type"),
+    "budget a list": (_set_top("budget", [1]), r"`budget`.*must have those types"),
+    "metrics not numbers": (_set_top("metrics", {"accuracy": "high"}), r"`metrics`.*must have those types"),
+    "notes a number": (_set_top("notes", 5), r"`notes`.*must have those types"),
+}
+
+
+@pytest.mark.parametrize("case", LOAD_REFUSALS)
+def test_loading_refuses_a_malformed_plan(case: str) -> None:
+    change, message = LOAD_REFUSALS[case]
+    _, _, result = _optimized("small_conv")
+    with pytest.raises(autodac.PlanError, match=message):
+        autodac.Plan.from_json(_mutated(result, change))
+
+
+@pytest.mark.parametrize("text", ["{not json", "", "[1, 2]", "null", '"a string"'])
+def test_loading_refuses_invalid_json(text: str) -> None:
+    with pytest.raises(autodac.PlanError, match="JSON|format='autodac.plan'"):
+        autodac.Plan.from_json(text)
+
+
+def test_apply_refuses_non_plans_and_non_models() -> None:
+    model, _, result = _optimized("small_conv")
+    with pytest.raises(autodac.PlanError, match="must be an autodac.Plan, but got dict"):
+        autodac.apply(model, result.plan.to_dict())  # type: ignore[arg-type]
+    with pytest.raises(autodac.ModelError, match="must be a torch.nn.Module, but got str"):
+        autodac.apply("model", result.plan)  # type: ignore[arg-type]
+
+
+def test_apply_returns_a_copy() -> None:
+    model, x, result = _optimized("small_conv")
+    snapshot = _snapshot(model)
+    applied = autodac.apply(model, result.plan)
+    assert applied is not model
+    _assert_unchanged(model, snapshot)
+    assert not {p.data_ptr() for p in applied.parameters()} & {p.data_ptr() for p in model.parameters()}
+
+
+def test_save_and_load(tmp_path) -> None:
+    _, _, result = _optimized("resnet20")
+    path = tmp_path / "plan.json"
+    result.plan.save(path)
+    assert autodac.Plan.load(path) == result.plan
+
+
+def test_summary_names_every_factorised_layer() -> None:
+    _, _, result = _optimized("resnet20")
+    text = result.summary()
+    assert all(name in text for name in result.plan.factorized)
+    assert f"{result.original_flops:,} -> {result.flops:,}" in text and f"{result.flops_ratio:.4f}" in text
