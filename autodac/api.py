@@ -26,7 +26,7 @@ from autodac.factorize import METHODS, get_method
 from autodac.layers import SUPPORTED_TYPES, build_factorized
 from autodac.plan import DENSE, LayerChoice, Plan
 from autodac.probes import (
-    DEFAULT_PROBE_SIZE, Probe, _device_of, collect_probe, divergence, has_batchnorm, predict, reconstruction_errors,
+    DEFAULT_PROBE_SIZE, Probe, _device_of, batchnorm_weights, collect_probe, divergence, has_batchnorm, predict, reconstruction_errors,
     reestimate_batchnorm, top1_match,
 )
 from autodac.report import plan_table
@@ -138,6 +138,8 @@ def _input_shapes(inputs: tuple[Any, ...]) -> list[list[int]]:
 class _Candidate:
     layer: TracedLayer
     options: list[tuple[str, int | None, int, float]]  # (method, rank, cost, error); option 0 is dense
+    fit: str = "plain"
+    out_weights: torch.Tensor | None = None
 
     @property
     def dense_cost(self) -> int:
@@ -159,7 +161,31 @@ def _skip_reason(layer: TracedLayer, methods: Sequence[str], excluded: bool) -> 
     return None
 
 
-def _candidate_options(layer: TracedLayer, methods: Sequence[str]) -> list[tuple[str, int | None, int, float]]:
+def _fit_weights(model: nn.Module, fit: str) -> torch.Tensor | None:
+    """The output-channel weights a layer's ``fit`` names (None for a plain SVD)."""
+    if fit == "plain":
+        return None
+    name = fit[3:]
+    try:
+        norm = model.get_submodule(name)
+    except AttributeError:
+        raise PlanError(f"fit {fit!r} names a BatchNorm that must exist in the model, but {name!r} does not") from None
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.running_var is None:
+        raise PlanError(f"fit {fit!r} must name a BatchNorm with running statistics, but {name!r} is a {type(norm).__name__}")
+    return batchnorm_weights(norm)
+
+
+def _layer_fit(model: nn.Module, layer: TracedLayer, weighting: str) -> str:
+    if weighting == "batchnorm" and layer.followed_by is not None:
+        norm = model.get_submodule(layer.followed_by)
+        if norm.running_var is not None and norm.num_features == layer.module.weight.shape[0]:
+            return f"bn:{layer.followed_by}"
+    return "plain"
+
+
+def _candidate_options(
+    layer: TracedLayer, methods: Sequence[str], out_weights: torch.Tensor | None = None
+) -> list[tuple[str, int | None, int, float]]:
     geometry = layer.geometry
     dense = geometry.dense_cost()
     options: list[tuple[str, int | None, int, float]] = [(DENSE, None, dense, 0.0)]
@@ -168,7 +194,7 @@ def _candidate_options(layer: TracedLayer, methods: Sequence[str]) -> list[tuple
         method = get_method(name)
         if not method.applies_to(shape):
             continue
-        errors = reconstruction_errors(layer.module, name)
+        errors = reconstruction_errors(layer.module, name, out_weights)
         for rank in range(1, method.max_rank(shape) + 1):
             cost = method.cost(geometry, rank)
             if cost >= dense:
@@ -177,7 +203,7 @@ def _candidate_options(layer: TracedLayer, methods: Sequence[str]) -> list[tuple
     return options
 
 
-def _collect(model, inputs, methods, exclude, progress) -> tuple[list[TracedLayer], list[_Candidate], dict[str, str]]:
+def _collect(model, inputs, methods, exclude, progress, weighting="batchnorm") -> tuple[list[TracedLayer], list[_Candidate], dict[str, str]]:
     traced = trace_layers(model, inputs)
     candidates, skipped = [], {}
     iterator = traced
@@ -189,11 +215,13 @@ def _collect(model, inputs, methods, exclude, progress) -> tuple[list[TracedLaye
         excluded = any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in exclude)
         reason = _skip_reason(layer, methods, excluded)
         if reason is None:
-            options = _candidate_options(layer, methods)
+            fit = _layer_fit(model, layer, weighting)
+            out_weights = _fit_weights(model, fit)
+            options = _candidate_options(layer, methods, out_weights)
             if len(options) == 1:
                 reason = "no factorisation is cheaper than the dense layer"
             else:
-                candidates.append(_Candidate(layer, options))
+                candidates.append(_Candidate(layer, options, fit, out_weights))
         if reason is not None:
             skipped[layer.name] = reason
     return traced, candidates, skipped
@@ -217,14 +245,15 @@ def _params_after(module: nn.Module, method: str, rank: int) -> int:
 class _Factors:
     """One SVD per (layer, method), computed on first use and reused for every rank the search tries."""
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.modules = modules
+    def __init__(self, candidates: list[_Candidate]) -> None:
+        self.modules = {c.layer.name: c.layer.module for c in candidates}
+        self.out_weights = {c.layer.name: c.out_weights for c in candidates}
         self.cache: dict[tuple[str, str], Any] = {}
 
     def build(self, name: str, method: str, rank: int) -> nn.Module:
         key = (name, method)
         if key not in self.cache:
-            self.cache[key] = get_method(method).decompose(self.modules[name].weight)
+            self.cache[key] = get_method(method).decompose(self.modules[name].weight, self.out_weights[name])
         return build_factorized(self.modules[name], method, rank, self.cache[key])
 
 
@@ -238,6 +267,7 @@ def _choices(candidates: list[_Candidate], selection: Sequence[int]) -> dict[str
             method=method, rank=rank, weight_shape=tuple(module.weight.shape), flops_before=candidate.dense_cost,
             flops_after=cost, params_before=params,
             params_after=params if method == DENSE else _params_after(module, method, rank), error=float(error),
+            fit="plain" if method == DENSE else candidate.fit,
         )
     return layers
 
@@ -267,8 +297,12 @@ class _ProbeRunner:
         self.calibration: torch.Tensor | None = None
         self.held_out: Probe | None = None
         if probe is not None:
-            if evaluate is not None or len(probe) < 2:
+            if evaluate is not None:
                 self.calibration = probe.inputs
+            elif len(probe) < 2:  # nothing would be left to score on (the metric would crash on None)
+                raise AutodacError(
+                    f"`data` must hold at least 2 examples without `evaluate` (half calibrate, half score), but it held {len(probe)}"
+                )
             else:
                 self.calibration = probe.inputs[0::2]
                 self.held_out = probe.subset(slice(1, None, 2))
@@ -304,6 +338,7 @@ def optimize(
     evaluate: Callable[[nn.Module], float] | None = None,
     methods: Iterable[str] = DEFAULT_METHODS,
     exclude: Iterable[str] = (),
+    weighting: str = "batchnorm",
     probe_size: int = DEFAULT_PROBE_SIZE,
     profile_size: int = 256,
     profile_ranks: int = 4,
@@ -335,6 +370,8 @@ def optimize(
     budget = _check_budget("flops_budget", flops_budget)
     methods = _check_methods(methods)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    if weighting not in ("batchnorm", "none"):
+        raise AutodacError(f"`weighting` must be 'batchnorm' or 'none', but got weighting={weighting!r}")
     for name, value, low in (("probe_size", probe_size, 2), ("profile_size", profile_size, 1), ("profile_ranks", profile_ranks, 1), ("n_trials", n_trials, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise AutodacError(f"`{name} >= {low}` must hold (an integer), but got {name}={value!r}")
@@ -350,7 +387,7 @@ def optimize(
         warnings.warn(f"autodac: {note}", UserWarning, stacklevel=2)
         notes.append(note)
 
-    traced, candidates, skipped = _collect(model, inputs, methods, exclude, progress)
+    traced, candidates, skipped = _collect(model, inputs, methods, exclude, progress, weighting)
     if not candidates:
         detail = "; ".join(f"{name}: {why}" for name, why in skipped.items()) or "no Conv1d, Conv2d or Linear layer"
         raise ModelError(f"the model must have at least one layer that can be decomposed, but none can ({detail})")
@@ -371,7 +408,7 @@ def optimize(
     refined = None
     scores = weight_scores
     use_bn = False
-    factors = _Factors({c.layer.name: c.layer.module for c in candidates})
+    factors = _Factors(candidates)
     if probe is None and evaluate is None:
         selection = solve(scores, target - fixed)
     else:
@@ -480,7 +517,13 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
                 f"but it has {tuple(module.weight.shape)}"
             )
         try:
-            replacements[name] = build_factorized(module, choice.method, choice.rank)
+            out_weights = _fit_weights(model, choice.fit)
+            decomposition = None
+            if out_weights is not None:
+                if choice.method not in METHODS:
+                    raise AutodacError(f"`method` must be one of {sorted(METHODS)}, but got method={choice.method!r}")
+                decomposition = get_method(choice.method).decompose(module.weight, out_weights)
+            replacements[name] = build_factorized(module, choice.method, choice.rank, decomposition)
         except AutodacError as error:
             raise PlanError(f"layer {name!r}: {error}") from None
     return replace_layers(model, replacements)

@@ -35,17 +35,24 @@ class LayerChoice:
     params_before: int
     params_after: int
     error: float = 0.0
+    fit: str = "plain"  # "plain": SVD of the weight; "bn:NAME": output channels weighted by BatchNorm NAME
 
     @property
     def is_dense(self) -> bool:
         return self.method == DENSE
 
 
-_LAYER_FIELDS = {"method", "rank", "weight_shape", "flops_before", "flops_after", "params_before", "params_after", "error"}
+_LAYER_FIELDS = {"method", "rank", "weight_shape", "flops_before", "flops_after", "params_before", "params_after", "error", "fit"}
 _PLAN_FIELDS = {
     "format", "_version", "budget", "input_shapes", "input_assumed", "original_flops", "flops",
     "layers", "skipped", "metrics", "notes",
 }
+
+
+def _check_fit(name: str, fit: Any) -> str:
+    if not isinstance(fit, str) or not (fit == "plain" or (fit.startswith("bn:") and len(fit) > 3)):
+        raise PlanError(f"layer {name!r}: `fit` must be 'plain' or 'bn:<BatchNorm name>', but got fit={fit!r}")
+    return fit
 
 
 @dataclass
@@ -120,6 +127,7 @@ class Plan:
                     method=str(entry["method"]), rank=rank, weight_shape=tuple(int(v) for v in entry["weight_shape"]),
                     flops_before=int(entry["flops_before"]), flops_after=int(entry["flops_after"]),
                     params_before=int(entry["params_before"]), params_after=int(entry["params_after"]), error=error,
+                    fit=_check_fit(name, entry["fit"]),
                 )
             except (TypeError, ValueError) as problem:
                 if isinstance(problem, PlanError):

@@ -22,7 +22,7 @@ from autodac.factorize import get_method
 from autodac.surgery import evaluating
 
 __all__ = [
-    "DEFAULT_PROBE_SIZE", "Probe", "collect_probe", "reconstruction_errors", "predict", "top1_match",
+    "DEFAULT_PROBE_SIZE", "Probe", "collect_probe", "reconstruction_errors", "batchnorm_weights", "predict", "top1_match",
     "divergence", "reestimate_batchnorm", "has_batchnorm",
 ]
 
@@ -30,13 +30,27 @@ DEFAULT_PROBE_SIZE = 2048
 _BATCH = 256
 
 
-def reconstruction_errors(module: nn.Module, method: str) -> np.ndarray:
+def reconstruction_errors(module: nn.Module, method: str, out_weights: torch.Tensor | None = None) -> np.ndarray:
     """``errors[r - 1]``: relative squared error ``|W - W_r|^2 / |W|^2`` of ``method`` at rank ``r``.
 
     Relative errors make layers of very different sizes comparable: each is the fraction of
-    the layer's weight energy that truncation discards.
+    the layer's weight energy that truncation discards. ``out_weights`` weighs each output
+    channel's share (see ``batchnorm_weights``).
     """
-    return get_method(method).errors(module.weight).cpu().numpy()
+    return get_method(method).errors(module.weight, out_weights).cpu().numpy()
+
+
+def batchnorm_weights(norm: nn.Module) -> torch.Tensor:
+    """How much the BatchNorm after a layer amplifies each channel: ``gamma^2 / (running_var + eps)``.
+
+    An error in channel ``n`` of the layer's output reaches the rest of the network scaled by
+    ``gamma_n / sqrt(var_n + eps)``, so a channel the BatchNorm silences (``gamma`` near 0) can
+    absorb error for free and one it amplifies cannot. Data-free: read off the stored statistics.
+    """
+    scale = 1.0 / (norm.running_var.detach().double() + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight.detach().double().pow(2)
+    return scale
 
 
 @dataclass
@@ -146,23 +160,49 @@ def has_batchnorm(model: nn.Module) -> bool:
 def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = _BATCH) -> nn.Module:
     """Recompute every BatchNorm's running statistics from ``inputs`` (in place; returns ``model``).
 
-    Statistics are a true average over all of ``inputs`` (momentum ``None``); the rest of the
-    model stays in eval mode, so dropout and the like are not switched on.
+    Statistics are the mean and (unbiased) variance of each BatchNorm's input over all of
+    ``inputs``, pooled exactly across batches (torch's cumulative average with momentum
+    ``None`` weights a short last batch like a full one and drops the spread between batch
+    means); the rest of the model stays in eval mode, so dropout and the like are not switched on.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return model
     device = _device_of(model)
     momenta = [(m, m.momentum) for m in norms]
+    pooled: dict[nn.Module, tuple[int, torch.Tensor, torch.Tensor]] = {}  # count, mean, sum of squared deviations
+
+    def accumulate(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach().double()
+        dims = [0] + list(range(2, x.dim()))
+        n = x.numel() // x.shape[1]
+        mean = x.mean(dims)
+        m2 = (x - mean.view(1, -1, *([1] * (x.dim() - 2)))).pow(2).sum(dims)
+        if module in pooled:  # Chan et al.'s pairwise update
+            n0, mean0, m20 = pooled[module]
+            delta = mean - mean0
+            total = n0 + n
+            mean, m2, n = mean0 + delta * (n / total), m20 + m2 + delta.pow(2) * (n0 * n / total), total
+        pooled[module] = (n, mean, m2)
+
+    handles = [m.register_forward_pre_hook(accumulate) for m in norms]
     with evaluating(model):
         try:
             for m in norms:
                 m.reset_running_stats()
                 m.momentum = None
                 m.train()
-            for start in range(0, inputs.shape[0], batch_size):
-                model(inputs[start : start + batch_size].to(device))
+            bounds = list(range(0, inputs.shape[0], batch_size)) + [inputs.shape[0]]
+            if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+                del bounds[-2]  # a last batch of one cannot be normalised by its own statistics: join it to the one before
+            for start, stop in zip(bounds[:-1], bounds[1:]):
+                model(inputs[start:stop].to(device))
+            for m, (n, mean, m2) in pooled.items():
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(m2 / max(n - 1, 1))
         finally:
+            for handle in handles:
+                handle.remove()
             for m, momentum in momenta:
                 m.momentum = momentum
     return model

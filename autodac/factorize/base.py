@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["Geometry", "Decomposition", "Factors", "Factorization", "svd_dtype", "tail_energy"]
+__all__ = ["Geometry", "Decomposition", "Factors", "Factorization", "svd_dtype", "tail_energy", "out_scale", "full_svd"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class Decomposition:
     energy: torch.Tensor
     weight_shape: tuple[int, ...]
     dtype: torch.dtype
+    out_scale: torch.Tensor | None = None  # sqrt of the output-channel weights the SVD was taken under
 
     def errors(self) -> torch.Tensor:
         return tail_energy(self.s, self.energy)
@@ -85,11 +86,15 @@ class Factorization(Protocol):
     def max_rank(self, weight_shape: tuple[int, ...]) -> int:
         """The rank at which the factorisation is exact."""
 
-    def errors(self, weight: torch.Tensor) -> torch.Tensor:
-        """``errors[r - 1]``: relative squared Frobenius error ``|W - W_r|^2 / |W|^2`` at rank ``r``."""
+    def errors(self, weight: torch.Tensor, out_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``errors[r - 1]``: relative squared Frobenius error ``|W - W_r|^2 / |W|^2`` at rank ``r``.
 
-    def decompose(self, weight: torch.Tensor) -> Decomposition:
-        """The full SVD this method truncates (one batched call)."""
+        With ``out_weights`` (one positive weight per output channel) both norms weigh output
+        channel ``n``'s squared error by ``out_weights[n]``, and so does the fit below.
+        """
+
+    def decompose(self, weight: torch.Tensor, out_weights: torch.Tensor | None = None) -> Decomposition:
+        """The full SVD this method truncates (one batched call), optionally output-weighted."""
 
     def truncate(self, decomposition: Decomposition, rank: int) -> Factors:
         """The two weights at ``rank`` (in the dense layer's dtype, on its device)."""
@@ -121,7 +126,16 @@ def tail_energy(singular_values: torch.Tensor, total_energy: torch.Tensor) -> to
     return ((total - kept) / total).clamp_min(0.0)
 
 
-def full_svd(matrix: torch.Tensor, weight: torch.Tensor) -> Decomposition:
-    """SVD of ``matrix`` (already in the SVD dtype) packaged with what truncation needs."""
+def out_scale(out_weights: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """``sqrt`` of output-channel weights, floored so the scaling stays invertible (exact at full rank)."""
+    if out_weights is None:
+        return None
+    w = out_weights.detach().to(device=like.device, dtype=like.dtype).clamp_min(0)
+    floor = w.mean().clamp_min(torch.finfo(like.dtype).tiny) * 1e-6
+    return w.clamp_min(floor).sqrt()
+
+
+def full_svd(matrix: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> Decomposition:
+    """SVD of ``matrix`` (already in the SVD dtype and weighting) packaged with what truncation needs."""
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return Decomposition(u, s, vh, matrix.pow(2).sum(), tuple(weight.shape), weight.dtype)
+    return Decomposition(u, s, vh, matrix.pow(2).sum(), tuple(weight.shape), weight.dtype, scale)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, full_svd, svd_dtype, tail_energy
+from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, full_svd, out_scale, svd_dtype, tail_energy
 
 __all__ = ["LowRank"]
 
@@ -23,21 +23,26 @@ class LowRank:
     def max_rank(self, weight_shape: tuple[int, ...]) -> int:
         return min(weight_shape[0], weight_shape[1] * _prod(weight_shape[2:]))
 
-    def _matrix(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.detach().to(svd_dtype(weight.dtype)).reshape(weight.shape[0], -1)
+    def _matrix(self, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        matrix = weight.detach().to(svd_dtype(weight.dtype)).reshape(weight.shape[0], -1)
+        return matrix if scale is None else matrix * scale[:, None]
 
-    def errors(self, weight: torch.Tensor) -> torch.Tensor:
-        matrix = self._matrix(weight)
+    def errors(self, weight: torch.Tensor, out_weights: torch.Tensor | None = None) -> torch.Tensor:
+        matrix = self._matrix(weight, out_scale(out_weights, weight.to(svd_dtype(weight.dtype))))
         return tail_energy(torch.linalg.svdvals(matrix), matrix.pow(2).sum())
 
-    def decompose(self, weight: torch.Tensor) -> Decomposition:
-        return full_svd(self._matrix(weight), weight)
+    def decompose(self, weight: torch.Tensor, out_weights: torch.Tensor | None = None) -> Decomposition:
+        scale = out_scale(out_weights, weight.to(svd_dtype(weight.dtype)))
+        return full_svd(self._matrix(weight, scale), weight, scale)
 
     def truncate(self, d: Decomposition, rank: int) -> Factors:
         n, c = d.weight_shape[:2]
         kernel = d.weight_shape[2:]
         first = d.vh[:rank].reshape(rank, c, *kernel)
-        second = (d.u[:, :rank] * d.s[:rank]).reshape(n, rank, *([1] * len(kernel)))
+        second = d.u[:, :rank] * d.s[:rank]
+        if d.out_scale is not None:
+            second = second / d.out_scale[:, None]
+        second = second.reshape(n, rank, *([1] * len(kernel)))
         return Factors(first.to(d.dtype).contiguous(), second.to(d.dtype).contiguous())
 
     def factors(self, weight: torch.Tensor, rank: int) -> Factors:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, full_svd, svd_dtype, tail_energy
+from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, full_svd, out_scale, svd_dtype, tail_energy
 
 __all__ = ["Spatial"]
 
@@ -25,22 +25,27 @@ class Spatial:
         n, c, kh, kw = weight_shape
         return min(c * kh, n * kw)
 
-    def _matrix(self, weight: torch.Tensor) -> torch.Tensor:
+    def _matrix(self, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         n, c, kh, kw = weight.shape
-        return weight.detach().to(svd_dtype(weight.dtype)).permute(1, 2, 0, 3).reshape(c * kh, n * kw)
+        matrix = weight.detach().to(svd_dtype(weight.dtype)).permute(1, 2, 0, 3).reshape(c * kh, n * kw)
+        return matrix if scale is None else matrix * scale.repeat_interleave(kw)[None, :]
 
-    def errors(self, weight: torch.Tensor) -> torch.Tensor:
-        matrix = self._matrix(weight)
+    def errors(self, weight: torch.Tensor, out_weights: torch.Tensor | None = None) -> torch.Tensor:
+        matrix = self._matrix(weight, out_scale(out_weights, weight.to(svd_dtype(weight.dtype))))
         return tail_energy(torch.linalg.svdvals(matrix), matrix.pow(2).sum())
 
-    def decompose(self, weight: torch.Tensor) -> Decomposition:
-        return full_svd(self._matrix(weight), weight)
+    def decompose(self, weight: torch.Tensor, out_weights: torch.Tensor | None = None) -> Decomposition:
+        scale = out_scale(out_weights, weight.to(svd_dtype(weight.dtype)))
+        return full_svd(self._matrix(weight, scale), weight, scale)
 
     def truncate(self, d: Decomposition, rank: int) -> Factors:
         n, c, kh, kw = d.weight_shape
         root = d.s[:rank].sqrt()
         vertical = (d.u[:, :rank] * root).reshape(c, kh, rank).permute(2, 0, 1).reshape(rank, c, kh, 1)
-        horizontal = (root[:, None] * d.vh[:rank]).reshape(rank, n, kw).permute(1, 0, 2).reshape(n, rank, 1, kw)
+        horizontal = root[:, None] * d.vh[:rank]
+        if d.out_scale is not None:
+            horizontal = horizontal / d.out_scale.repeat_interleave(kw)[None, :]
+        horizontal = horizontal.reshape(rank, n, kw).permute(1, 0, 2).reshape(n, rank, 1, kw)
         return Factors(vertical.to(d.dtype).contiguous(), horizontal.to(d.dtype).contiguous())
 
     def factors(self, weight: torch.Tensor, rank: int) -> Factors:
