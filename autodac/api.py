@@ -161,7 +161,7 @@ def _skip_reason(layer: TracedLayer, methods: Sequence[str], excluded: bool) -> 
     return None
 
 
-def _fit_weights(model: nn.Module, fit: str) -> torch.Tensor | None:
+def _fit_weights(model: nn.Module, fit: str, layer: nn.Module) -> torch.Tensor | None:
     """The output-channel weights a layer's ``fit`` names (None for a plain SVD)."""
     if fit == "plain":
         return None
@@ -170,15 +170,17 @@ def _fit_weights(model: nn.Module, fit: str) -> torch.Tensor | None:
         norm = model.get_submodule(name)
     except AttributeError:
         raise PlanError(f"fit {fit!r} names a BatchNorm that must exist in the model, but {name!r} does not") from None
-    if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.running_var is None:
-        raise PlanError(f"fit {fit!r} must name a BatchNorm with running statistics, but {name!r} is a {type(norm).__name__}")
-    return batchnorm_weights(norm)
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.num_features != layer.weight.shape[0]:
+        raise PlanError(
+            f"fit {fit!r} must name a BatchNorm over the layer's {layer.weight.shape[0]} output channels, but {name!r} is {norm}"
+        )
+    return batchnorm_weights(norm, layer.weight)
 
 
 def _layer_fit(model: nn.Module, layer: TracedLayer, weighting: str) -> str:
     if weighting == "batchnorm" and layer.followed_by is not None:
         norm = model.get_submodule(layer.followed_by)
-        if norm.running_var is not None and norm.num_features == layer.module.weight.shape[0]:
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.num_features == layer.module.weight.shape[0]:
             return f"bn:{layer.followed_by}"
     return "plain"
 
@@ -216,7 +218,7 @@ def _collect(model, inputs, methods, exclude, progress, weighting="batchnorm") -
         reason = _skip_reason(layer, methods, excluded)
         if reason is None:
             fit = _layer_fit(model, layer, weighting)
-            out_weights = _fit_weights(model, fit)
+            out_weights = _fit_weights(model, fit, layer.module)
             options = _candidate_options(layer, methods, out_weights)
             if len(options) == 1:
                 reason = "no factorisation is cheaper than the dense layer"
@@ -362,7 +364,8 @@ def optimize(
     Optuna refines the allocation for ``n_trials`` trials (or ``timeout`` seconds) on the probe
     metric: top-1 accuracy with labels, agreement with the original without, or
     ``evaluate(model) -> float`` (higher is better) when given. BatchNorm statistics are
-    re-estimated on the probe when ``reestimate_bn`` and kept only if the metric improves.
+    re-estimated on the probe when ``reestimate_bn`` and kept only if, on probe examples the
+    re-estimation did not see, the outputs move closer to the original's and the metric does not fall.
     Seeded runs without ``timeout`` are deterministic. The caller's model is not changed.
     """
     if not isinstance(model, nn.Module):
@@ -420,7 +423,8 @@ def optimize(
         use_bn = False
         if can_reestimate:  # decide once, on the plain allocation, whether re-estimation helps at all
             first = _build(model, candidates, solve(scores, target - fixed), factors)
-            use_bn = runner.score(first, reestimate=True)[0] > runner.score(first)[0]
+            with_bn, without = runner.score(first, reestimate=True), runner.score(first)
+            use_bn = with_bn[0] > without[0] and with_bn[1] >= without[1]
 
         def evaluate_selection(selection: tuple[int, ...]) -> float:
             return runner.score(_build(model, candidates, selection, factors), reestimate=use_bn)[0]
@@ -440,11 +444,11 @@ def optimize(
             reestimated = reestimate_batchnorm(copy.deepcopy(decomposed), runner.calibration)
             with_bn = runner.score(reestimated)
             metrics["probe_with_bn_reestimate"] = with_bn[1]
-            if with_bn[0] > plain[0]:
+            if with_bn[0] > plain[0] and with_bn[1] >= plain[1]:
                 decomposed = reestimated
-                plan.notes.append("BatchNorm statistics re-estimated on the probe (kept: it brought the outputs closer to the original's)")
+                plan.notes.append("BatchNorm statistics re-estimated on the probe (kept: outputs closer to the original's, metric not lower)")
             else:
-                plan.notes.append("BatchNorm re-estimation tried and rejected (it did not bring the outputs closer to the original's)")
+                plan.notes.append("BatchNorm re-estimation tried and rejected (outputs not closer to the original's, or metric lower)")
         metrics["probe"] = runner.score(decomposed)[1]
         metrics["probe_examples"] = float(len(probe)) if probe is not None else 0.0
         plan.notes.append(f"probe metric: {runner.metric_name} on {len(runner.held_out) if runner.held_out is not None else 0} held-out probe examples")
@@ -517,7 +521,7 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
                 f"but it has {tuple(module.weight.shape)}"
             )
         try:
-            out_weights = _fit_weights(model, choice.fit)
+            out_weights = _fit_weights(model, choice.fit, module)
             decomposition = None
             if out_weights is not None:
                 if choice.method not in METHODS:

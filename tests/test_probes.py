@@ -150,6 +150,11 @@ def test_single_pair_with_float_targets_is_unlabeled() -> None:
             [(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)), (torch.zeros(2, 3), torch.zeros(2))],
             "batch 1 differs", id="labeled-then-float",
         ),
+        pytest.param([torch.zeros(2, 3), torch.zeros(2, 4)], r"one shape, but batch 1 has inputs of shape \(2, 4\) and batch 0 \(2, 3\)", id="shapes-differ"),
+        pytest.param(
+            (torch.zeros(10, 3, 4, 4), torch.zeros(9, dtype=torch.long)), r"batch 1 has inputs of shape \(9,\)", id="labels-of-another-length",
+        ),
+        pytest.param([torch.tensor(1.0)], r"batch 0 has inputs of shape \(\)", id="0-d"),
     ],
 )
 def test_bad_data_is_refused(data: Any, message: str) -> None:
