@@ -5,10 +5,11 @@ from autodac.api import Result, apply, decompose_conv, optimize
 from autodac.errors import AutodacError, BudgetError, ModelError, PlanError
 from autodac.layers import FactorizedLayer
 from autodac.plan import LayerChoice, Plan
+from autodac.report import compare
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "optimize", "apply", "decompose_conv", "Result", "Plan", "LayerChoice", "FactorizedLayer",
+    "optimize", "apply", "decompose_conv", "compare", "Result", "Plan", "LayerChoice", "FactorizedLayer",
     "AutodacError", "BudgetError", "ModelError", "PlanError", "set_verbosity", "__version__",
 ]

@@ -1,12 +1,15 @@
-"""Readable tables of plans (tabulate does the layout)."""
+"""Readable tables of plans (tabulate does the layout): one plan, or several side by side."""
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from tabulate import tabulate
 
+from autodac.errors import AutodacError
 from autodac.plan import Plan
 
-__all__ = ["plan_table"]
+__all__ = ["plan_table", "compare"]
 
 
 def plan_table(plan: Plan, tablefmt: str = "simple") -> str:
@@ -22,3 +25,35 @@ def plan_table(plan: Plan, tablefmt: str = "simple") -> str:
         rows.append([name, "", "skipped", "", "", "", "", reason])
     headers = ["layer", "weight", "method", "rank", "FLOPs before", "FLOPs after", "ratio", "pred. error"]
     return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+
+
+def _cell(plan: Plan, layer: str) -> str:
+    choice = plan.layers.get(layer)
+    if choice is None:
+        return "skipped" if layer in plan.skipped else "-"
+    if choice.is_dense:
+        return "dense"
+    return f"{choice.method} r{choice.rank} ({choice.flops_after / choice.flops_before:.2f})"
+
+
+def compare(plans: Mapping[str, Plan] | list[Plan], tablefmt: str = "simple") -> str:
+    """Plans side by side: a row per layer (method, rank and the layer's FLOPs ratio), then totals.
+
+    ``plans`` maps a column title to a plan (a list gets titles ``plan 1``, ``plan 2``...). Totals
+    are the FLOPs ratio, the parameters, and every measured figure the plans carry (``metrics``).
+    """
+    if not isinstance(plans, Mapping):
+        plans = {f"plan {i + 1}": plan for i, plan in enumerate(plans)}
+    if not plans or not all(isinstance(p, Plan) for p in plans.values()):
+        raise AutodacError(f"`plans` must be a non-empty mapping or list of autodac.Plan, but got {plans!r}")
+    titles = list(plans)
+    layers = list(dict.fromkeys(name for plan in plans.values() for name in [*plan.layers, *plan.skipped]))
+    rows = [[name, *(_cell(plans[t], name) for t in titles)] for name in layers]
+    rows.append(["FLOPs ratio", *(f"{plans[t].flops_ratio:.4f}" for t in titles)])
+    rows.append(["FLOPs", *(f"{plans[t].flops:,}" for t in titles)])
+    params = {t: sum(c.params_after - c.params_before for c in plans[t].layers.values()) for t in titles}
+    rows.append(["parameters saved", *(f"{-params[t]:,}" for t in titles)])
+    metric_names = list(dict.fromkeys(k for plan in plans.values() for k in plan.metrics))
+    for key in metric_names:
+        rows.append([key, *(f"{plans[t].metrics[key]:.4f}" if key in plans[t].metrics else "" for t in titles)])
+    return tabulate(rows, headers=["layer", *titles], tablefmt=tablefmt, disable_numparse=True)
