@@ -30,9 +30,9 @@ from autodac.probes import (
     reestimate_batchnorm, top1_match,
 )
 from autodac.report import plan_table
-from autodac.search.knapsack import LayerOptions, minimum_cost, solve
+from autodac.search.knapsack import LayerOptions, minimum_cost, pareto_front, solve
 from autodac.search.refine import Trial, refine
-from autodac.search.sensitivity import SensitivityProfile, interpolate_losses, measure_profile, pick_ranks
+from autodac.search.sensitivity import SensitivityProfile, loss_curve, measure_profile, pick_ranks
 from autodac.surgery import TracedLayer, replace_layers, trace_layers
 
 __all__ = ["optimize", "apply", "decompose_conv", "Result", "DEFAULT_METHODS"]
@@ -342,8 +342,8 @@ def optimize(
     exclude: Iterable[str] = (),
     weighting: str = "batchnorm",
     probe_size: int = DEFAULT_PROBE_SIZE,
-    profile_size: int = 256,
-    profile_ranks: int = 4,
+    profile_size: int = 128,
+    profile_points: int = 4,
     reestimate_bn: bool = True,
     n_trials: int = 16,
     timeout: float | None = None,
@@ -360,7 +360,8 @@ def optimize(
 
     Without ``data`` the ranks come from an exact knapsack on reconstruction error. With
     ``data`` (batches ``x`` or ``(x, y)``; at most ``probe_size`` examples are used) each layer's
-    sensitivity is measured on ``profile_size`` probe examples, the knapsack runs on it, and
+    sensitivity is measured on ``profile_size`` probe examples at ``profile_points`` options (the
+    rest read off its loss-versus-error curve), the knapsack runs on it, and
     Optuna refines the allocation for ``n_trials`` trials (or ``timeout`` seconds) on the probe
     metric: top-1 accuracy with labels, agreement with the original without, or
     ``evaluate(model) -> float`` (higher is better) when given. BatchNorm statistics are
@@ -375,7 +376,7 @@ def optimize(
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     if weighting not in ("batchnorm", "none"):
         raise AutodacError(f"`weighting` must be 'batchnorm' or 'none', but got weighting={weighting!r}")
-    for name, value, low in (("probe_size", probe_size, 2), ("profile_size", profile_size, 1), ("profile_ranks", profile_ranks, 1), ("n_trials", n_trials, 1)):
+    for name, value, low in (("probe_size", probe_size, 2), ("profile_size", profile_size, 1), ("profile_points", profile_points, 1), ("n_trials", n_trials, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise AutodacError(f"`{name} >= {low}` must hold (an integer), but got {name}={value!r}")
     if evaluate is not None and not callable(evaluate):
@@ -397,8 +398,7 @@ def optimize(
     original = count_flops(model, inputs)
     target = math.floor(budget * original.total)
     fixed = original.total - sum(c.dense_cost for c in candidates)
-    costs = [np.array([o[2] for o in c.options], dtype=np.int64) for c in candidates]
-    weight_scores = [LayerOptions(cost, np.array([o[3] for o in c.options])) for cost, c in zip(costs, candidates)]
+    weight_scores = [_layer_options(c) for c in candidates]
     reachable = fixed + minimum_cost(weight_scores)
     if reachable > target:
         raise BudgetError(
@@ -417,7 +417,7 @@ def optimize(
     else:
         runner = _ProbeRunner(model, probe, evaluate)
         if runner.held_out is not None:
-            profile, scores = _profile_scores(model, candidates, runner.held_out, factors, profile_size, profile_ranks, progress)
+            profile, scores = _profile_scores(model, candidates, runner.held_out, factors, profile_size, profile_points, progress)
         metrics["probe_original"] = runner.score(model)[1]
         can_reestimate = reestimate_bn and runner.calibration is not None and has_batchnorm(model)
         use_bn = False
@@ -464,37 +464,41 @@ def optimize(
     )
 
 
-def _profile_scores(model, candidates, held_out: Probe, factors: _Factors, size: int, ranks_per_method: int, progress: bool):
-    """Measure each layer's sensitivity at a few ranks and interpolate it to every option."""
+def _profile_scores(model, candidates, held_out: Probe, factors: _Factors, size: int, points: int, progress: bool):
+    """Measure each layer's probe loss at a few options and read every other option off that curve.
+
+    The measured options are spread by cost along the layer's front of (cost, reconstruction
+    error), whatever their method; each option's loss is then interpolated from the layer's
+    measured loss-versus-error points, so methods compete on one per-layer scale.
+    """
     sample = held_out.subset(slice(0, size))
     reference = predict(model, sample.inputs)
 
     def loss(candidate_model: nn.Module) -> float:
         return divergence(predict(candidate_model, sample.inputs), reference)
 
-    plan_rows = []
-    for candidate in candidates:
-        chosen = []
-        for method in dict.fromkeys(o[0] for o in candidate.options[1:]):
-            ranks = [o[1] for o in candidate.options if o[0] == method]
-            costs = [o[2] for o in candidate.options if o[0] == method]
-            chosen += [(method, r) for r in pick_ranks(ranks, costs, ranks_per_method)]
-        plan_rows.append((candidate.layer.name, candidate.layer.module, chosen))
-    profile = measure_profile(model, plan_rows, factors.build, loss, len(sample), progress)
+    rows, fronts = [], []
+    for candidate, options in zip(candidates, (_layer_options(c) for c in candidates)):
+        front = [int(i) for i in pareto_front(options) if int(i) != 0]
+        chosen = pick_ranks(front, [int(options.costs[i]) for i in front], points) if front else []
+        rows.append((candidate.layer.name, candidate.layer.module, [candidate.options[i][:2] for i in chosen]))
+        fronts.append(chosen)
+    profile = measure_profile(model, rows, factors.build, loss, len(sample), progress)
     scores = []
-    for candidate, cost in zip(candidates, (np.array([o[2] for o in c.options], dtype=np.int64) for c in candidates)):
-        losses = np.zeros(len(candidate.options))
+    for candidate, chosen in zip(candidates, fronts):
+        options = _layer_options(candidate)
         measured = profile.losses[candidate.layer.name]
-        for method in dict.fromkeys(o[0] for o in candidate.options[1:]):
-            idx = [i for i, o in enumerate(candidate.options) if o[0] == method]
-            weight_errors = np.array([candidate.options[i][3] for i in idx])
-            ranks = [candidate.options[i][1] for i in idx]
-            # ranks are consecutive from 1, so position = rank - 1
-            points = {r: v for (m, r), v in measured.items() if m == method}
-            curve = interpolate_losses(weight_errors, points) if points else weight_errors
-            losses[idx] = curve[: len(ranks)]
-        scores.append(LayerOptions(cost, losses))
+        curve_points = [(options.errors[i], measured[candidate.options[i][:2]]) for i in chosen]
+        losses = loss_curve(options.errors, curve_points)
+        losses[0] = 0.0  # dense
+        scores.append(LayerOptions(options.costs, losses))
     return profile, scores
+
+
+def _layer_options(candidate: _Candidate) -> LayerOptions:
+    return LayerOptions(
+        np.array([o[2] for o in candidate.options], dtype=np.int64), np.array([o[3] for o in candidate.options])
+    )
 
 
 def apply(model: nn.Module, plan: Plan) -> nn.Module:

@@ -321,7 +321,7 @@ def test_refinement_is_seeded() -> None:
 
 
 BUDGET = 0.5
-SEARCH = {"probe_size": 64, "profile_size": 16, "profile_ranks": 2, "n_trials": 4, "progress": False}
+SEARCH = {"probe_size": 64, "profile_size": 16, "profile_points": 2, "n_trials": 4, "progress": False}
 
 
 def _trained_small_net() -> nn.Module:
@@ -410,8 +410,7 @@ def test_profile_covers_every_candidate(kind: str) -> None:
     for name, losses in profile.losses.items():
         assert losses and all(math.isfinite(v) and v >= 0 for v in losses.values())
         assert max(losses.values()) > 0, name  # a factorised layer changes the outputs
-        methods = {m for m, _ in losses}
-        assert all(sum(m == method for m, _ in losses) <= SEARCH["profile_ranks"] for method in methods)
+        assert len(losses) <= SEARCH["profile_points"]  # a few points per layer, spread along its front
 
 
 @pytest.mark.parametrize("kind", ["labeled", "unlabeled", "no_bn"])
@@ -540,7 +539,7 @@ def test_evaluate_must_be_callable(evaluate: Any) -> None:
         autodac.optimize(_trained_small_net(), BUDGET, example_inputs=torch.randn(1, 3, 8, 8), evaluate=evaluate, **SEARCH)
 
 
-@pytest.mark.parametrize("name", ["probe_size", "profile_size", "profile_ranks", "n_trials"])
+@pytest.mark.parametrize("name", ["probe_size", "profile_size", "profile_points", "n_trials"])
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "4", None], ids=["0", "-1", "1.5", "True", "str", "None"])
 def test_bad_search_sizes_are_refused(name: str, value: Any) -> None:
     model = _trained_small_net()

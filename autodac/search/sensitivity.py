@@ -3,8 +3,8 @@
 Fast by construction: the caller's model is never copied. The one layer under test runs its
 factorised replacement in place of its own forward, what runs before it is replayed from one
 recorded pass, the factors come from one cached SVD per layer and
-method, and only a few ranks per method are measured; the others are interpolated through
-the layer's reconstruction error, which orders ranks the same way.
+method, and only a few options per layer are measured (spread along the layer's error/cost
+front); every other option's loss is read off the layer's measured loss-versus-error curve.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["SensitivityProfile", "measure_profile", "pick_ranks", "interpolate_losses"]
+__all__ = ["SensitivityProfile", "measure_profile", "pick_ranks", "interpolate_losses", "loss_curve"]
 
 
 @dataclass
@@ -49,23 +49,27 @@ def pick_ranks(ranks: Sequence[int], costs: Sequence[int], count: int) -> list[i
     return chosen
 
 
-def interpolate_losses(weight_errors: np.ndarray, measured: dict[int, float]) -> np.ndarray:
-    """Loss at every rank from a few measured ranks, interpolated in reconstruction-error space.
+def loss_curve(errors: np.ndarray, points: Sequence[tuple[float, float]]) -> np.ndarray:
+    """Loss at every reconstruction error in ``errors`` from a few measured ``(error, loss)`` points.
 
-    ``weight_errors[r - 1]`` falls with ``r``; the result is made non-increasing in rank too and
-    anchored at zero loss for zero error.
+    Monotone: more error never means less loss; anchored at zero loss for zero error; past the
+    largest measured error the loss grows in proportion to the error.
     """
-    ranks = np.array(sorted(measured))
-    x = np.concatenate([[0.0], weight_errors[ranks - 1]])
-    y = np.concatenate([[0.0], [max(0.0, measured[r]) for r in ranks]])
-    order = np.argsort(x)
-    x, y = x[order], np.maximum.accumulate(y[order])  # more error never means less loss
+    x = np.concatenate([[0.0], [float(e) for e, _ in points]])
+    y = np.concatenate([[0.0], [max(0.0, float(v)) for _, v in points]])
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], np.maximum.accumulate(y[order])
     slope_tail = y[-1] / x[-1] if x[-1] > 0 else 0.0
-    query = weight_errors.astype(np.float64)
+    query = np.asarray(errors, dtype=np.float64)
     out = np.interp(query, x, y)
     beyond = query > x[-1]
-    out[beyond] = query[beyond] * slope_tail  # extrapolate proportionally past the largest measured error
+    out[beyond] = query[beyond] * slope_tail
     return out
+
+
+def interpolate_losses(weight_errors: np.ndarray, measured: dict[int, float]) -> np.ndarray:
+    """``loss_curve`` for one method's ranks: ``weight_errors[r - 1]`` and losses measured at some ranks ``r``."""
+    return loss_curve(weight_errors, [(weight_errors[r - 1], v) for r, v in sorted(measured.items())])
 
 
 class _PrefixReplay:
