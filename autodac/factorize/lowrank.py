@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, full_svd, out_scale, svd_dtype, tail_energy
+from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, full_svd, out_scale, singular_values, svd_dtype, tail_energy
 
 __all__ = ["LowRank"]
 
@@ -29,7 +29,7 @@ class LowRank:
 
     def errors(self, weight: torch.Tensor, out_weights: torch.Tensor | None = None) -> torch.Tensor:
         matrix = self._matrix(weight, out_scale(out_weights, weight.to(svd_dtype(weight.dtype))))
-        return tail_energy(torch.linalg.svdvals(matrix), matrix.pow(2).sum())
+        return tail_energy(singular_values(matrix), matrix.pow(2).sum())
 
     def decompose(self, weight: torch.Tensor, out_weights: torch.Tensor | None = None) -> Decomposition:
         scale = out_scale(out_weights, weight.to(svd_dtype(weight.dtype)))
