@@ -26,7 +26,7 @@ from autodac.factorize import METHODS, get_method
 from autodac.layers import SUPPORTED_TYPES, build_factorized
 from autodac.plan import DENSE, LayerChoice, Plan
 from autodac.probes import (
-    DEFAULT_PROBE_SIZE, Probe, _device_of, batchnorm_weights, collect_probe, divergence, has_batchnorm, predict, reconstruction_errors,
+    DEFAULT_PROBE_SIZE, Probe, _device_of, batchnorm_weights, collect_probe, fit_examples, input_covariances, split_probe, divergence, has_batchnorm, predict, reconstruction_errors,
     reestimate_batchnorm, top1_match,
 )
 from autodac.report import plan_table
@@ -140,6 +140,7 @@ class _Candidate:
     options: list[tuple[str, int | None, int, float]]  # (method, rank, cost, error); option 0 is dense
     fit: str = "plain"
     out_weights: torch.Tensor | None = None
+    input_cov: torch.Tensor | None = None
 
     @property
     def dense_cost(self) -> int:
@@ -162,8 +163,9 @@ def _skip_reason(layer: TracedLayer, methods: Sequence[str], excluded: bool) -> 
 
 
 def _fit_weights(model: nn.Module, fit: str, layer: nn.Module) -> torch.Tensor | None:
-    """The output-channel weights a layer's ``fit`` names (None for a plain SVD)."""
-    if fit == "plain":
+    """The output-channel weights a layer's ``fit`` names (None unless it names a BatchNorm)."""
+    fit = fit.removeprefix("data+")
+    if fit in ("plain", "data"):
         return None
     name = fit[3:]
     try:
@@ -177,16 +179,19 @@ def _fit_weights(model: nn.Module, fit: str, layer: nn.Module) -> torch.Tensor |
     return batchnorm_weights(norm, layer.weight)
 
 
-def _layer_fit(model: nn.Module, layer: TracedLayer, weighting: str) -> str:
+def _layer_fit(model: nn.Module, layer: TracedLayer, weighting: str, data_fit: bool) -> str:
+    fit = "plain"
     if weighting == "batchnorm" and layer.followed_by is not None:
         norm = model.get_submodule(layer.followed_by)
         if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.num_features == layer.module.weight.shape[0]:
-            return f"bn:{layer.followed_by}"
-    return "plain"
+            fit = f"bn:{layer.followed_by}"
+    if data_fit:
+        return "data" if fit == "plain" else f"data+{fit}"
+    return fit
 
 
 def _candidate_options(
-    layer: TracedLayer, methods: Sequence[str], out_weights: torch.Tensor | None = None
+    layer: TracedLayer, methods: Sequence[str], out_weights: torch.Tensor | None = None, input_cov: torch.Tensor | None = None
 ) -> list[tuple[str, int | None, int, float]]:
     geometry = layer.geometry
     dense = geometry.dense_cost()
@@ -196,7 +201,7 @@ def _candidate_options(
         method = get_method(name)
         if not method.applies_to(shape):
             continue
-        errors = reconstruction_errors(layer.module, name, out_weights)
+        errors = reconstruction_errors(layer.module, name, out_weights, input_cov)
         for rank in range(1, method.max_rank(shape) + 1):
             cost = method.cost(geometry, rank)
             if cost >= dense:
@@ -205,8 +210,17 @@ def _candidate_options(
     return options
 
 
-def _collect(model, inputs, methods, exclude, progress, weighting="batchnorm") -> tuple[list[TracedLayer], list[_Candidate], dict[str, str]]:
+def _collect(
+    model, inputs, methods, exclude, progress, weighting="batchnorm", fit_inputs: torch.Tensor | None = None
+) -> tuple[list[TracedLayer], list[_Candidate], dict[str, str]]:
+    """Trace the model, skip what cannot help, and list every (method, rank) option of the rest.
+
+    With ``fit_inputs`` each layer is fitted (and scored) by the error of its output on them.
+    """
     traced = trace_layers(model, inputs)
+    covariances = {}
+    if fit_inputs is not None:
+        covariances = input_covariances(model, {t.name: t.module for t in traced if t.geometry is not None}, fit_inputs)
     candidates, skipped = [], {}
     iterator = traced
     if progress:
@@ -217,13 +231,14 @@ def _collect(model, inputs, methods, exclude, progress, weighting="batchnorm") -
         excluded = any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in exclude)
         reason = _skip_reason(layer, methods, excluded)
         if reason is None:
-            fit = _layer_fit(model, layer, weighting)
+            input_cov = covariances.get(layer.name)
+            fit = _layer_fit(model, layer, weighting, input_cov is not None)
             out_weights = _fit_weights(model, fit, layer.module)
-            options = _candidate_options(layer, methods, out_weights)
+            options = _candidate_options(layer, methods, out_weights, input_cov)
             if len(options) == 1:
                 reason = "no factorisation is cheaper than the dense layer"
             else:
-                candidates.append(_Candidate(layer, options, fit, out_weights))
+                candidates.append(_Candidate(layer, options, fit, out_weights, input_cov))
         if reason is not None:
             skipped[layer.name] = reason
     return traced, candidates, skipped
@@ -250,12 +265,13 @@ class _Factors:
     def __init__(self, candidates: list[_Candidate]) -> None:
         self.modules = {c.layer.name: c.layer.module for c in candidates}
         self.out_weights = {c.layer.name: c.out_weights for c in candidates}
+        self.input_covs = {c.layer.name: c.input_cov for c in candidates}
         self.cache: dict[tuple[str, str], Any] = {}
 
     def build(self, name: str, method: str, rank: int) -> nn.Module:
         key = (name, method)
         if key not in self.cache:
-            self.cache[key] = get_method(method).decompose(self.modules[name].weight, self.out_weights[name])
+            self.cache[key] = get_method(method).decompose(self.modules[name].weight, self.out_weights[name], self.input_covs[name])
         return build_factorized(self.modules[name], method, rank, self.cache[key])
 
 
@@ -306,8 +322,7 @@ class _ProbeRunner:
                     f"`data` must hold at least 2 examples without `evaluate` (half calibrate, half score), but it held {len(probe)}"
                 )
             else:
-                self.calibration = probe.inputs[0::2]
-                self.held_out = probe.subset(slice(1, None, 2))
+                self.calibration, self.held_out = split_probe(probe)
                 self.held_out.reference = predict(model, self.held_out.inputs)
 
     @property
@@ -341,6 +356,7 @@ def optimize(
     methods: Iterable[str] = DEFAULT_METHODS,
     exclude: Iterable[str] = (),
     weighting: str = "batchnorm",
+    fit_to_data: bool = True,
     probe_size: int = DEFAULT_PROBE_SIZE,
     profile_size: int = 128,
     profile_points: int = 4,
@@ -391,7 +407,8 @@ def optimize(
         warnings.warn(f"autodac: {note}", UserWarning, stacklevel=2)
         notes.append(note)
 
-    traced, candidates, skipped = _collect(model, inputs, methods, exclude, progress, weighting)
+    fit_inputs = fit_examples(probe) if (probe is not None and fit_to_data) else None
+    traced, candidates, skipped = _collect(model, inputs, methods, exclude, progress, weighting, fit_inputs)
     if not candidates:
         detail = "; ".join(f"{name}: {why}" for name, why in skipped.items()) or "no Conv1d, Conv2d or Linear layer"
         raise ModelError(f"the model must have at least one layer that can be decomposed, but none can ({detail})")
@@ -501,16 +518,34 @@ def _layer_options(candidate: _Candidate) -> LayerOptions:
     )
 
 
-def apply(model: nn.Module, plan: Plan) -> nn.Module:
+def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn.Module:
     """A copy of ``model`` with every layer of ``plan`` factorised; refuses a plan that does not fit.
 
-    Every replacement is built and checked before anything is swapped, so a refused plan
-    leaves nothing half done (and the caller's model is never touched).
+    Layers the plan fitted to probe data (``fit`` starting with ``"data"``) need the same
+    ``data`` again to be rebuilt identically. Every replacement is built and checked before
+    anything is swapped, so a refused plan leaves nothing half done (and the caller's model is
+    never touched).
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise PlanError(f"`plan` must be an autodac.Plan, but got {type(plan).__name__}")
+    data_fitted = [name for name, c in plan.factorized.items() if c.fit.startswith("data")]
+    covariances: dict[str, torch.Tensor] = {}
+    if data_fitted:
+        if data is None:
+            raise PlanError(
+                f"layers fitted to probe data must be rebuilt from the same data, so `data` must be given, "
+                f"but got data=None (layers {data_fitted[:3]}{'...' if len(data_fitted) > 3 else ''})"
+            )
+        examples = int(plan.metrics.get("probe_examples", DEFAULT_PROBE_SIZE))
+        modules = {}
+        for name in data_fitted:
+            try:
+                modules[name] = model.get_submodule(name)
+            except AttributeError:
+                raise PlanError(f"the plan's layer {name!r} must exist in the model, but it does not") from None
+        covariances = input_covariances(model, modules, fit_examples(collect_probe(data, max(2, examples))))
     replacements = {}
     for name, choice in plan.factorized.items():
         try:
@@ -526,11 +561,12 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
             )
         try:
             out_weights = _fit_weights(model, choice.fit, module)
+            input_cov = covariances.get(name)
             decomposition = None
-            if out_weights is not None:
+            if out_weights is not None or input_cov is not None:
                 if choice.method not in METHODS:
                     raise AutodacError(f"`method` must be one of {sorted(METHODS)}, but got method={choice.method!r}")
-                decomposition = get_method(choice.method).decompose(module.weight, out_weights)
+                decomposition = get_method(choice.method).decompose(module.weight, out_weights, input_cov)
             replacements[name] = build_factorized(module, choice.method, choice.rank, decomposition)
         except AutodacError as error:
             raise PlanError(f"layer {name!r}: {error}") from None

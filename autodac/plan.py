@@ -35,7 +35,9 @@ class LayerChoice:
     params_before: int
     params_after: int
     error: float = 0.0
-    fit: str = "plain"  # "plain": SVD of the weight; "bn:NAME": output channels weighted by BatchNorm NAME
+    # "plain": SVD of the weight; "bn:NAME": output channels weighted by BatchNorm NAME;
+    # "data" / "data+bn:NAME": also weighted by the covariance of the layer's inputs on the probe
+    fit: str = "plain"
 
     @property
     def is_dense(self) -> bool:
@@ -50,8 +52,11 @@ _PLAN_FIELDS = {
 
 
 def _check_fit(name: str, fit: Any) -> str:
-    if not isinstance(fit, str) or not (fit == "plain" or (fit.startswith("bn:") and len(fit) > 3)):
-        raise PlanError(f"layer {name!r}: `fit` must be 'plain' or 'bn:<BatchNorm name>', but got fit={fit!r}")
+    base = fit.removeprefix("data+") if isinstance(fit, str) else None
+    if base is None or not (fit in ("plain", "data") or (base.startswith("bn:") and len(base) > 3)):
+        raise PlanError(
+            f"layer {name!r}: `fit` must be 'plain', 'data', 'bn:<BatchNorm name>' or 'data+bn:<BatchNorm name>', but got fit={fit!r}"
+        )
     return fit
 
 

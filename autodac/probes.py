@@ -23,21 +23,23 @@ from autodac.surgery import evaluating
 
 __all__ = [
     "DEFAULT_PROBE_SIZE", "Probe", "collect_probe", "reconstruction_errors", "batchnorm_weights", "predict", "top1_match",
-    "divergence", "reestimate_batchnorm", "has_batchnorm",
+    "divergence", "reestimate_batchnorm", "has_batchnorm", "input_covariances", "split_probe", "fit_examples",
 ]
 
 DEFAULT_PROBE_SIZE = 2048
 _BATCH = 256
 
 
-def reconstruction_errors(module: nn.Module, method: str, out_weights: torch.Tensor | None = None) -> np.ndarray:
+def reconstruction_errors(
+    module: nn.Module, method: str, out_weights: torch.Tensor | None = None, input_cov: torch.Tensor | None = None
+) -> np.ndarray:
     """``errors[r - 1]``: relative squared error ``|W - W_r|^2 / |W|^2`` of ``method`` at rank ``r``.
 
     Relative errors make layers of very different sizes comparable: each is the fraction of
     the layer's weight energy that truncation discards. ``out_weights`` weighs each output
     channel's share (see ``batchnorm_weights``).
     """
-    return get_method(method).errors(module.weight, out_weights).cpu().numpy()
+    return get_method(method).errors(module.weight, out_weights, input_cov).cpu().numpy()
 
 
 def batchnorm_weights(norm: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,7 @@ class Probe:
     labels: torch.Tensor | None
     reference: torch.Tensor | None = None
 
-    def __len__(self) -> int:
+    def __len__(self) -> int:  # noqa: D105
         return int(self.inputs.shape[0])
 
     def subset(self, index: slice | torch.Tensor) -> "Probe":
@@ -71,6 +73,23 @@ class Probe:
             self.inputs[index], None if self.labels is None else self.labels[index],
             None if self.reference is None else self.reference[index],
         )
+
+
+FIT_EXAMPLES = 256
+
+
+def split_probe(probe: "Probe") -> tuple[torch.Tensor, "Probe"]:
+    """Calibration inputs (even positions) and the held-out probe (odd positions).
+
+    BatchNorm re-estimation and data-aware fits use the calibration half; every score is
+    measured on the held-out half, so nothing is judged on the examples it was fitted to.
+    """
+    return probe.inputs[0::2], probe.subset(slice(1, None, 2))
+
+
+def fit_examples(probe: "Probe") -> torch.Tensor:
+    """The inputs data-aware fits are computed from: the first ``FIT_EXAMPLES`` calibration inputs."""
+    return split_probe(probe)[0][:FIT_EXAMPLES] if len(probe) >= 2 else probe.inputs[:FIT_EXAMPLES]
 
 
 def collect_probe(data: Iterable[Any], max_samples: int = DEFAULT_PROBE_SIZE) -> Probe:
@@ -216,3 +235,72 @@ def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int
 
 
 Metric = Callable[[nn.Module], float]
+
+
+def _pad_like(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` padded exactly as the conv pads it (amounts, ``'same'``/``'valid'``, and padding mode)."""
+    if module.padding == "valid":
+        return x
+    pads: list[int] = []
+    for axis in reversed(range(len(module.kernel_size))):  # F.pad takes the last dim first
+        if module.padding == "same":
+            total = module.dilation[axis] * (module.kernel_size[axis] - 1)
+            pads += [total // 2, total - total // 2]
+        else:
+            pads += [module.padding[axis], module.padding[axis]]
+    if not any(pads):
+        return x
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return torch.nn.functional.pad(x, pads, mode=mode)
+
+
+def _patches(module: nn.Module, x: torch.Tensor, max_positions: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows of what the layer multiplies by its weight: ``positions x (C*K)``, channel-major."""
+    if isinstance(module, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1])
+    else:
+        if x.dim() == len(module.kernel_size) + 1:
+            x = x.unsqueeze(0)
+        x = _pad_like(module, x)
+        if isinstance(module, nn.Conv1d):
+            x = x.unsqueeze(2)
+            kernel, dilation, stride = (1, module.kernel_size[0]), (1, module.dilation[0]), (1, module.stride[0])
+        else:
+            kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+        cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, stride=stride)  # B x CK x L
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if rows.shape[0] > max_positions:
+        rows = rows[torch.randperm(rows.shape[0], generator=generator)[:max_positions]]
+    return rows.double()
+
+
+def input_covariances(
+    model: nn.Module, layers: dict[str, nn.Module], inputs: torch.Tensor, batch_size: int = 64, max_positions: int = 16384
+) -> dict[str, torch.Tensor]:
+    """``E[p p^T]`` of each layer's input patches ``p`` on ``inputs`` (float64, ``CK x CK``, channel-major).
+
+    This is what a data-aware fit weighs the factorisation by: the error of the layer's output
+    on these inputs rather than the error of its weight. At most ``max_positions`` patches per
+    batch per layer are kept (drawn with a fixed seed), so memory stays bounded on large maps.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {name: 0 for name in layers}
+    generator = torch.Generator().manual_seed(0)
+    handles = []
+
+    def hook(name: str):
+        def collect(module, args, _output):
+            rows = _patches(module, args[0].detach().cpu(), max_positions, generator)
+            sums[name] = sums.get(name, 0) + rows.T @ rows
+            counts[name] += rows.shape[0]
+
+        return collect
+
+    for name, module in layers.items():
+        handles.append(module.register_forward_hook(hook(name)))
+    try:
+        predict(model, inputs, batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: sums[name] / counts[name] for name in layers if counts[name]}

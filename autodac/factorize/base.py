@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["Geometry", "Decomposition", "Factors", "Factorization", "svd_dtype", "tail_energy", "out_scale", "full_svd", "singular_values"]
+__all__ = ["Geometry", "Decomposition", "Factors", "Factorization", "svd_dtype", "tail_energy", "out_scale", "full_svd", "singular_values", "cholesky_factor"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class Decomposition:
     weight_shape: tuple[int, ...]
     dtype: torch.dtype
     out_scale: torch.Tensor | None = None  # sqrt of the output-channel weights the SVD was taken under
+    in_factor: torch.Tensor | None = None  # Cholesky factor of the input covariance the SVD was taken under
 
     def errors(self) -> torch.Tensor:
         return tail_energy(self.s, self.energy)
@@ -86,15 +87,23 @@ class Factorization(Protocol):
     def max_rank(self, weight_shape: tuple[int, ...]) -> int:
         """The rank at which the factorisation is exact."""
 
-    def errors(self, weight: torch.Tensor, out_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def errors(
+        self, weight: torch.Tensor, out_weights: torch.Tensor | None = None, input_cov: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``errors[r - 1]``: relative squared Frobenius error ``|W - W_r|^2 / |W|^2`` at rank ``r``.
 
         With ``out_weights`` (one positive weight per output channel) both norms weigh output
         channel ``n``'s squared error by ``out_weights[n]``, and so does the fit below.
         """
 
-    def decompose(self, weight: torch.Tensor, out_weights: torch.Tensor | None = None) -> Decomposition:
-        """The full SVD this method truncates (one batched call), optionally output-weighted."""
+    def decompose(
+        self, weight: torch.Tensor, out_weights: torch.Tensor | None = None, input_cov: torch.Tensor | None = None
+    ) -> Decomposition:
+        """The full SVD this method truncates (one batched call), optionally output-weighted.
+
+        ``input_cov`` (``CK x CK``, channel-major like ``F.unfold``) makes the fit minimise the
+        error of the layer's output on inputs with that covariance instead of the weight error.
+        """
 
     def truncate(self, decomposition: Decomposition, rank: int) -> Factors:
         """The two weights at ``rank`` (in the dense layer's dtype, on its device)."""
@@ -147,7 +156,23 @@ def out_scale(out_weights: torch.Tensor | None, like: torch.Tensor) -> torch.Ten
     return w.clamp_min(floor).sqrt()
 
 
-def full_svd(matrix: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> Decomposition:
+def full_svd(
+    matrix: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, in_factor: torch.Tensor | None = None
+) -> Decomposition:
     """SVD of ``matrix`` (already in the SVD dtype and weighting) packaged with what truncation needs."""
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return Decomposition(u, s, vh, matrix.pow(2).sum(), tuple(weight.shape), weight.dtype, scale)
+    return Decomposition(u, s, vh, matrix.pow(2).sum(), tuple(weight.shape), weight.dtype, scale, in_factor)
+
+
+def cholesky_factor(covariance: torch.Tensor, damping: float = 1e-2) -> torch.Tensor:
+    """Lower Cholesky factor ``L`` of ``covariance + damping * mean(diag) * I`` (batched).
+
+    Weighting a fit by ``L`` minimises the error of the layer's *output* on inputs with that
+    covariance (``|dW L|^2 = E|dW x|^2``). The damping keeps directions the probe never saw
+    from being amplified on the way back (``L^-1``); at full rank the fit is exact regardless.
+    """
+    cov = covariance.double()
+    diag = torch.diagonal(cov, dim1=-2, dim2=-1)
+    level = diag.mean(-1, keepdim=True).clamp_min(1e-12) * damping
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    return torch.linalg.cholesky(cov + level[..., None] * eye)

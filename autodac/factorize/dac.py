@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, full_svd, out_scale, singular_values, svd_dtype, tail_energy
+from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, cholesky_factor, full_svd, out_scale, singular_values, svd_dtype, tail_energy
 
 __all__ = ["DAC"]
 
@@ -24,23 +24,37 @@ class DAC:
     def max_rank(self, weight_shape: tuple[int, ...]) -> int:
         return min(weight_shape[0], _prod(weight_shape[2:]))
 
-    def _per_channel(self, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    def _per_channel(self, weight, out_weights, input_cov):
+        """The C slices ``N x K`` under the weighting, and the per-channel Cholesky factors (or None)."""
         n, c = weight.shape[:2]
-        slices = weight.detach().to(svd_dtype(weight.dtype)).reshape(n, c, -1).permute(1, 0, 2)  # C x N x K
-        return slices if scale is None else slices * scale[None, :, None]
+        dtype = svd_dtype(weight.dtype)
+        slices = weight.detach().to(dtype).reshape(n, c, -1).permute(1, 0, 2)  # C x N x K
+        scale = out_scale(out_weights, slices)
+        if scale is not None:
+            slices = slices * scale[None, :, None]
+        factor = None
+        if input_cov is not None:  # each input channel's own K x K block: DAC mixes no channels before the pointwise
+            k = slices.shape[-1]
+            blocks = input_cov.double().reshape(c, k, c, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+            factor = cholesky_factor(blocks).to(dtype)
+            slices = slices @ factor
+        return slices, scale, factor
 
-    def errors(self, weight: torch.Tensor, out_weights: torch.Tensor | None = None) -> torch.Tensor:
-        slices = self._per_channel(weight, out_scale(out_weights, weight.to(svd_dtype(weight.dtype))))
+    def errors(self, weight, out_weights=None, input_cov=None) -> torch.Tensor:
+        slices, _, _ = self._per_channel(weight, out_weights, input_cov)
         return tail_energy(singular_values(slices), slices.pow(2).sum())
 
-    def decompose(self, weight: torch.Tensor, out_weights: torch.Tensor | None = None) -> Decomposition:
-        scale = out_scale(out_weights, weight.to(svd_dtype(weight.dtype)))
-        return full_svd(self._per_channel(weight, scale), weight, scale)
+    def decompose(self, weight, out_weights=None, input_cov=None) -> Decomposition:
+        slices, scale, factor = self._per_channel(weight, out_weights, input_cov)
+        return full_svd(slices, weight, scale, factor)
 
     def truncate(self, d: Decomposition, rank: int) -> Factors:
         n, c = d.weight_shape[:2]
         kernel = d.weight_shape[2:]
-        depthwise = d.vh[:, :rank, :].reshape(c * rank, 1, *kernel)
+        depthwise = d.vh[:, :rank, :]
+        if d.in_factor is not None:  # undo the input weighting: rows times L^-1
+            depthwise = torch.linalg.solve_triangular(d.in_factor, depthwise, upper=False, left=False)
+        depthwise = depthwise.reshape(c * rank, 1, *kernel)
         pointwise = d.u[:, :, :rank] * d.s[:, None, :rank]  # C x N x r
         if d.out_scale is not None:
             pointwise = pointwise / d.out_scale[None, :, None]

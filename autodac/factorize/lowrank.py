@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, full_svd, out_scale, singular_values, svd_dtype, tail_energy
+from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, cholesky_factor, full_svd, out_scale, singular_values, svd_dtype, tail_energy
 
 __all__ = ["LowRank"]
 
@@ -23,22 +23,32 @@ class LowRank:
     def max_rank(self, weight_shape: tuple[int, ...]) -> int:
         return min(weight_shape[0], weight_shape[1] * _prod(weight_shape[2:]))
 
-    def _matrix(self, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    def _matrix(self, weight, out_weights, input_cov):
         matrix = weight.detach().to(svd_dtype(weight.dtype)).reshape(weight.shape[0], -1)
-        return matrix if scale is None else matrix * scale[:, None]
+        scale = out_scale(out_weights, matrix)
+        if scale is not None:
+            matrix = matrix * scale[:, None]
+        factor = None
+        if input_cov is not None:
+            factor = cholesky_factor(input_cov).to(matrix.dtype)
+            matrix = matrix @ factor
+        return matrix, scale, factor
 
-    def errors(self, weight: torch.Tensor, out_weights: torch.Tensor | None = None) -> torch.Tensor:
-        matrix = self._matrix(weight, out_scale(out_weights, weight.to(svd_dtype(weight.dtype))))
+    def errors(self, weight, out_weights=None, input_cov=None) -> torch.Tensor:
+        matrix, _, _ = self._matrix(weight, out_weights, input_cov)
         return tail_energy(singular_values(matrix), matrix.pow(2).sum())
 
-    def decompose(self, weight: torch.Tensor, out_weights: torch.Tensor | None = None) -> Decomposition:
-        scale = out_scale(out_weights, weight.to(svd_dtype(weight.dtype)))
-        return full_svd(self._matrix(weight, scale), weight, scale)
+    def decompose(self, weight, out_weights=None, input_cov=None) -> Decomposition:
+        matrix, scale, factor = self._matrix(weight, out_weights, input_cov)
+        return full_svd(matrix, weight, scale, factor)
 
     def truncate(self, d: Decomposition, rank: int) -> Factors:
         n, c = d.weight_shape[:2]
         kernel = d.weight_shape[2:]
-        first = d.vh[:rank].reshape(rank, c, *kernel)
+        first = d.vh[:rank]
+        if d.in_factor is not None:
+            first = torch.linalg.solve_triangular(d.in_factor, first, upper=False, left=False)
+        first = first.reshape(rank, c, *kernel)
         second = d.u[:, :rank] * d.s[:rank]
         if d.out_scale is not None:
             second = second / d.out_scale[:, None]

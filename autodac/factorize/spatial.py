@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, full_svd, out_scale, singular_values, svd_dtype, tail_energy
+from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, cholesky_factor, full_svd, out_scale, singular_values, svd_dtype, tail_energy
 
 __all__ = ["Spatial"]
 
@@ -25,23 +25,35 @@ class Spatial:
         n, c, kh, kw = weight_shape
         return min(c * kh, n * kw)
 
-    def _matrix(self, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    def _matrix(self, weight, out_weights, input_cov):
         n, c, kh, kw = weight.shape
         matrix = weight.detach().to(svd_dtype(weight.dtype)).permute(1, 2, 0, 3).reshape(c * kh, n * kw)
-        return matrix if scale is None else matrix * scale.repeat_interleave(kw)[None, :]
+        scale = out_scale(out_weights, matrix)
+        if scale is not None:
+            matrix = matrix * scale.repeat_interleave(kw)[None, :]
+        factor = None
+        if input_cov is not None:
+            # the vertical conv sees (C*kh) column patches, one per horizontal tap: average their covariance
+            cov = input_cov.double().reshape(c, kh, kw, c, kh, kw).diagonal(dim1=2, dim2=5).mean(-1).reshape(c * kh, c * kh)
+            factor = cholesky_factor(cov).to(matrix.dtype)
+            matrix = factor.T @ matrix
+        return matrix, scale, factor
 
-    def errors(self, weight: torch.Tensor, out_weights: torch.Tensor | None = None) -> torch.Tensor:
-        matrix = self._matrix(weight, out_scale(out_weights, weight.to(svd_dtype(weight.dtype))))
+    def errors(self, weight, out_weights=None, input_cov=None) -> torch.Tensor:
+        matrix, _, _ = self._matrix(weight, out_weights, input_cov)
         return tail_energy(singular_values(matrix), matrix.pow(2).sum())
 
-    def decompose(self, weight: torch.Tensor, out_weights: torch.Tensor | None = None) -> Decomposition:
-        scale = out_scale(out_weights, weight.to(svd_dtype(weight.dtype)))
-        return full_svd(self._matrix(weight, scale), weight, scale)
+    def decompose(self, weight, out_weights=None, input_cov=None) -> Decomposition:
+        matrix, scale, factor = self._matrix(weight, out_weights, input_cov)
+        return full_svd(matrix, weight, scale, factor)
 
     def truncate(self, d: Decomposition, rank: int) -> Factors:
         n, c, kh, kw = d.weight_shape
         root = d.s[:rank].sqrt()
-        vertical = (d.u[:, :rank] * root).reshape(c, kh, rank).permute(2, 0, 1).reshape(rank, c, kh, 1)
+        vertical = d.u[:, :rank] * root
+        if d.in_factor is not None:  # undo the input weighting: L^-T on the left
+            vertical = torch.linalg.solve_triangular(d.in_factor.T, vertical, upper=True)
+        vertical = vertical.reshape(c, kh, rank).permute(2, 0, 1).reshape(rank, c, kh, 1)
         horizontal = root[:, None] * d.vh[:rank]
         if d.out_scale is not None:
             horizontal = horizontal / d.out_scale.repeat_interleave(kw)[None, :]
