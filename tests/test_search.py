@@ -445,7 +445,7 @@ def test_reestimate_bn_false_keeps_the_statistics() -> None:
 @pytest.mark.parametrize("scale", [1.0, 50.0])
 def test_bn_reestimation_is_kept_only_when_it_helps(scale: float) -> None:
     """Re-estimating on the calibration half (even probe examples) is kept exactly when it brings the outputs
-    on the held-out half (odd examples) closer to the original's. On inputs 50x larger than those the
+    on the held-out half (odd examples) closer to the original's without lowering the metric. On inputs 50x larger than those the
     statistics came from, re-estimation normalises the scale away, so it must be (and is) rejected."""
     model, x, _, _, result = _run("unlabeled", scale=scale)
     probe = x[:64]
@@ -455,7 +455,9 @@ def test_bn_reestimation_is_kept_only_when_it_helps(scale: float) -> None:
     reestimated = reestimate_batchnorm(copy.deepcopy(plain), calibration)
     reference = predict(model, held_out)
     without, with_bn = predict(plain, held_out), predict(reestimated, held_out)
-    helps = divergence(with_bn, reference) < divergence(without, reference)
+    helps = divergence(with_bn, reference) < divergence(without, reference) and top1_match(
+        with_bn, reference.argmax(1)
+    ) >= top1_match(without, reference.argmax(1))
     assert result.metrics["probe_without_bn_reestimate"] == top1_match(without, reference.argmax(1))
     assert result.metrics["probe_with_bn_reestimate"] == top1_match(with_bn, reference.argmax(1))
     note = next(note for note in result.plan.notes if "BatchNorm" in note)
