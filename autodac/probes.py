@@ -199,11 +199,13 @@ def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int
     pooled: dict[nn.Module, tuple[int, torch.Tensor, torch.Tensor]] = {}  # count, mean, sum of squared deviations
 
     def accumulate(module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach().double()
+        x = args[0].detach()
+        if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
         dims = [0] + list(range(2, x.dim()))
         n = x.numel() // x.shape[1]
-        mean = x.mean(dims)
-        m2 = (x - mean.view(1, -1, *([1] * (x.dim() - 2)))).pow(2).sum(dims)
+        var, mean = torch.var_mean(x, dims, correction=0)  # one batch in its own precision, pooled in float64
+        mean, m2 = mean.double(), var.double() * n
         if module in pooled:  # Chan et al.'s pairwise update
             n0, mean0, m20 = pooled[module]
             delta = mean - mean0
@@ -271,11 +273,11 @@ def _patches(module: nn.Module, x: torch.Tensor, max_positions: int, generator: 
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     if rows.shape[0] > max_positions:
         rows = rows[torch.randperm(rows.shape[0], generator=generator)[:max_positions]]
-    return rows.double()
+    return rows.float()
 
 
 def input_covariances(
-    model: nn.Module, layers: dict[str, nn.Module], inputs: torch.Tensor, batch_size: int = 64, max_positions: int = 16384
+    model: nn.Module, layers: dict[str, nn.Module], inputs: torch.Tensor, batch_size: int = 64, max_positions: int = 4096
 ) -> dict[str, torch.Tensor]:
     """``E[p p^T]`` of each layer's input patches ``p`` on ``inputs`` (float64, ``CK x CK``, channel-major).
 
@@ -291,7 +293,7 @@ def input_covariances(
     def hook(name: str):
         def collect(module, args, _output):
             rows = _patches(module, args[0].detach().cpu(), max_positions, generator)
-            sums[name] = sums.get(name, 0) + rows.T @ rows
+            sums[name] = sums.get(name, 0) + (rows.T @ rows).double()  # float32 product, float64 sum
             counts[name] += rows.shape[0]
 
         return collect
