@@ -54,6 +54,7 @@ class Result:
     notes: list[str] = field(default_factory=list)
     profile: SensitivityProfile | None = None
     trials: list[Trial] = field(default_factory=list)
+    pareto: list[Plan] = field(default_factory=list)  # with pareto=True: FLOPs-vs-quality front, cheapest first
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -364,6 +365,7 @@ def optimize(
     n_trials: int = 16,
     timeout: float | None = None,
     seed: int = 0,
+    pareto: bool = False,
     progress: bool = True,
 ) -> Result:
     """Decompose a copy of ``model`` to at most ``flops_budget`` of its fvcore FLOPs.
@@ -383,7 +385,12 @@ def optimize(
     ``evaluate(model) -> float`` (higher is better) when given. BatchNorm statistics are
     re-estimated on the probe when ``reestimate_bn`` and kept only if, on probe examples the
     re-estimation did not see, the outputs move closer to the original's and the metric does not fall.
-    Seeded runs without ``timeout`` are deterministic. The caller's model is not changed.
+    With ``pareto=True`` the search is two-objective (FLOPs and the probe objective; each trial
+    draws its own budget up to ``flops_budget``) and ``result.pareto`` lists the front as plans.
+    ``fit_to_data`` fits each layer to the covariance of its probe inputs (output error instead
+    of weight error); ``weighting`` ("batchnorm" or "none") weighs output channels by the
+    BatchNorm that follows. Seeded runs without ``timeout`` are deterministic. The caller's model
+    is not changed.
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
@@ -446,7 +453,10 @@ def optimize(
         def evaluate_selection(selection: tuple[int, ...]) -> float:
             return runner.score(_build(model, candidates, selection, factors), reestimate=use_bn)[0]
 
-        refined = refine(scores, target - fixed, evaluate_selection, n_trials=n_trials, timeout=timeout, seed=seed, progress=progress)
+        refined = refine(
+            scores, target - fixed, evaluate_selection, n_trials=n_trials, timeout=timeout, seed=seed, progress=progress,
+            min_budget=minimum_cost(scores) if pareto else None,
+        )
         selection = list(refined.best.selection)
 
     plan = Plan(
@@ -478,6 +488,16 @@ def optimize(
         model=decomposed, plan=plan, original_flops=original.total, flops=counted,
         original_params=count_params(model), params=count_params(decomposed), notes=notes,
         profile=profile, trials=[] if refined is None else refined.trials,
+        pareto=[] if not (pareto and refined) else [_front_plan(plan, candidates, t) for t in refined.front],
+    )
+
+
+def _front_plan(template: Plan, candidates: list[_Candidate], trial: Trial) -> Plan:
+    """One plan of the Pareto front, with the probe objective it scored (no model is built)."""
+    return Plan(
+        layers=_choices(candidates, trial.selection), original_flops=template.original_flops, budget=dict(template.budget),
+        input_shapes=template.input_shapes, input_assumed=template.input_assumed, skipped=dict(template.skipped),
+        metrics={"probe_objective": trial.value, "trial": float(trial.number)}, notes=list(template.notes),
     )
 
 

@@ -284,15 +284,17 @@ def input_covariances(
     This is what a data-aware fit weighs the factorisation by: the error of the layer's output
     on these inputs rather than the error of its weight. At most ``max_positions`` patches per
     batch per layer are kept (drawn with a fixed seed), so memory stays bounded on large maps.
+    Each layer draws from its own generator, so its covariance does not depend on which other
+    layers are asked for (``apply`` asks for fewer layers than ``optimize`` and must get the same).
     """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {name: 0 for name in layers}
-    generator = torch.Generator().manual_seed(0)
+    generators = {name: torch.Generator().manual_seed(0) for name in layers}
     handles = []
 
     def hook(name: str):
         def collect(module, args, _output):
-            rows = _patches(module, args[0].detach().cpu(), max_positions, generator)
+            rows = _patches(module, args[0].detach().cpu(), max_positions, generators[name])
             sums[name] = sums.get(name, 0) + (rows.T @ rows).double()  # float32 product, float64 sum
             counts[name] += rows.shape[0]
 

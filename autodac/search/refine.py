@@ -18,7 +18,7 @@ import numpy as np
 
 from autodac.search.knapsack import LayerOptions, solve
 
-__all__ = ["Trial", "RefineResult", "refine"]
+__all__ = ["Trial", "RefineResult", "refine", "pareto_trials"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,17 @@ class RefineResult:
     best: Trial
     trials: list[Trial] = field(default_factory=list)
     seconds: float = 0.0
+    front: list[Trial] = field(default_factory=list)  # cost-vs-value Pareto front, cheapest first
+
+
+def pareto_trials(trials: Sequence[Trial]) -> list[Trial]:
+    """The trials no other trial beats on both cost (lower) and value (higher), cheapest first."""
+    front: list[Trial] = []
+    for trial in sorted(trials, key=lambda t: (t.cost, -t.value, t.number)):
+        if not front or trial.value > front[-1].value:
+            if not any(t.selection == trial.selection for t in front):
+                front.append(trial)
+    return front
 
 
 def refine(
@@ -46,8 +57,14 @@ def refine(
     seed: int = 0,
     spread: float = 4.0,
     progress: bool = False,
+    min_budget: int | None = None,
 ) -> RefineResult:
-    """Search per-layer score weights in ``[1/spread, spread]`` (log scale) maximising ``evaluate``."""
+    """Search per-layer score weights in ``[1/spread, spread]`` (log scale) maximising ``evaluate``.
+
+    With ``min_budget`` the search is two-objective: each trial also draws its own budget in
+    ``[min_budget, budget]`` and Optuna trades cost against value; ``front`` then holds the
+    Pareto front of plans. ``best`` is always the highest value within ``budget``.
+    """
     import optuna
 
     start = time.perf_counter()
@@ -57,25 +74,33 @@ def refine(
     def objective(trial: "optuna.Trial") -> float:
         weights = np.array([trial.suggest_float(f"w{i}", 1.0 / spread, spread, log=True) for i in range(len(layers))])
         scaled = [LayerOptions(o.costs, o.errors * w) for o, w in zip(layers, weights)]
-        selection = tuple(solve(scaled, budget))
+        trial_budget = budget
+        if min_budget is not None:
+            trial_budget = int(min_budget + trial.suggest_float("budget", 0.0, 1.0) * (budget - min_budget))
+        selection = tuple(solve(scaled, trial_budget))
         if selection not in seen:
             seen[selection] = float(evaluate(selection))
         value = seen[selection]
         cost = int(sum(int(o.costs[s]) for o, s in zip(layers, selection)))
         trial.set_user_attr("selection", list(selection))
         trials.append(Trial(trial.number, value, cost, selection))
-        return value
+        return value if min_budget is None else (value, float(cost))
 
     optuna_logger = logging.getLogger("optuna")
     previous = optuna_logger.level
     optuna_logger.setLevel(logging.WARNING)
     try:
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, n_trials // 4)))
-        study = optuna.create_study(direction="maximize", sampler=sampler)
-        study.enqueue_trial({f"w{i}": 1.0 for i in range(len(layers))})
+        first = {f"w{i}": 1.0 for i in range(len(layers))}
+        if min_budget is None:
+            study = optuna.create_study(direction="maximize", sampler=sampler)
+        else:
+            study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+            first["budget"] = 1.0
+        study.enqueue_trial(first)
         study.optimize(objective, n_trials=n_trials, timeout=timeout, show_progress_bar=progress)
     finally:
         optuna_logger.setLevel(previous)
     # Ties go to the earliest trial (the plain allocation first), so noise never replaces it for nothing.
-    best = max(trials, key=lambda t: (t.value, -t.number))
-    return RefineResult(best=best, trials=trials, seconds=time.perf_counter() - start)
+    best = max((t for t in trials if t.cost <= budget), key=lambda t: (t.value, -t.number))
+    return RefineResult(best=best, trials=trials, seconds=time.perf_counter() - start, front=pareto_trials(trials))
