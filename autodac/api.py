@@ -466,17 +466,17 @@ def optimize(
     decomposed = _build(model, candidates, selection, factors)
     if probe is not None or evaluate is not None:
         plain = runner.score(decomposed)
-        metrics["probe_without_bn_reestimate"] = plain[1]
+        metrics["probe_without_bn_reestimate"] = metrics["probe"] = plain[1]
         if can_reestimate:
             reestimated = reestimate_batchnorm(copy.deepcopy(decomposed), runner.calibration)
             with_bn = runner.score(reestimated)
             metrics["probe_with_bn_reestimate"] = with_bn[1]
             if with_bn[0] > plain[0] and with_bn[1] >= plain[1]:
                 decomposed = reestimated
+                metrics["probe"] = with_bn[1]
                 plan.notes.append("BatchNorm statistics re-estimated on the probe (kept: outputs closer to the original's, metric not lower)")
             else:
                 plan.notes.append("BatchNorm re-estimation tried and rejected (outputs not closer to the original's, or metric lower)")
-        metrics["probe"] = runner.score(decomposed)[1]
         metrics["probe_examples"] = float(len(probe)) if probe is not None else 0.0
         plan.notes.append(f"probe metric: {runner.metric_name} on {len(runner.held_out) if runner.held_out is not None else 0} held-out probe examples")
     plan.metrics.update(metrics)
