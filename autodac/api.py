@@ -474,6 +474,7 @@ def optimize(
             if with_bn[0] > plain[0] and with_bn[1] >= plain[1]:
                 decomposed = reestimated
                 metrics["probe"] = with_bn[1]
+                metrics["bn_reestimated"] = 1.0  # apply(model, plan, data) redoes it
                 plan.notes.append("BatchNorm statistics re-estimated on the probe (kept: outputs closer to the original's, metric not lower)")
             else:
                 plan.notes.append("BatchNorm re-estimation tried and rejected (outputs not closer to the original's, or metric lower)")
@@ -542,7 +543,8 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
     """A copy of ``model`` with every layer of ``plan`` factorised; refuses a plan that does not fit.
 
     Layers the plan fitted to probe data (``fit`` starting with ``"data"``) need the same
-    ``data`` again to be rebuilt identically. Every replacement is built and checked before
+    ``data`` again to be rebuilt identically; with it, BatchNorm statistics are re-estimated too
+    when ``optimize`` kept that correction, so the copy equals ``result.model``. Every replacement is built and checked before
     anything is swapped, so a refused plan leaves nothing half done (and the caller's model is
     never touched).
     """
@@ -590,7 +592,11 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
             replacements[name] = build_factorized(module, choice.method, choice.rank, decomposition)
         except AutodacError as error:
             raise PlanError(f"layer {name!r}: {error}") from None
-    return replace_layers(model, replacements)
+    result = replace_layers(model, replacements)
+    if plan.metrics.get("bn_reestimated") and data is not None:  # replay the re-estimation optimize kept
+        examples = int(plan.metrics.get("probe_examples", DEFAULT_PROBE_SIZE))
+        reestimate_batchnorm(result, split_probe(collect_probe(data, max(2, examples)))[0])
+    return result
 
 
 def decompose_conv(conv: nn.Module, rank: int, method: str = "dac") -> nn.Module:
