@@ -384,10 +384,12 @@ def test_metrics_are_reported(kind: str) -> None:
     expected = {"probe_original", "probe_without_bn_reestimate", "probe", "probe_examples"}
     if kind != "no_bn":
         expected.add("probe_with_bn_reestimate")
+    kept = any("re-estimated on the probe (kept" in note for note in result.plan.notes)
+    if kept:
+        expected.add("bn_reestimated")  # so that apply(model, plan, data) redoes it
     assert set(metrics) == expected
     assert metrics["probe_examples"] == 64.0  # the cap, not the 80 examples given
     assert all(0.0 <= metrics[k] <= 1.0 for k in expected - {"probe_examples"})
-    kept = any("re-estimated on the probe (kept" in note for note in result.plan.notes)
     assert metrics["probe"] == metrics["probe_with_bn_reestimate" if kept else "probe_without_bn_reestimate"]
     assert result.plan.metrics == metrics
     assert json.loads(result.plan.to_json())["metrics"] == metrics
