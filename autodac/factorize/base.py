@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["Geometry", "Decomposition", "Factors", "Factorization", "svd_dtype", "tail_energy", "out_scale", "full_svd", "singular_values", "cholesky_factor"]
+__all__ = ["Geometry", "Decomposition", "Factors", "Factorization", "svd_dtype", "tail_energy", "out_scale", "full_svd", "singular_values", "cholesky_factor", "SVDFactorization"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,34 @@ class Factorization(Protocol):
 
     def cost(self, geometry: Geometry, rank: int) -> int:
         """Multiply-adds of the pair, counted as fvcore counts them."""
+
+
+class SVDFactorization:
+    """Shared plumbing of the SVD-based methods: each supplies only ``_matrix`` and ``truncate``.
+
+    ``_matrix(weight, out_weights, input_cov)`` returns the matrix the method factors, already
+    weighted, with the output scale and input Cholesky factor it applied (or None), so that
+    ``truncate`` can undo them.
+    """
+
+    name: str
+
+    def _matrix(self, weight, out_weights, input_cov):  # pragma: no cover - every method overrides it
+        raise NotImplementedError
+
+    def truncate(self, d: Decomposition, rank: int) -> Factors:  # pragma: no cover
+        raise NotImplementedError
+
+    def errors(self, weight, out_weights=None, input_cov=None) -> torch.Tensor:
+        matrix, _, _ = self._matrix(weight, out_weights, input_cov)
+        return tail_energy(singular_values(matrix), matrix.pow(2).sum())
+
+    def decompose(self, weight, out_weights=None, input_cov=None) -> Decomposition:
+        matrix, scale, factor = self._matrix(weight, out_weights, input_cov)
+        return full_svd(matrix, weight, scale, factor)
+
+    def factors(self, weight: torch.Tensor, rank: int) -> Factors:
+        return self.truncate(self.decompose(weight), rank)
 
 
 def _prod(values: tuple[int, ...]) -> int:

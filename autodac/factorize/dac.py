@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, cholesky_factor, full_svd, out_scale, singular_values, svd_dtype, tail_energy
+from autodac.factorize.base import Decomposition, Factors, Geometry, SVDFactorization, _prod, cholesky_factor, out_scale, svd_dtype
 
 __all__ = ["DAC"]
 
 
-class DAC:
+class DAC(SVDFactorization):
     name = "dac"
 
     def applies_to(self, weight_shape: tuple[int, ...]) -> bool:
@@ -24,7 +24,7 @@ class DAC:
     def max_rank(self, weight_shape: tuple[int, ...]) -> int:
         return min(weight_shape[0], _prod(weight_shape[2:]))
 
-    def _per_channel(self, weight, out_weights, input_cov):
+    def _matrix(self, weight, out_weights, input_cov):
         """The C slices ``N x K`` under the weighting, and the per-channel Cholesky factors (or None)."""
         n, c = weight.shape[:2]
         dtype = svd_dtype(weight.dtype)
@@ -40,14 +40,6 @@ class DAC:
             slices = slices @ factor
         return slices, scale, factor
 
-    def errors(self, weight, out_weights=None, input_cov=None) -> torch.Tensor:
-        slices, _, _ = self._per_channel(weight, out_weights, input_cov)
-        return tail_energy(singular_values(slices), slices.pow(2).sum())
-
-    def decompose(self, weight, out_weights=None, input_cov=None) -> Decomposition:
-        slices, scale, factor = self._per_channel(weight, out_weights, input_cov)
-        return full_svd(slices, weight, scale, factor)
-
     def truncate(self, d: Decomposition, rank: int) -> Factors:
         n, c = d.weight_shape[:2]
         kernel = d.weight_shape[2:]
@@ -60,9 +52,6 @@ class DAC:
             pointwise = pointwise / d.out_scale[None, :, None]
         pointwise = pointwise.permute(1, 0, 2).reshape(n, c * rank, *([1] * len(kernel)))
         return Factors(depthwise.to(d.dtype).contiguous(), pointwise.to(d.dtype).contiguous())
-
-    def factors(self, weight: torch.Tensor, rank: int) -> Factors:
-        return self.truncate(self.decompose(weight), rank)
 
     def cost(self, geometry: Geometry, rank: int) -> int:
         k, n, c = geometry.kernel_elements, geometry.out_channels, geometry.in_channels

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, cholesky_factor, full_svd, out_scale, singular_values, svd_dtype, tail_energy
+from autodac.factorize.base import Decomposition, Factors, Geometry, SVDFactorization, _prod, cholesky_factor, out_scale, svd_dtype
 
 __all__ = ["LowRank"]
 
 
-class LowRank:
+class LowRank(SVDFactorization):
     name = "lowrank"
 
     def applies_to(self, weight_shape: tuple[int, ...]) -> bool:
@@ -34,14 +34,6 @@ class LowRank:
             matrix = matrix @ factor
         return matrix, scale, factor
 
-    def errors(self, weight, out_weights=None, input_cov=None) -> torch.Tensor:
-        matrix, _, _ = self._matrix(weight, out_weights, input_cov)
-        return tail_energy(singular_values(matrix), matrix.pow(2).sum())
-
-    def decompose(self, weight, out_weights=None, input_cov=None) -> Decomposition:
-        matrix, scale, factor = self._matrix(weight, out_weights, input_cov)
-        return full_svd(matrix, weight, scale, factor)
-
     def truncate(self, d: Decomposition, rank: int) -> Factors:
         n, c = d.weight_shape[:2]
         kernel = d.weight_shape[2:]
@@ -54,9 +46,6 @@ class LowRank:
             second = second / d.out_scale[:, None]
         second = second.reshape(n, rank, *([1] * len(kernel)))
         return Factors(first.to(d.dtype).contiguous(), second.to(d.dtype).contiguous())
-
-    def factors(self, weight: torch.Tensor, rank: int) -> Factors:
-        return self.truncate(self.decompose(weight), rank)
 
     def cost(self, geometry: Geometry, rank: int) -> int:
         k, n, c = geometry.kernel_elements, geometry.out_channels, geometry.in_channels

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from autodac.factorize.base import Decomposition, Factors, Geometry, _prod, cholesky_factor, full_svd, out_scale, singular_values, svd_dtype, tail_energy
+from autodac.factorize.base import Decomposition, Factors, Geometry, SVDFactorization, _prod, cholesky_factor, out_scale, svd_dtype
 
 __all__ = ["Spatial"]
 
 
-class Spatial:
+class Spatial(SVDFactorization):
     name = "spatial"
 
     def applies_to(self, weight_shape: tuple[int, ...]) -> bool:
@@ -39,14 +39,6 @@ class Spatial:
             matrix = factor.T @ matrix
         return matrix, scale, factor
 
-    def errors(self, weight, out_weights=None, input_cov=None) -> torch.Tensor:
-        matrix, _, _ = self._matrix(weight, out_weights, input_cov)
-        return tail_energy(singular_values(matrix), matrix.pow(2).sum())
-
-    def decompose(self, weight, out_weights=None, input_cov=None) -> Decomposition:
-        matrix, scale, factor = self._matrix(weight, out_weights, input_cov)
-        return full_svd(matrix, weight, scale, factor)
-
     def truncate(self, d: Decomposition, rank: int) -> Factors:
         n, c, kh, kw = d.weight_shape
         root = d.s[:rank].sqrt()
@@ -59,9 +51,6 @@ class Spatial:
             horizontal = horizontal / d.out_scale.repeat_interleave(kw)[None, :]
         horizontal = horizontal.reshape(rank, n, kw).permute(1, 0, 2).reshape(n, rank, 1, kw)
         return Factors(vertical.to(d.dtype).contiguous(), horizontal.to(d.dtype).contiguous())
-
-    def factors(self, weight: torch.Tensor, rank: int) -> Factors:
-        return self.truncate(self.decompose(weight), rank)
 
     def cost(self, geometry: Geometry, rank: int) -> int:
         kh, kw = geometry.kernel_size
