@@ -10,6 +10,7 @@ evaluated once.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -98,7 +99,7 @@ def refine(
             study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
             first["budget"] = 1.0
         study.enqueue_trial(first)
-        study.optimize(objective, n_trials=n_trials, timeout=timeout, show_progress_bar=progress)
+        study.optimize(objective, n_trials=n_trials, timeout=timeout, show_progress_bar=progress and sys.stderr.isatty())
     finally:
         optuna_logger.setLevel(previous)
     # Ties go to the earliest trial (the plain allocation first), so noise never replaces it for nothing.
