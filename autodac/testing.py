@@ -13,7 +13,7 @@ from torch import nn
 
 __all__ = [
     "SmallConvNet", "Conv1dNet", "LinearHeadNet", "GroupedConvNet", "DepthwiseOnlyNet", "SharedConvNet",
-    "LayerConfig", "conv_configs", "linear_configs", "seeded",
+    "LayerConfig", "conv_configs", "linear_configs", "method_cases", "seeded",
 ]
 
 
@@ -192,3 +192,15 @@ def linear_configs(seed: int = 0) -> list[LayerConfig]:
         LayerConfig(nn.Linear(9, 7), (9,)),
     ]
     return [LayerConfig(seeded(c.module, seed + i), c.input_shape) for i, c in enumerate(configs)]
+
+
+def method_cases(configs: list[LayerConfig]) -> list[tuple[int, str, str]]:
+    """``(config index, method name, test id)`` for every factorisation that applies to each config."""
+    from autodac.factorize import METHODS
+
+    return [
+        (i, name, f"{config.name}-{name}")
+        for i, config in enumerate(configs)
+        for name, method in METHODS.items()
+        if method.applies_to(tuple(config.module.weight.shape))
+    ]

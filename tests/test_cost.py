@@ -12,17 +12,12 @@ import autodac
 from autodac.cost import count_flops
 from autodac.factorize import METHODS, Geometry
 from autodac.surgery import replace_layers, trace_layers
-from autodac.testing import SharedConvNet, conv_configs, linear_configs
+from autodac.testing import SharedConvNet, conv_configs, method_cases, linear_configs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 
 CONFIGS = conv_configs() + linear_configs()
-CASES = [
-    pytest.param(i, name, id=f"{config.name}-{name}")
-    for i, config in enumerate(CONFIGS)
-    for name, method in METHODS.items()
-    if method.applies_to(tuple(config.module.weight.shape))
-]
+CASES = [pytest.param(i, name, id=case_id) for i, name, case_id in method_cases(CONFIGS)]
 
 
 def _layer_and_input(index: int) -> tuple[nn.Module, torch.Tensor]:

@@ -20,17 +20,12 @@ from autodac.cost import count_flops
 from autodac.factorize import METHODS
 from autodac.layers import build_factorized
 from autodac.probes import FIT_EXAMPLES, Probe, fit_examples, input_covariances, split_probe
-from autodac.testing import SmallConvNet, conv_configs, linear_configs, seeded
+from autodac.testing import SmallConvNet, conv_configs, method_cases, linear_configs, seeded
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 
 CONFIGS = conv_configs() + linear_configs()
-CASES = [
-    pytest.param(i, name, id=f"{config.name}-{name}")
-    for i, config in enumerate(CONFIGS)
-    for name, method in METHODS.items()
-    if method.applies_to(tuple(config.module.weight.shape))
-]
+CASES = [pytest.param(i, name, id=case_id) for i, name, case_id in method_cases(CONFIGS)]
 DAMPING = 1e-2  # cholesky_factor's documented damping: covariance + DAMPING * mean(diag) * I, per matrix
 F64 = torch.float64
 

@@ -12,17 +12,12 @@ from torch import nn
 
 import autodac
 from autodac.factorize import METHODS
-from autodac.testing import conv_configs, linear_configs
+from autodac.testing import conv_configs, method_cases, linear_configs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 
 CONFIGS = conv_configs() + linear_configs()
-CASES = [
-    pytest.param(i, name, id=f"{config.name}-{name}")
-    for i, config in enumerate(CONFIGS)
-    for name, method in METHODS.items()
-    if method.applies_to(tuple(config.module.weight.shape))
-]
+CASES = [pytest.param(i, name, id=case_id) for i, name, case_id in method_cases(CONFIGS)]
 REFUSED = [
     pytest.param(i, name, id=f"{config.name}-{name}")
     for i, config in enumerate(CONFIGS)
