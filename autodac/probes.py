@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ class Probe:
     labels: torch.Tensor | None
     reference: torch.Tensor | None = None
 
-    def __len__(self) -> int:  # noqa: D105
+    def __len__(self) -> int:
         return int(self.inputs.shape[0])
 
     def subset(self, index: slice | torch.Tensor) -> "Probe":
@@ -236,7 +236,6 @@ def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int
     return model
 
 
-Metric = Callable[[nn.Module], float]
 
 
 def _pad_like(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
