@@ -1,0 +1,655 @@
+"""The ``autodac`` command line: one command per step (optimize, apply, compare, profile, report).
+
+The command line parses, loads models and data, calls the public API and writes files; it is
+the only part of autodac that prints. Every refusal is one line ``autodac: error: ...`` on
+stderr with a non-zero exit code (2 for a malformed command, 1 for anything refused later),
+never a Python traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import re
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = ["main", "build_parser", "CLIError"]
+
+PROG = "autodac"
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_MAX_MESSAGE = 600
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class CLIError(Exception):
+    """A refusal by the command line itself: a file that does not hold what the option needs, options that clash."""
+
+
+class _UsageError(Exception):
+    """A malformed command (argparse's complaint), reported on one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the usage and exits from inside parse_args; here it raises, so main() reports it on one line
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _say(text: str) -> None:
+    """The command's result, on stdout."""
+    print(text, flush=True)
+
+
+def _fail(message: str) -> None:
+    """One line on stderr: the rule that was broken and the value (newlines and colour codes folded, long messages cut)."""
+    line = " ".join(_ANSI.sub("", str(message)).split())
+    if len(line) > _MAX_MESSAGE:
+        line = line[: _MAX_MESSAGE - 3] + "..."
+    print(f"{PROG}: error: {line}", file=sys.stderr, flush=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+def _emit(args: argparse.Namespace, text: str, payload: Mapping[str, Any]) -> None:
+    _say(json.dumps(payload, indent=1) if args.json else text)
+
+
+# ----------------------------------------------------------------------------- argument types
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, like 1,3,224,224, but got {text!r}")
+    return shape
+
+
+def _budget(text: str) -> float:
+    try:
+        return float(text)  # the range (0, 1] is the library's rule, checked and worded there
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number with 0 < budget <= 1, like 0.5, but got {text!r}") from None
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, but got {text!r}")
+    return value
+
+
+def _existing(what: str, path: str | Path) -> Path:
+    """``path`` as a Path, or a one-line refusal naming the option when no such file exists."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"{what} must be an existing file, but {str(path)!r} " + ("is a folder" if path.is_dir() else "does not exist"))
+    return path
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def _load_model(spec: str, weights: str | None = None, pretrained: bool = False):
+    """An eval-mode ``nn.Module`` from a ``torch.save(model)`` file or ``package.module:factory`` (+ weights)."""
+    from torch import nn
+
+    if Path(spec).exists():
+        if weights or pretrained:
+            raise CLIError(f"`--weights` and `--pretrained` need MODEL to be package.module:factory, but MODEL is the file {spec!r}")
+        model = _model_file(_existing("MODEL", spec))
+    elif _FACTORY.match(spec):
+        model = _model_factory(spec, weights, pretrained)
+    else:
+        raise CLIError(
+            f"MODEL must be a model file (torch.save(model)) or package.module:factory, but {spec!r} is neither (no such file)"
+        )
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"MODEL must give a torch.nn.Module, but {spec!r} gave a {type(model).__name__}")
+    return model.eval()
+
+
+def _model_file(path: Path):
+    import pickle
+    from collections.abc import Mapping as MappingABC
+
+    import torch
+
+    if _is_torchscript(path):
+        raise CLIError(
+            f"{str(path)!r} is a TorchScript file, which hides the Conv/Linear layers autodac replaces; give MODEL as "
+            f"package.module:factory --weights {path} (its state dict is used) or save the model with torch.save(model)"
+        )
+    try:
+        # a full pickle (weights_only=False) is what torch.save(model) writes: load only model files you trust
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ImportError) as error:
+        raise CLIError(
+            f"{str(path)!r} must unpickle, which needs the model's class importable under the name it was saved with, "
+            f"but: {error} (or give MODEL as package.module:factory --weights STATE_DICT)"
+        ) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise CLIError(f"{str(path)!r} must be a file written by torch.save(model), but loading it failed: {error}") from None
+    if isinstance(loaded, MappingABC):
+        raise CLIError(f"{str(path)!r} holds a state dict, not a model: give MODEL as package.module:factory --weights {path}")
+    return loaded
+
+
+def _model_factory(spec: str, weights: str | None, pretrained: bool):
+    module_name, attribute = spec.split(":")
+    weights_path = _existing("`--weights`", weights) if weights else None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise CLIError(f"MODEL {spec!r} names a module that must be importable, but: {error}") from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        found = "does not exist" if factory is None else f"is a {type(factory).__name__}"
+        raise CLIError(f"MODEL {spec!r} must name a callable in {module_name}, but {module_name}.{attribute} {found}")
+    if pretrained:
+        if module_name != "autodac.zoo":
+            raise CLIError(f"`--pretrained` loads the weights autodac ships, so MODEL must be autodac.zoo:NAME, but got {spec!r}")
+        from autodac.zoo import pretrained as shipped
+
+        return shipped(attribute)
+    try:
+        model = factory()
+    except TypeError as error:
+        raise CLIError(f"MODEL {spec!r} must build the model when called with no arguments, but: {error}") from None
+    if weights_path is not None:
+        _load_weights(model, weights_path, spec)
+    return model
+
+
+def _load_weights(model, path: Path, spec: str) -> None:
+    import pickle
+    from collections.abc import Mapping as MappingABC
+
+    import torch
+
+    try:
+        if _is_torchscript(path):
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only=True met something other than tensors and containers
+        raise CLIError(
+            f"`--weights` must hold a state dict (tensors only), but {str(path)!r} holds other objects "
+            f"(a whole model saved with torch.save(model)? give that file as MODEL instead)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as error:
+        raise CLIError(f"`--weights` must be a state dict saved with torch.save, but loading {str(path)!r} failed: {error}") from None
+    if not isinstance(state, MappingABC):
+        raise CLIError(f"`--weights` must hold a state dict (a mapping of tensors), but {str(path)!r} holds a {type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise CLIError(f"`--weights` {str(path)!r} must match the parameters of {spec}, but: {error}") from None
+
+
+def _load_data(path_text: str, model) -> list[Any]:
+    """``[(x, y)]`` or ``[x]`` from an .npz (arrays ``x``, optional ``y``) or a .pt (a tensor, ``{"x", "y"}`` or ``(x, y)``)."""
+    import numpy as np
+    import torch
+
+    path = _existing("`--data`", path_text)
+    suffix = path.suffix.lower()
+    rule = "`--data` must be an .npz with arrays x (inputs) and optional y (labels), or a .pt holding x, {'x': ..., 'y': ...} or (x, y)"
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                if "x" not in arrays.files:
+                    raise CLIError(f"{rule}, but {str(path)!r} holds the arrays {arrays.files}")
+                x = arrays["x"]
+                y = arrays["y"] if "y" in arrays.files else None
+        except (ValueError, zipfile.BadZipFile, EOFError) as error:
+            raise CLIError(f"{rule}, but reading {str(path)!r} failed: {error}") from None
+    elif suffix in (".pt", ".pth"):
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a file that is not a tensor archive
+            raise CLIError(f"{rule}, but reading {str(path)!r} failed: {type(error).__name__}: {error}") from None
+        if isinstance(loaded, torch.Tensor):
+            x, y = loaded, None
+        elif isinstance(loaded, dict) and "x" in loaded:
+            x, y = loaded["x"], loaded.get("y")
+        elif isinstance(loaded, (tuple, list)) and len(loaded) == 2:
+            x, y = loaded
+        else:
+            raise CLIError(f"{rule}, but {str(path)!r} holds a {type(loaded).__name__}")
+    else:
+        raise CLIError(f"{rule}, but got a {suffix or 'suffix-less'} file {str(path)!r}")
+    x = torch.as_tensor(x)
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise CLIError(f"`--data` inputs x must be N x ... with N >= 1, but {str(path)!r} has x of shape {tuple(x.shape)}")
+    if x.is_floating_point():
+        x = x.to(_dtype_of(model))
+    if y is None:
+        return [x]
+    y = torch.as_tensor(y)
+    if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+        raise CLIError(
+            f"`--data` labels y must be one integer class per input ({x.shape[0]}), but {str(path)!r} has y of shape "
+            f"{tuple(y.shape)} and dtype {y.dtype}"
+        )
+    return [(x, y.long())]
+
+
+def _dtype_of(model):
+    import torch
+
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
+def _example_inputs(args: argparse.Namespace, model, has_data: bool):
+    import torch
+
+    if args.input_shape is not None:
+        return torch.zeros(args.input_shape, dtype=_dtype_of(model))
+    if not has_data:
+        raise CLIError("`--input-shape` (like 1,3,224,224) must be given when `--data` is not: FLOPs are counted at that shape")
+    return None  # optimize counts FLOPs on the first probe example
+
+
+def _load_plan(path_text: str):
+    from autodac.plan import Plan
+
+    try:
+        return Plan.load(_existing("PLAN", path_text))
+    except UnicodeDecodeError:
+        raise CLIError(f"PLAN must be a plan JSON written by `autodac optimize`, but {path_text!r} is not text") from None
+
+
+def _check_writable(what: str, path_text: str | None) -> None:
+    """Refuse an output path whose folder does not exist before any long work, not after it."""
+    if path_text is None:
+        return
+    folder = Path(path_text).parent
+    if not folder.is_dir():
+        raise CLIError(f"{what} must be a path in an existing folder, but {str(folder)!r} does not exist")
+
+
+def _titles(paths: Sequence[str]) -> list[str]:
+    stems = [Path(p).stem for p in paths]
+    return stems if len(set(stems)) == len(stems) else list(paths)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet
+
+
+def _save_model(model, path_text: str) -> None:
+    import torch
+
+    torch.save(model, path_text)
+
+
+def _metric_lines(metrics: Mapping[str, float], notes: Sequence[str]) -> list[str]:
+    lines = list(notes)
+    if metrics:
+        lines.append("metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return lines
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    import autodac
+
+    if args.flops_budget is None and args.latency_budget is None:
+        raise _UsageError("one of `--flops-budget` or `--latency-budget` must be given (see `autodac optimize --help`)")
+    if args.latency_budget is not None and "latency_budget" not in inspect.signature(autodac.optimize).parameters:
+        raise CLIError(
+            f"`--latency-budget` needs autodac.optimize(latency_budget=...), which this autodac {autodac.__version__} does not "
+            f"have yet; give `--flops-budget` instead, but got --latency-budget={args.latency_budget!r}"
+        )
+    _check_writable("`--out`", args.out)
+    _check_writable("`--save-model`", args.save_model)
+    model = _load_model(args.model, args.weights, args.pretrained)
+    data = _load_data(args.data, model) if args.data else None
+    kwargs: dict[str, Any] = {"example_inputs": _example_inputs(args, model, data is not None), "data": data,
+                              "progress": _progress(args)}
+    if args.flops_budget is not None:
+        kwargs["flops_budget"] = args.flops_budget
+    if args.latency_budget is not None:
+        kwargs["latency_budget"] = args.latency_budget
+    for name in ("methods", "n_trials", "seed"):  # passed only when given: the library's defaults stay the defaults
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    if args.exclude:
+        kwargs["exclude"] = tuple(args.exclude)
+    result = autodac.optimize(model, **kwargs)
+    result.plan.save(args.out)
+    if args.save_model:
+        _save_model(result.model, args.save_model)
+    written = [args.out] + ([args.save_model] if args.save_model else [])
+    payload = {
+        "plan": args.out, "model": args.save_model, "budget": result.plan.budget, "original_flops": result.original_flops,
+        "flops": result.flops, "flops_ratio": result.flops_ratio, "original_params": result.original_params,
+        "params": result.params, "layers": len(result.plan.layers), "factorized": len(result.plan.factorized),
+        "skipped": result.plan.skipped, "metrics": result.plan.metrics, "notes": result.plan.notes,
+    }
+    text = "\n".join([result.summary(), *_metric_lines(result.plan.metrics, result.plan.notes), f"wrote {', '.join(written)}"])
+    _emit(args, text, payload)
+    return 0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    import autodac
+
+    plan = _load_plan(args.plan)
+    _check_writable("`--out`", args.out)
+    model = _load_model(args.model, args.weights, args.pretrained)
+    data = _load_data(args.data, model) if args.data else None
+    decomposed = autodac.apply(model, plan, data=data)
+    _save_model(decomposed, args.out)
+    params = [sum(p.numel() for p in m.parameters()) for m in (model, decomposed)]
+    replayed_bn = bool(plan.metrics.get("bn_reestimated")) and data is not None
+    payload = {
+        "model": args.out, "plan": args.plan, "factorized": len(plan.factorized), "planned_flops_ratio": plan.flops_ratio,
+        "original_params": params[0], "params": params[1], "bn_reestimated": replayed_bn,
+    }
+    text = (
+        f"applied {len(plan.factorized)} factorised layers of {args.plan} (planned FLOPs ratio {plan.flops_ratio:.4f}); "
+        f"parameters {params[0]:,} -> {params[1]:,}{'; BatchNorm re-estimated on --data' if replayed_bn else ''}\n"
+        f"wrote {args.out}"
+    )
+    _emit(args, text, payload)
+    return 0
+
+
+def _compare_payload(titles: Sequence[str], paths: Sequence[str], plans: Sequence[Any]) -> dict[str, Any]:
+    layers = list(dict.fromkeys(name for plan in plans for name in [*plan.layers, *plan.skipped]))
+    rows: dict[str, dict[str, Any]] = {}
+    for name in layers:
+        rows[name] = {}
+        for title, plan in zip(titles, plans):
+            choice = plan.layers.get(name)
+            if choice is None:
+                rows[name][title] = {"method": "skipped", "reason": plan.skipped[name]} if name in plan.skipped else None
+            else:
+                rows[name][title] = {"method": choice.method, "rank": choice.rank, "flops_before": choice.flops_before,
+                                     "flops_after": choice.flops_after}
+    totals = {
+        title: {"file": path, "budget": plan.budget, "flops_ratio": plan.flops_ratio, "flops": plan.flops,
+                "original_flops": plan.original_flops,
+                "params_saved": sum(c.params_before - c.params_after for c in plan.layers.values()), "metrics": plan.metrics}
+        for title, path, plan in zip(titles, paths, plans)
+    }
+    return {"columns": list(titles), "layers": rows, "totals": totals}
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import autodac
+
+    plans = [_load_plan(p) for p in args.plans]
+    titles = _titles(args.plans)
+    if args.json or args.format == "json":
+        _say(json.dumps(_compare_payload(titles, args.plans, plans), indent=1))
+    else:
+        _say(autodac.compare(dict(zip(titles, plans)), tablefmt="github" if args.format == "markdown" else "simple"))
+    return 0
+
+
+def _profile_rows(model, profile) -> dict[str, list[tuple[str, int, float, float]]]:
+    """``{layer: [(method, rank, share of the layer's parameters kept, divergence)]}``, fewest parameters first."""
+    import autodac
+
+    rows = {}
+    for name, by_option in profile.losses.items():
+        layer = model.get_submodule(name)
+        dense = sum(p.numel() for p in layer.parameters())
+        options = []
+        for (method, rank), loss in by_option.items():
+            kept = sum(p.numel() for p in autodac.decompose_conv(layer, rank, method).parameters()) / dense
+            options.append((method, int(rank), kept, float(loss)))
+        rows[name] = sorted(options, key=lambda o: o[2])
+    return rows
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    import autodac
+
+    model = _load_model(args.model, args.weights, args.pretrained)
+    data = _load_data(args.data, model)
+    kwargs: dict[str, Any] = {"profile_points": args.points, "n_trials": 1, "reestimate_bn": False}
+    if args.profile_size is not None:
+        kwargs["profile_size"] = args.profile_size
+    if args.methods is not None:
+        kwargs["methods"] = args.methods
+    # the profile is the first step of optimize with data; at budget 1 (nothing must be cut) and one trial the rest is brief
+    result = autodac.optimize(model, 1.0, example_inputs=_example_inputs(args, model, True), data=data,
+                              progress=_progress(args), **kwargs)
+    rows = _profile_rows(model, result.profile)
+    payload = {
+        "samples": result.profile.samples, "seconds": round(result.profile.seconds, 2),
+        "layers": {name: [{"method": m, "rank": r, "params_kept": round(k, 4), "divergence": v} for m, r, k, v in options]
+                   for name, options in rows.items()},
+    }
+    written = []
+    if args.out:
+        from autodac import plots
+
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "sensitivity.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+        plots.sensitivity_heatmap(rows, folder / "sensitivity.png", samples=result.profile.samples)
+        written = [str(folder / "sensitivity.json"), str(folder / "sensitivity.png")]
+    table = tabulate(
+        [[name, *(f"{m} r{r} ({k:.0%}): {v:.4g}" for m, r, k, v in options)] for name, options in rows.items()],
+        headers=["layer", *(f"option {j + 1}" for j in range(max(len(o) for o in rows.values())))], disable_numparse=True,
+    )
+    text = (
+        f"sensitivity: KL divergence of the outputs from the original's on {result.profile.samples} probe examples, "
+        f"one layer factorised at a time (method, rank, parameters kept: divergence); {result.profile.seconds:.1f} s\n{table}"
+    )
+    if written:
+        text += f"\nwrote {', '.join(written)}"
+    _emit(args, text, payload)
+    return 0
+
+
+def _report_markdown(titles: Sequence[str], paths: Sequence[str], plans: Mapping[str, Any], figures: Mapping[str, str],
+                     front: Sequence[str], quality: tuple[str, Mapping[str, float]]) -> str:
+    from tabulate import tabulate
+
+    import autodac
+
+    label, values = quality
+    rows = []
+    for title, path in zip(titles, paths):
+        plan = plans[title]
+        budget = ", ".join(f"{k} {v:g}" for k, v in plan.budget.items())
+        rows.append([title, path, budget, f"{plan.flops_ratio:.4f}", f"{plan.flops:,}", f"{len(plan.factorized)}/{len(plan.layers)}",
+                     f"{values[title]:.4f}" if title in values else "not measured", "yes" if title in front else ""])
+    summary = tabulate(rows, headers=["plan", "file", "budget", "FLOPs ratio", "FLOPs", "factorised", label, "Pareto"],
+                       tablefmt="github", disable_numparse=True)
+    parts = [
+        "# autodac report", "",
+        "FLOPs are fvcore multiply-adds at each plan's input shape; ratios are of the plan's count to the original's.", "",
+        summary, "",
+        "## FLOPs against quality", "", f"![FLOPs against quality]({figures['quality']})", "",
+        "## Ranks per layer", "",
+        "Bar height: the share of the layer's full rank the plan keeps (full rank is exact); the number is the rank.", "",
+        f"![ranks per layer]({figures['ranks']})", "",
+        "## FLOPs per layer", "", f"![FLOPs per layer]({figures['flops']})", "",
+    ]
+    if "sensitivity" in figures:
+        parts += ["## Sensitivity", "", f"![sensitivity heat map]({figures['sensitivity']})", ""]
+    parts += ["## Layers side by side", "", autodac.compare(dict(plans), tablefmt="github"), ""]
+    for title in titles:
+        if plans[title].notes:
+            parts += [f"Notes on {title}: " + "; ".join(plans[title].notes), ""]
+    return "\n".join(parts)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from autodac import plots
+
+    loaded = [_load_plan(p) for p in args.plans]
+    titles = _titles(args.plans)
+    plans = dict(zip(titles, loaded))
+    profile = None
+    if args.profile:
+        try:
+            profile = json.loads(_existing("`--profile`", args.profile).read_text(encoding="utf-8"))
+            profile_rows = {name: [(o["method"], int(o["rank"]), float(o["params_kept"]), float(o["divergence"])) for o in options]
+                            for name, options in profile["layers"].items()}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise CLIError(f"`--profile` must be the sensitivity.json `autodac profile --out` writes, but reading it failed: {error}") from None
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = {"quality": "flops_vs_quality.png", "ranks": "ranks_per_layer.png", "flops": "flops_per_layer.png"}
+    front = plots.flops_vs_quality(plans, folder / figures["quality"])
+    plots.ranks_per_layer(plans, folder / figures["ranks"])
+    plots.flops_per_layer(plans, folder / figures["flops"])
+    if profile is not None:
+        figures["sensitivity"] = "sensitivity.png"
+        plots.sensitivity_heatmap(profile_rows, folder / figures["sensitivity"], samples=profile.get("samples"))
+    label, values, _ = plots.plan_quality(plans)
+    report = folder / "report.md"
+    report.write_text(_report_markdown(titles, args.plans, plans, figures, front, (label, values)), encoding="utf-8")
+    written = [str(report), *(str(folder / f) for f in figures.values())]
+    payload = {"report": str(report), "figures": written[1:], "pareto": front, "quality": {"label": label, "values": values}}
+    _emit(args, f"Pareto front ({label}): {', '.join(front)}\nwrote {', '.join(written)}", payload)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL",
+                        help="a torch.save(model) file (unpickled: load only files you trust) or package.module:factory")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--weights", metavar="FILE", help="state dict (torch.save or a TorchScript file) for a package.module:factory MODEL")
+    source.add_argument("--pretrained", action="store_true", help="the weights autodac ships, for MODEL autodac.zoo:resnet20 or autodac.zoo:cifar_vgg")
+
+
+def _add_shape(parser: argparse.ArgumentParser, required_text: str) -> None:
+    parser.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
+                        help=f"input shape FLOPs are counted at, like 1,3,224,224 ({required_text})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``autodac`` parser: a sub-command per step; each sets ``run`` to the function that does it."""
+    from autodac import __version__
+
+    common = _Parser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of tables")
+
+    parser = _Parser(prog=PROG, description="Make trained PyTorch CNNs cheaper by per-layer factorisation under a budget.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    optimize = commands.add_parser("optimize", parents=[common], help="plan (and build) a decomposition under a budget",
+                                   description="Plan a decomposition of MODEL under a budget; write the plan (and the model).")
+    _add_model(optimize)
+    optimize.add_argument("--flops-budget", type=_budget, metavar="RATIO", help="at most this fraction of the fvcore FLOPs, 0 < RATIO <= 1")
+    optimize.add_argument("--latency-budget", type=_budget, metavar="RATIO", help="at most this fraction of the measured latency")
+    _add_shape(optimize, "required without --data; with --data the first example's shape")
+    optimize.add_argument("--data", metavar="FILE", help="probe: .npz with x (inputs) and optional y (labels), or a .pt")
+    optimize.add_argument("--methods", type=_methods, metavar="M[,M...]", help="factorisations allowed: dac,spatial,lowrank (default all)")
+    optimize.add_argument("--exclude", action="append", metavar="GLOB", help="keep layers matching this name pattern dense (repeatable)")
+    optimize.add_argument("--n-trials", type=_positive, metavar="N", help="Optuna trials with --data (default 16)")
+    optimize.add_argument("--seed", type=int, metavar="S", help="search seed (default 0)")
+    optimize.add_argument("--out", required=True, metavar="PLAN.json", help="where to write the plan")
+    optimize.add_argument("--save-model", metavar="FILE.pt", help="also write the decomposed model (torch.save)")
+    optimize.set_defaults(run=_cmd_optimize)
+
+    apply = commands.add_parser("apply", parents=[common], help="replay a saved plan on a model",
+                                description="Build the decomposed copy of MODEL that PLAN describes and save it.")
+    _add_model(apply)
+    apply.add_argument("plan", metavar="PLAN", help="plan JSON written by `autodac optimize`")
+    apply.add_argument("--data", metavar="FILE", help="the probe the plan was made with (needed for plans fitted to data)")
+    apply.add_argument("--out", required=True, metavar="FILE.pt", help="where to write the decomposed model (torch.save)")
+    apply.set_defaults(run=_cmd_apply)
+
+    compare = commands.add_parser("compare", parents=[common], help="plans side by side, a row per layer",
+                                  description="Plans side by side: a row per layer, a column per plan, then totals and metrics.")
+    compare.add_argument("plans", nargs="+", metavar="PLAN")
+    compare.add_argument("--format", choices=("table", "markdown", "json"), default="table")
+    compare.set_defaults(run=_cmd_compare)
+
+    profile = commands.add_parser("profile", parents=[common], help="per-layer sensitivity sweep (table and heat map)",
+                                  description="Each layer alone factorised at a few options along its cost/error front; "
+                                              "the KL divergence of the outputs from the original's on the probe.")
+    _add_model(profile)
+    profile.add_argument("--data", required=True, metavar="FILE", help="probe: .npz with x (and optional y), or a .pt")
+    _add_shape(profile, "default: the first example's shape")
+    profile.add_argument("--points", type=_positive, default=4, metavar="K", help="options measured per layer (default 4)")
+    profile.add_argument("--profile-size", type=_positive, metavar="N", help="probe examples each measurement runs on (default 128)")
+    profile.add_argument("--methods", type=_methods, metavar="M[,M...]", help="factorisations to measure (default all)")
+    profile.add_argument("--out", metavar="DIR", help="write DIR/sensitivity.json and the heat map DIR/sensitivity.png")
+    profile.set_defaults(run=_cmd_profile)
+
+    report = commands.add_parser("report", parents=[common], help="markdown report with pictures of plans",
+                                 description="Write DIR/report.md with FLOPs-vs-quality (Pareto front), ranks and FLOPs per layer.")
+    report.add_argument("plans", nargs="+", metavar="PLAN")
+    report.add_argument("--out", required=True, metavar="DIR")
+    report.add_argument("--profile", metavar="FILE", help="a sensitivity.json from `autodac profile --out` to add its heat map")
+    report.set_defaults(run=_cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (0 done, 1 refused, 2 malformed command)."""
+    from autodac.errors import AutodacError
+
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as error:
+        _fail(str(error))
+        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.run(args)
+        except _UsageError as error:
+            _fail(str(error))
+            return 2
+        except (AutodacError, CLIError, OSError) as error:
+            _fail(str(error))
+            return 1
+        except KeyboardInterrupt:
+            _fail("interrupted")
+            return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

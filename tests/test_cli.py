@@ -1,0 +1,214 @@
+"""The ``autodac`` command line, driven as users drive it: a fresh interpreter per command.
+
+Tiny models from ``autodac.testing`` saved with ``torch.save`` keep each command to about the
+cost of importing torch. Every refusal must exit non-zero with exactly one line on stderr,
+``autodac: error: ...``, and no traceback. One thread per process (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import autodac
+from autodac.testing import Conv1dNet, SmallConvNet
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+SHAPE = "1,3,8,8"
+
+
+def _cli(*args: str, cwd: Path, pythonpath: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # run from the checkout as an installed package would be; pythonpath goes first (to hide a package)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "autodac.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, f"exit {done.returncode}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
+    return done
+
+
+def _refused(done: subprocess.CompletedProcess, *words: str) -> str:
+    """The one error line, after checking the exit code, that it is alone on stderr and names what it should."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0, done.stdout
+    assert len(lines) == 1 and lines[0].startswith("autodac: error: "), done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert done.stdout == ""
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a saved tiny model, its state dict, a Conv1d model, and probe data as .npz (labels) and .pt (none)."""
+    folder = tmp_path_factory.mktemp("cli")
+    torch.save(SmallConvNet(), folder / "small.pt")
+    torch.save(SmallConvNet(seed=1).state_dict(), folder / "small_seed1_state.pt")
+    torch.save(Conv1dNet(), folder / "conv1d.pt")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 5, (64,), generator=g)
+    np.savez(folder / "probe.npz", x=x.numpy(), y=y.numpy())
+    torch.save({"x": x}, folder / "unlabelled.pt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_free(work: Path) -> dict:
+    """`autodac optimize` without data: the plan, the model and the JSON summary."""
+    done = _ok(_cli("optimize", "small.pt", "--flops-budget", "0.5", "--input-shape", SHAPE, "--out", "free.json",
+                    "--save-model", "free.pt", "--json", cwd=work))
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def with_data(work: Path) -> dict:
+    """`autodac optimize --data`: a plan fitted to the labelled probe, with its measured metrics."""
+    done = _ok(_cli("optimize", "small.pt", "--flops-budget", "0.6", "--data", "probe.npz", "--n-trials", "2",
+                    "--out", "probe_plan.json", "--save-model", "probe_model.pt", "--json", "--quiet", cwd=work))
+    return json.loads(done.stdout)
+
+
+def _outputs(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)))
+
+
+# ----------------------------------------------------------------------------- what the commands promise
+
+
+def test_optimize_writes_the_plan_the_model_and_a_json_summary(work: Path, data_free: dict) -> None:
+    plan = autodac.Plan.load(work / "free.json")
+    assert data_free["plan"] == "free.json" and data_free["model"] == "free.pt"
+    assert data_free["flops_ratio"] == pytest.approx(plan.flops_ratio) and 0.4 < data_free["flops_ratio"] <= 0.5
+    assert data_free["flops"] == plan.flops and data_free["factorized"] == len(plan.factorized) >= 1
+    saved = torch.load(work / "free.pt", weights_only=False)
+    assert torch.equal(_outputs(saved), _outputs(autodac.apply(SmallConvNet(), plan)))  # the saved model is the plan's
+
+
+def test_optimize_text_output_is_the_summary_table(work: Path) -> None:
+    done = _ok(_cli("optimize", "small.pt", "--flops-budget", "0.7", "--input-shape", SHAPE, "--methods", "dac",
+                    "--exclude", "fc", "--out", "dac.json", cwd=work))
+    assert done.stdout.splitlines()[0].split()[:3] == ["layer", "weight", "method"]
+    assert "(ratio 0." in done.stdout and "wrote dac.json" in done.stdout
+    plan = autodac.Plan.load(work / "dac.json")
+    assert {c.method for c in plan.factorized.values()} == {"dac"} and plan.skipped["fc"] == "excluded by the caller"
+
+
+def test_optimize_with_data_then_apply_rebuilds_the_same_model(work: Path, with_data: dict) -> None:
+    assert {"probe_original", "probe"} <= set(with_data["metrics"]) and with_data["flops_ratio"] <= 0.6
+    done = _ok(_cli("apply", "small.pt", "probe_plan.json", "--data", "probe.npz", "--out", "applied.pt", "--json", cwd=work))
+    report = json.loads(done.stdout)
+    assert report["model"] == "applied.pt" and report["factorized"] == with_data["factorized"]
+    assert report["params"] == with_data["params"]
+    rebuilt, original = (torch.load(work / f, weights_only=False) for f in ("applied.pt", "probe_model.pt"))
+    assert torch.equal(_outputs(rebuilt), _outputs(original))
+
+
+def test_a_factory_with_weights_plans_like_the_same_model_in_python(work: Path) -> None:
+    _ok(_cli("optimize", "autodac.testing:SmallConvNet", "--weights", "small_seed1_state.pt", "--flops-budget", "0.5",
+             "--input-shape", SHAPE, "--out", "factory.json", "--quiet", cwd=work))
+    expected = autodac.optimize(SmallConvNet(seed=1), 0.5, example_inputs=torch.zeros(1, 3, 8, 8), progress=False).plan
+    assert autodac.Plan.load(work / "factory.json").to_dict() == expected.to_dict()
+
+
+def test_compare_as_table_markdown_and_json(work: Path, data_free: dict, with_data: dict) -> None:
+    table = _ok(_cli("compare", "free.json", "probe_plan.json", cwd=work)).stdout.splitlines()
+    assert table[0].split() == ["layer", "free", "probe_plan"]
+    assert [line.split()[0] for line in table[2:6]] == ["conv1", "conv2", "conv3", "fc"]
+    assert any(line.startswith("FLOPs ratio") for line in table) and any(line.startswith("probe ") for line in table)
+    markdown = _ok(_cli("compare", "free.json", "probe_plan.json", "--format", "markdown", cwd=work)).stdout
+    assert markdown.startswith("| layer") and "|--" in markdown
+    data = json.loads(_ok(_cli("compare", "free.json", "probe_plan.json", "--format", "json", cwd=work)).stdout)
+    assert data["columns"] == ["free", "probe_plan"] and list(data["layers"]) == ["conv1", "conv2", "conv3", "fc"]
+    assert data["totals"]["free"]["flops_ratio"] == pytest.approx(data_free["flops_ratio"])
+    assert data["totals"]["probe_plan"]["metrics"]["probe"] == pytest.approx(with_data["metrics"]["probe"])
+    cell = data["layers"]["conv1"]["free"]
+    assert cell["flops_after"] <= cell["flops_before"] and {"method", "rank"} <= set(cell)
+
+
+def test_profile_prints_the_sweep_and_writes_the_heat_map(work: Path) -> None:
+    done = _ok(_cli("profile", "small.pt", "--data", "unlabelled.pt", "--points", "3", "--out", "profile", cwd=work))
+    assert "sensitivity: KL divergence" in done.stdout
+    assert [line.split()[0] for line in done.stdout.splitlines()[3:7]] == ["conv1", "conv2", "conv3", "fc"]
+    saved = json.loads((work / "profile" / "sensitivity.json").read_text())
+    assert list(saved["layers"]) == ["conv1", "conv2", "conv3", "fc"]
+    for options in saved["layers"].values():
+        assert 1 <= len(options) <= 3 and all(o["divergence"] >= 0 and 0 < o["params_kept"] < 1.01 for o in options)
+    assert (work / "profile" / "sensitivity.png").read_bytes()[:8] == PNG
+
+
+def test_report_writes_markdown_and_pictures(work: Path, data_free: dict, with_data: dict) -> None:
+    if not (work / "profile" / "sensitivity.json").exists():
+        _ok(_cli("profile", "small.pt", "--data", "unlabelled.pt", "--points", "2", "--out", "profile", cwd=work))
+    done = _ok(_cli("report", "free.json", "probe_plan.json", "--out", "report", "--profile", "profile/sensitivity.json",
+                    "--json", cwd=work))
+    written = json.loads(done.stdout)
+    assert written["pareto"] == ["probe_plan"]  # the only plan with a measured quality
+    markdown = (work / "report" / "report.md").read_text()
+    for name in ("flops_vs_quality.png", "ranks_per_layer.png", "flops_per_layer.png", "sensitivity.png"):
+        assert f"]({name})" in markdown and (work / "report" / name).read_bytes()[:8] == PNG
+    assert "| free" in markdown and "probe_plan" in markdown
+
+
+def test_report_without_matplotlib_says_how_to_install_it(work: Path, tmp_path: Path, data_free: dict) -> None:
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    done = _cli("report", "free.json", "--out", str(tmp_path / "report"), cwd=work, pythonpath=str(tmp_path))
+    _refused(done, "pip install autodac[plots]")
+
+
+# ----------------------------------------------------------------------------- refusals: one line, no traceback
+
+
+@pytest.mark.parametrize("budget", ["0", "1.5", "nan", "abc"])
+def test_a_budget_out_of_range_is_refused(work: Path, budget: str) -> None:
+    done = _cli("optimize", "small.pt", "--flops-budget", budget, "--input-shape", SHAPE, "--out", "x.json", cwd=work)
+    _refused(done, "budget", budget)
+    assert not (work / "x.json").exists()
+
+
+def test_a_missing_model_file_is_refused(work: Path) -> None:
+    _refused(_cli("optimize", "no_such_model.pt", "--flops-budget", "0.5", "--input-shape", SHAPE, "--out", "x.json", cwd=work),
+             "'no_such_model.pt'", "no such file")
+
+
+def test_a_missing_data_file_is_refused(work: Path) -> None:
+    _refused(_cli("optimize", "small.pt", "--flops-budget", "0.5", "--data", "no_such.npz", "--out", "x.json", cwd=work),
+             "`--data`", "'no_such.npz' does not exist")
+
+
+def test_an_input_shape_the_model_cannot_take_is_refused(work: Path) -> None:
+    line = _refused(_cli("optimize", "small.pt", "--flops-budget", "0.5", "--input-shape", "1,1,8,8", "--out", "x.json", cwd=work),
+                    "(1, 1, 8, 8)")
+    assert "3 channels" in line
+
+
+def test_a_torchscript_model_is_refused_with_the_way_round(work: Path) -> None:
+    with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; users still have such files
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(SmallConvNet()), work / "scripted.ts")
+    _refused(_cli("optimize", "scripted.ts", "--flops-budget", "0.5", "--input-shape", SHAPE, "--out", "x.json", cwd=work),
+             "TorchScript", "--weights scripted.ts")
+
+
+def test_a_state_dict_as_model_is_refused(work: Path) -> None:
+    _refused(_cli("optimize", "small_seed1_state.pt", "--flops-budget", "0.5", "--input-shape", SHAPE, "--out", "x.json", cwd=work),
+             "state dict", "package.module:factory")
+
+
+def test_a_plan_that_does_not_fit_the_model_is_refused(work: Path, data_free: dict) -> None:
+    _refused(_cli("apply", "conv1d.pt", "free.json", "--out", "wrong.pt", cwd=work), "weight shape")
+    assert not (work / "wrong.pt").exists()
