@@ -6,10 +6,11 @@ from autodac.errors import AutodacError, BudgetError, ModelError, PlanError
 from autodac.layers import FactorizedLayer
 from autodac.plan import LayerChoice, Plan
 from autodac.report import compare
+from autodac.synthesis import synthesize_inputs
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "optimize", "apply", "decompose_conv", "compare", "Result", "Plan", "LayerChoice", "FactorizedLayer",
+    "optimize", "apply", "decompose_conv", "compare", "synthesize_inputs", "Result", "Plan", "LayerChoice", "FactorizedLayer",
     "AutodacError", "BudgetError", "ModelError", "PlanError", "set_verbosity", "__version__",
 ]

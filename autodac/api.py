@@ -33,7 +33,8 @@ from autodac.report import plan_table
 from autodac.search.knapsack import LayerOptions, minimum_cost, pareto_front, solve
 from autodac.search.refine import Trial, refine
 from autodac.search.sensitivity import SensitivityProfile, loss_curve, measure_profile, pick_ranks
-from autodac.surgery import TracedLayer, replace_layers, trace_layers
+from autodac.surgery import TracedLayer, replace_layers, run_model, trace_layers
+from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
 
 __all__ = ["optimize", "apply", "decompose_conv", "Result", "DEFAULT_METHODS"]
 
@@ -353,6 +354,7 @@ def optimize(
     *,
     example_inputs: Any = None,
     data: Iterable[Any] | None = None,
+    synthesize: int = 0,
     evaluate: Callable[[nn.Module], float] | None = None,
     methods: Iterable[str] = DEFAULT_METHODS,
     exclude: Iterable[str] = (),
@@ -382,7 +384,10 @@ def optimize(
     rest read off its loss-versus-error curve), the knapsack runs on it, and
     Optuna refines the allocation for ``n_trials`` trials (or ``timeout`` seconds) on the probe
     metric: top-1 accuracy with labels, agreement with the original without, or
-    ``evaluate(model) -> float`` (higher is better) when given. BatchNorm statistics are
+    ``evaluate(model) -> float`` (higher is better) when given. With no data at all,
+    ``synthesize=N`` makes an unlabeled probe of ``N`` inputs whose BatchNorm statistics match
+    the model's stored ones (``autodac.synthesize_inputs``; needs BatchNorm layers) and plans on
+    it as on data. BatchNorm statistics are
     re-estimated on the probe when ``reestimate_bn`` and kept only if, on probe examples the
     re-estimation did not see, the outputs move closer to the original's and the metric does not fall.
     With ``pareto=True`` the search is two-objective (FLOPs and the probe objective; each trial
@@ -404,6 +409,10 @@ def optimize(
             raise AutodacError(f"`{name} >= {low}` must hold (an integer), but got {name}={value!r}")
     if evaluate is not None and not callable(evaluate):
         raise AutodacError(f"`evaluate` must be a callable model -> float, but got {type(evaluate).__name__}")
+    if isinstance(synthesize, bool) or not isinstance(synthesize, int) or synthesize < 0 or synthesize == 1:
+        raise AutodacError(f"`synthesize` must be 0 (off) or an integer >= 2 (inputs to synthesise), but got synthesize={synthesize!r}")
+    if synthesize and data is not None:
+        raise AutodacError("`data` and `synthesize` are alternatives (synthesised inputs stand in for missing data), but both were given")
     probe = collect_probe(data, probe_size) if data is not None else None
     if example_inputs is None and probe is not None:
         example_inputs = probe.inputs[:1].to(_device_of(model))
@@ -413,6 +422,16 @@ def optimize(
         note = f"no example_inputs given; assumed one input of shape {_input_shapes(inputs)[0]} (pass example_inputs to plan for your shape)"
         warnings.warn(f"autodac: {note}", UserWarning, stacklevel=2)
         notes.append(note)
+    probe_source: dict[str, Any] = {}
+    if probe is not None:
+        probe_source = {"source": "data", "examples": len(probe)}
+    elif synthesize:
+        if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+            raise AutodacError(f"`synthesize` needs a model of one tensor input, but example_inputs has {len(inputs)} arguments")
+        run_model(model, inputs)  # a clear error for inputs the model cannot take, before any synthesis
+        probe = Probe(synthesize_inputs(model, inputs[0], synthesize, seed=seed, progress=progress), None)
+        probe_source = {"source": "synthetic", "examples": synthesize, "steps": SYNTHESIS_STEPS, "seed": seed}
+        notes.append(f"no data: the probe is {synthesize} inputs synthesised to match the model's BatchNorm statistics")
 
     fit_inputs = fit_examples(probe) if (probe is not None and fit_to_data) else None
     traced, candidates, skipped = _collect(model, inputs, methods, exclude, progress, weighting, fit_inputs)
@@ -461,7 +480,7 @@ def optimize(
 
     plan = Plan(
         layers=_choices(candidates, selection), original_flops=original.total, budget={"flops": budget},
-        input_shapes=_input_shapes(inputs), input_assumed=assumed, skipped=skipped, notes=notes,
+        input_shapes=_input_shapes(inputs), input_assumed=assumed, skipped=skipped, notes=notes, probe=probe_source,
     )
     decomposed = _build(model, candidates, selection, factors)
     if probe is not None or evaluate is not None:
@@ -543,7 +562,8 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
     """A copy of ``model`` with every layer of ``plan`` factorised; refuses a plan that does not fit.
 
     Layers the plan fitted to probe data (``fit`` starting with ``"data"``) need the same
-    ``data`` again to be rebuilt identically; with it, BatchNorm statistics are re-estimated too
+    ``data`` again to be rebuilt identically (a plan made with ``synthesize=N`` makes its inputs
+    again from the recipe it records); with it, BatchNorm statistics are re-estimated too
     when ``optimize`` kept that correction, so the copy equals ``result.model``. Every replacement is built and checked before
     anything is swapped, so a refused plan leaves nothing half done (and the caller's model is
     never touched).
@@ -554,6 +574,8 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         raise PlanError(f"`plan` must be an autodac.Plan, but got {type(plan).__name__}")
     data_fitted = [name for name, c in plan.factorized.items() if c.fit.startswith("data")]
     covariances: dict[str, torch.Tensor] = {}
+    if data is None and plan.probe.get("source") == "synthetic" and (data_fitted or plan.metrics.get("bn_reestimated")):
+        data = _replay_synthesis(model, plan)
     if data_fitted:
         if data is None:
             raise PlanError(
@@ -597,6 +619,23 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         examples = int(plan.metrics.get("probe_examples", DEFAULT_PROBE_SIZE))
         reestimate_batchnorm(result, split_probe(collect_probe(data, max(2, examples)))[0])
     return result
+
+
+def _replay_synthesis(model: nn.Module, plan: Plan) -> torch.Tensor:
+    """The synthetic probe ``optimize(..., synthesize=N)`` planned on, made again from the plan's recipe."""
+    recipe = plan.probe
+    if not plan.input_shapes:
+        raise PlanError("a plan made on a synthetic probe must record its input shape, but `input_shapes` is empty")
+    weight = next(iter(model.parameters()), None)
+    options = {} if weight is None else {"device": weight.device, "dtype": weight.dtype}
+    try:
+        example = torch.zeros(plan.input_shapes[0], **options)
+        return synthesize_inputs(
+            model, example, int(recipe["examples"]), steps=int(recipe.get("steps", SYNTHESIS_STEPS)),
+            seed=int(recipe.get("seed", 0)), progress=False,
+        )
+    except (KeyError, TypeError, ValueError) as problem:
+        raise PlanError(f"a synthetic probe recipe needs integer `examples`, `steps` and `seed`, but got {recipe!r} ({problem})") from None
 
 
 def decompose_conv(conv: nn.Module, rank: int, method: str = "dac") -> nn.Module:

@@ -47,7 +47,7 @@ class LayerChoice:
 _LAYER_FIELDS = {"method", "rank", "weight_shape", "flops_before", "flops_after", "params_before", "params_after", "error", "fit"}
 _PLAN_FIELDS = {
     "format", "_version", "budget", "input_shapes", "input_assumed", "original_flops", "flops",
-    "layers", "skipped", "metrics", "notes",
+    "layers", "skipped", "metrics", "notes", "probe",
 }
 
 
@@ -72,6 +72,7 @@ class Plan:
     skipped: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    probe: dict[str, Any] = field(default_factory=dict)  # where the probe came from: {"source": "data" | "synthetic", ...}
 
     @property
     def flops(self) -> int:
@@ -99,6 +100,7 @@ class Plan:
             "skipped": dict(self.skipped),
             "metrics": dict(self.metrics),
             "notes": list(self.notes),
+            "probe": dict(self.probe),
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -148,10 +150,11 @@ class Plan:
                 input_shapes=[list(map(int, s)) for s in data.get("input_shapes", [])],
                 input_assumed=bool(data.get("input_assumed", False)), skipped=dict(data.get("skipped", {})),
                 metrics={k: float(v) for k, v in dict(data.get("metrics", {})).items()}, notes=list(data.get("notes", [])),
+                probe=dict(data.get("probe", {})),
             )
         except (TypeError, ValueError) as problem:
             raise PlanError(
-                f"a plan's `budget`, `metrics` (objects of numbers), `input_shapes` (lists of ints), `skipped` (an object) "
+                f"a plan's `budget`, `metrics` (objects of numbers), `input_shapes` (lists of ints), `skipped`, `probe` (objects) "
                 f"and `notes` (a list) must have those types, but {problem}"
             ) from None
 
