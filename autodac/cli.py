@@ -12,6 +12,7 @@ import argparse
 import importlib
 import inspect
 import json
+import os
 import re
 import sys
 import warnings
@@ -643,6 +644,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except _UsageError as error:
             _fail(str(error))
             return 2
+        except BrokenPipeError:  # the reader left (`autodac ... | head`): nothing to report, nowhere to write
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
         except (AutodacError, CLIError, OSError) as error:
             _fail(str(error))
             return 1

@@ -138,7 +138,7 @@ def flops_per_layer(plans: Mapping[str, Plan], path: str | os.PathLike) -> None:
     """Grouped bars per layer: its FLOPs in the original model (grey), then after each plan."""
     layers = _layers(plans)
     width = 0.8 / (len(plans) + 1)
-    fig = _figure(max(6.4, 0.18 * len(layers) * (len(plans) + 1) + 2), 4.2)
+    fig = _figure(min(13.0, max(6.4, 0.18 * len(layers) * (len(plans) + 1) + 2)), 4.6)
     ax = fig.add_subplot()
     before = {}
     for plan in plans.values():
