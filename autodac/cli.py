@@ -566,6 +566,13 @@ def _add_shape(parser: argparse.ArgumentParser, required_text: str) -> None:
                         help=f"input shape FLOPs are counted at, like 1,3,224,224 ({required_text})")
 
 
+def _default(name: str) -> Any:
+    """``autodac.optimize``'s default for ``name``, so the help cannot drift from the library."""
+    from autodac import optimize
+
+    return inspect.signature(optimize).parameters[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``autodac`` parser: a sub-command per step; each sets ``run`` to the function that does it."""
     from autodac import __version__
@@ -587,8 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--data", metavar="FILE", help="probe: .npz with x (inputs) and optional y (labels), or a .pt")
     optimize.add_argument("--methods", type=_methods, metavar="M[,M...]", help="factorisations allowed: dac,spatial,lowrank (default all)")
     optimize.add_argument("--exclude", action="append", metavar="GLOB", help="keep layers matching this name pattern dense (repeatable)")
-    optimize.add_argument("--n-trials", type=_positive, metavar="N", help="Optuna trials with --data (default 16)")
-    optimize.add_argument("--seed", type=int, metavar="S", help="search seed (default 0)")
+    optimize.add_argument("--n-trials", type=_positive, metavar="N", help=f"Optuna trials with --data (default {_default('n_trials')})")
+    optimize.add_argument("--seed", type=int, metavar="S", help=f"search seed (default {_default('seed')})")
     optimize.add_argument("--out", required=True, metavar="PLAN.json", help="where to write the plan")
     optimize.add_argument("--save-model", metavar="FILE.pt", help="also write the decomposed model (torch.save)")
     optimize.set_defaults(run=_cmd_optimize)
@@ -613,8 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(profile)
     profile.add_argument("--data", required=True, metavar="FILE", help="probe: .npz with x (and optional y), or a .pt")
     _add_shape(profile, "default: the first example's shape")
-    profile.add_argument("--points", type=_positive, default=4, metavar="K", help="options measured per layer (default 4)")
-    profile.add_argument("--profile-size", type=_positive, metavar="N", help="probe examples each measurement runs on (default 128)")
+    profile.add_argument("--points", type=_positive, default=_default("profile_points"), metavar="K", help=f"options measured per layer (default {_default('profile_points')})")
+    profile.add_argument("--profile-size", type=_positive, metavar="N", help=f"probe examples each measurement runs on (default {_default('profile_size')})")
     profile.add_argument("--methods", type=_methods, metavar="M[,M...]", help="factorisations to measure (default all)")
     profile.add_argument("--out", metavar="DIR", help="write DIR/sensitivity.json and the heat map DIR/sensitivity.png")
     profile.set_defaults(run=_cmd_profile)
