@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
+import itertools
 import math
 import numbers
 import warnings
@@ -23,17 +25,18 @@ from autodac._logging import get_logger
 from autodac.cost import count_flops, count_params
 from autodac.errors import AutodacError, BudgetError, ModelError, PlanError
 from autodac.factorize import METHODS, get_method
-from autodac.layers import SUPPORTED_TYPES, build_factorized
+from autodac.latency import LatencyCache, LatencyTable, describe_device, measure_table, resolve_device, side_by_side
+from autodac.layers import IMPLEMENTATIONS, SUPPORTED_TYPES, build_factorized
 from autodac.plan import DENSE, LayerChoice, Plan
 from autodac.probes import (
     DEFAULT_PROBE_SIZE, Probe, _device_of, batchnorm_weights, collect_probe, fit_examples, input_covariances, split_probe, divergence, has_batchnorm, predict, reconstruction_errors,
     reestimate_batchnorm, top1_match,
 )
 from autodac.report import plan_table
-from autodac.search.knapsack import LayerOptions, minimum_cost, pareto_front, solve
+from autodac.search.knapsack import LayerOptions, Secondary, minimum_cost, pareto_front, solve
 from autodac.search.refine import Trial, refine
 from autodac.search.sensitivity import SensitivityProfile, loss_curve, measure_profile, pick_ranks
-from autodac.surgery import TracedLayer, replace_layers, run_model, trace_layers
+from autodac.surgery import TracedLayer, evaluating, replace_layers, run_model, trace_layers
 from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
 
 __all__ = ["optimize", "apply", "decompose_conv", "Result", "DEFAULT_METHODS"]
@@ -66,6 +69,11 @@ class Result:
     def flops_ratio(self) -> float:
         """fvcore's count of ``model`` over fvcore's count of the original, at the plan's input shape."""
         return self.flops / self.original_flops
+
+    @property
+    def latency_ratio(self) -> float | None:
+        """Measured latency of ``model`` over the original's (median of interleaved runs); None without a latency budget."""
+        return self.plan.metrics.get("latency_ratio")
 
     def summary(self, tablefmt: str = "simple") -> str:
         """A per-layer table (method, rank, FLOPs before/after, predicted error) with totals."""
@@ -270,34 +278,43 @@ class _Factors:
         self.input_covs = {c.layer.name: c.input_cov for c in candidates}
         self.cache: dict[tuple[str, str], Any] = {}
 
-    def build(self, name: str, method: str, rank: int) -> nn.Module:
+    def build(self, name: str, method: str, rank: int, impl: str = "") -> nn.Module:
         key = (name, method)
         if key not in self.cache:
             self.cache[key] = get_method(method).decompose(self.modules[name].weight, self.out_weights[name], self.input_covs[name])
-        return build_factorized(self.modules[name], method, rank, self.cache[key])
+        return build_factorized(self.modules[name], method, rank, self.cache[key], impl)
 
 
-def _choices(candidates: list[_Candidate], selection: Sequence[int]) -> dict[str, LayerChoice]:
+def _choices(candidates: list[_Candidate], selection: Sequence[int], timing: LatencyTable | None = None) -> dict[str, LayerChoice]:
     layers = {}
-    for candidate, index in zip(candidates, selection):
+    for i, (candidate, index) in enumerate(zip(candidates, selection)):
         method, rank, cost, error = candidate.options[index]
+        latency = {}
+        if timing is not None:
+            latency = {
+                "impl": "" if method == DENSE else timing.impls[i][index],
+                "latency_before": timing.seconds[i][0] * 1e3, "latency_after": timing.seconds[i][index] * 1e3,
+            }
         module = candidate.layer.module
         params = count_params(module)
         layers[candidate.layer.name] = LayerChoice(
             method=method, rank=rank, weight_shape=tuple(module.weight.shape), flops_before=candidate.dense_cost,
             flops_after=cost, params_before=params,
             params_after=params if method == DENSE else _params_after(module, method, rank), error=float(error),
-            fit="plain" if method == DENSE else candidate.fit,
+            fit="plain" if method == DENSE else candidate.fit, **latency,
         )
     return layers
 
 
-def _build(model: nn.Module, candidates: list[_Candidate], selection: Sequence[int], factors: _Factors) -> nn.Module:
+def _build(
+    model: nn.Module, candidates: list[_Candidate], selection: Sequence[int], factors: _Factors, timing: LatencyTable | None = None
+) -> nn.Module:
     replacements = {}
-    for candidate, index in zip(candidates, selection):
+    for i, (candidate, index) in enumerate(zip(candidates, selection)):
         method, rank, _, _ = candidate.options[index]
         if method != DENSE:
-            replacements[candidate.layer.name] = factors.build(candidate.layer.name, method, rank)
+            impl = timing.impls[i][index] if timing is not None else ""
+            replacements[candidate.layer.name] = factors.build(candidate.layer.name, method, rank, impl)
     return replace_layers(model, replacements)
 
 
@@ -350,8 +367,11 @@ class _ProbeRunner:
 
 def optimize(
     model: nn.Module,
-    flops_budget: float,
+    flops_budget: float | None = None,
     *,
+    latency_budget: float | None = None,
+    device: Any = None,
+    latency_cache: Any = True,
     example_inputs: Any = None,
     data: Iterable[Any] | None = None,
     synthesize: int = 0,
@@ -370,7 +390,7 @@ def optimize(
     pareto: bool = False,
     progress: bool = True,
 ) -> Result:
-    """Decompose a copy of ``model`` to at most ``flops_budget`` of its fvcore FLOPs.
+    """Decompose a copy of ``model`` to at most ``flops_budget`` of its fvcore FLOPs and/or ``latency_budget`` of its latency.
 
     ``flops_budget`` is a ratio in ``(0, 1]`` of fvcore's count of the model on
     ``example_inputs`` (a tensor or tuple of arguments; if omitted, the first probe example is
@@ -392,6 +412,13 @@ def optimize(
     re-estimation did not see, the outputs move closer to the original's and the metric does not fall.
     With ``pareto=True`` the search is two-objective (FLOPs and the probe objective; each trial
     draws its own budget up to ``flops_budget``) and ``result.pareto`` lists the front as plans.
+    ``latency_budget`` is the decomposed model's measured latency as a ratio of the original's, on
+    ``device`` (default: where the model is) at the shape of ``example_inputs``, with the current
+    thread count: every candidate option of every layer is timed (``latency_cache``: True for
+    the per-user cache file, a path, or False), the planner picks method, rank and the fastest
+    implementation per layer, and the result is timed side by side with the original
+    (interleaved runs, median ratio), tightening and re-planning until the measured ratio meets
+    the budget. Either budget alone or both together.
     ``fit_to_data`` fits each layer to the covariance of its probe inputs (output error instead
     of weight error); ``weighting`` ("batchnorm" or "none") weighs output channels by the
     BatchNorm that follows. Seeded runs without ``timeout`` are deterministic. The caller's model
@@ -399,7 +426,11 @@ def optimize(
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
-    budget = _check_budget("flops_budget", flops_budget)
+    if flops_budget is None and latency_budget is None:
+        raise BudgetError("at least one budget must be given (flops_budget or latency_budget, each a ratio in (0, 1]), but both were None")
+    budget = None if flops_budget is None else _check_budget("flops_budget", flops_budget)
+    latency = None if latency_budget is None else _check_budget("latency_budget", latency_budget)
+    timing_device = resolve_device(device, model) if latency is not None else None
     methods = _check_methods(methods)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     if weighting not in ("batchnorm", "none"):
@@ -439,11 +470,11 @@ def optimize(
         detail = "; ".join(f"{name}: {why}" for name, why in skipped.items()) or "no Conv1d, Conv2d or Linear layer"
         raise ModelError(f"the model must have at least one layer that can be decomposed, but none can ({detail})")
     original = count_flops(model, inputs)
-    target = math.floor(budget * original.total)
+    target = math.floor(budget * original.total) if budget is not None else original.total
     fixed = original.total - sum(c.dense_cost for c in candidates)
     weight_scores = [_layer_options(c) for c in candidates]
     reachable = fixed + minimum_cost(weight_scores)
-    if reachable > target:
+    if budget is not None and reachable > target:
         raise BudgetError(
             f"`flops_budget >= {math.ceil(reachable / original.total * 1e4) / 1e4:.4f}` must hold for this model with "
             f"methods={list(methods)} (the smallest reachable ratio), but got flops_budget={budget!r}"
@@ -455,8 +486,33 @@ def optimize(
     scores = weight_scores
     use_bn = False
     factors = _Factors(candidates)
+    timing: LatencyTable | None = None
+    secondary: Secondary | None = None
+    capacity = target - fixed
+    if latency is not None:
+        timing = _measure_latency(model, inputs, candidates, factors, timing_device, latency_cache, progress)
+        if budget is not None:
+            secondary = Secondary([o.costs for o in weight_scores], target - fixed)
+        capacity = timing.capacity(latency)
+        fastest = minimum_cost(_costed(weight_scores, timing))
+        if fastest > capacity:  # the tables say no plan is fast enough: believe only an end-to-end measurement
+            quickest = [int(np.argmin(row)) for row in timing.costs()]
+            measured = _latency_ratio(model, _build(model, candidates, quickest, factors, timing), inputs, timing.device)[0]
+            if measured > latency:
+                _refuse_latency(latency, measured, timing)
+            capacity = fastest
+
+    def allocate(layer_scores: list[LayerOptions], room: int | None = None) -> list[int]:
+        try:
+            return solve(_costed(layer_scores, timing), capacity if room is None else room, secondary=secondary)
+        except ValueError:
+            raise BudgetError(
+                f"a plan must meet both flops_budget={budget!r} and latency_budget={latency!r}, but none of the measured "
+                "options does: loosen one of them"
+            ) from None
+
     if probe is None and evaluate is None:
-        selection = solve(scores, target - fixed)
+        selection = allocate(scores)
     else:
         runner = _ProbeRunner(model, probe, evaluate)
         if runner.held_out is not None:
@@ -465,24 +521,40 @@ def optimize(
         can_reestimate = reestimate_bn and runner.calibration is not None and has_batchnorm(model)
         use_bn = False
         if can_reestimate:  # decide once, on the plain allocation, whether re-estimation helps at all
-            first = _build(model, candidates, solve(scores, target - fixed), factors)
+            first = _build(model, candidates, allocate(scores), factors, timing)
             with_bn, without = runner.score(first, reestimate=True), runner.score(first)
             use_bn = with_bn[0] > without[0] and with_bn[1] >= without[1]
 
         def evaluate_selection(selection: tuple[int, ...]) -> float:
-            return runner.score(_build(model, candidates, selection, factors), reestimate=use_bn)[0]
+            return runner.score(_build(model, candidates, selection, factors, timing), reestimate=use_bn)[0]
 
+        costed = _costed(scores, timing)
         refined = refine(
-            scores, target - fixed, evaluate_selection, n_trials=n_trials, timeout=timeout, seed=seed, progress=progress,
-            min_budget=minimum_cost(scores) if pareto else None,
+            costed, capacity, evaluate_selection, n_trials=n_trials, timeout=timeout, seed=seed, progress=progress,
+            min_budget=minimum_cost(costed) if pareto else None, secondary=secondary,
         )
         selection = list(refined.best.selection)
 
+    decomposed = _build(model, candidates, selection, factors, timing)
+    if timing is not None:  # the tables predict; only side-by-side runs decide
+        weights = refined.best.weights if refined is not None else None
+        scaled = scores if weights is None else [LayerOptions(o.costs, o.errors * w) for o, w in zip(scores, weights)]
+        selection, decomposed, measured = _meet_latency(
+            latency, capacity, minimum_cost(_costed(weight_scores, timing)), selection, decomposed, timing,
+            plan_at=lambda room: allocate(scaled, room), build=lambda chosen: _build(model, candidates, chosen, factors, timing),
+            measure=lambda candidate: _latency_ratio(model, candidate, inputs, timing.device),
+        )
+        ratio, original_seconds, seconds = measured
+        metrics.update(latency_ratio=ratio, latency_original_ms=original_seconds * 1e3, latency_ms=seconds * 1e3)
+
+    planned_budget = {} if budget is None else {"flops": budget}
+    if latency is not None:
+        planned_budget["latency"] = latency
+        notes.append(f"latency measured on {describe_device(timing.device)}, inputs {_input_shapes(inputs)}")
     plan = Plan(
-        layers=_choices(candidates, selection), original_flops=original.total, budget={"flops": budget},
+        layers=_choices(candidates, selection, timing), original_flops=original.total, budget=planned_budget,
         input_shapes=_input_shapes(inputs), input_assumed=assumed, skipped=skipped, notes=notes, probe=probe_source,
     )
-    decomposed = _build(model, candidates, selection, factors)
     if probe is not None or evaluate is not None:
         plain = runner.score(decomposed)
         metrics["probe_without_bn_reestimate"] = metrics["probe"] = plain[1]
@@ -508,14 +580,100 @@ def optimize(
         model=decomposed, plan=plan, original_flops=original.total, flops=counted,
         original_params=count_params(model), params=count_params(decomposed), notes=notes,
         profile=profile, trials=[] if refined is None else refined.trials,
-        pareto=[] if not (pareto and refined) else [_front_plan(plan, candidates, t) for t in refined.front],
+        pareto=[] if not (pareto and refined) else [_front_plan(plan, candidates, t, timing) for t in refined.front],
     )
 
 
-def _front_plan(template: Plan, candidates: list[_Candidate], trial: Trial) -> Plan:
+_LATENCY_ATTEMPTS = 6  # side-by-side measurements spent adjusting a latency plan
+_LATENCY_SLACK = 0.03  # loosen a plan that meets its latency budget by more than this (fraction of the original's time)
+
+
+def _meet_latency(budget, capacity, floor, selection, decomposed, timing, plan_at, build, measure):
+    """The roomiest plan whose measured latency ratio meets ``budget``, found by re-planning at other capacities.
+
+    Per-layer tables only predict the whole model's time (layers interact through caches and
+    the scheduler), so each plan is timed side by side with the original: one that misses is
+    re-planned with the overshoot taken off its room, one with more than ``_LATENCY_SLACK``
+    to spare is given the slack back, bisecting between the two once both are known.
+    Refuses the budget, with the best ratio measured, when even the fastest plan misses it.
+    """
+    best = None  # (capacity, selection, model, measurement) of the roomiest plan that met the budget
+    missed = None  # the smallest capacity whose plan missed
+    for _ in range(_LATENCY_ATTEMPTS):
+        measured = measure(decomposed)
+        ratio = measured[0]
+        logger.info("latency plan at %.3f ms of layer time: measured ratio %.4f (budget %.4f)", capacity / 1e6, ratio, budget)
+        if ratio <= budget:
+            if best is None or capacity > best[0]:
+                best = (capacity, selection, decomposed, measured)
+            if budget - ratio < _LATENCY_SLACK:
+                break
+            room = capacity + int((budget - ratio) * timing.original * 1e9) if missed is None else (capacity + missed) // 2
+        else:
+            missed = capacity if missed is None else min(missed, capacity)
+            if capacity <= floor:
+                break
+            room = capacity - int((ratio - budget) * timing.original * 1e9 * 1.25) if best is None else (best[0] + capacity) // 2
+            room = max(room, floor)
+        chosen = plan_at(room)
+        capacity = room
+        if chosen == selection:
+            if ratio <= budget:
+                break  # more room buys nothing the tables can see
+            continue  # the same plan again: keep tightening
+        selection, decomposed = chosen, build(chosen)
+    if best is None:
+        quickest = [int(np.argmin(row)) for row in timing.costs()]
+        _refuse_latency(budget, min(ratio, measure(build(quickest))[0]), timing)
+    return best[1], best[2], best[3]
+
+
+def _costed(scores: list[LayerOptions], timing: LatencyTable | None) -> list[LayerOptions]:
+    """The scores with their costs in the unit the budget is in: FLOPs, or measured nanoseconds."""
+    if timing is None:
+        return scores
+    return [LayerOptions(costs, o.errors) for costs, o in zip(timing.costs(), scores)]
+
+
+def _on_device(module: nn.Module, device: torch.device) -> nn.Module:
+    if all(p.device == device for p in itertools.chain(module.parameters(), module.buffers())):
+        return module
+    return copy.deepcopy(module).to(device)
+
+
+def _inputs_on(inputs: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
+    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+def _measure_latency(model, inputs, candidates: list[_Candidate], factors: _Factors, device, cache_path, progress) -> LatencyTable:
+    cache = LatencyCache.open(cache_path)
+    reference = _on_device(model, device)
+    layers = [
+        (c.layer.module, c.layer.geometry, [o[:2] for o in c.options], functools.partial(factors.build, c.layer.name))
+        for c in candidates
+    ]
+    with evaluating(reference):
+        return measure_table(reference, _inputs_on(inputs, device), layers, IMPLEMENTATIONS, device, cache, progress)
+
+
+def _latency_ratio(model: nn.Module, decomposed: nn.Module, inputs, device) -> tuple[float, float, float]:
+    """``(ratio, original s, decomposed s)``: medians of interleaved end-to-end runs on ``device``."""
+    reference, candidate = _on_device(model, device), _on_device(decomposed, device)
+    with evaluating(reference), evaluating(candidate):
+        return side_by_side(reference, candidate, _inputs_on(inputs, device), device)
+
+
+def _refuse_latency(budget: float, best: float, timing: LatencyTable):
+    raise BudgetError(
+        f"`latency_budget >= {math.ceil(best * 1e3) / 1e3:.3f}` must hold for this model on {describe_device(timing.device)} "
+        f"(the best latency ratio measured, with every layer at its fastest option), but got latency_budget={budget!r}"
+    )
+
+
+def _front_plan(template: Plan, candidates: list[_Candidate], trial: Trial, timing: LatencyTable | None = None) -> Plan:
     """One plan of the Pareto front, with the probe objective it scored (no model is built)."""
     return Plan(
-        layers=_choices(candidates, trial.selection), original_flops=template.original_flops, budget=dict(template.budget),
+        layers=_choices(candidates, trial.selection, timing), original_flops=template.original_flops, budget=dict(template.budget),
         input_shapes=template.input_shapes, input_assumed=template.input_assumed, skipped=dict(template.skipped),
         metrics={"probe_objective": trial.value, "trial": float(trial.number)}, notes=list(template.notes),
     )
@@ -611,7 +769,7 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
                 if choice.method not in METHODS:
                     raise AutodacError(f"`method` must be one of {sorted(METHODS)}, but got method={choice.method!r}")
                 decomposition = get_method(choice.method).decompose(module.weight, out_weights, input_cov)
-            replacements[name] = build_factorized(module, choice.method, choice.rank, decomposition)
+            replacements[name] = build_factorized(module, choice.method, choice.rank, decomposition, choice.impl)
         except AutodacError as error:
             raise PlanError(f"layer {name!r}: {error}") from None
     result = replace_layers(model, replacements)

@@ -14,27 +14,64 @@ from torch import nn
 from autodac.errors import AutodacError
 from autodac.factorize import Decomposition, get_method
 
-__all__ = ["FactorizedLayer", "build_factorized", "SUPPORTED_TYPES"]
+__all__ = ["FactorizedLayer", "SplitDepthwise", "build_factorized", "SUPPORTED_TYPES", "IMPLEMENTATIONS"]
 
 SUPPORTED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _PART_NAMES = {"dac": ("depthwise", "pointwise"), "spatial": ("vertical", "horizontal"), "lowrank": ("reduce", "expand")}
+# Ways to run one factorisation; the math is the same, the speed is not. "" is the method's plain form.
+IMPLEMENTATIONS = {"dac": ("grouped", "split"), "spatial": ("",), "lowrank": ("",)}
 
 
 class FactorizedLayer(nn.Sequential):
-    """Two layers replacing one dense layer; ``method`` and ``rank`` say how it was made."""
+    """Two layers replacing one dense layer; ``method``, ``rank`` and ``impl`` say how it was made."""
 
-    def __init__(self, method: str, rank: int, first: nn.Module, second: nn.Module) -> None:
+    def __init__(self, method: str, rank: int, first: nn.Module, second: nn.Module, impl: str = "") -> None:
         names = _PART_NAMES.get(method, ("first", "second"))
         super().__init__(OrderedDict([(names[0], first), (names[1], second)]))
         self.method = method
         self.rank = rank
+        self.impl = impl
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, rank={self.rank}"
+        return f"method={self.method!r}, rank={self.rank}" + (f", impl={self.impl!r}" if self.impl else "")
+
+
+class SplitDepthwise(nn.Module):
+    """DAC's depthwise half as ``r`` depthwise convs of multiplier 1, outputs concatenated rank-major.
+
+    Same weights and FLOPs as one grouped conv with multiplier ``r``; measured faster on CPUs for
+    wide layers because multiplier-1 depthwise convs have a dedicated kernel.
+    """
+
+    def __init__(self, convs: list[nn.Module]) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(convs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([conv(x) for conv in self.convs], dim=-len(self.convs[0].kernel_size) - 1)
 
 
 def _conv_type(module: nn.Module) -> type[nn.Module]:
     return nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Conv1d
+
+
+def _split_depthwise(grouped: nn.Module, pointwise: nn.Module, channels: int, rank: int) -> tuple[nn.Module, nn.Module]:
+    """The grouped depthwise conv (output ``c*r + j``) as ``r`` multiplier-1 convs (output ``j*C + c``)."""
+    conv = type(grouped)
+    kernel = tuple(grouped.weight.shape[2:])
+    per_rank = grouped.weight.reshape(channels, rank, 1, *kernel)
+    convs = []
+    for j in range(rank):
+        part = conv(
+            channels, channels, grouped.kernel_size, stride=grouped.stride, padding=grouped.padding, dilation=grouped.dilation,
+            groups=channels, bias=False, padding_mode=grouped.padding_mode, device=grouped.weight.device, dtype=grouped.weight.dtype,
+        )
+        part.weight.copy_(per_rank[:, j])
+        convs.append(part)
+    n = pointwise.weight.shape[0]
+    rest = pointwise.weight.shape[2:]
+    pointwise.weight.copy_(pointwise.weight.reshape(n, channels, rank, *rest).transpose(1, 2).reshape(n, rank * channels, *rest))
+    return SplitDepthwise(convs), pointwise
 
 
 def _split_2d(value, axis: int, neutral):
@@ -45,13 +82,20 @@ def _split_2d(value, axis: int, neutral):
 
 
 @torch.no_grad()
-def build_factorized(module: nn.Module, method: str, rank: int, decomposition: Decomposition | None = None) -> FactorizedLayer:
+def build_factorized(
+    module: nn.Module, method: str, rank: int, decomposition: Decomposition | None = None, impl: str = ""
+) -> FactorizedLayer:
     """The factorised replacement of ``module`` at ``rank``, on its device and in its dtype.
 
     ``decomposition`` is the method's full SVD of this layer when the caller already has it
-    (the search builds many ranks of one layer from one SVD).
+    (the search builds many ranks of one layer from one SVD). ``impl`` picks one of the
+    method's ``IMPLEMENTATIONS`` (same outputs, different speed); ``""`` is the first.
     """
     factorization = get_method(method)
+    choices = IMPLEMENTATIONS.get(method, ("",))
+    if impl not in ("", *choices):
+        raise AutodacError(f"`impl` must be one of {list(choices)} for method {method!r}, but got impl={impl!r}")
+    impl = impl or choices[0]
     if not isinstance(module, SUPPORTED_TYPES):
         raise AutodacError(f"only {[t.__name__ for t in SUPPORTED_TYPES]} can be factorised, but got {type(module).__name__}")
     weight = module.weight
@@ -92,6 +136,8 @@ def build_factorized(module: nn.Module, method: str, rank: int, decomposition: D
     second.weight.copy_(factors.second)
     if has_bias:
         second.bias.copy_(module.bias)
-    layer = FactorizedLayer(method, rank, first, second)
+    if impl == "split" and not isinstance(module, nn.Linear):
+        first, second = _split_depthwise(first, second, c, rank)
+    layer = FactorizedLayer(method, rank, first, second, impl)
     layer.train(module.training)
     return layer

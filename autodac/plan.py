@@ -38,6 +38,11 @@ class LayerChoice:
     # "plain": SVD of the weight; "bn:NAME": output channels weighted by BatchNorm NAME;
     # "data" / "data+bn:NAME": also weighted by the covariance of the layer's inputs on the probe
     fit: str = "plain"
+    # How the factorised pair runs ("" = the method's plain form; DAC: "grouped" or "split"), and
+    # the layer's measured latency in milliseconds on the planning device (latency budgets only).
+    impl: str = ""
+    latency_before: float | None = None
+    latency_after: float | None = None
 
     @property
     def is_dense(self) -> bool:
@@ -45,10 +50,15 @@ class LayerChoice:
 
 
 _LAYER_FIELDS = {"method", "rank", "weight_shape", "flops_before", "flops_after", "params_before", "params_after", "error", "fit"}
+_OPTIONAL_LAYER_FIELDS = {"impl", "latency_before", "latency_after"}
 _PLAN_FIELDS = {
     "format", "_version", "budget", "input_shapes", "input_assumed", "original_flops", "flops",
     "layers", "skipped", "metrics", "notes", "probe",
 }
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _check_fit(name: str, fit: Any) -> str:
@@ -121,8 +131,11 @@ class Plan:
             raise PlanError("a plan's `layers` must be an object keyed by dotted module name")
         layers = {}
         for name, entry in layers_data.items():
-            if not isinstance(entry, dict) or set(entry) != _LAYER_FIELDS:
-                raise PlanError(f"layer {name!r} must have exactly the fields {sorted(_LAYER_FIELDS)}, but got {entry!r}")
+            if not isinstance(entry, dict) or not _LAYER_FIELDS <= set(entry) <= _LAYER_FIELDS | _OPTIONAL_LAYER_FIELDS:
+                raise PlanError(
+                    f"layer {name!r} must have the fields {sorted(_LAYER_FIELDS)} (and optionally {sorted(_OPTIONAL_LAYER_FIELDS)}), "
+                    f"but got {entry!r}"
+                )
             rank = entry["rank"]
             if entry["method"] != DENSE and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
                 raise PlanError(f"layer {name!r}: `rank >= 1` must hold for a factorised layer, but got rank={rank!r}")
@@ -134,7 +147,9 @@ class Plan:
                     method=str(entry["method"]), rank=rank, weight_shape=tuple(int(v) for v in entry["weight_shape"]),
                     flops_before=int(entry["flops_before"]), flops_after=int(entry["flops_after"]),
                     params_before=int(entry["params_before"]), params_after=int(entry["params_after"]), error=error,
-                    fit=_check_fit(name, entry["fit"]),
+                    fit=_check_fit(name, entry["fit"]), impl=str(entry.get("impl", "")),
+                    latency_before=_optional_float(entry.get("latency_before")),
+                    latency_after=_optional_float(entry.get("latency_after")),
                 )
             except (TypeError, ValueError) as problem:
                 if isinstance(problem, PlanError):

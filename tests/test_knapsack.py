@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from autodac.search.knapsack import LayerOptions, minimum_cost, pareto_front, solve
+from autodac.search.knapsack import LayerOptions, Secondary, minimum_cost, pareto_front, solve
 
 
 def _instance(rng: np.random.Generator, max_cost: int) -> list[LayerOptions]:
@@ -121,3 +121,31 @@ def test_pareto_front(seed: int) -> None:
     assert not any(_dominated(costs, errors, i) for i in front)
     undominated = {(int(costs[i]), float(errors[i])) for i in range(count) if not _dominated(costs, errors, i)}
     assert {(int(costs[i]), float(errors[i])) for i in front} == undominated
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_secondary_budget_holds_whenever_some_allocation_meets_both(seed: int) -> None:
+    rng = np.random.default_rng(1000 + seed)
+    layers = _instance(rng, 50)
+    second = [rng.integers(0, 50, size=len(o.costs)).astype(np.int64) for o in layers]
+    combos = list(itertools.product(*(range(len(o.costs)) for o in layers)))
+    primary_budget = int(rng.integers(minimum_cost(layers), sum(int(o.costs.max()) for o in layers) + 1))
+    feasible = [c for c in combos if sum(int(o.costs[i]) for o, i in zip(layers, c)) <= primary_budget]
+    secondary_budget = int(min(sum(int(s[i]) for s, i in zip(second, c)) for c in feasible)) + int(rng.integers(0, 30))
+    selection = solve(layers, primary_budget, secondary=Secondary(second, secondary_budget))
+    assert sum(int(o.costs[i]) for o, i in zip(layers, selection)) <= primary_budget
+    assert sum(int(s[i]) for s, i in zip(second, selection)) <= secondary_budget
+
+
+def test_a_secondary_budget_that_already_holds_changes_nothing() -> None:
+    rng = np.random.default_rng(7)
+    layers = _instance(rng, 40)
+    budget = minimum_cost(layers) + 30
+    loose = Secondary([np.zeros(len(o.costs), dtype=np.int64) for o in layers], 0)
+    assert solve(layers, budget, secondary=loose) == solve(layers, budget)
+
+
+def test_no_allocation_meeting_both_budgets_is_a_value_error() -> None:
+    layers = [LayerOptions(np.array([0, 5]), np.array([1.0, 0.0]))]
+    with pytest.raises(ValueError, match="both budgets"):
+        solve(layers, 0, secondary=Secondary([np.array([10, 0])], 5))

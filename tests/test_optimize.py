@@ -245,7 +245,6 @@ def test_missing_example_inputs_warns_and_is_recorded() -> None:
 
 BAD_BUDGETS = [
     pytest.param("0.5", "flops_budget='0.5'", id="string"),
-    pytest.param(None, "flops_budget=None", id="None"),
     pytest.param(True, "flops_budget=True", id="True"),
     pytest.param(False, "flops_budget=False", id="False"),
     pytest.param(0, "flops_budget=0.0", id="zero"),
@@ -267,6 +266,14 @@ def test_bad_budget_is_refused(budget: Any, echoed: str) -> None:
         autodac.optimize(model, budget, example_inputs=torch.randn(1, 3, 8, 8), progress=False)
     message = str(caught.value)
     assert "0 < flops_budget <= 1" in message and echoed in message
+    _assert_same_state(model, before)
+
+
+def test_no_budget_is_refused_naming_both() -> None:
+    model = SmallConvNet()
+    before = _state(model)
+    with pytest.raises(autodac.BudgetError, match=r"at least one budget must be given \(flops_budget or latency_budget"):
+        autodac.optimize(model, None, example_inputs=torch.randn(1, 3, 8, 8), progress=False)
     _assert_same_state(model, before)
 
 

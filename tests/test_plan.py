@@ -209,7 +209,7 @@ LOAD_REFUSALS = {
     "rank zero": (_set("rank", 0), r"layer 'conv1'.*rank >= 1.*rank=0"),
     "rank string": (_set("rank", "2"), r"layer 'conv1'.*rank='2'"),
     "rank bool": (_set("rank", True), r"layer 'conv1'.*rank=True"),
-    "missing field": (lambda d: d["layers"]["conv1"].pop("weight_shape"), r"layer 'conv1' must have exactly the fields"),
+    "missing field": (lambda d: d["layers"]["conv1"].pop("weight_shape"), r"layer 'conv1' must have the fields"),
     "layers not an object": (_set_top("layers", []), r"`layers` must be an object"),
     "bad original_flops": (_set_top("original_flops", "many"), r"integer `original_flops`.*'many'"),
     "error not finite": (_set("error", float("inf")), r"layer 'conv1'.*`error` must be finite"),

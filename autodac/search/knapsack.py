@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LayerOptions", "pareto_front", "solve", "minimum_cost"]
+__all__ = ["LayerOptions", "Secondary", "pareto_front", "solve", "minimum_cost"]
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,57 @@ def minimum_cost(layers: list[LayerOptions]) -> int:
     return int(sum(int(o.costs.min()) for o in layers))
 
 
-def solve(layers: list[LayerOptions], budget: int, resolution: int = 20000) -> list[int]:
+def solve(
+    layers: list[LayerOptions], budget: int, resolution: int = 20000, secondary: "Secondary | None" = None
+) -> list[int]:
     """The option index per layer minimising summed error with summed cost ``<= budget``.
 
-    Raises ``ValueError`` when even the cheapest options exceed the budget.
+    With ``secondary`` (a second cost per option and its budget, e.g. FLOPs beside latency) the
+    second budget holds too: a Lagrange multiplier on the second cost is raised by bisection
+    until the allocation fits it. Raises ``ValueError`` when even the cheapest options exceed
+    the budget, or no allocation meets both.
     """
+    if secondary is None:
+        return _solve_one(layers, budget, resolution)
+    selection = _solve_one(layers, budget, resolution)
+    if secondary.spent(selection) <= secondary.budget:
+        return selection
+    scale = max(float(sum(float(o.errors.max()) for o in layers)), 1e-12) / max(secondary.budget, 1)
+    low, high, best = 0.0, scale, None
+    for _ in range(60):  # find an upper multiplier that fits, then bisect down to the smallest
+        candidate = _solve_one(_penalised(layers, secondary, high), budget, resolution)
+        if secondary.spent(candidate) <= secondary.budget:
+            best = candidate
+            break
+        low, high = high, high * 4.0
+    if best is None:
+        raise ValueError(f"no allocation meets both budgets ({budget} and secondary {secondary.budget})")
+    for _ in range(30):
+        middle = 0.5 * (low + high)
+        candidate = _solve_one(_penalised(layers, secondary, middle), budget, resolution)
+        if secondary.spent(candidate) <= secondary.budget:
+            best, high = candidate, middle
+        else:
+            low = middle
+    return best
+
+
+@dataclass(frozen=True)
+class Secondary:
+    """A second cost per option (parallel to each layer's options) and the budget it must meet."""
+
+    costs: list[np.ndarray]
+    budget: int
+
+    def spent(self, selection: list[int]) -> int:
+        return int(sum(int(c[s]) for c, s in zip(self.costs, selection)))
+
+
+def _penalised(layers: list[LayerOptions], secondary: Secondary, multiplier: float) -> list[LayerOptions]:
+    return [LayerOptions(o.costs, o.errors + multiplier * c.astype(np.float64)) for o, c in zip(layers, secondary.costs)]
+
+
+def _solve_one(layers: list[LayerOptions], budget: int, resolution: int) -> list[int]:
     if minimum_cost(layers) > budget:
         raise ValueError(f"minimum cost {minimum_cost(layers)} exceeds budget {budget}")
     fronts = [pareto_front(o) for o in layers]

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from autodac.search.knapsack import LayerOptions, solve
+from autodac.search.knapsack import LayerOptions, Secondary, solve
 
 __all__ = ["Trial", "RefineResult", "refine", "pareto_trials"]
 
@@ -28,6 +28,7 @@ class Trial:
     value: float
     cost: int
     selection: tuple[int, ...]
+    weights: tuple[float, ...] = ()  # the per-layer score weights that produced the selection
 
 
 @dataclass
@@ -59,12 +60,14 @@ def refine(
     spread: float = 4.0,
     progress: bool = False,
     min_budget: int | None = None,
+    secondary: Secondary | None = None,
 ) -> RefineResult:
     """Search per-layer score weights in ``[1/spread, spread]`` (log scale) maximising ``evaluate``.
 
     With ``min_budget`` the search is two-objective: each trial also draws its own budget in
     ``[min_budget, budget]`` and Optuna trades cost against value; ``front`` then holds the
-    Pareto front of plans. ``best`` is always the highest value within ``budget``.
+    Pareto front of plans. ``best`` is always the highest value within ``budget``. ``secondary``
+    is a second budget every trial's allocation also meets (see ``knapsack.solve``).
     """
     import optuna
 
@@ -78,13 +81,13 @@ def refine(
         trial_budget = budget
         if min_budget is not None:
             trial_budget = int(min_budget + trial.suggest_float("budget", 0.0, 1.0) * (budget - min_budget))
-        selection = tuple(solve(scaled, trial_budget))
+        selection = tuple(solve(scaled, trial_budget, secondary=secondary))
         if selection not in seen:
             seen[selection] = float(evaluate(selection))
         value = seen[selection]
         cost = int(sum(int(o.costs[s]) for o, s in zip(layers, selection)))
         trial.set_user_attr("selection", list(selection))
-        trials.append(Trial(trial.number, value, cost, selection))
+        trials.append(Trial(trial.number, value, cost, selection, tuple(float(w) for w in weights)))
         return value if min_budget is None else (value, float(cost))
 
     optuna_logger = logging.getLogger("optuna")

@@ -1,0 +1,294 @@
+"""Wall-clock latency on the user's device: per-layer tables, side-by-side ratios, an on-disk cache.
+
+Fewer FLOPs is not lower latency (a DAC pair can run slower than the dense conv it replaces),
+so a latency budget is planned on what is measured. Every figure is a median after warm-up;
+model-to-model ratios come from interleaved runs, so a machine that slows down mid-measurement
+slows both sides alike. CUDA timings synchronise before reading the clock.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from autodac.errors import AutodacError
+from autodac.factorize import Geometry
+
+__all__ = ["LatencyCache", "median_seconds", "side_by_side", "layer_inputs", "layer_latencies", "LatencyTable", "measure_table", "device_key", "describe_device", "resolve_device"]
+
+_WARMUP = 3
+
+
+def resolve_device(device: Any, model: nn.Module) -> torch.device:
+    """``device`` as a ``torch.device`` (default: where the model's parameters live), checked usable."""
+    if device is None:
+        parameter = next(iter(model.parameters()), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AutodacError(f"`device` must name a torch device such as 'cpu' or 'cuda:0', but got device={device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise AutodacError(f"`device` must be available on this machine, but got device={device!r} and CUDA is not available")
+    return resolved
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(run: Callable[[], Any], device: torch.device, repeats: int = 7, warmup: int = _WARMUP) -> float:
+    """Median wall time of ``run()`` over ``repeats`` runs after ``warmup`` untimed ones."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            run()
+        _synchronize(device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def side_by_side(
+    reference: nn.Module, candidate: nn.Module, inputs: tuple[Any, ...], device: torch.device, rounds: int = 15
+) -> tuple[float, float, float]:
+    """``(median ratio candidate/reference, reference median s, candidate median s)`` from interleaved runs."""
+    def once(model: nn.Module) -> float:
+        start = time.perf_counter()
+        model(*inputs)
+        _synchronize(device)
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        for _ in range(_WARMUP):
+            reference(*inputs)
+            candidate(*inputs)
+        _synchronize(device)
+        ratios, first, second = [], [], []
+        for i in range(rounds):
+            pair = (reference, candidate) if i % 2 == 0 else (candidate, reference)  # alternate who runs first
+            times = {id(m): once(m) for m in pair}
+            first.append(times[id(reference)])
+            second.append(times[id(candidate)])
+            ratios.append(second[-1] / first[-1])
+    return statistics.median(ratios), statistics.median(first), statistics.median(second)
+
+
+def layer_inputs(module: nn.Module, geometry: Geometry, device: torch.device, generator: torch.Generator) -> list[torch.Tensor]:
+    """One random input per call the layer made in the traced forward pass, at that call's shape."""
+    dtype = module.weight.dtype
+    if isinstance(module, nn.Linear):
+        return [torch.randn(batch, geometry.in_channels, generator=generator).to(device, dtype) for batch, _, _ in geometry.calls]
+    return [
+        torch.randn(batch, geometry.in_channels, *spatial, generator=generator).to(device, dtype)
+        for batch, spatial, _ in geometry.calls
+    ]
+
+
+def device_key(device: torch.device) -> str:
+    """What a timing depends on beyond the layer: the device model, the thread count, the torch build."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        import platform
+
+        name = f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip()
+    return f"{device.type}|{name}|torch {torch.__version__}"
+
+
+def describe_device(device: torch.device) -> str:
+    """The device in words, as plans and errors report it."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)}, torch {torch.__version__})"
+    return f"cpu ({torch.get_num_threads()} threads, torch {torch.__version__})"
+
+
+@dataclass
+class LatencyCache:
+    """Per-layer timings on disk (JSON), keyed by device, torch version, layer and input shapes.
+
+    The default location is ``$AUTODAC_CACHE_DIR/latency.json`` or
+    ``~/.cache/autodac/latency.json``; ``path=None`` keeps the cache in memory only.
+    """
+
+    path: Path | None
+    entries: dict[str, float]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | None | bool = True) -> "LatencyCache":
+        if path is False or path is None:
+            return cls(None, {})
+        if path is True:
+            root = os.environ.get("AUTODAC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autodac")
+            path = os.path.join(root, "latency.json")
+        path = Path(path)
+        entries: dict[str, float] = {}
+        try:
+            entries = {str(k): float(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+        except (OSError, ValueError, AttributeError):  # missing or unreadable: start afresh, never fail the plan
+            entries = {}
+        return cls(path, entries)
+
+    @staticmethod
+    def key(device: torch.device, module: nn.Module, geometry: Geometry, option: Sequence[Any]) -> str:
+        described = json.dumps(
+            [device_key(device), repr(module), str(module.weight.dtype), [list(map(list, c[1:])) + [c[0]] for c in geometry.calls],
+             list(option)],
+        )
+        return hashlib.sha1(described.encode()).hexdigest()
+
+    def get(self, key: str) -> float | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, seconds: float) -> None:
+        self.entries[key] = float(seconds)
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(self.entries), encoding="utf-8")
+            os.replace(temporary, self.path)  # atomic: a concurrent reader sees the old or the new file, never half
+        except OSError:
+            pass  # a read-only home must not fail the plan; the next call re-measures
+
+
+def _spread(ranks: Sequence[int], count: int) -> list[int]:
+    """At most ``count`` of ``ranks`` (sorted), always the first and the last, evenly spaced between."""
+    if len(ranks) <= count:
+        return list(ranks)
+    positions = {round(i * (len(ranks) - 1) / (count - 1)) for i in range(count)}
+    return [ranks[p] for p in sorted(positions)]
+
+
+def layer_latencies(
+    module: nn.Module,
+    geometry: Geometry,
+    options: Sequence[tuple[str, int | None]],
+    build: Callable[[str, int, str], nn.Module],
+    implementations: dict[str, Sequence[str]],
+    device: torch.device,
+    cache: LatencyCache,
+    points: int = 16,
+    repeats: int = 7,
+    seed: int = 0,
+) -> tuple[list[float], list[str]]:
+    """Seconds and fastest implementation for every ``(method, rank)`` option of one layer.
+
+    Option ``(DENSE, None)`` is the layer itself. Per method, up to ``points`` ranks are timed
+    (each implementation of it, on inputs of the traced shapes): all of them when there are
+    that few (speed is not smooth in rank where a narrow conv misses the fast kernels), else ``points`` ranks spread evenly with linear interpolation between.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    inputs = layer_inputs(module, geometry, device, generator)
+
+    def timed(layer: nn.Module, option: Sequence[Any]) -> float:
+        key = LatencyCache.key(device, module, geometry, option)
+        cached = cache.get(key)
+        if cached is not None:
+            return cached
+        if any(p.device != device for p in layer.parameters()):
+            layer = copy.deepcopy(layer).to(device)  # never move the caller's own layer (convs and linears have no mode)
+        seconds = median_seconds(lambda: [layer(x) for x in inputs], device, repeats=repeats)
+        cache.put(key, seconds)
+        return seconds
+
+    seconds: list[float] = [0.0] * len(options)
+    impls: list[str] = [""] * len(options)
+    by_method: dict[str, list[tuple[int, int]]] = {}
+    for index, (method, rank) in enumerate(options):
+        if rank is None:
+            seconds[index] = timed(module, ("dense",))
+        else:
+            by_method.setdefault(method, []).append((rank, index))
+    for method, entries in by_method.items():
+        entries.sort()
+        ranks = [rank for rank, _ in entries]
+        measured = _spread(ranks, points)  # every rank when there are few: speed is not smooth in rank at small widths
+        best = {impl: [] for impl in implementations.get(method, ("",))}
+        for impl in best:
+            best[impl] = [timed(build(method, rank, impl), (method, rank, impl)) for rank in measured]
+        for rank, index in entries:
+            estimates = {impl: _interpolate(rank, measured, times) for impl, times in best.items()}
+            impl = min(estimates, key=lambda name: (estimates[name], name))
+            seconds[index], impls[index] = estimates[impl], impl
+    return seconds, impls
+
+
+def _interpolate(rank: int, ranks: Sequence[int], times: Sequence[float]) -> float:
+    if len(ranks) == 1:
+        return times[0]
+    for low, high, t_low, t_high in zip(ranks[:-1], ranks[1:], times[:-1], times[1:]):
+        if low <= rank <= high:
+            return t_low + (t_high - t_low) * (rank - low) / (high - low)
+    return times[-1]
+
+
+@dataclass
+class LatencyTable:
+    """Measured latency of the original model and of every option of every candidate layer.
+
+    ``seconds[i][j]`` / ``impls[i][j]``: layer ``i`` at option ``j`` (option 0 dense). The model's
+    time is predicted as ``original - sum(dense) + sum(chosen)``: what the layers do not account
+    for (activations, pooling, the head) is ``fixed``.
+    """
+
+    device: torch.device
+    original: float
+    seconds: list[list[float]]
+    impls: list[list[str]]
+
+    @property
+    def fixed(self) -> float:
+        return max(self.original - sum(row[0] for row in self.seconds), 0.0)
+
+    def costs(self) -> list["np.ndarray"]:
+        """Integer nanoseconds per option, the knapsack's cost unit."""
+        import numpy as np
+
+        return [np.array([max(1, round(s * 1e9)) for s in row], dtype=np.int64) for row in self.seconds]
+
+    def capacity(self, ratio: float) -> int:
+        """Nanoseconds the candidate layers may take for the model to run in ``ratio`` of the original time."""
+        return int((ratio * self.original - self.fixed) * 1e9)
+
+
+def measure_table(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    layers: Sequence[tuple[nn.Module, Geometry, Sequence[tuple[str, int | None]], Callable[[str, int, str], nn.Module]]],
+    implementations: dict[str, Sequence[str]],
+    device: torch.device,
+    cache: LatencyCache,
+    progress: bool = False,
+) -> LatencyTable:
+    """Time the original model end to end, then every layer's options (see ``layer_latencies``)."""
+    original = median_seconds(lambda: model(*inputs), device, repeats=11)
+    iterator = layers
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(layers, desc="autodac: timing layers", unit="layer", disable=None, leave=False)
+    seconds, impls = [], []
+    for module, geometry, options, build in iterator:
+        row, chosen = layer_latencies(module, geometry, options, build, implementations, device, cache)
+        seconds.append(row)
+        impls.append(chosen)
+    cache.save()
+    return LatencyTable(device, original, seconds, impls)

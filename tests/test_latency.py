@@ -1,0 +1,189 @@
+"""Latency budgets: every DAC implementation exact, tables cached, measured ratios that meet the budget,
+both budgets together, clear refusals, plans that record and replay the implementation chosen."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import autodac
+from autodac import latency as latency_module
+from autodac.cost import count_flops
+from autodac.errors import AutodacError, BudgetError
+from autodac.latency import LatencyCache, layer_latencies, median_seconds, side_by_side
+from autodac.layers import IMPLEMENTATIONS, SplitDepthwise, build_factorized
+from autodac.testing import conv_configs
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths")
+
+CONV_CONFIGS = [c for c in conv_configs() if c.module.weight.dim() > 2 and c.module.weight[0, 0].numel() > 1 and c.module.groups == 1]
+
+
+@pytest.mark.parametrize("index", range(len(CONV_CONFIGS)), ids=[c.name for c in CONV_CONFIGS])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS["dac"])
+def test_every_dac_implementation_is_exact_at_full_rank_and_counts_the_same_flops(index: int, impl: str) -> None:
+    config = CONV_CONFIGS[index]
+    conv = copy.deepcopy(config.module).double()
+    x = torch.randn(config.input_shape, generator=torch.Generator().manual_seed(index), dtype=torch.float64)
+    full = min(conv.weight.shape[0], conv.weight[0, 0].numel())
+    layer = build_factorized(conv, "dac", full, impl=impl)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), conv(x), rtol=1e-9, atol=1e-9)
+    grouped = build_factorized(conv, "dac", max(1, full - 1), impl="grouped")
+    other = build_factorized(conv, "dac", max(1, full - 1), impl=impl)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), grouped(x), rtol=1e-9, atol=1e-9)  # same factors, whatever the form
+    assert count_flops(other, (x,)).total == count_flops(grouped, (x,)).total
+    assert isinstance(other.depthwise, SplitDepthwise) == (impl == "split")
+
+
+def test_an_unknown_implementation_is_refused() -> None:
+    with pytest.raises(AutodacError, match="impl"):
+        build_factorized(nn.Conv2d(4, 4, 3), "dac", 2, impl="fast")
+    with pytest.raises(AutodacError, match="impl"):
+        build_factorized(nn.Conv2d(4, 4, 3), "spatial", 2, impl="split")
+
+
+class WideNet(nn.Module):
+    """Two wide 3x3 convs on a large map: factorising them must pay off on any CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.conv1 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.conv2 = nn.Conv2d(64, 64, 3, padding=1)
+        with torch.no_grad():  # a decaying spectrum, like a trained layer's
+            for conv in (self.conv1, self.conv2):
+                u = torch.randn(64, 64 * 9, generator=generator)
+                conv.weight.copy_((u * torch.logspace(0, -3, 64 * 9)).reshape(64, 64, 3, 3) * 0.05)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.bn1(self.conv1(x))))
+
+
+INPUT = torch.randn(1, 64, 48, 48, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def latency_result(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache") / "latency.json"
+    model = WideNet().eval()
+    state = copy.deepcopy(model.state_dict())
+    result = autodac.optimize(model, latency_budget=0.6, example_inputs=INPUT, latency_cache=cache, progress=False)
+    return model, state, result, cache
+
+
+def test_the_measured_latency_ratio_meets_the_budget(latency_result) -> None:
+    model, _, result, _ = latency_result
+    assert result.latency_ratio is not None and result.latency_ratio <= 0.6
+    assert result.plan.budget == {"latency": 0.6}
+    assert result.metrics["latency_ms"] < result.metrics["latency_original_ms"]
+    # re-measured independently, side by side, the result is still faster than the original
+    ratio, _, _ = side_by_side(model, result.model.eval(), (INPUT,), torch.device("cpu"), rounds=9)
+    assert ratio < 1.0
+
+
+def test_the_plan_records_latency_and_implementation_per_layer_and_replays(latency_result) -> None:
+    model, state, result, _ = latency_result
+    plan = autodac.Plan.from_json(result.plan.to_json())
+    assert plan == result.plan
+    factorised = plan.factorized
+    assert factorised, "a 0.6 latency budget on two wide convs must factorise something"
+    for name, choice in plan.layers.items():
+        assert choice.latency_before is not None and choice.latency_before > 0
+        assert choice.latency_after is not None and choice.latency_after > 0
+        if choice.method == "dac":
+            assert choice.impl in IMPLEMENTATIONS["dac"]
+    rebuilt = autodac.apply(model, plan)
+    for name, choice in factorised.items():
+        assert rebuilt.get_submodule(name).impl == result.model.get_submodule(name).impl
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(INPUT), result.model.eval()(INPUT))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key  # the caller's model untouched
+
+
+def test_a_second_call_reads_the_cache_instead_of_timing_layers_again(latency_result, monkeypatch) -> None:
+    model, _, _, cache = latency_result
+    entries = json.loads(cache.read_text())
+    assert entries and all(v > 0 for v in entries.values())
+    timed = []
+    original = latency_module.median_seconds
+
+    def counting(run, device, repeats=7, warmup=3):
+        timed.append(repeats)
+        return original(run, device, repeats, warmup)
+
+    monkeypatch.setattr(latency_module, "median_seconds", counting)
+    autodac.optimize(model, latency_budget=0.6, example_inputs=INPUT, latency_cache=cache, progress=False)
+    assert len(timed) == 1  # the original model end to end only; every layer option came from the cache
+
+
+def test_both_budgets_hold_together(tmp_path) -> None:
+    model = WideNet().eval()
+    result = autodac.optimize(model, 0.3, latency_budget=0.8, example_inputs=INPUT, latency_cache=tmp_path / "c.json", progress=False)
+    assert result.flops_ratio <= 0.3
+    assert result.latency_ratio <= 0.8
+    assert result.plan.budget == {"flops": 0.3, "latency": 0.8}
+
+
+def test_an_unreachable_latency_budget_is_refused_with_the_best_measured_ratio(tmp_path) -> None:
+    model = WideNet().eval()
+    with pytest.raises(BudgetError, match=r"latency_budget >= \d\.\d+` must hold .* but got latency_budget=0.001"):
+        autodac.optimize(model, latency_budget=0.001, example_inputs=INPUT, latency_cache=tmp_path / "c.json", progress=False)
+
+
+@pytest.mark.parametrize("value", [0, -0.5, 1.5, float("nan"), "0.5", True])
+def test_bad_latency_budgets_are_refused(value) -> None:
+    with pytest.raises(BudgetError, match="latency_budget"):
+        autodac.optimize(WideNet(), latency_budget=value, example_inputs=INPUT, progress=False)
+
+
+def test_no_budget_at_all_is_refused() -> None:
+    with pytest.raises(BudgetError, match="at least one budget"):
+        autodac.optimize(WideNet(), example_inputs=INPUT, progress=False)
+
+
+@pytest.mark.parametrize("device, match", [("gpu:7", "torch device"), ("cuda:0", "available")])
+def test_a_bad_or_missing_device_is_refused(device, match) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(AutodacError, match=match):
+        autodac.optimize(WideNet(), latency_budget=0.5, example_inputs=INPUT, device=device, progress=False)
+
+
+def test_layer_tables_time_every_option_once_and_pick_the_faster_implementation() -> None:
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    geometry = autodac.surgery.trace_layers(conv, (torch.randn(2, 16, 20, 20),))[0].geometry
+    options = [("dense", None)] + [("dac", r) for r in range(1, 5)]
+    built = []
+
+    def build(method, rank, impl):
+        built.append((method, rank, impl))
+        return build_factorized(conv, method, rank, impl=impl)
+
+    seconds, impls = layer_latencies(conv, geometry, options, build, IMPLEMENTATIONS, torch.device("cpu"), LatencyCache(None, {}))
+    assert len(seconds) == len(options) and all(s > 0 for s in seconds)
+    assert sorted(built) == sorted((m, r, i) for m, r in options[1:] for i in IMPLEMENTATIONS["dac"])
+    assert impls[0] == "" and all(i in IMPLEMENTATIONS["dac"] for i in impls[1:])
+
+
+def test_median_seconds_is_a_median_of_the_timed_runs() -> None:
+    calls = []
+    value = median_seconds(lambda: calls.append(1), torch.device("cpu"), repeats=5, warmup=2)
+    assert len(calls) == 7 and value >= 0
+
+
+def test_an_unreadable_cache_file_starts_afresh(tmp_path) -> None:
+    path = tmp_path / "latency.json"
+    path.write_text("not json")
+    cache = LatencyCache.open(path)
+    assert cache.entries == {}
+    cache.put("k", 1.5)
+    cache.save()
+    assert LatencyCache.open(path).entries == {"k": 1.5}
