@@ -331,11 +331,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
     if args.flops_budget is None and args.latency_budget is None:
         raise _UsageError("one of `--flops-budget` or `--latency-budget` must be given (see `autodac optimize --help`)")
-    if args.latency_budget is not None and "latency_budget" not in inspect.signature(autodac.optimize).parameters:
-        raise CLIError(
-            f"`--latency-budget` needs autodac.optimize(latency_budget=...), which this autodac {autodac.__version__} does not "
-            f"have yet; give `--flops-budget` instead, but got --latency-budget={args.latency_budget!r}"
-        )
+    if args.synthesize and args.data:
+        raise _UsageError("`--data` and `--synthesize` are alternatives (synthesised inputs stand in for missing data); give one")
     _check_writable("`--out`", args.out)
     _check_writable("`--save-model`", args.save_model)
     model = _load_model(args.model, args.weights, args.pretrained)
@@ -346,7 +343,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         kwargs["flops_budget"] = args.flops_budget
     if args.latency_budget is not None:
         kwargs["latency_budget"] = args.latency_budget
-    for name in ("methods", "n_trials", "seed"):  # passed only when given: the library's defaults stay the defaults
+    for name in ("methods", "n_trials", "seed", "synthesize", "device"):  # passed only when given: the library's defaults stay the defaults
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     if args.exclude:
@@ -592,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--latency-budget", type=_budget, metavar="RATIO", help="at most this fraction of the measured latency")
     _add_shape(optimize, "required without --data; with --data the first example's shape")
     optimize.add_argument("--data", metavar="FILE", help="probe: .npz with x (inputs) and optional y (labels), or a .pt")
+    optimize.add_argument("--synthesize", type=_positive, metavar="N",
+                          help="no data: plan on N inputs synthesised to match the model's BatchNorm statistics")
+    optimize.add_argument("--device", metavar="DEVICE", help="where --latency-budget is timed (default: where the model is; e.g. cuda:0)")
     optimize.add_argument("--methods", type=_methods, metavar="M[,M...]", help="factorisations allowed: dac,spatial,lowrank (default all)")
     optimize.add_argument("--exclude", action="append", metavar="GLOB", help="keep layers matching this name pattern dense (repeatable)")
     optimize.add_argument("--n-trials", type=_positive, metavar="N", help=f"Optuna trials with --data (default {_default('n_trials')})")

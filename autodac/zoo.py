@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["resnet20", "cifar_vgg", "resnet50_shaped", "pretrained", "BasicBlock", "Bottleneck"]
+__all__ = ["resnet20", "cifar_vgg", "resnet50_shaped", "vgg16_shaped", "pretrained", "BasicBlock", "Bottleneck"]
 
 
 class BasicBlock(nn.Module):
@@ -151,6 +151,31 @@ class ResNet50Shaped(nn.Module):
 def resnet50_shaped(in_channels: int = 3, num_classes: int = 1000) -> nn.Module:
     """ResNet-50's layout (about 4.1 GMAC at 224x224); random weights unless you train it."""
     return ResNet50Shaped(in_channels, num_classes)
+
+
+class VGG16Shaped(nn.Module):
+    """VGG-16's 13 convs (3x3, 64..512 channels, five max-pools) with a small pooled head."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1000) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for width, repeats in ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)):
+            for _ in range(repeats):
+                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
+                channels = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def vgg16_shaped(in_channels: int = 3, num_classes: int = 1000) -> nn.Module:
+    """VGG-16's conv layout (about 15.3 GMAC at 224x224); random weights, for latency benchmarks."""
+    return VGG16Shaped(in_channels, num_classes)
 
 
 _WEIGHTS = {"resnet20": "resnet20_fashion_mnist.pt", "cifar_vgg": "cifar_vgg_fashion_mnist.pt"}

@@ -212,3 +212,27 @@ def test_a_state_dict_as_model_is_refused(work: Path) -> None:
 def test_a_plan_that_does_not_fit_the_model_is_refused(work: Path, data_free: dict) -> None:
     _refused(_cli("apply", "conv1d.pt", "free.json", "--out", "wrong.pt", cwd=work), "weight shape")
     assert not (work / "wrong.pt").exists()
+
+
+def test_optimize_under_a_latency_budget_reports_the_measured_ratio(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(48, 48, 3, padding=1), torch.nn.BatchNorm2d(48), torch.nn.ReLU(), torch.nn.Conv2d(48, 48, 3, padding=1)
+    ).eval()
+    torch.save(model, tmp_path / "wide.pt")
+    done = _ok(_cli("optimize", "wide.pt", "--latency-budget", "0.8", "--input-shape", "1,48,40,40", "--out", "lat.json",
+                    "--json", "--quiet", cwd=tmp_path))
+    payload = json.loads(done.stdout)
+    assert payload["budget"] == {"latency": 0.8}
+    assert 0 < payload["metrics"]["latency_ratio"] <= 0.8
+    plan = autodac.Plan.load(tmp_path / "lat.json")
+    assert all(c.latency_before is not None for c in plan.layers.values())
+
+
+def test_optimize_with_synthesize_plans_without_data(work: Path) -> None:
+    done = _ok(_cli("optimize", "small.pt", "--flops-budget", "0.6", "--synthesize", "32", "--n-trials", "1",
+                    "--input-shape", SHAPE, "--out", "synthetic.json", "--json", "--quiet", cwd=work))
+    payload = json.loads(done.stdout)
+    assert payload["flops_ratio"] <= 0.6
+    assert autodac.Plan.load(work / "synthetic.json").probe["source"] == "synthetic"
+    _refused(_cli("optimize", "small.pt", "--flops-budget", "0.6", "--synthesize", "32", "--data", "probe.npz",
+                  "--out", "x.json", cwd=work), "alternatives")
