@@ -14,16 +14,23 @@ __all__ = ["plan_table", "compare"]
 
 def plan_table(plan: Plan, tablefmt: str = "simple") -> str:
     """One row per candidate layer: shape, method, rank, FLOPs before/after and the predicted error."""
+    timed = any(c.latency_before is not None for c in plan.layers.values())
     rows = []
     for name, choice in plan.layers.items():
-        rows.append([
+        row = [
             name, "x".join(map(str, choice.weight_shape)), choice.method, "" if choice.rank is None else choice.rank,
             f"{choice.flops_before:,}", f"{choice.flops_after:,}", f"{choice.flops_after / choice.flops_before:.3f}",
             f"{choice.error:.4f}",
-        ])
+        ]
+        if timed:
+            row += [choice.impl, *(("", "") if choice.latency_before is None else (
+                f"{choice.latency_before:.3f}", f"{choice.latency_after:.3f}"))]
+        rows.append(row)
     for name, reason in plan.skipped.items():
-        rows.append([name, "", "skipped", "", "", "", "", reason])
+        rows.append([name, "", "skipped", "", "", "", "", reason] + (["", "", ""] if timed else []))
     headers = ["layer", "weight", "method", "rank", "FLOPs before", "FLOPs after", "ratio", "pred. error"]
+    if timed:
+        headers += ["impl", "ms before", "ms after"]
     return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
@@ -33,11 +40,15 @@ def _cell(plan: Plan, layer: str) -> str:
         return "skipped" if layer in plan.skipped else "-"
     if choice.is_dense:
         return "dense"
-    return f"{choice.method} r{choice.rank} ({choice.flops_after / choice.flops_before:.2f})"
+    cell = f"{choice.method} r{choice.rank} ({choice.flops_after / choice.flops_before:.2f}"
+    if choice.latency_before:  # measured: the layer's latency ratio beside its FLOPs ratio
+        cell += f", {choice.latency_after / choice.latency_before:.2f} ms"
+    return cell + ")"
 
 
 def compare(plans: Mapping[str, Plan] | list[Plan], tablefmt: str = "simple") -> str:
-    """Plans side by side: a row per layer (method, rank and the layer's FLOPs ratio), then totals.
+    """Plans side by side: a row per layer (method, rank, the layer's FLOPs ratio and, for plans timed
+    under a latency budget, its measured latency ratio), then totals.
 
     ``plans`` maps a column title to a plan (a list gets titles ``plan 1``, ``plan 2``...). Totals
     are the FLOPs ratio, the parameters, and every measured figure the plans carry (``metrics``).

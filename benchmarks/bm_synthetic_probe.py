@@ -88,7 +88,7 @@ def main() -> None:
         f"The synthetic probe is {args.count} inputs from `autodac.synthesize_inputs` (seed 0, {DEFAULT_STEPS} Adam steps per "
         "batch of 256): Gaussian noise optimised until the statistics at every BatchNorm match the stored running "
         "statistics. `BN mismatch` is `autodac.synthesis.statistics_mismatch` (mean over BatchNorms of the squared gap in "
-        "mean and std, in units of the stored variance). Seconds are wall time of the whole `optimize` call (synthesis "
+        "mean and std). Seconds are wall time of the whole `optimize` call (synthesis "
         "timed once per net, in the first table). Weights: " + "; ".join(f"{n}: {weights_info(n)}" for n in args.nets)
     )
     path = write_results(args.name, {"synthesis": synthesis, "plans": rows}, header)

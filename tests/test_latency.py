@@ -187,3 +187,13 @@ def test_an_unreadable_cache_file_starts_afresh(tmp_path) -> None:
     cache.put("k", 1.5)
     cache.save()
     assert LatencyCache.open(path).entries == {"k": 1.5}
+
+
+def test_tables_show_latency_beside_flops(latency_result) -> None:
+    _, _, result, _ = latency_result
+    table = result.summary()
+    assert "ms before" in table and "impl" in table
+    name, choice = next(iter(result.plan.factorized.items()))
+    side = autodac.compare({"latency": result.plan})
+    assert f"{choice.latency_after / choice.latency_before:.2f} ms" in side
+    assert "latency_ratio" in side
