@@ -36,6 +36,7 @@ from autodac.report import plan_table
 from autodac.search.knapsack import LayerOptions, Secondary, minimum_cost, pareto_front, solve
 from autodac.search.refine import Trial, refine
 from autodac.search.sensitivity import SensitivityProfile, loss_curve, measure_profile, pick_ranks
+from autodac.search.storage import SharedSearch, open_search
 from autodac.surgery import TracedLayer, evaluating, replace_layers, run_model, trace_layers
 from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
 
@@ -389,6 +390,8 @@ def optimize(
     seed: int = 0,
     pareto: bool = False,
     progress: bool = True,
+    storage: Any = None,
+    study_name: str | None = None,
 ) -> Result:
     """Decompose a copy of ``model`` to at most ``flops_budget`` of its fvcore FLOPs and/or ``latency_budget`` of its latency.
 
@@ -423,6 +426,13 @@ def optimize(
     of weight error); ``weighting`` ("batchnorm" or "none") weighs output channels by the
     BatchNorm that follows. Seeded runs without ``timeout`` are deterministic. The caller's model
     is not changed.
+    ``storage`` (a database URL such as ``sqlite:///search.db`` or ``postgresql://host/db``, a
+    ``.journal``/``.log`` file, or an Optuna storage) with ``study_name`` keeps the Optuna search
+    there instead of in memory: every call naming the same study adds its ``n_trials`` to one
+    search, reads back what another worker has measured (the sensitivity profile, the latency
+    table of its device, the BatchNorm decision, plans already evaluated) and returns the best
+    plan found by all of them; a study made for another model, budget or probe is refused, and
+    a trial left running by a killed worker is failed and run again (``autodac.search.storage``).
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
@@ -480,6 +490,13 @@ def optimize(
             f"methods={list(methods)} (the smallest reachable ratio), but got flops_budget={budget!r}"
         )
 
+    shared = open_search(
+        storage, study_name, model, probe, probe is not None or evaluate is not None, pareto=pareto, settings={
+            "flops_budget": budget, "latency_budget": latency, "input_shapes": _input_shapes(inputs), "methods": list(methods),
+            "exclude": list(exclude), "weighting": weighting, "fit_to_data": fit_to_data, "profile_size": profile_size,
+            "profile_points": profile_points, "reestimate_bn": reestimate_bn, "evaluate": evaluate is not None,
+        },
+    )
     metrics: dict[str, float] = {}
     profile = None
     refined = None
@@ -490,7 +507,8 @@ def optimize(
     secondary: Secondary | None = None
     capacity = target - fixed
     if latency is not None:
-        timing = _measure_latency(model, inputs, candidates, factors, timing_device, latency_cache, progress)
+        measure = functools.partial(_measure_latency, model, inputs, candidates, factors, timing_device, latency_cache, progress)
+        timing = measure() if shared is None else shared.latency(timing_device, measure)
         if budget is not None:
             secondary = Secondary([o.costs for o in weight_scores], target - fixed)
         capacity = timing.capacity(latency)
@@ -516,14 +534,16 @@ def optimize(
     else:
         runner = _ProbeRunner(model, probe, evaluate)
         if runner.held_out is not None:
-            profile, scores = _profile_scores(model, candidates, runner.held_out, factors, profile_size, profile_points, progress)
+            profile, scores = _profile_scores(model, candidates, runner.held_out, factors, profile_size, profile_points, progress, shared)
         metrics["probe_original"] = runner.score(model)[1]
         can_reestimate = reestimate_bn and runner.calibration is not None and has_batchnorm(model)
-        use_bn = False
-        if can_reestimate:  # decide once, on the plain allocation, whether re-estimation helps at all
+
+        def decide_bn() -> bool:  # decide once, on the plain allocation, whether re-estimation helps at all
             first = _build(model, candidates, allocate(scores), factors, timing)
             with_bn, without = runner.score(first, reestimate=True), runner.score(first)
-            use_bn = with_bn[0] > without[0] and with_bn[1] >= without[1]
+            return bool(with_bn[0] > without[0] and with_bn[1] >= without[1])
+
+        use_bn = can_reestimate and (decide_bn() if shared is None else shared.piece("use_bn", decide_bn))
 
         def evaluate_selection(selection: tuple[int, ...]) -> float:
             return runner.score(_build(model, candidates, selection, factors, timing), reestimate=use_bn)[0]
@@ -532,6 +552,7 @@ def optimize(
         refined = refine(
             costed, capacity, evaluate_selection, n_trials=n_trials, timeout=timeout, seed=seed, progress=progress,
             min_budget=minimum_cost(costed) if pareto else None, secondary=secondary,
+            study=None if shared is None else shared.study,
         )
         selection = list(refined.best.selection)
 
@@ -576,11 +597,14 @@ def optimize(
     if counted != plan.flops or counted > target:  # the closed form and fvcore disagree: a bug, never a silent miss
         raise AutodacError(f"internal check failed: fvcore counts {counted} FLOPs, plan predicts {plan.flops}, budget {target}")
     logger.info("planned %d of %d layers; FLOPs ratio %.4f", len(plan.factorized), len(plan.layers), plan.flops_ratio)
+    front = [] if not (pareto and refined) else [_front_plan(plan, candidates, t, timing) for t in refined.front]
+    if shared is not None:
+        plan.notes.append(shared.note(n_trials))
+        shared.publish(plan, refined.best.value, refined.best.number, front)
     return Result(
         model=decomposed, plan=plan, original_flops=original.total, flops=counted,
         original_params=count_params(model), params=count_params(decomposed), notes=notes,
-        profile=profile, trials=[] if refined is None else refined.trials,
-        pareto=[] if not (pareto and refined) else [_front_plan(plan, candidates, t, timing) for t in refined.front],
+        profile=profile, trials=[] if refined is None else refined.trials, pareto=front,
     )
 
 
@@ -680,12 +704,15 @@ def _front_plan(template: Plan, candidates: list[_Candidate], trial: Trial, timi
     )
 
 
-def _profile_scores(model, candidates, held_out: Probe, factors: _Factors, size: int, points: int, progress: bool):
+def _profile_scores(
+    model, candidates, held_out: Probe, factors: _Factors, size: int, points: int, progress: bool, shared: SharedSearch | None = None
+):
     """Measure each layer's probe loss at a few options and read every other option off that curve.
 
     The measured options are spread by cost along the layer's front of (cost, reconstruction
     error), whatever their method; each option's loss is then interpolated from the layer's
-    measured loss-versus-error points, so methods compete on one per-layer scale.
+    measured loss-versus-error points, so methods compete on one per-layer scale. A ``shared``
+    search measures the profile once for all its workers.
     """
     sample = held_out.subset(slice(0, size))
     reference = predict(model, sample.inputs)
@@ -699,7 +726,8 @@ def _profile_scores(model, candidates, held_out: Probe, factors: _Factors, size:
         chosen = pick_ranks(front, [int(options.costs[i]) for i in front], points) if front else []
         rows.append((candidate.layer.name, candidate.layer.module, [candidate.options[i][:2] for i in chosen]))
         fronts.append(chosen)
-    profile = measure_profile(model, rows, factors.build, loss, len(sample), progress)
+    measure = functools.partial(measure_profile, model, rows, factors.build, loss, len(sample), progress)
+    profile = measure() if shared is None else shared.profile(measure)
     scores = []
     for candidate, chosen in zip(candidates, fronts):
         options = _layer_options(candidate)

@@ -4,12 +4,13 @@ The search space is not the ranks themselves but one importance weight per layer
 scales the layers' scores by its weights and re-solves the exact knapsack. So every trial is
 a plan that fits the budget (a hard constraint by construction, no penalty needed) and spends
 all of it, and the first trial is the unscaled allocation itself. Identical plans are
-evaluated once.
+evaluated once, across every worker of a shared study too (``autodac.search.storage``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ def refine(
     progress: bool = False,
     min_budget: int | None = None,
     secondary: Secondary | None = None,
+    study: "optuna.Study | None" = None,
 ) -> RefineResult:
     """Search per-layer score weights in ``[1/spread, spread]`` (log scale) maximising ``evaluate``.
 
@@ -68,25 +70,41 @@ def refine(
     ``[min_budget, budget]`` and Optuna trades cost against value; ``front`` then holds the
     Pareto front of plans. ``best`` is always the highest value within ``budget``. ``secondary``
     is a second budget every trial's allocation also meets (see ``knapsack.solve``).
+
+    With ``study`` (an Optuna study in a storage other workers share) the ``n_trials`` are added
+    to it: a plan any worker has already evaluated is read back (user attribute ``reused``), the
+    plain allocation is queued only by the first worker, and ``trials``, ``best`` and ``front``
+    cover every finished trial of the study. The sampler is seeded from ``seed`` and this
+    process, so that workers started together do not propose the same trials.
     """
     import optuna
+
+    from autodac.search.storage import fail_dead_trials, stamp
 
     start = time.perf_counter()
     seen: dict[tuple[int, ...], float] = {}
     trials: list[Trial] = []
+    shared = study is not None
 
     def objective(trial: "optuna.Trial") -> float:
+        if shared:
+            stamp(trial)
         weights = np.array([trial.suggest_float(f"w{i}", 1.0 / spread, spread, log=True) for i in range(len(layers))])
         scaled = [LayerOptions(o.costs, o.errors * w) for o, w in zip(layers, weights)]
         trial_budget = budget
         if min_budget is not None:
             trial_budget = int(min_budget + trial.suggest_float("budget", 0.0, 1.0) * (budget - min_budget))
         selection = tuple(solve(scaled, trial_budget, secondary=secondary))
-        if selection not in seen:
+        if shared and selection not in seen:
+            seen.update(_finished(trial.study))
+        reused = selection in seen
+        if not reused:
             seen[selection] = float(evaluate(selection))
         value = seen[selection]
         cost = int(sum(int(o.costs[s]) for o, s in zip(layers, selection)))
         trial.set_user_attr("selection", list(selection))
+        if shared:
+            trial.set_user_attr("reused", reused)
         trials.append(Trial(trial.number, value, cost, selection, tuple(float(w) for w in weights)))
         return value if min_budget is None else (value, float(cost))
 
@@ -94,17 +112,53 @@ def refine(
     previous = optuna_logger.level
     optuna_logger.setLevel(logging.WARNING)
     try:
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, n_trials // 4)))
+        startup = min(5, max(1, n_trials // 4))
         first = {f"w{i}": 1.0 for i in range(len(layers))}
-        if min_budget is None:
-            study = optuna.create_study(direction="maximize", sampler=sampler)
-        else:
-            study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+        if min_budget is not None:
             first["budget"] = 1.0
-        study.enqueue_trial(first)
+        if shared:
+            worker_seed = int(np.random.SeedSequence([seed, os.getpid(), len(study.get_trials(deepcopy=False))]).generate_state(1)[0])
+            study.sampler = optuna.samplers.TPESampler(seed=worker_seed, n_startup_trials=startup, constant_liar=True)
+            if not study.get_trials(deepcopy=False):
+                study.enqueue_trial(first)
+        else:
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+            if min_budget is None:
+                study = optuna.create_study(direction="maximize", sampler=sampler)
+            else:
+                study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+            study.enqueue_trial(first)
         study.optimize(objective, n_trials=n_trials, timeout=timeout, show_progress_bar=progress and sys.stderr.isatty())
+        if shared:
+            fail_dead_trials(study)
+            trials = _study_trials(study, layers)
     finally:
         optuna_logger.setLevel(previous)
     # Ties go to the earliest trial (the plain allocation first), so noise never replaces it for nothing.
     best = max((t for t in trials if t.cost <= budget), key=lambda t: (t.value, -t.number))
     return RefineResult(best=best, trials=trials, seconds=time.perf_counter() - start, front=pareto_trials(trials))
+
+
+def _finished(study: "optuna.Study") -> dict[tuple[int, ...], float]:
+    """``{selection: value}`` of the study's finished trials, whoever ran them."""
+    from optuna.trial import TrialState
+
+    return {
+        tuple(t.user_attrs["selection"]): float(t.values[0])
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "selection" in t.user_attrs
+    }
+
+
+def _study_trials(study: "optuna.Study", layers: Sequence[LayerOptions]) -> list[Trial]:
+    """Every finished trial of the study, its cost counted with ``layers`` (this worker's costs)."""
+    from optuna.trial import TrialState
+
+    trials = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        selection = tuple(int(i) for i in t.user_attrs.get("selection", ()))
+        if len(selection) != len(layers):
+            continue
+        cost = int(sum(int(o.costs[s]) for o, s in zip(layers, selection)))
+        weights = tuple(float(t.params.get(f"w{i}", 1.0)) for i in range(len(layers)))
+        trials.append(Trial(t.number, float(t.values[0]), cost, selection, weights))
+    return trials

@@ -1,0 +1,397 @@
+"""Searches kept in an Optuna storage: many workers share one study, and a killed worker loses only its trial.
+
+``optimize(..., storage=..., study_name=...)`` puts its Optuna study in a storage (SQLite,
+PostgreSQL or any SQLAlchemy URL, a journal file, or an Optuna storage object) instead of memory.
+Every worker that names the same study adds its trials to the same search:
+
+- the study records what it was made for (``fingerprint``: the model's weights, the budgets,
+  the input shapes, the methods, the probe) and refuses a worker whose fingerprint differs;
+- what every worker would otherwise compute alike (the sensitivity profile, the latency table
+  of a device, the BatchNorm re-estimation decision) is computed by the first and read back
+  by the others, so all workers score plans alike;
+- a trial left RUNNING by a dead worker is failed and queued again: at once when the worker ran
+  on this machine (its process is gone), otherwise once its heartbeat is older than the grace
+  period (Optuna's heartbeats for RDB storages; the same mechanism for journal files here).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import socket
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from autodac._logging import get_logger
+from autodac.errors import AutodacError
+
+__all__ = [
+    "STORAGE_VERSION", "HEARTBEAT_INTERVAL", "GRACE_PERIOD", "open_storage", "fingerprint", "tensor_digest", "SharedSearch",
+    "open_search", "study_plans", "fail_dead_trials", "worker_identity", "stamp",
+]
+
+logger = get_logger(__name__)
+
+STORAGE_VERSION = 1  # what autodac keeps in a study's attributes; a study of another version is refused
+HEARTBEAT_INTERVAL = 10  # seconds between the heartbeats of a running trial
+GRACE_PERIOD = 60  # a running trial whose last heartbeat is older than this is taken for dead, failed and queued again
+_RETRIES = 3  # how many times a dead worker's trial is queued again
+_OPEN_ATTEMPTS = 4  # tries at opening a database (workers creating its tables at once collide)
+_PREFIX = "autodac:"
+_JOURNAL_SUFFIXES = (".journal", ".log")
+
+
+# ----------------------------------------------------------------------------- storages
+
+
+def _describe(url: str) -> str:
+    """``url`` without its password, for messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: say it as given
+        return url
+
+
+def _retry_callback():
+    import optuna
+
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return retry(max_retry=_RETRIES)
+
+
+def _heartbeat_journal(path: Path, heartbeat_interval: int, grace_period: int):
+    """An Optuna journal-file storage with heartbeats, which Optuna itself offers only for RDB storages."""
+    from optuna.storages._heartbeat import BaseHeartbeat
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    from optuna.trial import TrialState
+
+    class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+        """Heartbeats as trial system attributes; a RUNNING trial whose last one is stale is failed by Optuna."""
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            # with the trial's id: a retry copies the dead trial's attributes, and its old beat must not count
+            self.set_trial_system_attr(trial_id, _PREFIX + "heartbeat", [trial_id, time.time()])
+
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            now = time.time()
+            stale = []
+            for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+                owner, beat = trial.system_attrs.get(_PREFIX + "heartbeat", (None, None))
+                if owner != trial._trial_id:  # killed before its first heartbeat: count from its start
+                    beat = trial.datetime_start.timestamp() if trial.datetime_start is not None else None
+                if beat is not None and now - float(beat) > grace_period:
+                    stale.append(trial._trial_id)
+            return stale
+
+        def get_heartbeat_interval(self) -> int | None:
+            return heartbeat_interval
+
+        def get_heartbeat_stale_trial_callback(self):
+            return _retry_callback()
+
+        def get_failed_trial_callback(self):  # the name Optuna 4 asks for
+            return _retry_callback()
+
+    # Optuna's default file lock: a lock left by a killed writer is broken after 30 s
+    return HeartbeatJournalStorage(JournalFileBackend(str(path)))
+
+
+def open_storage(storage: Any, *, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_period: int = GRACE_PERIOD):
+    """The Optuna storage ``storage`` names, with heartbeats so a dead worker's trial is failed and retried.
+
+    ``storage`` is an SQLAlchemy URL (``sqlite:///search.db``, ``postgresql://user@host/db``;
+    PostgreSQL needs ``pip install autodac[distributed]``), a path ending in ``.journal`` or
+    ``.log`` (an Optuna journal file, for several processes on one machine or a shared file
+    system), or an Optuna storage object, used as it is (give it heartbeats yourself).
+    """
+    import optuna
+
+    if isinstance(storage, optuna.storages.BaseStorage):
+        return storage
+    if isinstance(storage, os.PathLike) or (isinstance(storage, str) and "://" not in storage):
+        path = Path(storage)
+        if path.suffix not in _JOURNAL_SUFFIXES:
+            raise AutodacError(
+                f"`storage` must be an Optuna storage, a database URL like sqlite:///search.db or postgresql://host/db, "
+                f"or a journal file ending in {' or '.join(_JOURNAL_SUFFIXES)}, but got storage={str(storage)!r}"
+            )
+        if not path.parent.is_dir():
+            raise AutodacError(f"a journal file must be in an existing folder, but {str(path.parent)!r} does not exist")
+        return _heartbeat_journal(path, heartbeat_interval, grace_period)
+    if not isinstance(storage, str):
+        raise AutodacError(f"`storage` must be a URL, a journal file path or an Optuna storage, but got {type(storage).__name__}")
+    storage = _with_driver(storage)
+    engine_kwargs: dict[str, Any] = {}
+    if storage.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # writers queue on SQLite's file lock rather than fail
+    parameters = inspect.signature(optuna.storages.RDBStorage).parameters
+    callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in parameters else "failed_trial_callback"
+    for attempt in range(_OPEN_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    storage, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                    **{callback: _retry_callback()},
+                )
+        except ModuleNotFoundError as missing:
+            raise AutodacError(
+                f"`storage` {_describe(storage)} needs the database driver {missing.name!r}: install it "
+                f"(for PostgreSQL, pip install autodac[distributed])"
+            ) from None
+        except Exception as error:  # SQLAlchemy raises many types for a URL it cannot open
+            # workers that open a new database together race to create its tables ("table ... already exists"): once
+            # one has, the others find them, so try again; an unreachable database fails every attempt
+            if attempt + 1 == _OPEN_ATTEMPTS:
+                raise AutodacError(
+                    f"`storage` must be a database autodac can open, but opening {_describe(storage)} failed: {error}"
+                ) from None
+            time.sleep(0.5 * (attempt + 1))
+
+
+def _with_driver(url: str) -> str:
+    """A ``postgresql://`` URL with the driver that is installed (SQLAlchemy 2.0 defaults to psycopg2, 2.1 to psycopg 3)."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    for module, driver in (("psycopg2", "psycopg2"), ("psycopg", "psycopg")):
+        if importlib.util.find_spec(module) is not None:
+            return f"postgresql+{driver}://" + url[len("postgresql://"):]
+    return url  # SQLAlchemy names the missing driver
+
+
+def worker_identity() -> str:
+    """``host/boot:pid``: which machine (and boot of it) and which process runs a trial."""
+    boot = ""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = f"{uuid.getnode():x}"
+    return f"{socket.gethostname()}/{boot}:{os.getpid()}"
+
+
+def stamp(trial) -> None:
+    """Mark ``trial`` as run by this process (with its number: a retry copies the attributes of the trial it redoes)."""
+    trial.set_user_attr("worker", {"id": worker_identity(), "trial": trial.number})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def fail_dead_trials(study) -> int:
+    """Fail (and queue again) the RUNNING trials of workers that are gone; returns how many.
+
+    A trial started on this machine whose process no longer exists is failed at once; any
+    other is left to the heartbeat check (``optuna.storages.fail_stale_trials``), run here too.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    host = worker_identity().rpartition(":")[0]
+    failed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        stamp = trial.user_attrs.get("worker")
+        if not isinstance(stamp, dict) or stamp.get("trial") != trial.number:  # not stamped yet, or a retry's copy
+            continue
+        where, _, pid = str(stamp.get("id", "")).rpartition(":")
+        if where != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                failed += 1
+                _retry_callback()(study, study._storage.get_trial(trial._trial_id))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker got there first
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    if failed:
+        logger.info("failed and re-queued %d trials of dead workers on this machine", failed)
+    return failed
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor] | list[torch.Tensor | None]) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and bytes), independent of their device."""
+    digest = hashlib.sha256()
+    items = tensors.items() if isinstance(tensors, Mapping) else enumerate(tensors)
+    for name, tensor in items:
+        digest.update(str(name).encode())
+        if tensor is None:
+            digest.update(b"none")
+            continue
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{flat.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(model: nn.Module, probe_tensors: list[torch.Tensor | None], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What a study is made for: the model (class and weights), the probe, and the planning ``settings``."""
+    record = {
+        "version": STORAGE_VERSION,
+        "model": f"{type(model).__qualname__} sha256:{tensor_digest(model.state_dict())[:16]}",
+        "probe": f"sha256:{tensor_digest(probe_tensors)[:16]}" if probe_tensors else "none",
+        **settings,
+    }
+    return json.loads(json.dumps(record))  # as the storage gives it back: tuples become lists
+
+
+# ----------------------------------------------------------------------------- the shared search
+
+
+class SharedSearch:
+    """One study in a storage: the fingerprint check, the pieces all workers share, the published plans."""
+
+    def __init__(self, storage: Any, study_name: str, record: dict[str, Any], directions: list[str]) -> None:
+        import optuna
+
+        if not isinstance(study_name, str) or not study_name:
+            raise AutodacError(f"`study_name` must be a non-empty string naming the shared study, but got study_name={study_name!r}")
+        self.storage = open_storage(storage)
+        self.name = study_name
+        logging_level = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            self.study = optuna.create_study(storage=self.storage, study_name=study_name, directions=directions, load_if_exists=True)
+        finally:
+            optuna.logging.set_verbosity(logging_level)
+        self._check(record)
+        self.trials_before = len(self.study.get_trials(deepcopy=False))
+        fail_dead_trials(self.study)
+
+    def _check(self, record: dict[str, Any]) -> None:
+        key = _PREFIX + "fingerprint"
+        stored = self.study.user_attrs.get(key)
+        if stored is None:
+            self.study.set_user_attr(key, record)
+            stored = self.study.user_attrs.get(key, record)
+        for field in sorted(set(stored) | set(record), key=lambda f: (f != "version", f)):
+            if stored.get(field) != record.get(field):
+                raise AutodacError(
+                    f"every worker of study {self.name!r} must plan for what the study was made for, but {field} differs: "
+                    f"the study has {field}={stored.get(field)!r}, this call {field}={record.get(field)!r} "
+                    f"(a study holds one search: give another study_name for another model, budget or probe)"
+                )
+
+    def piece(self, name: str, compute: Callable[[], Any], encode: Callable[[Any], Any] = lambda v: v,
+              decode: Callable[[Any], Any] = lambda v: v) -> Any:
+        """The shared value ``name``: read from the study, or computed by ``compute`` and stored for the others."""
+        key = _PREFIX + name
+        attrs = self.study.user_attrs
+        if key in attrs:
+            logger.info("study %r: read %s computed by another worker", self.name, name)
+            return decode(attrs[key])
+        value = compute()
+        attrs = self.study.user_attrs
+        if key not in attrs:  # another worker may have finished first: then everyone uses its value
+            self.study.set_user_attr(key, encode(value))
+            attrs = self.study.user_attrs
+        return decode(attrs[key])
+
+    def profile(self, compute: Callable[[], Any]):
+        """The sensitivity profile (per-layer measured losses)."""
+        from autodac.search.sensitivity import SensitivityProfile
+
+        def decode(data: dict) -> SensitivityProfile:
+            losses = {layer: {(str(m), int(r)): float(v) for m, r, v in rows} for layer, rows in data["losses"].items()}
+            return SensitivityProfile(losses=losses, samples=int(data["samples"]), seconds=float(data["seconds"]))
+
+        return self.piece("profile", compute, lambda p: p.to_dict(), decode)
+
+    def latency(self, device: torch.device, compute: Callable[[], Any]):
+        """The latency table of ``device`` (keyed by what timings depend on: device model, threads, torch build)."""
+        from autodac.latency import LatencyTable, device_key
+
+        described = device_key(device)
+        name = "latency:" + hashlib.sha1(described.encode()).hexdigest()[:16]
+
+        def encode(table: LatencyTable) -> dict:
+            return {"device": described, "original": table.original, "seconds": table.seconds, "impls": table.impls}
+
+        def decode(data: dict) -> LatencyTable:
+            return LatencyTable(device, float(data["original"]), [[float(s) for s in row] for row in data["seconds"]],
+                                [[str(i) for i in row] for row in data["impls"]])
+
+        return self.piece(name, compute, encode, decode)
+
+    def publish(self, plan, value: float, trial: int, front: list | None = None) -> None:
+        """Keep ``plan`` as the study's best plan unless a better one is already there."""
+        key = _PREFIX + "best_plan"
+        stored = self.study.user_attrs.get(key)
+        if stored is None or float(stored.get("value", float("-inf"))) <= value:
+            self.study.set_user_attr(key, {"value": value, "trial": trial, "plan": plan.to_dict()})
+        if front:
+            self.study.set_user_attr(_PREFIX + "pareto", [p.to_dict() for p in front])
+
+    def note(self, trials: int) -> str:
+        from optuna.trial import TrialState
+
+        finished = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        return f"search shared in study {self.name!r}: {finished} finished trials from all workers, {trials} run by this one"
+
+
+def open_search(
+    storage: Any, study_name: str | None, model: nn.Module, probe: Any, searches: bool, settings: Mapping[str, Any], pareto: bool
+) -> SharedSearch | None:
+    """The shared search ``optimize(storage=..., study_name=...)`` asks for, or None without a storage."""
+    if storage is None:
+        if study_name is not None:
+            raise AutodacError(f"`study_name` names a study in a storage, so `storage` must be given too, but got storage=None (study_name={study_name!r})")
+        return None
+    if study_name is None:
+        raise AutodacError("a shared search needs a name every worker gives, so `study_name` must be given with `storage`, but got study_name=None")
+    if not searches:
+        raise AutodacError(
+            "`storage` keeps the Optuna search, which runs only with `data`, `synthesize` or `evaluate`, but none was given "
+            "(data-free planning is one exact knapsack: there is nothing to share)"
+        )
+    tensors = [] if probe is None else [probe.inputs, probe.labels]
+    record = fingerprint(model, tensors, dict(settings, pareto=pareto))
+    return SharedSearch(storage, study_name, record, ["maximize", "minimize"] if pareto else ["maximize"])
+
+
+def study_plans(storage: Any, study_name: str, front: bool = False) -> dict[str, Any]:
+    """The plans published in study ``study_name``: ``{name: best plan}`` (and ``{name/front-k: plan}`` with ``front``)."""
+    import optuna
+
+    from autodac.plan import Plan
+
+    opened = open_storage(storage)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=opened)
+    except KeyError:
+        names = optuna.study.get_all_study_names(opened)
+        raise AutodacError(f"`study` must name a study in the storage ({', '.join(map(repr, names)) or 'none'}), but got {study_name!r}") from None
+    attrs = study.user_attrs
+    if _PREFIX + "best_plan" not in attrs:
+        raise AutodacError(
+            f"study {study_name!r} must hold a finished autodac search (each worker publishes its plan when it ends), but it holds none yet"
+        )
+    plans = {study_name: Plan.from_dict(attrs[_PREFIX + "best_plan"]["plan"])}
+    if front:
+        for k, data in enumerate(attrs.get(_PREFIX + "pareto", []), 1):
+            plans[f"{study_name}/front-{k}"] = Plan.from_dict(data)
+    return plans
