@@ -1,4 +1,4 @@
-"""The ``autodac`` command line: one command per step (optimize, apply, compare, profile, report).
+"""The ``autodac`` command line: one command per step (optimize, worker, apply, compare, profile, report).
 
 The command line parses, loads models and data, calls the public API and writes files; it is
 the only part of autodac that prints. Every refusal is one line ``autodac: error: ...`` on
@@ -339,6 +339,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     data = _load_data(args.data, model) if args.data else None
     kwargs: dict[str, Any] = {"example_inputs": _example_inputs(args, model, data is not None), "data": data,
                               "progress": _progress(args)}
+    if getattr(args, "storage", None) is not None:  # `autodac worker`: the search lives in the study
+        kwargs.update(storage=args.storage, study_name=args.study)
     if args.flops_budget is not None:
         kwargs["flops_budget"] = args.flops_budget
     if args.latency_budget is not None:
@@ -349,17 +351,21 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if args.exclude:
         kwargs["exclude"] = tuple(args.exclude)
     result = autodac.optimize(model, **kwargs)
-    result.plan.save(args.out)
+    if args.out:
+        result.plan.save(args.out)
     if args.save_model:
         _save_model(result.model, args.save_model)
-    written = [args.out] + ([args.save_model] if args.save_model else [])
+    written = [path for path in (args.out, args.save_model) if path]
     payload = {
         "plan": args.out, "model": args.save_model, "budget": result.plan.budget, "original_flops": result.original_flops,
         "flops": result.flops, "flops_ratio": result.flops_ratio, "original_params": result.original_params,
         "params": result.params, "layers": len(result.plan.layers), "factorized": len(result.plan.factorized),
         "skipped": result.plan.skipped, "metrics": result.plan.metrics, "notes": result.plan.notes,
     }
-    text = "\n".join([result.summary(), *_metric_lines(result.plan.metrics, result.plan.notes), f"wrote {', '.join(written)}"])
+    if getattr(args, "storage", None) is not None:
+        payload.update(study=args.study, trials=len(result.trials))
+    text = "\n".join([result.summary(), *_metric_lines(result.plan.metrics, result.plan.notes),
+                      *([f"wrote {', '.join(written)}"] if written else [])])
     _emit(args, text, payload)
     return 0
 
@@ -412,10 +418,23 @@ def _compare_payload(titles: Sequence[str], paths: Sequence[str], plans: Sequenc
 def _cmd_compare(args: argparse.Namespace) -> int:
     import autodac
 
+    if bool(args.storage) != bool(args.study):
+        raise _UsageError("`--storage` and `--study` go together: the study's best plan is read from the storage")
+    if not args.plans and not args.study:
+        raise _UsageError("give PLAN files, or `--storage URL --study NAME`, to compare (see `autodac compare --help`)")
     plans = [_load_plan(p) for p in args.plans]
     titles = _titles(args.plans)
+    sources = list(args.plans)
+    if args.study:
+        from autodac.search.storage import study_plans
+
+        for name in args.study:
+            for title, plan in study_plans(args.storage, name, front=args.front).items():
+                titles.append(title)
+                plans.append(plan)
+                sources.append(f"{args.storage}#{title}")
     if args.json or args.format == "json":
-        _say(json.dumps(_compare_payload(titles, args.plans, plans), indent=1))
+        _say(json.dumps(_compare_payload(titles, sources, plans), indent=1))
     else:
         _say(autodac.compare(dict(zip(titles, plans)), tablefmt="github" if args.format == "markdown" else "simple"))
     return 0
@@ -570,6 +589,23 @@ def _default(name: str) -> Any:
     return inspect.signature(optimize).parameters[name].default
 
 
+def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
+    """MODEL, the budgets, the data and the search options that `optimize` and `worker` share."""
+    _add_model(optimize)
+    optimize.add_argument("--flops-budget", type=_budget, metavar="RATIO", help="at most this fraction of the fvcore FLOPs, 0 < RATIO <= 1")
+    optimize.add_argument("--latency-budget", type=_budget, metavar="RATIO", help="at most this fraction of the measured latency")
+    _add_shape(optimize, "required without --data; with --data the first example's shape")
+    optimize.add_argument("--data", metavar="FILE", help="probe: .npz with x (inputs) and optional y (labels), or a .pt")
+    optimize.add_argument("--synthesize", type=_positive, metavar="N",
+                          help="no data: plan on N inputs synthesised to match the model's BatchNorm statistics")
+    optimize.add_argument("--device", metavar="DEVICE", help="where --latency-budget is timed (default: where the model is; e.g. cuda:0)")
+    optimize.add_argument("--methods", type=_methods, metavar="M[,M...]", help="factorisations allowed: dac,spatial,lowrank (default all)")
+    optimize.add_argument("--exclude", action="append", metavar="GLOB", help="keep layers matching this name pattern dense (repeatable)")
+    optimize.add_argument("--n-trials", type=_positive, metavar="N", help=f"Optuna trials with --data (default {_default('n_trials')})")
+    optimize.add_argument("--seed", type=int, metavar="S", help=f"search seed (default {_default('seed')})")
+    optimize.add_argument("--save-model", metavar="FILE.pt", help="also write the decomposed model (torch.save)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``autodac`` parser: a sub-command per step; each sets ``run`` to the function that does it."""
     from autodac import __version__
@@ -584,21 +620,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     optimize = commands.add_parser("optimize", parents=[common], help="plan (and build) a decomposition under a budget",
                                    description="Plan a decomposition of MODEL under a budget; write the plan (and the model).")
-    _add_model(optimize)
-    optimize.add_argument("--flops-budget", type=_budget, metavar="RATIO", help="at most this fraction of the fvcore FLOPs, 0 < RATIO <= 1")
-    optimize.add_argument("--latency-budget", type=_budget, metavar="RATIO", help="at most this fraction of the measured latency")
-    _add_shape(optimize, "required without --data; with --data the first example's shape")
-    optimize.add_argument("--data", metavar="FILE", help="probe: .npz with x (inputs) and optional y (labels), or a .pt")
-    optimize.add_argument("--synthesize", type=_positive, metavar="N",
-                          help="no data: plan on N inputs synthesised to match the model's BatchNorm statistics")
-    optimize.add_argument("--device", metavar="DEVICE", help="where --latency-budget is timed (default: where the model is; e.g. cuda:0)")
-    optimize.add_argument("--methods", type=_methods, metavar="M[,M...]", help="factorisations allowed: dac,spatial,lowrank (default all)")
-    optimize.add_argument("--exclude", action="append", metavar="GLOB", help="keep layers matching this name pattern dense (repeatable)")
-    optimize.add_argument("--n-trials", type=_positive, metavar="N", help=f"Optuna trials with --data (default {_default('n_trials')})")
-    optimize.add_argument("--seed", type=int, metavar="S", help=f"search seed (default {_default('seed')})")
+    _add_optimize_options(optimize)
     optimize.add_argument("--out", required=True, metavar="PLAN.json", help="where to write the plan")
-    optimize.add_argument("--save-model", metavar="FILE.pt", help="also write the decomposed model (torch.save)")
     optimize.set_defaults(run=_cmd_optimize)
+
+    worker = commands.add_parser(
+        "worker", parents=[common], help="join a search kept in an Optuna storage (many processes or machines)",
+        description="Add --n-trials trials to the search kept as study NAME in the storage URL (sqlite:///search.db, "
+                    "postgresql://user@host/db, or a .journal file), then print the best plan found by every worker so far. "
+                    "Every worker must give the same MODEL, budget and probe as the study was made for.",
+    )
+    worker.add_argument("--storage", required=True, metavar="URL", help="sqlite:///FILE.db, postgresql://..., or FILE.journal")
+    worker.add_argument("--study", required=True, metavar="NAME", help="the study every worker of this search names")
+    _add_optimize_options(worker)
+    worker.add_argument("--out", metavar="PLAN.json", help="also write the best plan so far")
+    worker.set_defaults(run=_cmd_optimize)
 
     apply = commands.add_parser("apply", parents=[common], help="replay a saved plan on a model",
                                 description="Build the decomposed copy of MODEL that PLAN describes and save it.")
@@ -610,8 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", parents=[common], help="plans side by side, a row per layer",
                                   description="Plans side by side: a row per layer, a column per plan, then totals and metrics.")
-    compare.add_argument("plans", nargs="+", metavar="PLAN")
+    compare.add_argument("plans", nargs="*", metavar="PLAN")
     compare.add_argument("--format", choices=("table", "markdown", "json"), default="table")
+    compare.add_argument("--storage", metavar="URL", help="an Optuna storage holding searches (with --study)")
+    compare.add_argument("--study", action="append", metavar="NAME", help="add the best plan of this study (repeatable)")
+    compare.add_argument("--front", action="store_true", help="with --study: also the Pareto-front plans of a pareto search")
     compare.set_defaults(run=_cmd_compare)
 
     profile = commands.add_parser("profile", parents=[common], help="per-layer sensitivity sweep (table and heat map)",
