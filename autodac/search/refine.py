@@ -79,7 +79,7 @@ def refine(
     """
     import optuna
 
-    from autodac.search.storage import fail_dead_trials, stamp
+    from autodac.search.storage import fail_dead_trials, stamping_sampler
 
     start = time.perf_counter()
     seen: dict[tuple[int, ...], float] = {}
@@ -87,8 +87,6 @@ def refine(
     shared = study is not None
 
     def objective(trial: "optuna.Trial") -> float:
-        if shared:
-            stamp(trial)
         weights = np.array([trial.suggest_float(f"w{i}", 1.0 / spread, spread, log=True) for i in range(len(layers))])
         scaled = [LayerOptions(o.costs, o.errors * w) for o, w in zip(layers, weights)]
         trial_budget = budget
@@ -118,7 +116,7 @@ def refine(
             first["budget"] = 1.0
         if shared:
             worker_seed = int(np.random.SeedSequence([seed, os.getpid(), len(study.get_trials(deepcopy=False))]).generate_state(1)[0])
-            study.sampler = optuna.samplers.TPESampler(seed=worker_seed, n_startup_trials=startup, constant_liar=True)
+            study.sampler = stamping_sampler(seed=worker_seed, n_startup_trials=startup, constant_liar=True)
             if not study.get_trials(deepcopy=False):
                 study.enqueue_trial(first)
         else:
