@@ -43,7 +43,7 @@ from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_input
 __all__ = ["optimize", "apply", "decompose_conv", "Result", "DEFAULT_METHODS"]
 
 logger = get_logger(__name__)
-DEFAULT_METHODS = ("dac", "spatial", "lowrank")
+DEFAULT_METHODS = ("dac", "tdac", "spatial", "lowrank")
 
 
 @dataclass
@@ -265,6 +265,8 @@ def _params_after(module: nn.Module, method: str, rank: int) -> int:
     bias = 0 if module.bias is None else n
     if method == "dac":
         return c * rank * k + n * c * rank + bias
+    if method == "tdac":
+        return c * n * rank + n * rank * k + bias
     if method == "spatial":
         return c * rank * shape[2] + rank * n * shape[3] + bias
     return rank * c * k + n * rank + bias

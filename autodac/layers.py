@@ -17,9 +17,9 @@ from autodac.factorize import Decomposition, get_method
 __all__ = ["FactorizedLayer", "SplitDepthwise", "build_factorized", "SUPPORTED_TYPES", "IMPLEMENTATIONS"]
 
 SUPPORTED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_PART_NAMES = {"dac": ("depthwise", "pointwise"), "spatial": ("vertical", "horizontal"), "lowrank": ("reduce", "expand")}
+_PART_NAMES = {"dac": ("depthwise", "pointwise"), "tdac": ("pointwise", "per_output"), "spatial": ("vertical", "horizontal"), "lowrank": ("reduce", "expand")}
 # Ways to run one factorisation; the math is the same, the speed is not. "" is the method's plain form.
-IMPLEMENTATIONS = {"dac": ("grouped", "split"), "spatial": ("",), "lowrank": ("",)}
+IMPLEMENTATIONS = {"dac": ("grouped", "split"), "tdac": ("",), "spatial": ("",), "lowrank": ("",)}
 
 
 class FactorizedLayer(nn.Sequential):
@@ -123,6 +123,13 @@ def build_factorized(
         second = nn.Conv2d(
             rank, n, (1, shape[3]), stride=_split_2d(module.stride, 1, 1), padding=_split_2d(module.padding, 1, 0),
             dilation=_split_2d(module.dilation, 1, 1), bias=has_bias, padding_mode=module.padding_mode, **options,
+        )
+    elif method == "tdac":  # pointwise C -> N*r at the input's resolution, then each output channel's r kernels
+        conv = _conv_type(module)
+        first = conv(c, n * rank, 1, bias=False, **options)
+        second = conv(
+            n * rank, n, module.kernel_size, stride=module.stride, padding=module.padding, dilation=module.dilation,
+            groups=n, bias=has_bias, padding_mode=module.padding_mode, **options,
         )
     else:
         conv = _conv_type(module)

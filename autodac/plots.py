@@ -20,7 +20,7 @@ __all__ = [
     "METHOD_COLORS",
 ]
 
-METHOD_COLORS = {"dac": "#1f77b4", "spatial": "#ff7f0e", "lowrank": "#2ca02c", "dense": "#b0b0b0"}
+METHOD_COLORS = {"dac": "#1f77b4", "tdac": "#9467bd", "spatial": "#ff7f0e", "lowrank": "#2ca02c", "dense": "#b0b0b0"}
 _DPI = 130
 
 

@@ -18,6 +18,7 @@ from torch import nn
 import autodac
 from autodac.cost import count_flops
 from autodac.factorize import METHODS
+from autodac.factorize.transposed_dac import kronecker_factors
 from autodac.layers import build_factorized
 from autodac.probes import FIT_EXAMPLES, Probe, fit_examples, input_covariances, split_probe
 from autodac.testing import SmallConvNet, conv_configs, method_cases, linear_configs, seeded
@@ -61,6 +62,10 @@ def _composed(method: str, factors: Any, shape: tuple[int, ...]) -> torch.Tensor
         rank = first.shape[0] // c
         depthwise = first.reshape(c, rank, -1)  # output c*rank + j of the depthwise conv
         return torch.einsum("ncr,crk->nck", second.reshape(n, c, rank), depthwise).reshape(shape)
+    if method == "tdac":
+        rank = first.shape[0] // n
+        pointwise = first.reshape(n, rank, c)  # output n*rank + j of the pointwise conv
+        return torch.einsum("nrc,nrk->nck", pointwise, second.reshape(n, rank, -1)).reshape(shape)
     return torch.einsum("nrj,rci->ncij", second[:, :, 0, :], first[..., 0])  # spatial: horizontal after vertical
 
 
@@ -71,6 +76,8 @@ def _seen(method: str, cov: torch.Tensor, shape: tuple[int, ...]) -> torch.Tenso
     if method == "lowrank":
         return cov
     c, kernel = shape[1], math.prod(shape[2:])
+    if method == "tdac":  # the Kronecker approximation channels x taps (each factor known only up to scale)
+        return torch.kron(*kronecker_factors(cov, c, kernel))
     if method == "dac":
         return cov * torch.kron(torch.eye(c, dtype=F64), torch.ones(kernel, kernel, dtype=F64))
     kh, kw = shape[2:]
@@ -82,6 +89,9 @@ def _seen(method: str, cov: torch.Tensor, shape: tuple[int, ...]) -> torch.Tenso
 def _damped(method: str, cov: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """What the method sees of ``cov`` plus ``DAMPING`` times the mean variance of each matrix it factors by
     Cholesky (DAC: one per input channel, so each channel is damped relative to its own power)."""
+    if method == "tdac":  # each Kronecker factor is damped relative to its own mean variance
+        c_cov, k_cov = kronecker_factors(cov, shape[1], math.prod(shape[2:]))
+        return torch.kron(*(m + DAMPING * m.diagonal().mean() * torch.eye(m.shape[0], dtype=F64) for m in (c_cov, k_cov)))
     seen = _seen(method, cov, shape)
     variances = seen.diagonal()
     if method == "dac":
@@ -234,8 +244,12 @@ def _applicable(name: str, method: str) -> bool:
 
 
 # Which correlations each method can exploit (and so must exploit): lowrank sees the whole patch, DAC the
-# spatial correlations within each channel, spatial the correlations within one column (channels x height).
-HELPS = {"lowrank": ("rows", "columns", "channels"), "dac": ("rows", "columns"), "spatial": ("columns", "channels")}
+# spatial correlations within each channel, transposed DAC channel and tap correlations through their
+# Kronecker approximation, spatial the correlations within one column (channels x height).
+HELPS = {
+    "lowrank": ("rows", "columns", "channels"), "dac": ("rows", "columns"), "tdac": ("rows", "columns", "channels"),
+    "spatial": ("columns", "channels"),
+}
 KINDS = ("rows", "columns", "channels")
 OPTIMALITY = [
     pytest.param(name, kind, method, id=f"{name}-{kind}-{method}")

@@ -82,11 +82,11 @@ def test_applicability_table() -> None:
     def applies(shape: tuple[int, ...]) -> set[str]:
         return {name for name, method in METHODS.items() if method.applies_to(shape)}
 
-    assert applies((8, 4, 3, 3)) == {"dac", "spatial", "lowrank"}
-    assert applies((8, 4, 9, 1)) == {"dac", "lowrank"}  # a (9, 1) kernel is already one-dimensional
-    assert applies((8, 4, 1, 5)) == {"dac", "lowrank"}
+    assert applies((8, 4, 3, 3)) == {"dac", "tdac", "spatial", "lowrank"}
+    assert applies((8, 4, 9, 1)) == {"dac", "tdac", "lowrank"}  # a (9, 1) kernel is already one-dimensional
+    assert applies((8, 4, 1, 5)) == {"dac", "tdac", "lowrank"}
     assert applies((8, 4, 1, 1)) == {"lowrank"}  # 1x1: only the channel split can save anything
-    assert applies((8, 4, 5)) == {"dac", "lowrank"}
+    assert applies((8, 4, 5)) == {"dac", "tdac", "lowrank"}
     assert applies((8, 4, 1)) == {"lowrank"}
     assert applies((8, 4)) == {"lowrank"}
 

@@ -15,6 +15,7 @@ from torch import nn
 
 import autodac
 from autodac import zoo
+from autodac.api import DEFAULT_METHODS
 from autodac.cost import count_flops
 from autodac.factorize import METHODS
 from autodac.plan import LayerChoice, Plan
@@ -39,7 +40,7 @@ def _assert_same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 
 
 @functools.lru_cache(maxsize=None)
-def _zoo_run(name: str, budget: float, methods: tuple[str, ...] = ("dac", "spatial", "lowrank")):
+def _zoo_run(name: str, budget: float, methods: tuple[str, ...] = DEFAULT_METHODS):
     """(model, input, state before, result) for one zoo model; cached so tests share the work."""
     factory, shape = ZOO[name]
     torch.manual_seed(0)

@@ -7,10 +7,11 @@ from autodac.factorize.base import Decomposition, Factorization, Factors, Geomet
 from autodac.factorize.dac import DAC
 from autodac.factorize.lowrank import LowRank
 from autodac.factorize.spatial import Spatial
+from autodac.factorize.transposed_dac import TransposedDAC
 
-__all__ = ["METHODS", "Decomposition", "Factorization", "Factors", "Geometry", "get_method", "DAC", "Spatial", "LowRank"]
+__all__ = ["METHODS", "Decomposition", "Factorization", "Factors", "Geometry", "get_method", "DAC", "TransposedDAC", "Spatial", "LowRank"]
 
-METHODS: dict[str, Factorization] = {method.name: method for method in (DAC(), Spatial(), LowRank())}
+METHODS: dict[str, Factorization] = {method.name: method for method in (DAC(), TransposedDAC(), Spatial(), LowRank())}
 
 
 def get_method(name: str) -> Factorization:
