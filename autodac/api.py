@@ -43,7 +43,9 @@ from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_input
 __all__ = ["optimize", "apply", "decompose_conv", "Result", "DEFAULT_METHODS"]
 
 logger = get_logger(__name__)
-DEFAULT_METHODS = ("dac", "tdac", "spatial", "lowrank")
+# Transposed DAC ("tdac") is opt-in: it keeps more than DAC, but its pointwise-then-grouped pair runs
+# slowly on CPUs, which made each probe evaluation of the search ~50% slower (ResNet-20: 68 s against 45 s).
+DEFAULT_METHODS = ("dac", "spatial", "lowrank")
 
 
 @dataclass

@@ -22,8 +22,8 @@ except ImportError:  # run as `python -m benchmarks.bm_methods`
     from benchmarks.common import NETS, load_data, load_net, log, set_threads, test_accuracy, write_results
 
 METHOD_SETS = {
-    "dac, spatial, lowrank": ("dac", "spatial", "lowrank"),
-    "dac, tdac, spatial, lowrank (default)": ("dac", "tdac", "spatial", "lowrank"),
+    "dac, spatial, lowrank (default)": ("dac", "spatial", "lowrank"),
+    "dac, tdac, spatial, lowrank (all)": ("dac", "tdac", "spatial", "lowrank"),
     "dac only": ("dac",),
     "tdac only": ("tdac",),
 }
