@@ -518,8 +518,7 @@ def optimize(
         capacity = timing.capacity(latency)
         fastest = minimum_cost(_costed(weight_scores, timing))
         if fastest > capacity:  # the tables say no plan is fast enough: believe only an end-to-end measurement
-            quickest = [int(np.argmin(row)) for row in timing.costs()]
-            measured = _latency_ratio(model, _build(model, candidates, quickest, factors, timing), inputs, timing.device)[0]
+            measured = _latency_ratio(model, _build(model, candidates, timing.fastest(), factors, timing), inputs, timing.device)[0]
             if measured > latency:
                 _refuse_latency(latency, measured, timing)
             capacity = fastest
@@ -652,8 +651,7 @@ def _meet_latency(budget, capacity, floor, selection, decomposed, timing, plan_a
             continue  # the same plan again: keep tightening
         selection, decomposed = chosen, build(chosen)
     if best is None:
-        quickest = [int(np.argmin(row)) for row in timing.costs()]
-        _refuse_latency(budget, min(ratio, measure(build(quickest))[0]), timing)
+        _refuse_latency(budget, min(ratio, measure(build(timing.fastest()))[0]), timing)
     return best[1], best[2], best[3]
 
 

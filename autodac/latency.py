@@ -14,7 +14,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -253,16 +253,23 @@ class LatencyTable:
     original: float
     seconds: list[list[float]]
     impls: list[list[str]]
+    _costs: list | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def fixed(self) -> float:
         return max(self.original - sum(row[0] for row in self.seconds), 0.0)
 
     def costs(self) -> list["np.ndarray"]:
-        """Integer nanoseconds per option, the knapsack's cost unit."""
-        import numpy as np
+        """Integer nanoseconds per option, the knapsack's cost unit (computed once; every re-plan reads them)."""
+        if self._costs is None:
+            import numpy as np
 
-        return [np.array([max(1, round(s * 1e9)) for s in row], dtype=np.int64) for row in self.seconds]
+            self._costs = [np.array([max(1, round(s * 1e9)) for s in row], dtype=np.int64) for row in self.seconds]
+        return self._costs
+
+    def fastest(self) -> list[int]:
+        """Each layer's quickest option: the fastest plan the tables know."""
+        return [int(row.argmin()) for row in self.costs()]
 
     def capacity(self, ratio: float) -> int:
         """Nanoseconds the candidate layers may take for the model to run in ``ratio`` of the original time."""
