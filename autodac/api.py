@@ -8,6 +8,7 @@ count it with fvcore to prove the budget holds. The caller's model is never chan
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import functools
 import itertools
@@ -37,6 +38,7 @@ from autodac.search.knapsack import LayerOptions, Secondary, minimum_cost, paret
 from autodac.search.refine import Trial, refine
 from autodac.search.sensitivity import SensitivityProfile, loss_curve, measure_profile, pick_ranks
 from autodac.search.storage import SharedSearch, open_search
+from autodac.sequential import Refit, refit_in_order
 from autodac.surgery import TracedLayer, evaluating, replace_layers, run_model, trace_layers
 from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
 
@@ -177,7 +179,7 @@ def _skip_reason(layer: TracedLayer, methods: Sequence[str], excluded: bool) -> 
 
 def _fit_weights(model: nn.Module, fit: str, layer: nn.Module) -> torch.Tensor | None:
     """The output-channel weights a layer's ``fit`` names (None unless it names a BatchNorm)."""
-    fit = fit.removeprefix("data+")
+    fit = fit.removeprefix("seq+").removeprefix("data+")
     if fit in ("plain", "data"):
         return None
     name = fit[3:]
@@ -385,6 +387,7 @@ def optimize(
     exclude: Iterable[str] = (),
     weighting: str = "batchnorm",
     fit_to_data: bool = True,
+    sequential_fit: bool = True,
     probe_size: int = DEFAULT_PROBE_SIZE,
     profile_size: int = 128,
     profile_points: int = 4,
@@ -427,7 +430,10 @@ def optimize(
     (interleaved runs, median ratio), tightening and re-planning until the measured ratio meets
     the budget. Either budget alone or both together.
     ``fit_to_data`` fits each layer to the covariance of its probe inputs (output error instead
-    of weight error); ``weighting`` ("batchnorm" or "none") weighs output channels by the
+    of weight error); ``sequential_fit`` then re-fits the chosen layers in execution order to
+    reproduce the original layers' outputs from the inputs the decomposed layers before them
+    produce (``autodac.sequential``; errors stop compounding through depth), kept only when the
+    held-out probe says so; ``weighting`` ("batchnorm" or "none") weighs output channels by the
     BatchNorm that follows. Seeded runs without ``timeout`` are deterministic. The caller's model
     is not changed.
     ``storage`` (a database URL such as ``sqlite:///search.db`` or ``postgresql://host/db``, a
@@ -497,7 +503,8 @@ def optimize(
     shared = open_search(
         storage, study_name, model, probe, probe is not None or evaluate is not None, pareto=pareto, settings={
             "flops_budget": budget, "latency_budget": latency, "input_shapes": _input_shapes(inputs), "methods": list(methods),
-            "exclude": list(exclude), "weighting": weighting, "fit_to_data": fit_to_data, "profile_size": profile_size,
+            "exclude": list(exclude), "weighting": weighting, "fit_to_data": fit_to_data, "sequential_fit": sequential_fit,
+            "profile_size": profile_size,
             "profile_points": profile_points, "reestimate_bn": reestimate_bn, "evaluate": evaluate is not None,
         },
     )
@@ -579,6 +586,8 @@ def optimize(
         layers=_choices(candidates, selection, timing), original_flops=original.total, budget=planned_budget,
         input_shapes=_input_shapes(inputs), input_assumed=assumed, skipped=skipped, notes=notes, probe=probe_source,
     )
+    if probe is not None and sequential_fit and _selection_factorizes(selection, candidates):
+        decomposed = _keep_refit_if_better(model, decomposed, plan, candidates, probe, runner, use_bn, progress)
     if probe is not None or evaluate is not None:
         plain = runner.score(decomposed)
         metrics["probe_without_bn_reestimate"] = metrics["probe"] = plain[1]
@@ -613,6 +622,35 @@ def optimize(
 
 _LATENCY_ATTEMPTS = 6  # side-by-side measurements spent adjusting a latency plan
 _LATENCY_SLACK = 0.03  # loosen a plan that meets its latency budget by more than this (fraction of the original's time)
+
+
+def _selection_factorizes(selection: Sequence[int], candidates: list[_Candidate]) -> bool:
+    return any(c.options[i][0] != DENSE for c, i in zip(candidates, selection))
+
+
+def _refits(plan: Plan, model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Refit]:
+    """What ``refit_in_order`` needs for each factorised layer of ``plan`` (or of ``names``)."""
+    chosen = plan.factorized if names is None else {name: plan.factorized[name] for name in names}
+    return {
+        name: Refit(c.method, c.rank, c.impl, _fit_weights(model, c.fit, model.get_submodule(name)))
+        for name, c in chosen.items()
+    }
+
+
+def _keep_refit_if_better(model, decomposed, plan: Plan, candidates, probe: Probe, runner: "_ProbeRunner", use_bn: bool, progress: bool):
+    """``decomposed`` re-fitted in execution order if that scores better on the held-out probe (the plan's fits say so)."""
+    refitted, names = refit_in_order(model, decomposed, _refits(plan, model), fit_examples(probe), progress)
+    before, after = runner.score(decomposed, reestimate=use_bn), runner.score(refitted, reestimate=use_bn)
+    if not names or not (after[0] > before[0] and after[1] >= before[1]):
+        plan.notes.append(
+            f"sequential re-fit tried and rejected (held-out objective {after[0]:.4g} vs {before[0]:.4g}, metric {after[1]:.4g} vs {before[1]:.4g})"
+        )
+        return decomposed
+    for name in names:
+        plan.layers[name] = dataclasses.replace(plan.layers[name], fit="seq+" + plan.layers[name].fit)
+    plan.metrics["probe_before_sequential_fit"] = before[1]
+    plan.notes.append(f"{len(names)} layers re-fitted in execution order to the decomposed model's own inputs (kept: held-out probe better)")
+    return refitted
 
 
 def _meet_latency(budget, capacity, floor, selection, decomposed, timing, plan_at, build, measure):
@@ -750,8 +788,8 @@ def _layer_options(candidate: _Candidate) -> LayerOptions:
 def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn.Module:
     """A copy of ``model`` with every layer of ``plan`` factorised; refuses a plan that does not fit.
 
-    Layers the plan fitted to probe data (``fit`` starting with ``"data"``) need the same
-    ``data`` again to be rebuilt identically (a plan made with ``synthesize=N`` makes its inputs
+    Layers the plan fitted to probe data (``fit`` starting with ``"data"``, or re-fitted in
+    order: ``"seq+"``) need the same ``data`` again to be rebuilt identically (a plan made with ``synthesize=N`` makes its inputs
     again from the recipe it records); with it, BatchNorm statistics are re-estimated too
     when ``optimize`` kept that correction, so the copy equals ``result.model``. Every replacement is built and checked before
     anything is swapped, so a refused plan leaves nothing half done (and the caller's model is
@@ -761,17 +799,19 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         raise ModelError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise PlanError(f"`plan` must be an autodac.Plan, but got {type(plan).__name__}")
-    data_fitted = [name for name, c in plan.factorized.items() if c.fit.startswith("data")]
+    data_fitted = [name for name, c in plan.factorized.items() if c.fit.removeprefix("seq+").startswith("data")]
+    refitted = [name for name, c in plan.factorized.items() if c.fit.startswith("seq+")]
     covariances: dict[str, torch.Tensor] = {}
-    if data is None and plan.probe.get("source") == "synthetic" and (data_fitted or plan.metrics.get("bn_reestimated")):
+    if data is None and plan.probe.get("source") == "synthetic" and (data_fitted or refitted or plan.metrics.get("bn_reestimated")):
         data = _replay_synthesis(model, plan)
+    needing = data_fitted or refitted
+    if needing and data is None:
+        raise PlanError(
+            f"layers fitted to probe data must be rebuilt from the same data, so `data` must be given, "
+            f"but got data=None (layers {needing[:3]}{'...' if len(needing) > 3 else ''})"
+        )
+    examples = int(plan.metrics.get("probe_examples", DEFAULT_PROBE_SIZE))
     if data_fitted:
-        if data is None:
-            raise PlanError(
-                f"layers fitted to probe data must be rebuilt from the same data, so `data` must be given, "
-                f"but got data=None (layers {data_fitted[:3]}{'...' if len(data_fitted) > 3 else ''})"
-            )
-        examples = int(plan.metrics.get("probe_examples", DEFAULT_PROBE_SIZE))
         modules = {}
         for name in data_fitted:
             try:
@@ -804,8 +844,9 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         except AutodacError as error:
             raise PlanError(f"layer {name!r}: {error}") from None
     result = replace_layers(model, replacements)
+    if refitted:  # replay the sequential re-fit optimize kept, on the same fit inputs, in the same order
+        result, _ = refit_in_order(model, result, _refits(plan, model, refitted), fit_examples(collect_probe(data, max(2, examples))))
     if plan.metrics.get("bn_reestimated") and data is not None:  # replay the re-estimation optimize kept
-        examples = int(plan.metrics.get("probe_examples", DEFAULT_PROBE_SIZE))
         reestimate_batchnorm(result, split_probe(collect_probe(data, max(2, examples)))[0])
     return result
 

@@ -36,7 +36,9 @@ class LayerChoice:
     params_after: int
     error: float = 0.0
     # "plain": SVD of the weight; "bn:NAME": output channels weighted by BatchNorm NAME;
-    # "data" / "data+bn:NAME": also weighted by the covariance of the layer's inputs on the probe
+    # "data" / "data+bn:NAME": also weighted by the covariance of the layer's inputs on the probe;
+    # "seq+" before any of them: then re-fitted, in execution order, to the inputs the decomposed
+    # layers before it produce (``autodac.sequential``; replayed by ``apply`` with the same data)
     fit: str = "plain"
     # How the factorised pair runs ("" = the method's plain form; DAC: "grouped" or "split"), and
     # the layer's measured latency in milliseconds on the planning device (latency budgets only).
@@ -62,10 +64,12 @@ def _optional_float(value: Any) -> float | None:
 
 
 def _check_fit(name: str, fit: Any) -> str:
-    base = fit.removeprefix("data+") if isinstance(fit, str) else None
-    if base is None or not (fit in ("plain", "data") or (base.startswith("bn:") and len(base) > 3)):
+    own = fit.removeprefix("seq+") if isinstance(fit, str) else None
+    base = own.removeprefix("data+") if own is not None else None
+    if base is None or not (own in ("plain", "data") or (base.startswith("bn:") and len(base) > 3)):
         raise PlanError(
-            f"layer {name!r}: `fit` must be 'plain', 'data', 'bn:<BatchNorm name>' or 'data+bn:<BatchNorm name>', but got fit={fit!r}"
+            f"layer {name!r}: `fit` must be 'plain', 'data', 'bn:<BatchNorm name>' or 'data+bn:<BatchNorm name>', "
+            f"optionally after 'seq+', but got fit={fit!r}"
         )
     return fit
 

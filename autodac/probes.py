@@ -23,7 +23,7 @@ from autodac.surgery import evaluating
 
 __all__ = [
     "DEFAULT_PROBE_SIZE", "Probe", "collect_probe", "reconstruction_errors", "batchnorm_weights", "predict", "top1_match",
-    "divergence", "reestimate_batchnorm", "has_batchnorm", "input_covariances", "split_probe", "fit_examples",
+    "divergence", "reestimate_batchnorm", "has_batchnorm", "input_covariances", "cross_covariances", "split_probe", "fit_examples",
 ]
 
 DEFAULT_PROBE_SIZE = 2048
@@ -256,7 +256,16 @@ def _pad_like(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _patches(module: nn.Module, x: torch.Tensor, max_positions: int, generator: torch.Generator) -> torch.Tensor:
-    """Rows of what the layer multiplies by its weight: ``positions x (C*K)``, channel-major."""
+    """Rows of what the layer multiplies by its weight: ``positions x (C*K)``, channel-major
+    (at most ``max_positions`` of them, drawn by ``generator``)."""
+    rows = _patch_rows(module, x)
+    if rows.shape[0] > max_positions:
+        rows = rows[torch.randperm(rows.shape[0], generator=generator)[:max_positions]]
+    return rows.float()
+
+
+def _patch_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Every row the layer multiplies by its weight on input ``x``: ``positions x (C*K)``."""
     if isinstance(module, nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
     else:
@@ -270,9 +279,7 @@ def _patches(module: nn.Module, x: torch.Tensor, max_positions: int, generator: 
             kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
         cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, stride=stride)  # B x CK x L
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    if rows.shape[0] > max_positions:
-        rows = rows[torch.randperm(rows.shape[0], generator=generator)[:max_positions]]
-    return rows.float()
+    return rows
 
 
 def input_covariances(
@@ -307,3 +314,56 @@ def input_covariances(
         for handle in handles:
             handle.remove()
     return {name: sums[name] / counts[name] for name in layers if counts[name]}
+
+
+class _Reached(Exception):
+    """Raised by a hook to stop a forward pass once the layer of interest has its input."""
+
+
+def _input_of(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor | None:
+    """What layer ``name`` receives (first call) when ``model`` runs on ``x``; the rest of the pass is skipped."""
+    captured: list[torch.Tensor] = []
+
+    def grab(_module, args):
+        captured.append(args[0].detach())
+        raise _Reached
+
+    handle = model.get_submodule(name).register_forward_pre_hook(grab)
+    try:
+        with evaluating(model):
+            model(x.to(_device_of(model)))
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return captured[0] if captured else None
+
+
+def cross_covariances(
+    original: nn.Module, changed: nn.Module, name: str, inputs: torch.Tensor, batch_size: int = 64, max_positions: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(E[p_o p_c^T], E[p_c p_c^T])`` of layer ``name``'s input patches in ``original`` (``p_o``) and ``changed`` (``p_c``).
+
+    Both models see the same ``inputs`` and the patches are taken at the same positions, so the
+    pair is what a least-squares refit from the changed model's inputs to the original layer's
+    outputs needs. The patches are those of ``original``'s layer ``name`` (``CK x CK``, float64);
+    each forward pass stops at the layer. None if the layer never runs.
+    """
+    module = original.get_submodule(name)
+    generator = torch.Generator().manual_seed(0)
+    cross = gram = None
+    count = 0
+    for start in range(0, inputs.shape[0], batch_size):
+        batch = inputs[start : start + batch_size]
+        seen, now = _input_of(original, name, batch), _input_of(changed, name, batch)
+        if seen is None or now is None:
+            return None
+        rows_seen, rows_now = _patch_rows(module, seen.cpu()), _patch_rows(module, now.cpu())
+        if rows_seen.shape[0] > max_positions:
+            keep = torch.randperm(rows_seen.shape[0], generator=generator)[:max_positions]
+            rows_seen, rows_now = rows_seen[keep], rows_now[keep]
+        rows_seen, rows_now = rows_seen.float(), rows_now.float()
+        cross = (rows_seen.T @ rows_now).double() + (0 if cross is None else cross)
+        gram = (rows_now.T @ rows_now).double() + (0 if gram is None else gram)
+        count += rows_now.shape[0]
+    return cross / count, gram / count

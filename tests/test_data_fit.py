@@ -460,7 +460,7 @@ def _data(seed: int = 5, n: int = 80, shape: tuple[int, ...] = (3, 8, 8)) -> lis
 @functools.lru_cache(maxsize=None)
 def _optimized(fit_to_data: bool) -> tuple[nn.Module, autodac.Result]:
     model = SmallConvNet(seed=0).eval()
-    return model, autodac.optimize(model, BUDGET, data=_data(), fit_to_data=fit_to_data, **SEARCH)
+    return model, autodac.optimize(model, BUDGET, data=_data(), fit_to_data=fit_to_data, sequential_fit=False, **SEARCH)
 
 
 def _fresh_copy(model: nn.Module) -> nn.Module:
@@ -534,8 +534,8 @@ def test_apply_with_data_rebuilds_the_result_model_exactly(reestimate_bn: bool) 
     x, y = fashion_mnist_slice("train")
     data = [(x[:256], y[:256])]
     result = autodac.optimize(
-        pretrained("resnet20"), 0.3, data=data, reestimate_bn=reestimate_bn, n_trials=1, profile_size=16, profile_points=2,
-        progress=False,
+        pretrained("resnet20"), 0.3, data=data, reestimate_bn=reestimate_bn, sequential_fit=False, n_trials=1, profile_size=16,
+        profile_points=2, progress=False,
     )
     assert ("bn_reestimated" in result.metrics) == reestimate_bn
     applied = autodac.apply(pretrained("resnet20"), autodac.Plan.from_json(result.plan.to_json()), data=data)
@@ -596,7 +596,7 @@ def test_apply_replays_data_fits_when_patches_are_subsampled() -> None:
     assert 32 * side * side > cap
     model = _TwoConvs().eval()
     data = _data(shape=(3, side, side))
-    result = autodac.optimize(model, 0.7, data=data, exclude=("conv1", "fc"), **SEARCH)
+    result = autodac.optimize(model, 0.7, data=data, exclude=("conv1", "fc"), sequential_fit=False, **SEARCH)
     assert set(result.plan.factorized) == {"conv2"} and result.plan.layers["conv2"].fit == "data"
     fresh = _TwoConvs()
     fresh.load_state_dict(model.state_dict())

@@ -204,3 +204,26 @@ def cholesky_factor(covariance: torch.Tensor, damping: float = 1e-2) -> torch.Te
     level = diag.mean(-1, keepdim=True).clamp_min(1e-12) * damping
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
     return torch.linalg.cholesky(cov + level[..., None] * eye)
+
+
+def output_matching_weight(
+    weight: torch.Tensor, cross_cov: torch.Tensor, input_cov: torch.Tensor, damping: float = 1e-3
+) -> torch.Tensor:
+    """``W* = W (C_oc + l I)(C_cc + l I)^-1`` with ``l = damping * mean(diag C_cc)``, in ``weight``'s shape and dtype.
+
+    When a layer's inputs have changed from ``x_o`` to ``x_c`` (the layers before it were
+    truncated), ``W*`` is the dense weight whose output on ``x_c`` is closest in least squares
+    to the original output ``W x_o`` (``cross_cov = E[x_o x_c^T]``, ``input_cov = E[x_c x_c^T]``,
+    both ``CK x CK``), with a ridge ``l |W* - W|^2`` pulling it toward ``W`` along directions
+    the inputs barely excite (unchanged inputs give ``W`` back exactly). The output error of any
+    weight ``W'`` then splits orthogonally (up to the ridge):
+    ``E|W x_o - W' x_c|^2 = E|W x_o - W* x_c|^2 + E|(W* - W') x_c|^2``, so the best rank-``r``
+    factorisation is the data-aware fit of ``W*`` under ``input_cov``.
+    """
+    matrix = weight.detach().double().reshape(weight.shape[0], -1)
+    gram = input_cov.double().to(matrix.device)
+    level = torch.diagonal(gram).mean().clamp_min(1e-12) * damping
+    ridge = level * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    target = matrix @ (cross_cov.double().to(matrix.device) + ridge)
+    solved = torch.linalg.solve(gram + ridge, target.T).T  # the system is symmetric
+    return solved.reshape(weight.shape).to(weight.dtype)
