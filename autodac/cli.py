@@ -640,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Build the decomposed copy of MODEL that PLAN describes and save it.")
     _add_model(apply)
     apply.add_argument("plan", metavar="PLAN", help="plan JSON written by `autodac optimize`")
-    apply.add_argument("--data", metavar="FILE", help="the probe the plan was made with (needed for plans fitted to data)")
+    apply.add_argument("--data", metavar="FILE", help="the probe the plan was made with (needed for plans fitted or re-fitted to data)")
     apply.add_argument("--out", required=True, metavar="FILE.pt", help="where to write the decomposed model (torch.save)")
     apply.set_defaults(run=_cmd_apply)
 

@@ -48,6 +48,7 @@ PROBE_VARIANTS = {
     "DAC only": {"methods": ("dac",)},
     "+ transposed DAC": {"methods": DEFAULT_METHODS + ("tdac",)},
 }
+SECTION = "autodac, one lever off at a time"
 SYNTHETIC_VARIANTS = ("default", "- sequential re-fit", "- data-aware fits", "- BN re-estimation")
 
 
@@ -74,7 +75,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-data-free", action="store_true", help="skip the data-free rows")
     parser.add_argument("--name", default="ablation")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="NAME",
+                        help="only combine these results files (benchmarks/results/NAME.json) into --name")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.name, args.merge)
+        return
     set_threads(args.threads)
     probe_x, probe_y, test_x, test_y = load_data(2000, seed=0)
     example = test_x[:1]
@@ -114,18 +120,33 @@ def main() -> None:
             if not args.no_data_free:
                 run(net, model, budget, "none", "data-free (no probe)", example_inputs=example)
 
-    sections = {"autodac, one lever off at a time": rows}
-    aimet = RESULTS / "aimet.json"
-    if aimet.exists():
-        sections["AIMET itself (benchmarks/results/aimet.md)"] = [
-            row for section in json.loads(aimet.read_text())["rows"].values() for row in section
-        ]
-    header = "\n".join([
-        "Each lever of issue 7 turned off one at a time (see the script's docstring); test accuracy on all 10,000 Fashion-MNIST test images, no fine-tuning.",
-        "`kept`: which held-out-checked corrections the final plan kept.", "", *checkpoints,
-    ])
-    write_results(args.name, sections, header)
+    write(args.name, rows, checkpoints)
     (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
+
+
+def write(name: str, rows: list[dict], checkpoints: list[str], sources: list[str] = ()) -> None:
+    header = "\n".join([
+        "Each lever of issue 7 turned off one at a time (see `benchmarks/bm_ablation.py`); test accuracy on all 10,000 Fashion-MNIST "
+        "test images, no fine-tuning. `kept`: which held-out-checked corrections the final plan kept. AIMET itself: "
+        "`benchmarks/results/aimet.md`. `optimize s` is wall time on a shared 2-core machine and depends on what else ran "
+        "(merged runs ran at different loads: here the default rows beside the AIMET benchmark, load 4-7, the others at "
+        "load ~2); the quiet-core time of the default call is in `probe_targets.md`.", "", *checkpoints, *sources,
+    ])
+    write_results(name, {SECTION: rows}, header)
+
+
+def merge(name: str, parts: list[str]) -> None:
+    """One results file from several runs' files (e.g. one process per net), rows in the order given."""
+    rows, checkpoints, sources = [], [], []
+    for part in parts:
+        saved = json.loads((RESULTS / f"{part}.json").read_text())
+        sources.append(f"- rows from `{saved['meta'].get('command')}` ({saved['meta'].get('date')}, load {saved['meta'].get('machine', '')})")
+        rows += [row for row in saved["rows"][SECTION] if row["variant"] != "original" or row not in rows]
+        checkpoints += [line for line in saved["header"].splitlines() if line.startswith("- ") and line not in checkpoints]
+    nets = list(dict.fromkeys(row["net"] for row in rows))
+    variants = ["original", *PROBE_VARIANTS, "data-free (no probe)"]
+    rows.sort(key=lambda r: (nets.index(r["net"]), -r["budget"], r["data"] != "2k probe", r["data"], variants.index(r["variant"])))
+    write(name, rows, checkpoints, sources)
 
 
 if __name__ == "__main__":
