@@ -388,6 +388,7 @@ def optimize(
     weighting: str = "batchnorm",
     fit_to_data: bool = True,
     sequential_fit: bool = True,
+    refit_candidates: int = 1,
     probe_size: int = DEFAULT_PROBE_SIZE,
     profile_size: int = 128,
     profile_points: int = 4,
@@ -433,7 +434,9 @@ def optimize(
     of weight error); ``sequential_fit`` then re-fits the chosen layers in execution order to
     reproduce the original layers' outputs from the inputs the decomposed layers before them
     produce (``autodac.sequential``; errors stop compounding through depth), kept only when the
-    held-out probe says so; ``weighting`` ("batchnorm" or "none") weighs output channels by the
+    held-out probe says so (with ``refit_candidates=k`` the search's ``k`` best plans are each
+    re-fitted and the best on the held-out half is kept: at deep cuts the re-fit repairs some
+    plans more than others, at ``k`` times the re-fit's cost); ``weighting`` ("batchnorm" or "none") weighs output channels by the
     BatchNorm that follows. Seeded runs without ``timeout`` are deterministic. The caller's model
     is not changed.
     ``storage`` (a database URL such as ``sqlite:///search.db`` or ``postgresql://host/db``, a
@@ -455,7 +458,7 @@ def optimize(
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     if weighting not in ("batchnorm", "none"):
         raise AutodacError(f"`weighting` must be 'batchnorm' or 'none', but got weighting={weighting!r}")
-    for name, value, low in (("probe_size", probe_size, 2), ("profile_size", profile_size, 1), ("profile_points", profile_points, 1), ("n_trials", n_trials, 1)):
+    for name, value, low in (("probe_size", probe_size, 2), ("profile_size", profile_size, 1), ("profile_points", profile_points, 1), ("n_trials", n_trials, 1), ("refit_candidates", refit_candidates, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise AutodacError(f"`{name} >= {low}` must hold (an integer), but got {name}={value!r}")
     if evaluate is not None and not callable(evaluate):
@@ -504,7 +507,7 @@ def optimize(
         storage, study_name, model, probe, probe is not None or evaluate is not None, pareto=pareto, settings={
             "flops_budget": budget, "latency_budget": latency, "input_shapes": _input_shapes(inputs), "methods": list(methods),
             "exclude": list(exclude), "weighting": weighting, "fit_to_data": fit_to_data, "sequential_fit": sequential_fit,
-            "profile_size": profile_size,
+            "refit_candidates": refit_candidates, "profile_size": profile_size,
             "profile_points": profile_points, "reestimate_bn": reestimate_bn, "evaluate": evaluate is not None,
         },
     )
@@ -586,8 +589,13 @@ def optimize(
         layers=_choices(candidates, selection, timing), original_flops=original.total, budget=planned_budget,
         input_shapes=_input_shapes(inputs), input_assumed=assumed, skipped=skipped, notes=notes, probe=probe_source,
     )
+    published = refined.best if refined is not None else None
     if probe is not None and sequential_fit and _selection_factorizes(selection, candidates):
-        decomposed = _keep_refit_if_better(model, decomposed, plan, candidates, probe, runner, use_bn, progress)
+        pool = [(published, decomposed)]
+        if refined is not None and timing is None:  # a latency plan was tuned on the device: it is not swapped
+            for trial in _runners_up(refined, candidates, refit_candidates - 1):
+                pool.append((trial, _build(model, candidates, trial.selection, factors)))
+        decomposed, published = _refit_best(model, pool, plan, candidates, probe, runner, use_bn, progress)
     if probe is not None or evaluate is not None:
         plain = runner.score(decomposed)
         metrics["probe_without_bn_reestimate"] = metrics["probe"] = plain[1]
@@ -612,7 +620,7 @@ def optimize(
     front = [] if not (pareto and refined) else [_front_plan(plan, candidates, t, timing) for t in refined.front]
     if shared is not None:
         plan.notes.append(shared.note(n_trials))
-        shared.publish(plan, refined.best.value, refined.best.number, front)
+        shared.publish(plan, published.value, published.number, front)
     return Result(
         model=decomposed, plan=plan, original_flops=original.total, flops=counted,
         original_params=count_params(model), params=count_params(decomposed), notes=notes,
@@ -628,29 +636,59 @@ def _selection_factorizes(selection: Sequence[int], candidates: list[_Candidate]
     return any(c.options[i][0] != DENSE for c, i in zip(candidates, selection))
 
 
-def _refits(plan: Plan, model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Refit]:
-    """What ``refit_in_order`` needs for each factorised layer of ``plan`` (or of ``names``)."""
-    chosen = plan.factorized if names is None else {name: plan.factorized[name] for name in names}
+def _refits(layers: dict[str, LayerChoice], model: nn.Module) -> dict[str, Refit]:
+    """What ``refit_in_order`` needs for each factorised layer of ``layers``."""
     return {
         name: Refit(c.method, c.rank, c.impl, _fit_weights(model, c.fit, model.get_submodule(name)))
-        for name, c in chosen.items()
+        for name, c in layers.items() if not c.is_dense
     }
 
 
-def _keep_refit_if_better(model, decomposed, plan: Plan, candidates, probe: Probe, runner: "_ProbeRunner", use_bn: bool, progress: bool):
-    """``decomposed`` re-fitted in execution order if that scores better on the held-out probe (the plan's fits say so)."""
-    refitted, names = refit_in_order(model, decomposed, _refits(plan, model), fit_examples(probe), progress)
-    before, after = runner.score(decomposed, reestimate=use_bn), runner.score(refitted, reestimate=use_bn)
-    if not names or not (after[0] > before[0] and after[1] >= before[1]):
+def _runners_up(refined, candidates: list[_Candidate], count: int) -> list[Trial]:
+    """The ``count`` best trials after the best, one per distinct plan that factorises something."""
+    seen, picked = {tuple(refined.best.selection)}, []
+    for trial in sorted(refined.trials, key=lambda t: (-t.value, t.number)):
+        if len(picked) >= count:
+            break
+        if tuple(trial.selection) not in seen and _selection_factorizes(trial.selection, candidates):
+            seen.add(tuple(trial.selection))
+            picked.append(trial)
+    return picked
+
+
+def _refit_best(model, pool, plan: Plan, candidates, probe: Probe, runner: "_ProbeRunner", use_bn: bool, progress: bool):
+    """The best of the pool's plans re-fitted in execution order, if it beats the search's plan as it was.
+
+    ``pool`` holds ``(trial, model)`` pairs, the search's own plan first. Each is re-fitted and
+    scored on the held-out probe half; the best is kept if it scores higher than the first
+    without re-fit (objective up, metric not down). ``plan`` is updated in place to the winner
+    (its layers, ``seq+`` fits, notes); returns the model to keep and the trial it came from.
+    """
+    first_trial, first_model = pool[0]
+    before = runner.score(first_model, reestimate=use_bn)
+    best = None
+    for trial, candidate in pool:
+        layers = plan.layers if trial is first_trial else _choices(candidates, trial.selection)
+        refitted, names = refit_in_order(model, candidate, _refits(layers, model), fit_examples(probe), progress)
+        after = runner.score(refitted, reestimate=use_bn)
+        if names and (best is None or after[0] > best[0][0]):
+            best = (after, trial, refitted, layers, names)
+    if best is None or not (best[0][0] > before[0] and best[0][1] >= before[1]):
+        after = best[0] if best is not None else before
         plan.notes.append(
             f"sequential re-fit tried and rejected (held-out objective {after[0]:.4g} vs {before[0]:.4g}, metric {after[1]:.4g} vs {before[1]:.4g})"
         )
-        return decomposed
-    for name in names:
-        plan.layers[name] = dataclasses.replace(plan.layers[name], fit="seq+" + plan.layers[name].fit)
+        return first_model, first_trial
+    after, trial, refitted, layers, names = best
+    plan.layers = {name: dataclasses.replace(c, fit="seq+" + c.fit) if name in names else c for name, c in layers.items()}
     plan.metrics["probe_before_sequential_fit"] = before[1]
     plan.notes.append(f"{len(names)} layers re-fitted in execution order to the decomposed model's own inputs (kept: held-out probe better)")
-    return refitted
+    if len(pool) > 1:
+        plan.notes.append(
+            f"of the search's {len(pool)} best plans, each re-fitted, "
+            + ("its best plan" if trial is first_trial else f"trial {trial.number}") + " scored best on the held-out probe"
+        )
+    return refitted, trial
 
 
 def _meet_latency(budget, capacity, floor, selection, decomposed, timing, plan_at, build, measure):
@@ -845,7 +883,8 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
             raise PlanError(f"layer {name!r}: {error}") from None
     result = replace_layers(model, replacements)
     if refitted:  # replay the sequential re-fit optimize kept, on the same fit inputs, in the same order
-        result, _ = refit_in_order(model, result, _refits(plan, model, refitted), fit_examples(collect_probe(data, max(2, examples))))
+        chosen = {name: plan.layers[name] for name in refitted}
+        result, _ = refit_in_order(model, result, _refits(chosen, model), fit_examples(collect_probe(data, max(2, examples))))
     if plan.metrics.get("bn_reestimated") and data is not None:  # replay the re-estimation optimize kept
         reestimate_batchnorm(result, split_probe(collect_probe(data, max(2, examples)))[0])
     return result

@@ -304,3 +304,22 @@ def test_refit_is_judged_by_evaluate_when_given() -> None:
     notes = " ".join(result.plan.notes)
     assert "re-fitted in execution order" in notes or "sequential re-fit tried and rejected" in notes
     assert calls
+
+
+def test_refit_candidates_rescore_the_search_s_best_plans_after_the_refit() -> None:
+    """With ``refit_candidates=3`` the kept plan is the best re-fitted one on the held-out half: never worse
+    there than the one-candidate plan, still within budget, recorded, and replayed by ``apply``."""
+    model = SmallConvNet(seed=0).eval()
+    options = dict(SEARCH, n_trials=6)
+    one = autodac.optimize(model, 0.4, data=_data(), **options)
+    three = autodac.optimize(model, 0.4, data=_data(), refit_candidates=3, **options)
+    assert three.flops_ratio <= 0.4
+    notes = " ".join(three.plan.notes)
+    if any(c.fit.startswith("seq+") for c in three.plan.factorized.values()):
+        assert "best plans, each re-fitted" in notes
+        assert three.metrics["probe_without_bn_reestimate"] >= one.metrics["probe_without_bn_reestimate"] or three.metrics.get("bn_reestimated")
+        applied = autodac.apply(_fresh_copy(model), autodac.Plan.from_json(three.plan.to_json()), data=_data())
+        state, expected = applied.state_dict(), three.model.state_dict()
+        assert all(torch.equal(state[k], expected[k]) for k in state)
+    with pytest.raises(autodac.AutodacError, match=r"`refit_candidates >= 1` must hold"):
+        autodac.optimize(model, 0.4, data=_data(), refit_candidates=0, **SEARCH)
