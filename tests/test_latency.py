@@ -197,3 +197,27 @@ def test_tables_show_latency_beside_flops(latency_result) -> None:
     side = autodac.compare({"latency": result.plan})
     assert f"{choice.latency_after / choice.latency_before:.2f} ms" in side
     assert "latency_ratio" in side
+
+
+def test_a_latency_plan_with_data_keeps_its_implementations_through_the_refit(tmp_path) -> None:
+    """The sequential re-fit rebuilds each layer in the form the latency table chose; apply replays both."""
+    model = WideNet().eval()
+    x = torch.randn(32, 64, 48, 48, generator=torch.Generator().manual_seed(2))
+    result = autodac.optimize(
+        model, latency_budget=0.7, example_inputs=INPUT, data=[x], probe_size=32, profile_size=8, n_trials=2,
+        refit_candidates=3, latency_cache=tmp_path / "c.json", progress=False,
+    )
+    assert result.plan.factorized
+    refitted = [n for n, c in result.plan.factorized.items() if c.fit.startswith("seq+")]
+    assert refitted or any("sequential re-fit tried and rejected" in n for n in result.plan.notes)
+    assert not any("best plans, each re-fitted" in n for n in result.plan.notes)  # a latency plan is never swapped
+    for name, choice in result.plan.factorized.items():
+        layer = result.model.get_submodule(name)
+        assert choice.impl == layer.impl and isinstance(layer.depthwise if choice.method == "dac" else layer, nn.Module)
+        if choice.method == "dac":
+            assert isinstance(layer.depthwise, SplitDepthwise) == (choice.impl == "split")
+    fresh = WideNet().eval()
+    fresh.load_state_dict(model.state_dict())  # WideNet's biases are not seeded
+    applied = autodac.apply(fresh, autodac.Plan.from_json(result.plan.to_json()), data=[x])
+    state, expected = applied.state_dict(), result.model.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)

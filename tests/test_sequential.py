@@ -323,3 +323,17 @@ def test_refit_candidates_rescore_the_search_s_best_plans_after_the_refit() -> N
         assert all(torch.equal(state[k], expected[k]) for k in state)
     with pytest.raises(autodac.AutodacError, match=r"`refit_candidates >= 1` must hold"):
         autodac.optimize(model, 0.4, data=_data(), refit_candidates=0, **SEARCH)
+
+
+@pytest.mark.parametrize("impl", ["grouped", "split"])
+def test_refit_builds_the_implementation_the_plan_chose(impl: str) -> None:
+    from autodac.layers import SplitDepthwise
+
+    model = _Chain().eval()
+    layers = {n: Refit("dac", 2, impl) for n in ("conv1", "conv2", "conv3")}
+    changed = replace_layers(model, {n: build_factorized(model.get_submodule(n), "dac", 2, impl=impl) for n in layers})
+    refitted, order = refit_in_order(model, changed, layers, _chain_inputs(32, 0))
+    assert order == list(layers)
+    for name in layers:
+        layer = refitted.get_submodule(name)
+        assert layer.impl == impl and isinstance(layer.depthwise, SplitDepthwise) == (impl == "split")
