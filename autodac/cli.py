@@ -345,9 +345,11 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         kwargs["flops_budget"] = args.flops_budget
     if args.latency_budget is not None:
         kwargs["latency_budget"] = args.latency_budget
-    for name in ("methods", "n_trials", "seed", "synthesize", "device"):  # passed only when given: the library's defaults stay the defaults
+    for name in ("methods", "n_trials", "seed", "synthesize", "device", "refit_candidates"):  # passed only when given: the library's defaults stay the defaults
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
+    if args.no_sequential_fit:
+        kwargs["sequential_fit"] = False
     if args.exclude:
         kwargs["exclude"] = tuple(args.exclude)
     result = autodac.optimize(model, **kwargs)
@@ -603,6 +605,10 @@ def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
     optimize.add_argument("--exclude", action="append", metavar="GLOB", help="keep layers matching this name pattern dense (repeatable)")
     optimize.add_argument("--n-trials", type=_positive, metavar="N", help=f"Optuna trials with --data (default {_default('n_trials')})")
     optimize.add_argument("--seed", type=int, metavar="S", help=f"search seed (default {_default('seed')})")
+    optimize.add_argument("--no-sequential-fit", action="store_true",
+                          help="with --data/--synthesize: skip re-fitting the chosen layers in execution order (faster on deep nets)")
+    optimize.add_argument("--refit-candidates", type=_positive, metavar="K",
+                          help=f"re-fit the search's K best plans and keep the best (default {_default('refit_candidates')})")
     optimize.add_argument("--save-model", metavar="FILE.pt", help="also write the decomposed model (torch.save)")
 
 

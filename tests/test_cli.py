@@ -236,3 +236,18 @@ def test_optimize_with_synthesize_plans_without_data(work: Path) -> None:
     assert autodac.Plan.load(work / "synthetic.json").probe["source"] == "synthetic"
     _refused(_cli("optimize", "small.pt", "--flops-budget", "0.6", "--synthesize", "32", "--data", "probe.npz",
                   "--out", "x.json", cwd=work), "alternatives")
+
+
+def test_optimize_can_skip_or_widen_the_sequential_refit(work: Path, with_data: dict) -> None:
+    """`--no-sequential-fit` gives a plan with no re-fitted layer; `--refit-candidates` reaches optimize (and is checked)."""
+    _ok(_cli("optimize", "small.pt", "--flops-budget", "0.6", "--data", "probe.npz", "--n-trials", "2", "--no-sequential-fit",
+             "--out", "plain_plan.json", "--quiet", cwd=work))
+    plan = autodac.Plan.load(work / "plain_plan.json")
+    assert plan.factorized and not any(c.fit.startswith("seq+") for c in plan.layers.values())
+    assert not any("sequential" in note for note in plan.notes)
+    _ok(_cli("optimize", "small.pt", "--flops-budget", "0.6", "--data", "probe.npz", "--n-trials", "3", "--refit-candidates", "2",
+             "--out", "wide_plan.json", "--quiet", cwd=work))
+    notes = " ".join(autodac.Plan.load(work / "wide_plan.json").notes)
+    assert "sequential re-fit tried and rejected" in notes or "re-fitted in execution order" in notes
+    refused = _cli("optimize", "small.pt", "--flops-budget", "0.6", "--data", "probe.npz", "--refit-candidates", "0", "--out", "x.json", cwd=work)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
