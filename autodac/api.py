@@ -849,6 +849,7 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
             f"but got data=None (layers {needing[:3]}{'...' if len(needing) > 3 else ''})"
         )
     examples = int(plan.metrics.get("probe_examples", DEFAULT_PROBE_SIZE))
+    replayed = collect_probe(data, max(2, examples)) if data is not None else None  # once: `data` may be a one-shot iterator
     if data_fitted:
         modules = {}
         for name in data_fitted:
@@ -856,7 +857,7 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
                 modules[name] = model.get_submodule(name)
             except AttributeError:
                 raise PlanError(f"the plan's layer {name!r} must exist in the model, but it does not") from None
-        covariances = input_covariances(model, modules, fit_examples(collect_probe(data, max(2, examples))))
+        covariances = input_covariances(model, modules, fit_examples(replayed))
     replacements = {}
     for name, choice in plan.factorized.items():
         try:
@@ -884,9 +885,9 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
     result = replace_layers(model, replacements)
     if refitted:  # replay the sequential re-fit optimize kept, on the same fit inputs, in the same order
         chosen = {name: plan.layers[name] for name in refitted}
-        result, _ = refit_in_order(model, result, _refits(chosen, model), fit_examples(collect_probe(data, max(2, examples))))
-    if plan.metrics.get("bn_reestimated") and data is not None:  # replay the re-estimation optimize kept
-        reestimate_batchnorm(result, split_probe(collect_probe(data, max(2, examples)))[0])
+        result, _ = refit_in_order(model, result, _refits(chosen, model), fit_examples(replayed))
+    if plan.metrics.get("bn_reestimated") and replayed is not None:  # replay the re-estimation optimize kept
+        reestimate_batchnorm(result, split_probe(replayed)[0])
     return result
 
 
