@@ -10,8 +10,9 @@ only when the probe metric, measured on probe images the re-estimation did not s
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -19,15 +20,44 @@ from torch import nn
 
 from autodac.errors import AutodacError, ModelError
 from autodac.factorize import get_method
+from autodac.subclasses import explicit_padding
 from autodac.surgery import evaluating
 
 __all__ = [
     "DEFAULT_PROBE_SIZE", "Probe", "collect_probe", "reconstruction_errors", "batchnorm_weights", "predict", "top1_match",
     "divergence", "reestimate_batchnorm", "has_batchnorm", "input_covariances", "cross_covariances", "split_probe", "fit_examples",
+    "BATCH_ELEMENTS", "batch_size_for", "fast_layout", "MAX_COVARIANCE_BYTES", "patch_size", "covariance_bytes", "covariance_fits",
 ]
 
 DEFAULT_PROBE_SIZE = 2048
-_BATCH = 256
+_BATCH = 256  # the most examples in one batch, whatever their size
+_COVARIANCE_BATCH = 64  # the most in one batch of a covariance pass (its patches are subsampled per batch)
+
+BATCH_ELEMENTS = 32 * 3 * 224 * 224
+"""The most input elements one batch of a pass over probe inputs holds: 4,816,896 (18 MiB in float32).
+
+A batch's activations are its input times a factor of the architecture (a forward pass holds a
+few of them at a time, a synthesis step all of them for its backward pass), so sizing batches
+by their input bounds their memory for a given model where a fixed count does not: 256 inputs
+of 3x224x224 held 21.5 GB in one synthesis step of EfficientNet-Lite0, 32 hold 3.1 GiB (and a
+forward pass well under 1 GiB). 32 images at 224 px is also about the smallest batch whose
+statistics BatchNorm re-estimation can trust and that keeps a CPU's kernels busy; smaller
+inputs are capped at 256 a batch as before, so the 28x28 and 32x32 benchmarks are unchanged.
+"""
+
+MAX_COVARIANCE_BYTES = 2**28
+"""The largest input covariance (float64, ``CK x CK`` for a layer whose patches have ``CK`` entries) a layer may have: 256 MiB.
+
+That is ``CK <= 5792``: every 3x3 conv over up to 643 channels (the 3x3 convs over 512 channels of
+VGG and ResNet: 4608, 170 MB), every 1x1 conv and Linear over up to 5792 features (ResNet-50's
+2048, VGG's 4096). Larger patches (VGG's 25088-wide first classifier: 5 GB; a depthwise conv's
+unfolded 1152x5x5 patches: 6.6 GB) would cost more memory than the rest of the search, and
+``O(CK^3)`` time, for one layer, so such a layer is fitted to its weights alone and not re-fitted
+in order (``covariance_fits``). A layer's fit holds a few matrices its covariance's size at
+once (its damped copy and Cholesky factor; the sequential re-fit: the cross and input
+covariances and the solve's copy), so one layer's fit peaks at about five times this limit,
+and the covariances of all candidate layers are held together through the search.
+"""
 
 
 def reconstruction_errors(
@@ -138,13 +168,39 @@ def collect_probe(data: Iterable[Any], max_samples: int = DEFAULT_PROBE_SIZE) ->
     return Probe(torch.cat(xs), torch.cat(ys) if ys else None)
 
 
-def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = _BATCH) -> torch.Tensor:
-    """The model's outputs on ``inputs`` in eval mode, batched, on the model's device, returned on CPU."""
+def batch_size_for(example_shape: Sequence[int], most: int = _BATCH) -> int:
+    """Examples per batch: as many as keep one batch's input within ``BATCH_ELEMENTS``, from 1 to ``most``.
+
+    ``example_shape`` is one example's shape (without the batch dimension): 256 for 1x28x28 or
+    3x32x32 inputs, 5 for 3x224x224.
+    """
+    return max(1, min(most, BATCH_ELEMENTS // max(1, math.prod(example_shape))))
+
+
+def fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last memory order when it is a batch of multi-channel images (same values).
+
+    CPU conv kernels run channels-last ~1.5x faster (EfficientNet-Lite0 at 224 px, 2 threads);
+    the layout propagates from the input, so the model's own weights are never touched.
+    Single-channel inputs stay as they are (their layout would not change, their kernels might).
+    """
+    if x.dim() == 4 and x.shape[1] > 1 and x.is_floating_point():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """The model's outputs on ``inputs`` in eval mode, batched, on the model's device, returned on CPU.
+
+    Batches hold ``batch_size`` examples, by default as many as ``batch_size_for`` allows; the
+    outputs do not depend on it.
+    """
     device = _device_of(model)
+    batch_size = batch_size_for(inputs.shape[1:]) if batch_size is None else batch_size
     outs = []
     with evaluating(model):
         for start in range(0, inputs.shape[0], batch_size):
-            out = model(inputs[start : start + batch_size].to(device))
+            out = model(fast_layout(inputs[start : start + batch_size].to(device)))
             if not isinstance(out, torch.Tensor):
                 raise ModelError(
                     f"the built-in probe metric needs a model that returns one tensor, but it returned {type(out).__name__}; "
@@ -183,14 +239,17 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
 
 
-def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = _BATCH) -> nn.Module:
+def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int | None = None) -> nn.Module:
     """Recompute every BatchNorm's running statistics from ``inputs`` (in place; returns ``model``).
 
     Statistics are the mean and (unbiased) variance of each BatchNorm's input over all of
     ``inputs``, pooled exactly across batches (torch's cumulative average with momentum
     ``None`` weights a short last batch like a full one and drops the spread between batch
     means); the rest of the model stays in eval mode, so dropout and the like are not switched on.
+    Batches hold ``batch_size`` examples (default: ``batch_size_for``); a BatchNorm's input depends
+    on it only through the BatchNorms before it, which normalise each batch by its own statistics.
     """
+    batch_size = batch_size_for(inputs.shape[1:]) if batch_size is None else batch_size
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return model
@@ -224,7 +283,7 @@ def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int
             if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
                 del bounds[-2]  # a last batch of one cannot be normalised by its own statistics: join it to the one before
             for start, stop in zip(bounds[:-1], bounds[1:]):
-                model(inputs[start:stop].to(device))
+                model(fast_layout(inputs[start:stop].to(device)))
             for m, (n, mean, m2) in pooled.items():
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(m2 / max(n - 1, 1))
@@ -271,6 +330,9 @@ def _patch_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         if x.dim() == len(module.kernel_size) + 1:
             x = x.unsqueeze(0)
+        own = explicit_padding(module)  # what a subclass's own forward pads before its conv (a reason string if it cannot be read)
+        if own and not isinstance(own, str):
+            x = torch.nn.functional.pad(x, own)
         x = _pad_like(module, x)
         if isinstance(module, nn.Conv1d):
             x = x.unsqueeze(2)
@@ -282,8 +344,28 @@ def _patch_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def patch_size(module: nn.Module) -> int:
+    """``CK``: the entries of one row the layer multiplies by its weight (``in_features``, or input channels times kernel taps).
+
+    A grouped conv's patches span all its input channels (as ``F.unfold`` takes them).
+    """
+    if isinstance(module, nn.Linear):
+        return int(module.in_features)
+    return int(module.in_channels) * math.prod(module.kernel_size)
+
+
+def covariance_bytes(module: nn.Module) -> int:
+    """Bytes of the layer's float64 ``CK x CK`` input covariance."""
+    return 8 * patch_size(module) ** 2
+
+
+def covariance_fits(module: nn.Module) -> bool:
+    """Whether the layer's input covariance is within ``MAX_COVARIANCE_BYTES`` (else it gets no data-aware fit)."""
+    return covariance_bytes(module) <= MAX_COVARIANCE_BYTES
+
+
 def input_covariances(
-    model: nn.Module, layers: dict[str, nn.Module], inputs: torch.Tensor, batch_size: int = 64, max_positions: int = 4096
+    model: nn.Module, layers: dict[str, nn.Module], inputs: torch.Tensor, batch_size: int | None = None, max_positions: int = 4096
 ) -> dict[str, torch.Tensor]:
     """``E[p p^T]`` of each layer's input patches ``p`` on ``inputs`` (float64, ``CK x CK``, channel-major).
 
@@ -292,7 +374,12 @@ def input_covariances(
     batch per layer are kept (drawn with a fixed seed), so memory stays bounded on large maps.
     Each layer draws from its own generator, so its covariance does not depend on which other
     layers are asked for (``apply`` asks for fewer layers than ``optimize`` and must get the same).
+    Batches hold ``batch_size`` examples (default: ``batch_size_for``, at most 64); without
+    subsampling the covariances do not depend on it. Only the layers asked for are measured;
+    each holds one float64 sum (``covariance_bytes``) and one float32 product of its size.
     """
+    if batch_size is None:
+        batch_size = batch_size_for(inputs.shape[1:], _COVARIANCE_BATCH)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {name: 0 for name in layers}
     generators = {name: torch.Generator().manual_seed(0) for name in layers}
@@ -301,7 +388,7 @@ def input_covariances(
     def hook(name: str):
         def collect(module, args, _output):
             rows = _patches(module, args[0].detach().cpu(), max_positions, generators[name])
-            sums[name] = sums.get(name, 0) + (rows.T @ rows).double()  # float32 product, float64 sum
+            _accumulate(sums, name, rows.T @ rows)  # float32 product, float64 sum
             counts[name] += rows.shape[0]
 
         return collect
@@ -313,7 +400,15 @@ def input_covariances(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: sums[name] / counts[name] for name in layers if counts[name]}
+    return {name: sums[name].div_(counts[name]) for name in layers if counts[name]}
+
+
+def _accumulate(sums: dict[str, torch.Tensor], name: str, product: torch.Tensor) -> None:
+    """``sums[name] += product`` in float64, in place (no float64 copy of the product)."""
+    if name in sums:
+        sums[name].add_(product)
+    else:
+        sums[name] = product.double()
 
 
 class _Reached(Exception):
@@ -340,18 +435,20 @@ def _input_of(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor | No
 
 
 def cross_covariances(
-    original: nn.Module, changed: nn.Module, name: str, inputs: torch.Tensor, batch_size: int = 64, max_positions: int = 4096
+    original: nn.Module, changed: nn.Module, name: str, inputs: torch.Tensor, batch_size: int | None = None, max_positions: int = 4096
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(E[p_o p_c^T], E[p_c p_c^T])`` of layer ``name``'s input patches in ``original`` (``p_o``) and ``changed`` (``p_c``).
 
     Both models see the same ``inputs`` and the patches are taken at the same positions, so the
     pair is what a least-squares refit from the changed model's inputs to the original layer's
     outputs needs. The patches are those of ``original``'s layer ``name`` (``CK x CK``, float64);
-    each forward pass stops at the layer. None if the layer never runs.
+    each forward pass stops at the layer. None if the layer never runs. Batches as in ``input_covariances``.
     """
+    if batch_size is None:
+        batch_size = batch_size_for(inputs.shape[1:], _COVARIANCE_BATCH)
     module = original.get_submodule(name)
     generator = torch.Generator().manual_seed(0)
-    cross = gram = None
+    sums: dict[str, torch.Tensor] = {}
     count = 0
     for start in range(0, inputs.shape[0], batch_size):
         batch = inputs[start : start + batch_size]
@@ -363,7 +460,7 @@ def cross_covariances(
             keep = torch.randperm(rows_seen.shape[0], generator=generator)[:max_positions]
             rows_seen, rows_now = rows_seen[keep], rows_now[keep]
         rows_seen, rows_now = rows_seen.float(), rows_now.float()
-        cross = (rows_seen.T @ rows_now).double() + (0 if cross is None else cross)
-        gram = (rows_now.T @ rows_now).double() + (0 if gram is None else gram)
+        _accumulate(sums, "cross", rows_seen.T @ rows_now)
+        _accumulate(sums, "gram", rows_now.T @ rows_now)
         count += rows_now.shape[0]
-    return cross / count, gram / count
+    return sums["cross"].div_(count), sums["gram"].div_(count)

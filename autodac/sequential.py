@@ -9,7 +9,8 @@ already re-fitted model gives it: the best dense weight is the least-squares
 the data-aware fit of ``W*`` under ``C_cc`` (``autodac.factorize.output_matching_weight``).
 Closed form per layer; each layer costs two forward passes of the fit inputs, stopped at the
 layer. A layer that runs more than once per forward pass keeps its own fit (its inputs are not
-one distribution).
+one distribution), and so does one whose input covariance would exceed
+``autodac.probes.MAX_COVARIANCE_BYTES`` (the re-fit holds two of them).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from autodac.factorize import get_method, output_matching_weight
 from autodac.layers import build_factorized
-from autodac.probes import cross_covariances
+from autodac.probes import covariance_fits, cross_covariances
 from autodac.surgery import evaluating
 
 __all__ = ["Refit", "execution_order", "refit_in_order"]
@@ -63,12 +64,15 @@ def refit_in_order(
 
     ``original`` is the dense model and ``changed`` a decomposition of it whose factorised
     layers sit at the same dotted names; ``inputs`` are the examples the fits are computed from.
-    Neither model is modified.
+    Neither model is modified. Layers that run more than once, or whose input covariance is over
+    ``MAX_COVARIANCE_BYTES``, keep their fit and are not named.
     """
     refitted = copy.deepcopy(changed)
     device = next(iter(original.parameters())).device
     order, repeated = execution_order(original, list(layers), inputs[:1].to(device))
-    order = [name for name in order if name and name not in repeated]  # a bare layer has nothing before it
+    order = [  # a bare layer has nothing before it
+        name for name in order if name and name not in repeated and covariance_fits(original.get_submodule(name))
+    ]
     iterator = order
     if progress:
         from tqdm.auto import tqdm

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from autodac.errors import AutodacError, ModelError
+from autodac.probes import batch_size_for
 from autodac.surgery import evaluating
 
 __all__ = ["synthesize_inputs", "statistics_mismatch", "DEFAULT_STEPS"]
 
 DEFAULT_STEPS = 100
 _LEARNING_RATE = 0.1  # Adam's step on inputs that start at unit scale
-_BATCH = 256  # batch statistics need many examples per step to be meaningful
 
 
 def _norms(model: nn.Module) -> list[nn.Module]:
@@ -79,9 +79,12 @@ def synthesize_inputs(
 ) -> torch.Tensor:
     """``count`` inputs shaped like ``example_inputs[0]`` whose BatchNorm statistics match the stored ones.
 
-    Deterministic for a fixed ``seed`` (on one machine and thread count). Each batch of up to
-    256 inputs is optimised for ``steps`` Adam steps; the cost is about ``steps`` forward and
-    backward passes per batch. Refuses models without BatchNorm, whose inputs nothing constrains.
+    Deterministic for a fixed ``seed`` (on one machine and thread count). Each batch is optimised
+    for ``steps`` Adam steps; the cost is about ``steps`` forward and backward passes per batch.
+    A batch holds as many inputs as ``autodac.probes.batch_size_for`` allows (at least 2), since
+    a step keeps every activation of its batch for the backward pass: 256 inputs of 3x32x32 or
+    smaller, 32 of 3x224x224 (whose statistics are still taken over thousands of positions per
+    channel). Refuses models without BatchNorm, whose inputs nothing constrains.
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
@@ -102,9 +105,10 @@ def synthesize_inputs(
     shape = tuple(example_inputs.shape[1:])
     options = {"device": example_inputs.device, "dtype": example_inputs.dtype}
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    sizes = [min(_BATCH, count - start) for start in range(0, count, _BATCH)]
+    batch = max(2, batch_size_for(shape))  # a bound on memory, and batch statistics need more than one input
+    sizes = [min(batch, count - start) for start in range(0, count, batch)]
     if len(sizes) > 1 and sizes[-1] < 2:  # a batch of one has no spread to match: join it to the one before
-        sizes[-2] += sizes.pop()
+        sizes[-2:] = [sizes[-2] + sizes[-1]]
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -199,11 +199,10 @@ def cholesky_factor(covariance: torch.Tensor, damping: float = 1e-2) -> torch.Te
     covariance (``|dW L|^2 = E|dW x|^2``). The damping keeps directions the probe never saw
     from being amplified on the way back (``L^-1``); at full rank the fit is exact regardless.
     """
-    cov = covariance.double()
+    cov = covariance.to(torch.float64, copy=True)  # damped in place: no identity or sum of the covariance's size
     diag = torch.diagonal(cov, dim1=-2, dim2=-1)
-    level = diag.mean(-1, keepdim=True).clamp_min(1e-12) * damping
-    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    return torch.linalg.cholesky(cov + level[..., None] * eye)
+    diag.add_(diag.mean(-1, keepdim=True).clamp_min(1e-12) * damping)
+    return torch.linalg.cholesky(cov)
 
 
 def output_matching_weight(
@@ -221,9 +220,12 @@ def output_matching_weight(
     factorisation is the data-aware fit of ``W*`` under ``input_cov``.
     """
     matrix = weight.detach().double().reshape(weight.shape[0], -1)
-    gram = input_cov.double().to(matrix.device)
+    gram = input_cov.to(matrix.device, torch.float64, copy=True)  # ridges added in place: no identity of their size
     level = torch.diagonal(gram).mean().clamp_min(1e-12) * damping
-    ridge = level * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    target = matrix @ (cross_cov.double().to(matrix.device) + ridge)
-    solved = torch.linalg.solve(gram + ridge, target.T).T  # the system is symmetric
+    cross = cross_cov.to(matrix.device, torch.float64, copy=True)
+    torch.diagonal(cross).add_(level)
+    target = matrix @ cross
+    del cross
+    torch.diagonal(gram).add_(level)
+    solved = torch.linalg.solve(gram, target.T).T  # the system is symmetric
     return solved.reshape(weight.shape).to(weight.dtype)

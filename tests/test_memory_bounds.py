@@ -1,0 +1,220 @@
+"""Memory bounds of the probe search: statistics only for candidate layers, a per-layer covariance limit that
+falls back to the plain fit with a note, and batches sized by their input rather than by count."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import autodac
+import autodac.api
+import autodac.probes
+import autodac.sequential
+from autodac.probes import (
+    BATCH_ELEMENTS, batch_size_for, covariance_bytes, covariance_fits, cross_covariances, input_covariances, patch_size, predict,
+    reestimate_batchnorm,
+)
+from autodac.synthesis import synthesize_inputs
+from autodac.testing import SmallConvNet, seeded
+
+SEARCH = {"probe_size": 64, "profile_size": 16, "n_trials": 2, "progress": False}
+FACTORISE = {**SEARCH, "widths": False}  # planned hidden widths are fitted to channel moments, not to patch covariances
+
+
+class _DepthwiseNet(nn.Module):
+    """Conv-BN, a depthwise 5x5 conv-BN (never a candidate), a 1x1 conv and a Linear head; input ``N x 3 x H x W``."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.depthwise = nn.Conv2d(16, 16, 5, padding=2, groups=16, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.project = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 5)
+        seeded(self, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv(x)))
+        x = torch.relu(self.bn2(self.depthwise(x)))
+        return self.fc(torch.relu(self.project(x)).mean((2, 3)))
+
+
+def _data(shape: tuple[int, ...] = (3, 8, 8), n: int = 64, seed: int = 5) -> list[torch.Tensor]:
+    x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+    return [x[i : i + 16] for i in range(0, n, 16)]
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[set[str]]:
+    """Record the layer names of every call to ``module.name`` (a covariance function taking ``layers`` or ``name``)."""
+    calls: list[set[str]] = []
+    real = getattr(module, name)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        target = args[1] if len(args) > 1 else kwargs["layers"]
+        calls.append(set(target) if isinstance(target, dict) else {args[2]})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+# ----------------------------------------------------------------------------- batch sizes
+
+
+@pytest.mark.parametrize(
+    "shape, expected", [((1, 28, 28), 256), ((3, 32, 32), 256), ((10,), 256), ((3, 224, 224), 32), ((3, 1024, 1024), 1)]
+)
+def test_batch_size_keeps_a_batch_input_within_the_limit(shape: tuple[int, ...], expected: int) -> None:
+    """Small inputs keep the batch of 256 their results were made with; large ones go a few at a time."""
+    size = batch_size_for(shape)
+    assert size == expected
+    assert size == 1 or size * torch.Size(shape).numel() <= BATCH_ELEMENTS
+
+
+def test_batch_size_respects_its_cap() -> None:
+    assert batch_size_for((1, 28, 28), most=64) == 64
+    assert batch_size_for((3, 224, 224), most=64) == 32
+    assert batch_size_for((3, 224, 224), most=16) == 16
+    assert batch_size_for((3, 224, 224), most=2) == 2
+
+
+def test_predict_is_the_same_for_any_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = SmallConvNet(seed=0).eval()
+    x = torch.randn(23, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+    whole = predict(model, x)
+    for batch_size in (1, 4, 23):
+        torch.testing.assert_close(predict(model, x, batch_size), whole, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(autodac.probes, "BATCH_ELEMENTS", 3 * 10 * 10 * 3)  # the default now takes 3 at a time
+    torch.testing.assert_close(predict(model, x), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_default_batches_follow_the_input_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``predict``, ``reestimate_batchnorm`` and the covariance passes run the model on batches of ``batch_size_for``."""
+    model = SmallConvNet(seed=0).eval()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    x = torch.randn(10, 3, 8, 8)
+    monkeypatch.setattr(autodac.probes, "BATCH_ELEMENTS", 4 * 3 * 8 * 8)
+    predict(model, x)
+    assert seen == [4, 4, 2]
+    seen.clear()
+    reestimate_batchnorm(model, x)
+    assert seen == [4, 4, 2]
+    seen.clear()
+    input_covariances(model, {"conv2": model.conv2}, x)
+    assert seen == [4, 4, 2]
+
+
+def test_covariances_are_the_same_for_any_batch_size() -> None:
+    """Without subsampling, covariance sums do not depend on how the inputs are batched."""
+    model = SmallConvNet(seed=0).eval()
+    x = torch.randn(9, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    layers = {"conv1": model.conv1, "conv2": model.conv2, "fc": model.fc}
+    whole = input_covariances(model, layers, x, batch_size=9)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.conv1.weight.mul_(0.9)
+    cross_whole = cross_covariances(model, changed, "conv2", x, batch_size=9)
+    for batch_size in (None, 1, 4):
+        batched = input_covariances(model, layers, x, batch_size=batch_size)
+        for name in layers:
+            torch.testing.assert_close(batched[name], whole[name], rtol=1e-5, atol=1e-5)  # float32 products per batch
+        cross, gram = cross_covariances(model, changed, "conv2", x, batch_size=batch_size)
+        torch.testing.assert_close(cross, cross_whole[0], rtol=1e-5, atol=1e-5)  # float32 products per batch
+        torch.testing.assert_close(gram, cross_whole[1], rtol=1e-5, atol=1e-5)  # float32 products per batch
+
+
+def test_synthesis_keeps_batches_of_256_for_small_inputs() -> None:
+    """Batching changes synthesised inputs (statistics are matched per batch): small inputs keep their 256."""
+    model = SmallConvNet(seed=3).eval()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    synthesize_inputs(model, torch.zeros(1, 3, 28, 28), 300, steps=1, progress=False)
+    assert seen == [256, 44]
+
+
+def test_synthesis_of_large_inputs_goes_a_few_at_a_time() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 8, stride=8), nn.BatchNorm2d(4)).eval()
+    seeded(model, 0)
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    out = synthesize_inputs(model, torch.zeros(1, 3, 224, 224), 65, steps=1, progress=False)
+    assert out.shape == (65, 3, 224, 224)
+    assert seen == [32, 33]  # a last batch of one is joined to the one before
+
+
+# ----------------------------------------------------------------------------- covariances only where they are used
+
+
+def test_patch_size_and_covariance_bytes() -> None:
+    depthwise = nn.Conv2d(1152, 1152, 5, groups=1152)
+    assert patch_size(depthwise) == 1152 * 25  # F.unfold's patches span every input channel
+    assert covariance_bytes(depthwise) == 8 * 28800**2  # 6.6 GB: why it must never be computed for a skipped layer
+    assert patch_size(nn.Linear(25088, 10)) == 25088
+    assert not covariance_fits(nn.Linear(25088, 10))  # VGG's first classifier: 5 GB
+    assert covariance_fits(nn.Conv2d(512, 512, 3))  # 3x3 over 512 channels: 170 MB
+    assert patch_size(nn.Conv1d(4, 2, 7)) == 28
+
+
+def test_covariances_are_computed_only_for_candidate_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _spy(monkeypatch, autodac.api, "input_covariances")
+    model = _DepthwiseNet().eval()
+    result = autodac.optimize(model, 0.7, data=_data(), exclude=("fc",), sequential_fit=False, **FACTORISE)
+    assert "depthwise" in result.plan.skipped and "fc" in result.plan.skipped
+    assert calls and all(names <= {"conv", "project"} for names in calls)
+    assert {"conv", "project"} <= set().union(*calls)
+
+
+def test_apply_and_the_refit_ask_only_for_the_layers_they_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _DepthwiseNet().eval()
+    data = _data()
+    result = autodac.optimize(model, 0.6, data=data, **FACTORISE)
+    factorized = set(result.plan.factorized)
+    data_fitted = {n for n, c in result.plan.factorized.items() if c.fit.removeprefix("seq+").startswith("data")}
+    refitted = {n for n, c in result.plan.factorized.items() if c.fit.startswith("seq+")}
+    covariances = _spy(monkeypatch, autodac.api, "input_covariances")
+    crosses = _spy(monkeypatch, autodac.sequential, "cross_covariances")
+    autodac.apply(model, result.plan, data=data)
+    assert set().union(*covariances) == data_fitted
+    assert set().union(*crosses) == refitted <= factorized
+
+
+def test_a_layer_over_the_covariance_limit_falls_back_to_the_plain_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``conv2`` (72-wide patches: 41,472 bytes) is over a 10,000-byte limit: no covariance, no data fit, no re-fit,
+    a note naming it; the other layers keep their data fits and ``apply`` rebuilds the same model."""
+    model = SmallConvNet(seed=0).eval()
+    data = _data()
+    monkeypatch.setattr(autodac.probes, "MAX_COVARIANCE_BYTES", 10_000)
+    covariances = _spy(monkeypatch, autodac.api, "input_covariances")
+    crosses = _spy(monkeypatch, autodac.sequential, "cross_covariances")
+    result = autodac.optimize(model, 0.5, data=data, exclude=("fc",), **FACTORISE)
+    plan = result.plan
+    assert "conv2" not in set().union(*covariances) and "conv2" not in set().union(*crosses)
+    assert "conv2" in plan.factorized, "the test needs conv2 factorised to show its fit"
+    assert not plan.layers["conv2"].fit.removeprefix("seq+").startswith("data")
+    assert not plan.layers["conv2"].fit.startswith("seq+")
+    assert any(c.fit.removeprefix("seq+").startswith("data") for n, c in plan.factorized.items() if n != "conv2")
+    note = next(n for n in plan.notes if "MAX_COVARIANCE_BYTES" in n)
+    assert "conv2 (72-wide patches" in note and "conv1" not in note
+    applied = autodac.apply(SmallConvNet(seed=0).eval(), autodac.Plan.from_json(plan.to_json()), data=data)
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(predict(applied, x), predict(result.model, x))
+
+
+def test_no_note_when_every_layer_fits() -> None:
+    result = autodac.optimize(SmallConvNet(seed=0).eval(), 0.5, data=_data(), sequential_fit=False, **SEARCH)
+    assert not any("MAX_COVARIANCE_BYTES" in n for n in result.plan.notes)
+
+
+@pytest.mark.parametrize("count, expected", [(257, [257]), (513, [256, 257]), (3, [3])])
+def test_synthesis_joins_a_last_batch_of_one_to_the_one_before(count: int, expected: list[int]) -> None:
+    model = SmallConvNet(seed=3).eval()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    assert synthesize_inputs(model, torch.zeros(1, 3, 4, 4), count, steps=1, progress=False).shape[0] == count
+    assert seen == expected
