@@ -1,18 +1,23 @@
 """The ``nn.Module`` pairs built from factors; each is exact at full rank.
 
 A factorised layer is an ``nn.Sequential`` of two plain torch layers (so it scripts, exports
-and is counted by fvcore like any conv), with names that say what each half does.
+and is counted by fvcore like any conv), with names that say what each half does. A conv
+subclass whose own forward zero-pads its input first (TF-style "same") gets that padding too,
+applied in ``forward`` before the half that needs it (``autodac.subclasses``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import List
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from autodac.errors import AutodacError
 from autodac.factorize import Decomposition, get_method
+from autodac.subclasses import explicit_padding
 
 __all__ = ["FactorizedLayer", "SplitDepthwise", "build_factorized", "SUPPORTED_TYPES", "IMPLEMENTATIONS"]
 
@@ -23,17 +28,37 @@ IMPLEMENTATIONS = {"dac": ("grouped", "split"), "tdac": ("",), "spatial": ("",),
 
 
 class FactorizedLayer(nn.Sequential):
-    """Two layers replacing one dense layer; ``method``, ``rank`` and ``impl`` say how it was made."""
+    """Two layers replacing one dense layer; ``method``, ``rank`` and ``impl`` say how it was made.
 
-    def __init__(self, method: str, rank: int, first: nn.Module, second: nn.Module, impl: str = "") -> None:
+    ``pads`` are the ``F.pad`` amounts (zeros) applied before each half: empty unless the
+    replaced layer's own forward padded its input before its conv.
+    """
+
+    # Real types, not the strings ``from __future__ import annotations`` makes: TorchScript reads them to type an empty list.
+    __annotations__ = {"pad_first": List[int], "pad_second": List[int]}
+
+    def __init__(
+        self, method: str, rank: int, first: nn.Module, second: nn.Module, impl: str = "",
+        pads: tuple[tuple[int, ...], tuple[int, ...]] = ((), ()),
+    ) -> None:
         names = _PART_NAMES.get(method, ("first", "second"))
         super().__init__(OrderedDict([(names[0], first), (names[1], second)]))
         self.method = method
         self.rank = rank
         self.impl = impl
+        self.pad_first, self.pad_second = list(pads[0]), list(pads[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, part in enumerate(self):
+            pad = self.pad_first if i == 0 else self.pad_second
+            if len(pad) > 0:
+                x = F.pad(x, pad)
+            x = part(x)
+        return x
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, rank={self.rank}" + (f", impl={self.impl!r}" if self.impl else "")
+        pads = "".join(f", {name}={pad}" for name, pad in (("pad_first", self.pad_first), ("pad_second", self.pad_second)) if pad)
+        return f"method={self.method!r}, rank={self.rank}" + (f", impl={self.impl!r}" if self.impl else "") + pads
 
 
 class SplitDepthwise(nn.Module):
@@ -74,6 +99,23 @@ def _split_depthwise(grouped: nn.Module, pointwise: nn.Module, channels: int, ra
     return SplitDepthwise(convs), pointwise
 
 
+def _place_padding(pads: tuple[int, ...], method: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Where a layer's own input padding goes: ``(before the first half, before the second)``.
+
+    The first halves of TDAC (1x1) and spatial (``kh x 1``) have no bias and act on each
+    pixel or column alone, so they map zero padding to zero padding: padding along what they
+    do not convolve can wait for the second half. That keeps both halves at the sizes the
+    closed-form costs assume (``Geometry.calls`` holds the unpadded input).
+    """
+    if method == "tdac":
+        first, second = (), pads
+    elif method == "spatial":  # F.pad order: (left, right, top, bottom)
+        first, second = (0, 0, *pads[2:]), (*pads[:2], 0, 0)
+    else:
+        first, second = pads, ()
+    return (first if any(first) else (), second if any(second) else ())
+
+
 def _split_2d(value, axis: int, neutral):
     """Keep ``value`` along ``axis`` (0 = height, 1 = width) and ``neutral`` along the other."""
     if isinstance(value, str):
@@ -107,6 +149,9 @@ def build_factorized(
     max_rank = factorization.max_rank(shape)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
         raise AutodacError(f"`1 <= rank <= {max_rank}` must hold for {method!r} on weight {shape}, but got rank={rank!r}")
+    padding = explicit_padding(module)
+    if isinstance(padding, str):
+        raise AutodacError(f"a layer must be reproducible from its weight to be factorised, but {padding}")
     factors = factorization.truncate(decomposition if decomposition is not None else factorization.decompose(weight), rank)
     has_bias = module.bias is not None
     options = {"device": weight.device, "dtype": weight.dtype}
@@ -145,6 +190,6 @@ def build_factorized(
         second.bias.copy_(module.bias)
     if impl == "split" and not isinstance(module, nn.Linear):
         first, second = _split_depthwise(first, second, c, rank)
-    layer = FactorizedLayer(method, rank, first, second, impl)
+    layer = FactorizedLayer(method, rank, first, second, impl, _place_padding(padding, method))
     layer.train(module.training)
     return layer
