@@ -7,6 +7,7 @@ count it with fvcore to prove the budget holds. The caller's model is never chan
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import fnmatch
@@ -14,6 +15,7 @@ import functools
 import itertools
 import math
 import numbers
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -29,9 +31,10 @@ from autodac.factorize import METHODS, get_method
 from autodac.latency import LatencyCache, LatencyTable, describe_device, measure_table, resolve_device, side_by_side
 from autodac.layers import IMPLEMENTATIONS, SUPPORTED_TYPES, build_factorized
 from autodac.plan import DENSE, LayerChoice, Plan
+from autodac import probes as _probes
 from autodac.probes import (
-    DEFAULT_PROBE_SIZE, Probe, _device_of, batchnorm_weights, collect_probe, fit_examples, input_covariances, split_probe, divergence, has_batchnorm, predict, reconstruction_errors,
-    reestimate_batchnorm, top1_match,
+    BATCH_ELEMENTS, DEFAULT_PROBE_SIZE, Probe, _device_of, batchnorm_weights, collect_probe, fit_examples, input_covariances, split_probe, divergence, has_batchnorm, predict, reconstruction_errors,
+    reestimate_batchnorm, top1_match, covariance_bytes, covariance_fits, patch_size,
 )
 from autodac.report import plan_table
 from autodac.search.knapsack import LayerOptions, Secondary, minimum_cost, pareto_front, solve
@@ -40,7 +43,11 @@ from autodac.search.sensitivity import SensitivityProfile, loss_curve, measure_p
 from autodac.search.storage import SharedSearch, open_search
 from autodac.sequential import Refit, refit_in_order
 from autodac.surgery import TracedLayer, evaluating, replace_layers, run_model, trace_layers
+from autodac.subclasses import explicit_padding
 from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
+from autodac.factorize.channels import ChannelOrder, order_channels, refit_kept
+from autodac.implied import affected_layers, batchnorm_noise, implied_batch, positions_per_example
+from autodac.widths import Gathered, WidthUnit, collecting_moments, find_width_units, input_moments, slice_unit
 
 __all__ = ["optimize", "apply", "decompose_conv", "Result", "DEFAULT_METHODS"]
 
@@ -86,13 +93,30 @@ class Result:
             f"FLOPs (fvcore multiply-adds) {self.original_flops:,} -> {self.flops:,} "
             f"(ratio {self.flops_ratio:.4f}); parameters {self.original_params:,} -> {self.params:,}"
         )
-        return plan_table(self.plan, tablefmt=tablefmt) + "\n" + head
+        planned = self.plan.factorized
+        if planned and "probe" not in self.plan.metrics:  # no data: what the plan predicts is all there is to say
+            worst = max(planned, key=lambda name: planned[name].error)
+            head += (
+                f"\npredicted (no data): worst layer output error {planned[worst].error:.3f} ({worst}), "
+                f"summed over layers {sum(c.error for c in planned.values()):.3f}"
+            )
+        flagged = [note for note in self.plan.notes if note.startswith("the plan is predicted to damage")]
+        return plan_table(self.plan, tablefmt=tablefmt) + "\n" + head + "".join(f"\nwarning: {note}" for note in flagged)
 
     def __str__(self) -> str:
         return self.summary()
 
 
 # ----------------------------------------------------------------------------- input checks
+
+
+@contextlib.contextmanager
+def _stage(name: str):
+    """Log how long one stage of ``optimize`` took (INFO), so a long call says where its time went."""
+    start = time.perf_counter()
+    logger.info("%s ...", name)
+    yield
+    logger.info("%s: %.1f s", name, time.perf_counter() - start)
 
 
 def _check_budget(name: str, value: Any) -> float:
@@ -149,6 +173,10 @@ def _input_shapes(inputs: tuple[Any, ...]) -> list[list[int]]:
 # ----------------------------------------------------------------------------- candidates
 
 
+WIDTH = "width"  # a block's hidden width planned as the consumer's rank (autodac.widths)
+PRODUCER = "producer:"  # an option of a width unit that factorises its producer instead (the width stays whole)
+
+
 @dataclass
 class _Candidate:
     layer: TracedLayer
@@ -156,6 +184,13 @@ class _Candidate:
     fit: str = "plain"
     out_weights: torch.Tensor | None = None
     input_cov: torch.Tensor | None = None
+    unit: WidthUnit | None = None  # with a width unit, option costs include the producer and chain
+    moments: torch.Tensor | None = None  # E[z z^T] of the consumer's input with a constant (width fits)
+    order: ChannelOrder | None = None
+    root: nn.Module | None = None  # the model (a width unit's producer and chain live there)
+    width_fit: str = "plain"  # the fit of its width options: where the moments came from, and the output weighting
+    producer: "_Candidate | None" = None  # a width unit's producer, with its own factorisation options
+    unit_extra: int = 0  # FLOPs of a width unit beyond the consumer's own (producer, chain, ops on the hidden channels)
 
     @property
     def dense_cost(self) -> int:
@@ -174,13 +209,14 @@ def _skip_reason(layer: TracedLayer, methods: Sequence[str], excluded: bool) -> 
         return "transposed conv"
     if not any(get_method(m).applies_to(tuple(module.weight.shape)) for m in methods):
         return f"none of the methods {list(methods)} applies to weight shape {tuple(module.weight.shape)}"
-    return None
+    padding = explicit_padding(module)  # a subclass's own forward: reproduced by its padding, or the reason it cannot be
+    return padding if isinstance(padding, str) else None
 
 
 def _fit_weights(model: nn.Module, fit: str, layer: nn.Module) -> torch.Tensor | None:
     """The output-channel weights a layer's ``fit`` names (None unless it names a BatchNorm)."""
-    fit = fit.removeprefix("seq+").removeprefix("data+")
-    if fit in ("plain", "data"):
+    fit = fit.removeprefix("seq+").removeprefix("data+").removeprefix("implied+")
+    if fit in ("plain", "data", "implied"):
         return None
     name = fit[3:]
     try:
@@ -194,14 +230,15 @@ def _fit_weights(model: nn.Module, fit: str, layer: nn.Module) -> torch.Tensor |
     return batchnorm_weights(norm, layer.weight)
 
 
-def _layer_fit(model: nn.Module, layer: TracedLayer, weighting: str, data_fit: bool) -> str:
+def _layer_fit(model: nn.Module, layer: TracedLayer, weighting: str, statistics: str | None) -> str:
+    """The plan's ``fit`` for a layer: output weighting by its BatchNorm, after ``statistics`` ("data", "implied" or None)."""
     fit = "plain"
     if weighting == "batchnorm" and layer.followed_by is not None:
         norm = model.get_submodule(layer.followed_by)
         if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.num_features == layer.module.weight.shape[0]:
             fit = f"bn:{layer.followed_by}"
-    if data_fit:
-        return "data" if fit == "plain" else f"data+{fit}"
+    if statistics:
+        return statistics if fit == "plain" else f"{statistics}+{fit}"
     return fit
 
 
@@ -226,37 +263,237 @@ def _candidate_options(
 
 
 def _collect(
-    model, inputs, methods, exclude, progress, weighting="batchnorm", fit_inputs: torch.Tensor | None = None
+    model, inputs, methods, exclude, progress, weighting="batchnorm", fit_inputs: torch.Tensor | None = None,
+    implied_seed: int | None = None, by_module: dict[str, int] | None = None, notes: list[str] | None = None,
 ) -> tuple[list[TracedLayer], list[_Candidate], dict[str, str]]:
     """Trace the model, skip what cannot help, and list every (method, rank) option of the rest.
 
-    With ``fit_inputs`` each layer is fitted (and scored) by the error of its output on them.
+    Candidates are decided first and statistics are collected only for them. With
+    ``fit_inputs`` each layer is fitted (and scored) by the error of its output on them; without,
+    with ``implied_seed``, by the input moments the BatchNorms imply (``autodac.implied``). With
+    ``by_module`` (fvcore's per-module counts of the model) hidden widths become options too.
+    A layer whose input covariance would exceed ``autodac.probes.MAX_COVARIANCE_BYTES`` is
+    fitted to its weights alone, with a note appended to ``notes``.
     """
     traced = trace_layers(model, inputs)
-    covariances = {}
-    if fit_inputs is not None:
-        covariances = input_covariances(model, {t.name: t.module for t in traced if t.geometry is not None}, fit_inputs)
-    candidates, skipped = [], {}
-    iterator = traced
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(traced, desc="autodac: scoring layers", unit="layer", disable=None, leave=False)
-    for layer in iterator:
+    skipped: dict[str, str] = {}
+    live: list[TracedLayer] = []
+    for layer in traced:
         excluded = any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in exclude)
         reason = _skip_reason(layer, methods, excluded)
         if reason is None:
-            input_cov = covariances.get(layer.name)
-            fit = _layer_fit(model, layer, weighting, input_cov is not None)
-            out_weights = _fit_weights(model, fit, layer.module)
-            options = _candidate_options(layer, methods, out_weights, input_cov)
-            if len(options) == 1:
-                reason = "no factorisation is cheaper than the dense layer"
-            else:
-                candidates.append(_Candidate(layer, options, fit, out_weights, input_cov))
-        if reason is not None:
+            live.append(layer)
+        else:
             skipped[layer.name] = reason
+    units = _width_units(model, inputs, live, by_module) if by_module is not None else {}
+    unit_costs = _unit_costs(model, inputs, units, by_module) if units else {}
+    units = {name: unit for name, unit in units.items() if name in unit_costs}
+    modules = {t.name: t.module for t in live}
+    consumers = {name: modules[name] for name in units}
+    covariances: dict[str, torch.Tensor] = {}
+    moments: dict[str, torch.Tensor] = {}
+    statistics = None
+    fitted = {name: module for name, module in modules.items() if covariance_fits(module)}
+    if len(fitted) < len(modules) and fit_inputs is not None and notes is not None:
+        notes.append(_oversized_note({name: m for name, m in modules.items() if name not in fitted}))
+    if fit_inputs is not None:
+        covariances, moments = _statistics(model, fitted, consumers, fit_inputs)
+        statistics = "data"
+    elif implied_seed is not None and consumers:  # widths only: factorisations fitted to implied moments measured worse
+        _, moments = _implied_statistics(model, inputs, {}, _implied_consumers(model, inputs, units), implied_seed)
+    candidates = []
+    iterator = live
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(live, desc="autodac: scoring layers", unit="layer", disable=None, leave=False)
+    scored: dict[str, _Candidate] = {}
+    for layer in iterator:
+        input_cov = covariances.get(layer.name)
+        fit = _layer_fit(model, layer, weighting, statistics if input_cov is not None else None)
+        out_weights = _fit_weights(model, fit, layer.module)
+        options = _candidate_options(layer, methods, out_weights, input_cov)
+        scored[layer.name] = _Candidate(layer, options, fit, out_weights, input_cov)
+    producers = {unit.producer: unit for unit in units.values()}
+    for name, candidate in scored.items():
+        if name in producers:
+            continue  # planned inside its unit: sliced with the width, or factorised while the width stays whole
+        unit = units.get(name)
+        if unit is not None:
+            found = moments.get(name)
+            _add_width_options(candidate, unit, found, unit_costs[name], model, scored.get(unit.producer))
+            candidate.width_fit = _layer_fit(model, candidate.layer, weighting, (statistics or "implied") if found is not None else None)
+        if len(candidate.options) == 1:
+            skipped[name] = "no factorisation is cheaper than the dense layer"
+        else:
+            candidates.append(candidate)
     return traced, candidates, skipped
+
+
+def _oversized_note(oversized: dict[str, nn.Module]) -> str:
+    """The note for layers whose input covariance is over the limit: which, how large, and what they get instead."""
+    shown = ", ".join(
+        f"{name} ({patch_size(m)}-wide patches: {covariance_bytes(m) / 2**30:.2f} GiB)" for name, m in list(oversized.items())[:5]
+    )
+    more = f" and {len(oversized) - 5} more" if len(oversized) > 5 else ""
+    return (
+        f"{len(oversized)} layer(s) fitted to their weights alone, not to input statistics, nor re-fitted in order: "
+        f"an input covariance must be within {_probes.MAX_COVARIANCE_BYTES / 2**20:.0f} MiB "
+        f"(autodac.probes.MAX_COVARIANCE_BYTES), but {shown}{more}"
+    )
+
+
+def _width_units(model, inputs, live: list[TracedLayer], by_module: dict[str, int]) -> dict[str, WidthUnit]:
+    """Width units among the candidates whose producer is free to slice; a module belongs to one unit at most
+    (where two compete, the one with more FLOPs behind it wins)."""
+    names = {t.name for t in live}
+    found = find_width_units(model, inputs, [t.name for t in live])
+    found = {n: u for n, u in found.items() if _unit_flops(u, by_module) % u.channels == 0}  # cost exactly linear in width
+
+    def behind(unit: WidthUnit) -> int:
+        return _unit_flops(unit, by_module)
+
+    taken: set[str] = set()
+    units = {}
+    for unit in sorted(found.values(), key=lambda u: (-behind(u), u.consumer)):
+        members = {unit.consumer, unit.producer, *unit.chain}
+        if members & taken:
+            continue
+        taken |= members
+        units[unit.consumer] = unit
+    del names
+    return units
+
+
+def _unit_costs(model: nn.Module, inputs, units: dict[str, WidthUnit], by_module: dict[str, int]) -> dict[str, int]:
+    """fvcore's multiply-adds per channel of each unit: what one channel fewer saves, counted, not assumed.
+
+    One count of the model with every unit one channel narrower; where that saving is not all
+    inside the units' own modules (a pooling or mean over the hidden channels that fvcore counts
+    at the parent), each unit is counted alone. A unit whose saving is not its own modules' cost
+    scaled exactly is dropped: its cost would not be linear in its width.
+    """
+    def narrower(chosen: list[WidthUnit]) -> nn.Module:
+        replacements = {}
+        for unit in chosen:
+            weight = model.get_submodule(unit.consumer).weight.detach()
+            kept = torch.arange(unit.channels - 1)
+            replacements.update(slice_unit(model, unit, kept, weight[:, : unit.channels - 1], torch.zeros(weight.shape[0]).to(weight)))
+        return replace_layers(model, replacements)
+
+    total = int(by_module[""])
+    counted = count_flops(narrower(list(units.values())), inputs)
+    own = {name: _unit_flops(unit, by_module) - _unit_flops(unit, counted.by_module) for name, unit in units.items()}
+    saved = total - counted.total
+    costs = {}
+    if saved == sum(own.values()):
+        costs = dict(own)
+    else:
+        for name, unit in units.items():
+            costs[name] = total - count_flops(narrower([unit]), inputs).total
+    return {
+        name: cost for name, cost in costs.items()
+        if cost > 0 and _unit_flops(units[name], by_module) + (cost - own[name]) * units[name].channels == cost * units[name].channels
+    }
+
+
+def _unit_flops(unit: WidthUnit, by_module: dict[str, int]) -> int:
+    return sum(int(by_module.get(name, 0)) for name in (unit.consumer, unit.producer, *unit.chain))
+
+
+def _width_step(channels: int) -> int:
+    """The step between the widths a unit may take: 1 up to 64 channels, else about 64 widths in all
+    (multiples of 8 from 256 channels, which vectorised kernels run best)."""
+    if channels <= 64:
+        return 1
+    step = max(1, channels // 64)
+    return max(8, step - step % 8) if channels >= 256 else step
+
+
+def _add_width_options(
+    candidate: _Candidate, unit: WidthUnit, moments: torch.Tensor | None, per_channel: int, root: nn.Module,
+    producer: _Candidate | None = None,
+) -> None:
+    """Turn a consumer's candidate into its unit's: every cost includes the producer and chain, widths join the
+    options, and so do the producer's own factorisations (``PRODUCER`` + method; the width then stays whole)."""
+    total = per_channel * unit.channels
+    extra = total - candidate.dense_cost
+    candidate.unit_extra = extra
+    module = candidate.layer.module
+    if moments is None:  # no statistics: every channel alike, no mean to carry
+        moments = torch.eye(unit.channels + 1, dtype=torch.float64)
+    candidate.moments = moments
+    step = _width_step(unit.channels)
+    candidate.order = order_channels(module.weight, moments, candidate.out_weights, step=step)
+    candidate.unit = unit
+    candidate.root = root
+    options = [(m, r, c + extra, e) for m, r, c, e in candidate.options]
+    for width in range(step, unit.channels, step):
+        options.append((WIDTH, width, per_channel * width, float(candidate.order.errors[width - 1])))
+    if producer is not None:
+        candidate.producer = producer
+        for method, rank, cost, error in producer.options[1:]:
+            options.append((PRODUCER + method, rank, total - producer.dense_cost + cost, error))
+    candidate.options = options
+
+
+def _implied_statistics(
+    model: nn.Module, inputs, layers: dict[str, nn.Module], consumers: dict[str, nn.Module], seed: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Input covariances of ``layers`` (and moments of width ``consumers``) implied by the BatchNorms.
+
+    Only for layers some BatchNorm precedes. The pass depends on the model, the input shape and
+    ``seed`` alone (not on which layers are asked for), so ``apply`` gets the same statistics back.
+    """
+    if not has_batchnorm(model) or len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor) or not inputs[0].is_floating_point():
+        return {}, {}
+    zeros = torch.zeros_like(inputs[0][:1])  # the values never matter past the first BatchNorm: replayable from the shape alone
+    traced = [t for t in trace_layers(model, (zeros,)) if t.geometry is not None]
+    reached = affected_layers(model, {t.name: t.module for t in traced}, (zeros,))
+    if not reached:
+        return {}, {}
+    widest = max(int(t.module.weight[0].numel()) for t in traced if t.name in reached)
+    smallest = min(
+        max(1, sum(int(np.prod(out)) if out else 1 for _, _, out in t.geometry.calls)) for t in traced if t.name in reached
+    )
+    batch = implied_batch(zeros, widest, smallest)
+    with batchnorm_noise(model, seed):
+        return _statistics(
+            model, {n: m for n, m in layers.items() if n in reached}, {n: m for n, m in consumers.items() if n in reached}, batch
+        )
+
+
+def _implied_consumers(model: nn.Module, inputs, units: dict[str, WidthUnit]) -> dict[str, nn.Module]:
+    """The width consumers whose moments the BatchNorms imply: a BatchNorm in the chain, read position by position.
+
+    After a spatial pooling between the BatchNorm and the consumer (a classifier on pooled
+    features) independent noise averages away and would promise far too little damage, so such
+    units keep the plain, data-free ordering.
+    """
+    last_norms = {}
+    for name, unit in units.items():
+        norms = [n for n in unit.chain if isinstance(model.get_submodule(n), nn.modules.batchnorm._BatchNorm)]
+        if norms:
+            last_norms[name] = norms[-1]
+    if not last_norms or not isinstance(inputs[0], torch.Tensor):
+        return {}
+    example = (torch.zeros_like(inputs[0][:1]),)
+    consumed = positions_per_example(model, {n: model.get_submodule(n) for n in last_norms}, example, outputs=False)
+    normalised = positions_per_example(model, {n: model.get_submodule(b) for n, b in last_norms.items()}, example, outputs=True)
+    return {n: model.get_submodule(n) for n in last_norms if n in consumed and consumed[n] >= normalised.get(n, 1 << 62)}
+
+
+def _statistics(model: nn.Module, layers: dict[str, nn.Module], consumers: dict[str, nn.Module], inputs: torch.Tensor):
+    """Input covariances of ``layers`` and width moments of ``consumers`` from one pass over ``inputs``.
+
+    Each layer's figures depend only on the inputs and their batching, never on which other
+    layers are collected alongside, so ``apply`` rebuilds any subset exactly.
+    """
+    if not layers and not consumers:
+        return {}, {}
+    with collecting_moments(consumers) as collected:
+        covariances = input_covariances(model, layers, inputs) if layers else (predict(model, inputs), {})[1]
+    return covariances, collected()
 
 
 # ----------------------------------------------------------------------------- the verbs
@@ -279,13 +516,41 @@ def _params_after(module: nn.Module, method: str, rank: int) -> int:
 class _Factors:
     """One SVD per (layer, method), computed on first use and reused for every rank the search tries."""
 
-    def __init__(self, candidates: list[_Candidate]) -> None:
-        self.modules = {c.layer.name: c.layer.module for c in candidates}
-        self.out_weights = {c.layer.name: c.out_weights for c in candidates}
-        self.input_covs = {c.layer.name: c.input_cov for c in candidates}
+    def __init__(self, candidates: list[_Candidate], root: nn.Module | None = None) -> None:
+        self.root = root  # the model width units are sliced from
+        everything = candidates + [c.producer for c in candidates if c.producer is not None]
+        self.modules = {c.layer.name: c.layer.module for c in everything}
+        self.out_weights = {c.layer.name: c.out_weights for c in everything}
+        self.input_covs = {c.layer.name: c.input_cov for c in everything}
+        self.producers = {c.layer.name: c.producer.layer.name for c in candidates if c.producer is not None}
+        self.units = {c.layer.name: c for c in candidates if c.unit is not None}
         self.cache: dict[tuple[str, str], Any] = {}
 
+    def width(self, name: str, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(kept channels, consumer weight, bias)`` of a width unit at ``width``, re-fitted to its moments."""
+        key = (name, f"{WIDTH}:{width}")
+        if key not in self.cache:
+            candidate = self.units[name]
+            kept = candidate.order.order[:width]
+            self.cache[key] = (kept, *refit_kept(candidate.layer.module.weight, candidate.moments, kept))
+        return self.cache[key]
+
+    def replacements(self, name: str, method: str, rank: int, impl: str = "") -> dict[str, nn.Module]:
+        """Every module to swap for this choice: one factorised layer, or a width unit's sliced modules."""
+        if method == WIDTH:
+            kept, weight, bias = self.width(name, rank)
+            return slice_unit(self.root, self.units[name].unit, kept, weight, bias)
+        if method.startswith(PRODUCER):
+            producer = self.producers[name]
+            return {producer: self.build(producer, method.removeprefix(PRODUCER), rank, impl)}
+        return {name: self.build(name, method, rank, impl)}
+
     def build(self, name: str, method: str, rank: int, impl: str = "") -> nn.Module:
+        """The one module that replaces layer ``name`` (a width choice: the narrowed layer fed its full input)."""
+        if method == WIDTH:
+            kept, weight, bias = self.width(name, rank)
+            narrowed = slice_unit(self.root, self.units[name].unit, kept, weight, bias)[name]
+            return Gathered(kept, narrowed)
         key = (name, method)
         if key not in self.cache:
             self.cache[key] = get_method(method).decompose(self.modules[name].weight, self.out_weights[name], self.input_covs[name])
@@ -293,6 +558,11 @@ class _Factors:
 
 
 def _choices(candidates: list[_Candidate], selection: Sequence[int], timing: LatencyTable | None = None) -> dict[str, LayerChoice]:
+    """The plan's entries: one per candidate, and one more for a width unit's producer when it is factorised.
+
+    A width choice counts the whole unit (consumer, producer, chain) before and after; every other
+    choice counts the layer it changes, so the savings always add up to what the option saves.
+    """
     layers = {}
     for i, (candidate, index) in enumerate(zip(candidates, selection)):
         method, rank, cost, error = candidate.options[index]
@@ -304,13 +574,46 @@ def _choices(candidates: list[_Candidate], selection: Sequence[int], timing: Lat
             }
         module = candidate.layer.module
         params = count_params(module)
+        own = candidate.dense_cost - candidate.unit_extra  # the layer's own FLOPs
+        if method == WIDTH:
+            unit = candidate.unit
+            members = [candidate.root.get_submodule(n) for n in (unit.producer, *unit.chain)]
+            layers[candidate.layer.name] = LayerChoice(
+                method=method, rank=rank, weight_shape=tuple(module.weight.shape), flops_before=candidate.dense_cost,
+                flops_after=cost, params_before=params + sum(count_params(m) for m in members),
+                params_after=sum(count_params(m) * rank // unit.channels for m in members) + module.weight.shape[0] * (rank + 1),
+                error=float(error), fit=candidate.width_fit, channels=tuple(int(c) for c in candidate.order.order[:rank]),
+                sliced=(unit.producer, *unit.chain), **latency,
+            )
+            continue
+        if method.startswith(PRODUCER):
+            producer = candidate.producer
+            inner = method.removeprefix(PRODUCER)
+            before = producer.dense_cost
+            layers[producer.layer.name] = LayerChoice(
+                method=inner, rank=rank, weight_shape=tuple(producer.layer.module.weight.shape), flops_before=before,
+                flops_after=cost - candidate.dense_cost + before, params_before=count_params(producer.layer.module),
+                params_after=_params_after(producer.layer.module, inner, rank), error=float(error), fit=producer.fit, **latency,
+            )
+            method, rank, cost = DENSE, None, candidate.dense_cost
+        dense = method == DENSE
         layers[candidate.layer.name] = LayerChoice(
-            method=method, rank=rank, weight_shape=tuple(module.weight.shape), flops_before=candidate.dense_cost,
-            flops_after=cost, params_before=params,
-            params_after=params if method == DENSE else _params_after(module, method, rank), error=float(error),
-            fit="plain" if method == DENSE else candidate.fit, **latency,
+            method=method, rank=rank, weight_shape=tuple(module.weight.shape), flops_before=own,
+            flops_after=own if dense else cost - candidate.unit_extra, params_before=params,
+            params_after=params if dense else _params_after(module, method, rank), error=0.0 if dense else float(error),
+            fit="plain" if dense else candidate.fit, **({} if method.startswith(PRODUCER) else latency),
         )
-    return layers
+    return {name: layers[name] for name in sorted(layers, key=lambda n: _positions(candidates).get(n, 1 << 30))}
+
+
+def _positions(candidates: list[_Candidate]) -> dict[str, int]:
+    """Where each candidate layer (and each unit's producer) sits in the model, so plans list layers in model order."""
+    names = [c.layer.name for c in candidates] + [c.producer.layer.name for c in candidates if c.producer is not None]
+    root = next((c.root for c in candidates if c.root is not None), None)
+    if root is None:
+        return {name: i for i, name in enumerate(names)}
+    order = {name: i for i, (name, _) in enumerate(root.named_modules())}
+    return {name: order.get(name, 1 << 30) for name in names}
 
 
 def _build(
@@ -321,7 +624,7 @@ def _build(
         method, rank, _, _ = candidate.options[index]
         if method != DENSE:
             impl = timing.impls[i][index] if timing is not None else ""
-            replacements[candidate.layer.name] = factors.build(candidate.layer.name, method, rank, impl)
+            replacements.update(factors.replacements(candidate.layer.name, method, rank, impl))
     return replace_layers(model, replacements)
 
 
@@ -357,8 +660,16 @@ class _ProbeRunner:
             return "evaluate(model)"
         return "top-1 accuracy" if self.held_out.labels is not None else "top-1 agreement with the original"
 
-    def score(self, model: nn.Module, reestimate: bool = False) -> tuple[float, float]:
-        """``(objective, metric)`` of ``model`` (re-estimated on a copy first when asked)."""
+    def score(self, model: nn.Module, reestimate: bool = False, floor: float | None = None) -> tuple[float, float]:
+        """``(objective, metric)`` of ``model`` (re-estimated on a copy first when asked).
+
+        With ``floor`` (an objective to beat) a model that cannot reach it is stopped early: the
+        divergence is a mean of non-negative terms, so once the part summed over the examples seen
+        so far, divided by all of them, exceeds ``-floor``, no later example can bring it back. Its
+        score is then that bound (a model no better than it claims) and the metric is NaN. The held
+        out examples are taken in chunks of ``BATCH_ELEMENTS`` input elements: a probe that fits in
+        one (every 28x28 probe) is never stopped, and one that is stopped was a bigger probe.
+        """
         if reestimate:
             model = reestimate_batchnorm(copy.deepcopy(model), self.calibration)
         if self.evaluate is not None:
@@ -366,8 +677,22 @@ class _ProbeRunner:
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
                 raise AutodacError(f"`evaluate(model)` must return a finite real number, but returned {value!r}")
             return float(value), float(value)
-        outputs = predict(model, self.held_out.inputs)
         reference = self.held_out.reference
+        inputs = self.held_out.inputs
+        chunk = max(1, BATCH_ELEMENTS // max(1, inputs[0].numel()))
+        if floor is None or chunk >= len(inputs) or reference.dim() < 2 or reference.shape[1] < 2:
+            outputs = predict(model, inputs)
+        else:
+            parts, seen = [], 0.0
+            rows = reference.numel() // reference.shape[1]
+            for start in range(0, len(inputs), chunk):
+                part = predict(model, inputs[start : start + chunk])
+                parts.append(part)
+                here = part.numel() // part.shape[1]
+                seen += divergence(part, reference[start : start + chunk]) * here
+                if seen / rows > -floor:
+                    return -seen / rows, float("nan")
+            outputs = torch.cat(parts)
         targets = self.held_out.labels if self.held_out.labels is not None else reference.argmax(1)
         return -divergence(outputs, reference), top1_match(outputs, targets)
 
@@ -397,6 +722,8 @@ def optimize(
     timeout: float | None = None,
     seed: int = 0,
     pareto: bool = False,
+    widths: bool = True,
+    max_layer_error: float = 0.5,
     progress: bool = True,
     storage: Any = None,
     study_name: str | None = None,
@@ -458,6 +785,8 @@ def optimize(
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     if weighting not in ("batchnorm", "none"):
         raise AutodacError(f"`weighting` must be 'batchnorm' or 'none', but got weighting={weighting!r}")
+    if isinstance(max_layer_error, bool) or not isinstance(max_layer_error, numbers.Real) or not max_layer_error > 0:
+        raise AutodacError(f"`max_layer_error > 0` must hold (a relative output error), but got max_layer_error={max_layer_error!r}")
     for name, value, low in (("probe_size", probe_size, 2), ("profile_size", profile_size, 1), ("profile_points", profile_points, 1), ("n_trials", n_trials, 1), ("refit_candidates", refit_candidates, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise AutodacError(f"`{name} >= {low}` must hold (an integer), but got {name}={value!r}")
@@ -488,11 +817,21 @@ def optimize(
         notes.append(f"no data: the probe is {synthesize} inputs synthesised to match the model's BatchNorm statistics")
 
     fit_inputs = fit_examples(probe) if (probe is not None and fit_to_data) else None
-    traced, candidates, skipped = _collect(model, inputs, methods, exclude, progress, weighting, fit_inputs)
+    run_model(model, inputs)  # a clear error for inputs the model cannot take, before anything traces it
+    with _stage("counting FLOPs (fvcore)"):
+        original = count_flops(model, inputs)
+    with _stage("tracing and scoring layers"):
+        traced, candidates, skipped = _collect(
+            model, inputs, methods, exclude, progress, weighting, fit_inputs,
+            implied_seed=seed if probe is None and fit_to_data else None,
+            by_module=original.by_module if widths and latency is None else None, notes=notes,
+        )
+    if probe is None and any(c.fit.startswith("implied") for c in candidates):
+        probe_source = {"source": "batchnorm", "seed": seed}
+        notes.append("no data: layers are fitted to the input moments their BatchNorms imply (autodac.implied)")
     if not candidates:
         detail = "; ".join(f"{name}: {why}" for name, why in skipped.items()) or "no Conv1d, Conv2d or Linear layer"
         raise ModelError(f"the model must have at least one layer that can be decomposed, but none can ({detail})")
-    original = count_flops(model, inputs)
     target = math.floor(budget * original.total) if budget is not None else original.total
     fixed = original.total - sum(c.dense_cost for c in candidates)
     weight_scores = [_layer_options(c) for c in candidates]
@@ -516,7 +855,7 @@ def optimize(
     refined = None
     scores = weight_scores
     use_bn = False
-    factors = _Factors(candidates)
+    factors = _Factors(candidates, model)
     timing: LatencyTable | None = None
     secondary: Secondary | None = None
     capacity = target - fixed
@@ -543,11 +882,12 @@ def optimize(
             ) from None
 
     if probe is None and evaluate is None:
-        selection = allocate(scores)
+        selection = _allocate_capped(allocate, scores, capacity, fixed, original.total, max_layer_error, notes)
     else:
         runner = _ProbeRunner(model, probe, evaluate)
         if runner.held_out is not None:
-            profile, scores = _profile_scores(model, candidates, runner.held_out, factors, profile_size, profile_points, progress, shared)
+            with _stage(f"sensitivity profile (up to {profile_points} options a layer)"):
+                profile, scores = _profile_scores(model, candidates, runner.held_out, factors, profile_size, profile_points, progress, shared)
         metrics["probe_original"] = runner.score(model)[1]
         can_reestimate = reestimate_bn and runner.calibration is not None and has_batchnorm(model)
 
@@ -556,17 +896,25 @@ def optimize(
             with_bn, without = runner.score(first, reestimate=True), runner.score(first)
             return bool(with_bn[0] > without[0] and with_bn[1] >= without[1])
 
-        use_bn = can_reestimate and (decide_bn() if shared is None else shared.piece("use_bn", decide_bn))
+        with _stage("BatchNorm re-estimation decision"):
+            use_bn = can_reestimate and (decide_bn() if shared is None else shared.piece("use_bn", decide_bn))
+
+        best_so_far: list[float] = []
 
         def evaluate_selection(selection: tuple[int, ...]) -> float:
-            return runner.score(_build(model, candidates, selection, factors, timing), reestimate=use_bn)[0]
+            # a trial that cannot beat the best so far stops early (pareto searches need every value)
+            floor = max(best_so_far) if best_so_far and not pareto else None
+            value = runner.score(_build(model, candidates, selection, factors, timing), reestimate=use_bn, floor=floor)[0]
+            best_so_far.append(value)
+            return value
 
         costed = _costed(scores, timing)
-        refined = refine(
-            costed, capacity, evaluate_selection, n_trials=n_trials, timeout=timeout, seed=seed, progress=progress,
-            min_budget=minimum_cost(costed) if pareto else None, secondary=secondary,
-            study=None if shared is None else shared.study,
-        )
+        with _stage(f"search ({n_trials} trials)"):
+            refined = refine(
+                costed, capacity, evaluate_selection, n_trials=n_trials, timeout=timeout, seed=seed, progress=progress,
+                min_budget=minimum_cost(costed) if pareto else None, secondary=secondary,
+                study=None if shared is None else shared.study,
+            )
         selection = list(refined.best.selection)
 
     decomposed = _build(model, candidates, selection, factors, timing)
@@ -585,18 +933,29 @@ def optimize(
     if latency is not None:
         planned_budget["latency"] = latency
         notes.append(f"latency measured on {describe_device(timing.device)}, inputs {_input_shapes(inputs)}")
+    layers = _choices(candidates, selection, timing)
+    for candidate in candidates:  # a width unit's producer kept whole: say why it is not a layer of its own
+        name = candidate.producer.layer.name if candidate.producer is not None else None
+        if name is not None and name not in layers and layers[candidate.layer.name].method != WIDTH:
+            skipped[name] = f"kept whole: planned with {candidate.layer.name!r} as one width unit (sliced with its width, or factorised on its own)"
     plan = Plan(
-        layers=_choices(candidates, selection, timing), original_flops=original.total, budget=planned_budget,
+        layers=layers, original_flops=original.total, budget=planned_budget,
         input_shapes=_input_shapes(inputs), input_assumed=assumed, skipped=skipped, notes=notes, probe=probe_source,
     )
     published = refined.best if refined is not None else None
-    if probe is not None and sequential_fit and _selection_factorizes(selection, candidates):
+    if probe is not None and sequential_fit and _selection_factorizes(selection, candidates) and not _selection_factorizes(
+        selection, candidates, refittable=True
+    ):
+        plan.notes.append("sequential re-fit skipped: every layer the plan changes is a width, already re-fitted to the probe")
+    elif probe is not None and sequential_fit and _selection_factorizes(selection, candidates, refittable=True):
         pool = [(published, decomposed)]
         if refined is not None and timing is None:  # a latency plan was tuned on the device: it is not swapped
             for trial in _runners_up(refined, candidates, refit_candidates - 1):
                 pool.append((trial, _build(model, candidates, trial.selection, factors)))
-        decomposed, published = _refit_best(model, pool, plan, candidates, probe, runner, use_bn, progress)
+        with _stage("sequential re-fit"):
+            decomposed, published = _refit_best(model, pool, plan, candidates, probe, runner, use_bn, progress)
     if probe is not None or evaluate is not None:
+        logger.info("final BatchNorm re-estimation and scores ...")
         plain = runner.score(decomposed)
         metrics["probe_without_bn_reestimate"] = metrics["probe"] = plain[1]
         if can_reestimate:
@@ -613,9 +972,13 @@ def optimize(
         metrics["probe_examples"] = float(len(probe)) if probe is not None else 0.0
         plan.notes.append(f"probe metric: {runner.metric_name} on {len(runner.held_out) if runner.held_out is not None else 0} held-out probe examples")
     plan.metrics.update(metrics)
-    counted = count_flops(decomposed, inputs).total
+    count = count_flops(decomposed, inputs)
+    counted = count.total
     if counted != plan.flops or counted > target:  # the closed form and fvcore disagree: a bug, never a silent miss
-        raise AutodacError(f"internal check failed: fvcore counts {counted} FLOPs, plan predicts {plan.flops}, budget {target}")
+        counted_as = {name: sum(count.by_module.get(n, 0) for n in (name, *(c.sliced or ()))) for name, c in plan.layers.items()}
+        wrong = [f"{name!r} {counted_as[name]} vs {c.flops_after}" for name, c in plan.layers.items() if counted_as[name] != c.flops_after]
+        named = f"; layers fvcore counts otherwise (fvcore vs plan): {', '.join(wrong[:5])}" + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        raise AutodacError(f"internal check failed: fvcore counts {counted} FLOPs, plan predicts {plan.flops}, budget {target}{named if wrong else ''}")
     logger.info("planned %d of %d layers; FLOPs ratio %.4f", len(plan.factorized), len(plan.layers), plan.flops_ratio)
     front = [] if not (pareto and refined) else [_front_plan(plan, candidates, t, timing) for t in refined.front]
     if shared is not None:
@@ -632,15 +995,41 @@ _LATENCY_ATTEMPTS = 6  # side-by-side measurements spent adjusting a latency pla
 _LATENCY_SLACK = 0.03  # loosen a plan that meets its latency budget by more than this (fraction of the original's time)
 
 
-def _selection_factorizes(selection: Sequence[int], candidates: list[_Candidate]) -> bool:
-    return any(c.options[i][0] != DENSE for c, i in zip(candidates, selection))
+_UNREACHABLE = 1 << 53  # the cost given to an option the damage cap forbids: no budget can pay it
+
+
+def _allocate_capped(allocate, scores: list[LayerOptions], capacity: int, fixed: int, total: int, cap: float, notes: list[str]) -> list[int]:
+    """The data-free allocation with no layer's predicted error above ``cap``, when the budget allows it.
+
+    When it does not, the budget is still honoured (uncapped), and the plan says which layers are
+    predicted to be damaged and from which budget on no layer would be: warned, noted, logged.
+    """
+    capped = [LayerOptions(np.where(o.errors > cap, _UNREACHABLE, o.costs), o.errors) for o in scores]
+    if minimum_cost(capped) <= capacity:
+        return allocate(capped)
+    selection = allocate(scores)
+    worst = max(float(o.errors[i]) for o, i in zip(scores, selection))
+    safe = (fixed + minimum_cost(capped)) / total
+    message = (
+        f"the plan is predicted to damage the model: a layer's predicted output error reaches {worst:.2f} "
+        f"(above max_layer_error={cap}); at flops_budget >= {math.ceil(safe * 1e4) / 1e4:.4f} no layer would exceed it"
+    )
+    warnings.warn(f"autodac: {message}", UserWarning, stacklevel=3)
+    logger.warning(message)
+    notes.append(message)
+    return selection
+
+
+def _selection_factorizes(selection: Sequence[int], candidates: list[_Candidate], refittable: bool = False) -> bool:
+    """Whether the selection changes any layer (``refittable``: any the sequential re-fit can re-fit, i.e. not a width)."""
+    return any(c.options[i][0] not in ((DENSE, WIDTH) if refittable else (DENSE,)) for c, i in zip(candidates, selection))
 
 
 def _refits(layers: dict[str, LayerChoice], model: nn.Module) -> dict[str, Refit]:
     """What ``refit_in_order`` needs for each factorised layer of ``layers``."""
     return {
         name: Refit(c.method, c.rank, c.impl, _fit_weights(model, c.fit, model.get_submodule(name)))
-        for name, c in layers.items() if not c.is_dense
+        for name, c in layers.items() if not c.is_dense and c.method != WIDTH
     }
 
 
@@ -792,7 +1181,9 @@ def _profile_scores(
     measured loss-versus-error points, so methods compete on one per-layer scale. A ``shared``
     search measures the profile once for all its workers.
     """
+    size = min(size, _profile_examples(model, held_out.inputs[:1]))
     sample = held_out.subset(slice(0, size))
+    logger.info("sensitivity profile on %d probe examples", len(sample))
     reference = predict(model, sample.inputs)
 
     def loss(candidate_model: nn.Module) -> float:
@@ -800,21 +1191,86 @@ def _profile_scores(
 
     rows, fronts = [], []
     for candidate, options in zip(candidates, (_layer_options(c) for c in candidates)):
-        front = [int(i) for i in pareto_front(options) if int(i) != 0]
-        chosen = pick_ranks(front, [int(options.costs[i]) for i in front], points) if front else []
-        rows.append((candidate.layer.name, candidate.layer.module, [candidate.options[i][:2] for i in chosen]))
-        fronts.append(chosen)
-    measure = functools.partial(measure_profile, model, rows, factors.build, loss, len(sample), progress)
+        chosen_by_family = []
+        for family, indices in _families(candidate).items():
+            sub = LayerOptions(options.costs[indices], options.errors[indices])
+            front = [int(indices[i]) for i in pareto_front(sub)]
+            # a width unit's own and producer factorisations are its side options: one point sets their scale
+            count = points if candidate.unit is None or family == WIDTH else 1
+            chosen = pick_ranks(front, [int(options.costs[i]) for i in front], count) if front else []
+            chosen_by_family.append((family, indices, chosen))
+            row_name = candidate.producer.layer.name if family == PRODUCER else candidate.layer.name
+            row_module = candidate.producer.layer.module if family == PRODUCER else candidate.layer.module
+            rows.append((row_name, row_module, [_measured_key(candidate.options[i]) for i in chosen]))
+        fronts.append(chosen_by_family)
+    position = _positions(candidates)
+    rows = sorted(_merge_rows(rows), key=lambda row: position.get(row[0], 1 << 30))  # the profile lists layers in model order
+    measure = functools.partial(measure_profile, model, rows, factors.build, loss, len(sample), progress, _PROFILE_BYTES)
     profile = measure() if shared is None else shared.profile(measure)
     scores = []
-    for candidate, chosen in zip(candidates, fronts):
+    for candidate, chosen_by_family in zip(candidates, fronts):
         options = _layer_options(candidate)
-        measured = profile.losses[candidate.layer.name]
-        curve_points = [(options.errors[i], measured[candidate.options[i][:2]]) for i in chosen]
-        losses = loss_curve(options.errors, curve_points)
+        losses = np.zeros(len(candidate.options))
+        for family, indices, chosen in chosen_by_family:
+            measured = profile.losses[candidate.producer.layer.name if family == PRODUCER else candidate.layer.name]
+            curve_points = [(options.errors[i], measured[_measured_key(candidate.options[i])]) for i in chosen]
+            losses[indices] = loss_curve(options.errors[indices], curve_points)
         losses[0] = 0.0  # dense
         scores.append(LayerOptions(options.costs, losses))
     return profile, scores
+
+
+_PROFILE_BYTES = 2 << 30  # the most the profile keeps of one recorded pass, so what runs before a layer is not run again
+
+
+def _profile_examples(model: nn.Module, example: torch.Tensor) -> int:
+    """How many examples one recorded pass of the profile can hold within ``_PROFILE_BYTES`` (at least 16).
+
+    The profile replays what runs before the layer under test from one recorded pass; on small
+    inputs that is every example asked for, at 224 px a few dozen (EfficientNet-Lite0 keeps
+    ~30 MB of layer outputs an image), which still ranks layers and keeps the profile in minutes.
+    """
+    total = [0]
+    leaves = [m for m in model.modules() if not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+
+    def count(_module, _args, output):
+        if isinstance(output, torch.Tensor):
+            total[0] += output.numel() * output.element_size()
+
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        predict(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return max(16, _PROFILE_BYTES // max(1, total[0]))
+
+
+def _families(candidate: _Candidate) -> dict[str, np.ndarray]:
+    """Option indices (dense excluded) by the scale their errors are on: the layer's factorisations,
+    a width unit's widths, its producer's factorisations. Each gets its own loss curve."""
+    families: dict[str, list[int]] = {}
+    for i, option in enumerate(candidate.options[1:], start=1):
+        method = option[0]
+        family = WIDTH if method == WIDTH else PRODUCER if method.startswith(PRODUCER) else "own"
+        families.setdefault(family, []).append(i)
+    return {family: np.asarray(indices, dtype=np.int64) for family, indices in families.items()}
+
+
+def _measured_key(option: tuple) -> tuple[str, int]:
+    """How the profile names an option: a producer's factorisation under the producer's own name and method."""
+    return option[0].removeprefix(PRODUCER), option[1]
+
+
+def _merge_rows(rows: list[tuple[str, nn.Module, list]]) -> list[tuple[str, nn.Module, list]]:
+    """One profile row per layer (a consumer's widths and factorisations are measured on the same layer)."""
+    merged: dict[str, tuple[str, nn.Module, list]] = {}
+    for name, module, options in rows:
+        if name in merged:
+            merged[name][2].extend(o for o in options if o not in merged[name][2])
+        else:
+            merged[name] = (name, module, list(options))
+    return list(merged.values())
 
 
 def _layer_options(candidate: _Candidate) -> LayerOptions:
@@ -837,9 +1293,12 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         raise ModelError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise PlanError(f"`plan` must be an autodac.Plan, but got {type(plan).__name__}")
+    _check_plan_fits(model, plan)
     data_fitted = [name for name, c in plan.factorized.items() if c.fit.removeprefix("seq+").startswith("data")]
+    implied = [name for name, c in plan.factorized.items() if c.fit.removeprefix("seq+").startswith("implied")]
     refitted = [name for name, c in plan.factorized.items() if c.fit.startswith("seq+")]
     covariances: dict[str, torch.Tensor] = {}
+    moments: dict[str, torch.Tensor] = {}
     if data is None and plan.probe.get("source") == "synthetic" and (data_fitted or refitted or plan.metrics.get("bn_reestimated")):
         data = _replay_synthesis(model, plan)
     needing = data_fitted or refitted
@@ -851,26 +1310,31 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
     examples = int(plan.metrics.get("probe_examples", DEFAULT_PROBE_SIZE))
     replayed = collect_probe(data, max(2, examples)) if data is not None else None  # once: `data` may be a one-shot iterator
     if data_fitted:
-        modules = {}
-        for name in data_fitted:
-            try:
-                modules[name] = model.get_submodule(name)
-            except AttributeError:
-                raise PlanError(f"the plan's layer {name!r} must exist in the model, but it does not") from None
-        covariances = input_covariances(model, modules, fit_examples(replayed))
+        modules = {name: model.get_submodule(name) for name in data_fitted}  # checked by _check_plan_fits
+        widths = {n: m for n, m in modules.items() if plan.layers[n].method == WIDTH}
+        covariances, moments = _statistics(model, {n: m for n, m in modules.items() if n not in widths}, widths, fit_examples(replayed))
+    if implied:
+        modules = {name: model.get_submodule(name) for name in implied}  # checked by _check_plan_fits
+        if not plan.input_shapes:
+            raise PlanError("a plan fitted to BatchNorm-implied statistics must record its input shape, but `input_shapes` is empty")
+        weight = next(iter(model.parameters()))
+        example = (torch.zeros(plan.input_shapes[0], device=weight.device, dtype=weight.dtype),)
+        units = {
+            n: WidthUnit(n, plan.layers[n].sliced[0], tuple(plan.layers[n].sliced[1:]), int(plan.layers[n].weight_shape[1]))
+            for n in modules if plan.layers[n].method == WIDTH and plan.layers[n].sliced
+        }
+        found = _implied_statistics(
+            model, example, {n: m for n, m in modules.items() if n not in units}, _implied_consumers(model, example, units),
+            int(plan.probe.get("seed", 0)),
+        )
+        covariances.update(found[0])
+        moments.update(found[1])
     replacements = {}
     for name, choice in plan.factorized.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise PlanError(f"the plan's layer {name!r} must exist in the model, but it does not") from None
-        if not isinstance(module, SUPPORTED_TYPES):
-            raise PlanError(f"the plan's layer {name!r} must be a Conv1d, Conv2d or Linear, but it is a {type(module).__name__}")
-        if tuple(module.weight.shape) != tuple(choice.weight_shape):
-            raise PlanError(
-                f"layer {name!r} must have the weight shape the plan was made for, {tuple(choice.weight_shape)}, "
-                f"but it has {tuple(module.weight.shape)}"
-            )
+        if choice.method == WIDTH:
+            replacements.update(_replay_width(model, name, choice, moments.get(name)))
+            continue
+        module = model.get_submodule(name)  # its existence, type and shape were checked first
         try:
             out_weights = _fit_weights(model, choice.fit, module)
             input_cov = covariances.get(name)
@@ -889,6 +1353,56 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
     if plan.metrics.get("bn_reestimated") and replayed is not None:  # replay the re-estimation optimize kept
         reestimate_batchnorm(result, split_probe(replayed)[0])
     return result
+
+
+def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
+    """Every planned layer exists, is a Conv1d/Conv2d/Linear and has the weight shape the plan was made for
+    (checked in plan order, before any statistic is collected: the first misfit is the one named)."""
+    for name, choice in plan.factorized.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise PlanError(f"the plan's layer {name!r} must exist in the model, but it does not") from None
+        if not isinstance(module, SUPPORTED_TYPES):
+            raise PlanError(f"the plan's layer {name!r} must be a Conv1d, Conv2d or Linear, but it is a {type(module).__name__}")
+        if tuple(module.weight.shape) != tuple(choice.weight_shape):
+            raise PlanError(
+                f"layer {name!r} must have the weight shape the plan was made for, {tuple(choice.weight_shape)}, "
+                f"but it has {tuple(module.weight.shape)}"
+            )
+
+
+def _replay_width(model: nn.Module, name: str, choice: LayerChoice, moments: torch.Tensor | None) -> dict[str, nn.Module]:
+    """The sliced modules of one width choice, re-fitted to the same moments as when it was planned."""
+    if not choice.sliced or choice.channels is None or len(choice.channels) != choice.rank:
+        raise PlanError(f"layer {name!r}: a width choice must list its `sliced` layers and `rank` kept `channels`, but got {choice}")
+    members = {}
+    for member in (name, *choice.sliced):
+        try:
+            members[member] = model.get_submodule(member)
+        except AttributeError:
+            raise PlanError(f"layer {name!r}: the layer {member!r} its width slices must exist in the model, but it does not") from None
+    consumer = members[name]
+    channels = consumer.in_features if isinstance(consumer, nn.Linear) else getattr(consumer, "in_channels", None)
+    if tuple(consumer.weight.shape) != tuple(choice.weight_shape) or channels is None or max(choice.channels) >= channels:
+        raise PlanError(
+            f"layer {name!r} must have the weight shape the plan was made for, {tuple(choice.weight_shape)}, "
+            f"but it has {tuple(consumer.weight.shape)}"
+        )
+    for member, module in members.items():
+        if member == name:
+            continue
+        size = module.num_features if isinstance(module, nn.modules.batchnorm._BatchNorm) else module.weight.shape[0]
+        if size != channels:
+            raise PlanError(f"layer {name!r}: {member!r} must have the {channels} channels the width slices, but it has {size}")
+    if moments is None:
+        if choice.fit.removeprefix("seq+").split("+")[0] in ("data", "implied"):
+            raise PlanError(f"layer {name!r}: its width was fitted to statistics ({choice.fit!r}) that could not be collected again")
+        moments = torch.eye(channels + 1, dtype=torch.float64)
+    kept = torch.tensor(choice.channels, dtype=torch.int64)
+    weight, bias = refit_kept(consumer.weight, moments, kept)
+    unit = WidthUnit(name, choice.sliced[0], tuple(choice.sliced[1:]), channels)
+    return slice_unit(model, unit, kept, weight, bias)
 
 
 def _replay_synthesis(model: nn.Module, plan: Plan) -> torch.Tensor:

@@ -397,13 +397,17 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _compare_payload(titles: Sequence[str], paths: Sequence[str], plans: Sequence[Any]) -> dict[str, Any]:
-    layers = list(dict.fromkeys(name for plan in plans for name in [*plan.layers, *plan.skipped]))
+    from autodac.report import layer_names, sliced_by
+
+    layers = layer_names(list(plans))
     rows: dict[str, dict[str, Any]] = {}
     for name in layers:
         rows[name] = {}
         for title, plan in zip(titles, plans):
             choice = plan.layers.get(name)
-            if choice is None:
+            if choice is None and sliced_by(plan, name) is not None:
+                rows[name][title] = {"method": "sliced", "by": sliced_by(plan, name)}
+            elif choice is None:
                 rows[name][title] = {"method": "skipped", "reason": plan.skipped[name]} if name in plan.skipped else None
             else:
                 rows[name][title] = {"method": choice.method, "rank": choice.rank, "flops_before": choice.flops_before,
@@ -452,7 +456,10 @@ def _profile_rows(model, profile) -> dict[str, list[tuple[str, int, float, float
         dense = sum(p.numel() for p in layer.parameters())
         options = []
         for (method, rank), loss in by_option.items():
-            kept = sum(p.numel() for p in autodac.decompose_conv(layer, rank, method).parameters()) / dense
+            if method == "width":  # a hidden width: the share of the layer's input channels kept
+                kept = rank / layer.weight.shape[1]
+            else:
+                kept = sum(p.numel() for p in autodac.decompose_conv(layer, rank, method).parameters()) / dense
             options.append((method, int(rank), kept, float(loss)))
         rows[name] = sorted(options, key=lambda o: o[2])
     return rows

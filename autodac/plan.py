@@ -37,6 +37,7 @@ class LayerChoice:
     error: float = 0.0
     # "plain": SVD of the weight; "bn:NAME": output channels weighted by BatchNorm NAME;
     # "data" / "data+bn:NAME": also weighted by the covariance of the layer's inputs on the probe;
+    # "implied" / "implied+bn:NAME": by the input moments the BatchNorms imply, without data (autodac.implied);
     # "seq+" before any of them: then re-fitted, in execution order, to the inputs the decomposed
     # layers before it produce (``autodac.sequential``; replayed by ``apply`` with the same data)
     fit: str = "plain"
@@ -45,6 +46,10 @@ class LayerChoice:
     impl: str = ""
     latency_before: float | None = None
     latency_after: float | None = None
+    # method "width" (a block's hidden width planned as its rank): the input channels kept, in keep
+    # order, and the layers sliced with them (the producer, then BatchNorms / depthwise convs between)
+    channels: tuple[int, ...] | None = None
+    sliced: tuple[str, ...] | None = None
 
     @property
     def is_dense(self) -> bool:
@@ -52,7 +57,7 @@ class LayerChoice:
 
 
 _LAYER_FIELDS = {"method", "rank", "weight_shape", "flops_before", "flops_after", "params_before", "params_after", "error", "fit"}
-_OPTIONAL_LAYER_FIELDS = {"impl", "latency_before", "latency_after"}
+_OPTIONAL_LAYER_FIELDS = {"impl", "latency_before", "latency_after", "channels", "sliced"}
 _PLAN_FIELDS = {
     "format", "_version", "budget", "input_shapes", "input_assumed", "original_flops", "flops",
     "layers", "skipped", "metrics", "notes", "probe",
@@ -63,15 +68,33 @@ def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def _optional_ints(name: str, field_name: str, value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise PlanError(f"layer {name!r}: `{field_name}` must be a list of channel indices (ints >= 0), but got {value!r}")
+    return tuple(value)
+
+
 def _check_fit(name: str, fit: Any) -> str:
     own = fit.removeprefix("seq+") if isinstance(fit, str) else None
-    base = own.removeprefix("data+") if own is not None else None
-    if base is None or not (own in ("plain", "data") or (base.startswith("bn:") and len(base) > 3)):
+    base = own.removeprefix("data+").removeprefix("implied+") if own is not None else None
+    if base is None or not (own in ("plain", "data", "implied") or (base.startswith("bn:") and len(base) > 3)):
         raise PlanError(
-            f"layer {name!r}: `fit` must be 'plain', 'data', 'bn:<BatchNorm name>' or 'data+bn:<BatchNorm name>', "
-            f"optionally after 'seq+', but got fit={fit!r}"
+            f"layer {name!r}: `fit` must be 'plain', 'data', 'implied', 'bn:<BatchNorm name>', 'data+bn:<BatchNorm name>' "
+            f"or 'implied+bn:<BatchNorm name>', optionally after 'seq+', but got fit={fit!r}"
         )
     return fit
+
+
+def _layer_dict(choice: LayerChoice) -> dict[str, Any]:
+    entry = {**asdict(choice), "weight_shape": list(choice.weight_shape)}
+    for key in ("channels", "sliced"):  # only width choices carry them; older readers never see them
+        if entry[key] is None:
+            del entry[key]
+        else:
+            entry[key] = list(entry[key])
+    return entry
 
 
 @dataclass
@@ -110,7 +133,7 @@ class Plan:
             "input_assumed": self.input_assumed,
             "original_flops": self.original_flops,
             "flops": self.flops,
-            "layers": {name: {**asdict(c), "weight_shape": list(c.weight_shape)} for name, c in self.layers.items()},
+            "layers": {name: _layer_dict(c) for name, c in self.layers.items()},
             "skipped": dict(self.skipped),
             "metrics": dict(self.metrics),
             "notes": list(self.notes),
@@ -154,6 +177,8 @@ class Plan:
                     fit=_check_fit(name, entry["fit"]), impl=str(entry.get("impl", "")),
                     latency_before=_optional_float(entry.get("latency_before")),
                     latency_after=_optional_float(entry.get("latency_after")),
+                    channels=_optional_ints(name, "channels", entry.get("channels")),
+                    sliced=None if entry.get("sliced") is None else tuple(str(v) for v in entry["sliced"]),
                 )
             except (TypeError, ValueError) as problem:
                 if isinstance(problem, PlanError):

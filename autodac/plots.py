@@ -20,7 +20,7 @@ __all__ = [
     "METHOD_COLORS",
 ]
 
-METHOD_COLORS = {"dac": "#1f77b4", "tdac": "#9467bd", "spatial": "#ff7f0e", "lowrank": "#2ca02c", "dense": "#b0b0b0"}
+METHOD_COLORS = {"dac": "#1f77b4", "tdac": "#9467bd", "spatial": "#ff7f0e", "lowrank": "#2ca02c", "width": "#d62728", "dense": "#b0b0b0"}
 _DPI = 130
 
 
@@ -118,7 +118,8 @@ def ranks_per_layer(plans: Mapping[str, Plan], path: str | os.PathLike) -> None:
             if choice.is_dense:
                 ax.bar(x, 1.0, color=METHOD_COLORS["dense"], hatch="//", edgecolor="white")
                 continue
-            share = choice.rank / get_method(choice.method).max_rank(tuple(choice.weight_shape))
+            full = choice.weight_shape[1] if choice.method == "width" else get_method(choice.method).max_rank(tuple(choice.weight_shape))
+            share = choice.rank / full  # a width: the share of the hidden channels kept
             ax.bar(x, share, color=METHOD_COLORS.get(choice.method, "#7f7f7f"))
             ax.text(x, share + 0.02, str(choice.rank), ha="center", va="bottom", fontsize=7)
         ax.set_ylim(0, 1.15)

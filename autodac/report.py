@@ -9,7 +9,7 @@ from tabulate import tabulate
 from autodac.errors import AutodacError
 from autodac.plan import Plan
 
-__all__ = ["plan_table", "compare"]
+__all__ = ["plan_table", "compare", "layer_names", "sliced_by"]
 
 
 def plan_table(plan: Plan, tablefmt: str = "simple") -> str:
@@ -37,6 +37,9 @@ def plan_table(plan: Plan, tablefmt: str = "simple") -> str:
 def _cell(plan: Plan, layer: str) -> str:
     choice = plan.layers.get(layer)
     if choice is None:
+        by = sliced_by(plan, layer)
+        if by is not None:
+            return f"sliced ({by})"
         return "skipped" if layer in plan.skipped else "-"
     if choice.is_dense:
         return "dense"
@@ -44,6 +47,39 @@ def _cell(plan: Plan, layer: str) -> str:
     if choice.latency_before:  # measured: the layer's latency ratio beside its FLOPs ratio
         cell += f", {choice.latency_after / choice.latency_before:.2f} ms"
     return cell + ")"
+
+
+def layer_names(plans: list[Plan]) -> list[str]:
+    """Every layer any of ``plans`` lists (planned, sliced by a width choice, or skipped), in model order."""
+    return _merged_order([[*_listed(plan), *plan.skipped] for plan in plans])
+
+
+def sliced_by(plan: Plan, layer: str) -> str | None:
+    """The width choice of ``plan`` that slices ``layer`` as its producer, if any."""
+    return next((name for name, c in plan.layers.items() if c.sliced and c.sliced[0] == layer), None)
+
+
+def _listed(plan: Plan) -> list[str]:
+    """The plan's layers in order, each width choice preceded by the producer it slices."""
+    names: list[str] = []
+    for name, choice in plan.layers.items():
+        if choice.sliced and choice.sliced[0] not in plan.layers:
+            names.append(choice.sliced[0])
+        names.append(name)
+    return names
+
+
+def _merged_order(sequences: list[list[str]]) -> list[str]:
+    """All names, each new one placed right after the name before it in the sequence it comes from
+    (so layers one plan lists and another does not still appear in model order)."""
+    merged: list[str] = []
+    for sequence in sequences:
+        for i, name in enumerate(sequence):
+            if name in merged:
+                continue
+            before = next((sequence[j] for j in range(i - 1, -1, -1) if sequence[j] in merged), None)
+            merged.insert(0 if before is None else merged.index(before) + 1, name)
+    return merged
 
 
 def compare(plans: Mapping[str, Plan] | list[Plan], tablefmt: str = "simple") -> str:
@@ -58,7 +94,7 @@ def compare(plans: Mapping[str, Plan] | list[Plan], tablefmt: str = "simple") ->
     if not plans or not all(isinstance(p, Plan) for p in plans.values()):
         raise AutodacError(f"`plans` must be a non-empty mapping or list of autodac.Plan, but got {plans!r}")
     titles = list(plans)
-    layers = list(dict.fromkeys(name for plan in plans.values() for name in [*plan.layers, *plan.skipped]))
+    layers = layer_names(list(plans.values()))
     rows = [[name, *(_cell(plans[t], name) for t in titles)] for name in layers]
     rows.append(["FLOPs ratio", *(f"{plans[t].flops_ratio:.4f}" for t in titles)])
     rows.append(["FLOPs", *(f"{plans[t].flops:,}" for t in titles)])

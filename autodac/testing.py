@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "SmallConvNet", "Conv1dNet", "LinearHeadNet", "GroupedConvNet", "DepthwiseOnlyNet", "SharedConvNet",
+    "SmallConvNet", "Conv1dNet", "LinearHeadNet", "GroupedConvNet", "DepthwiseOnlyNet", "SharedConvNet", "InvertedResidualNet",
     "LayerConfig", "conv_configs", "linear_configs", "method_cases", "seeded",
 ]
 
@@ -55,6 +55,58 @@ class SmallConvNet(nn.Module):
         x = torch.relu(self.bn2(self.conv2(x)))
         x = torch.relu(self.conv3(x))
         return self.fc(x.mean((2, 3)))
+
+
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand -> BN -> ReLU6 -> 3x3 depthwise -> BN -> ReLU6 -> 1x1 project -> BN (+ input)."""
+
+    def __init__(self, channels_in: int, channels_out: int, expand: int, stride: int, functional: bool) -> None:
+        super().__init__()
+        hidden = channels_in * expand
+        self.expand = nn.Conv2d(channels_in, hidden, 1, bias=False)
+        self.bn0 = nn.BatchNorm2d(hidden)
+        self.depthwise = nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.project = nn.Conv2d(hidden, channels_out, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels_out)
+        self.act = nn.ReLU6()
+        self.functional = functional
+        self.residual = stride == 1 and channels_in == channels_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = (lambda t: torch.nn.functional.relu6(t)) if self.functional else self.act
+        y = act(self.bn0(self.expand(x)))
+        y = act(self.bn1(self.depthwise(y)))
+        y = self.bn2(self.project(y))
+        return x + y if self.residual else y
+
+
+class InvertedResidualNet(nn.Module):
+    """A small MobileNetV2: stem, three inverted-residual blocks (one with a residual), 1x1 head, Linear classifier.
+
+    ``functional=True`` applies the blocks' activations as ``F.relu6`` calls instead of modules.
+    Input ``N x 3 x H x W``.
+    """
+
+    def __init__(self, seed: int = 0, functional: bool = False, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.blocks = nn.Sequential(
+            _InvertedResidual(16, 24, 4, 2, functional),
+            _InvertedResidual(24, 24, 6, 1, functional),
+            _InvertedResidual(24, 32, 6, 2, functional),
+        )
+        self.head = nn.Conv2d(32, 96, 1, bias=False)
+        self.head_bn = nn.BatchNorm2d(96)
+        self.classifier = nn.Linear(96, num_classes)
+        seeded(self, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.relu6(self.bn(self.stem(x)))
+        x = self.blocks(x)
+        x = torch.nn.functional.relu6(self.head_bn(self.head(x)))
+        return self.classifier(x.mean((2, 3)))
 
 
 class Conv1dNet(nn.Module):

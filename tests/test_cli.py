@@ -146,7 +146,8 @@ def test_profile_prints_the_sweep_and_writes_the_heat_map(work: Path) -> None:
     saved = json.loads((work / "profile" / "sensitivity.json").read_text())
     assert list(saved["layers"]) == ["conv1", "conv2", "conv3", "fc"]
     for options in saved["layers"].values():
-        assert 1 <= len(options) <= 3 and all(o["divergence"] >= 0 and 0 < o["params_kept"] < 1.01 for o in options)
+        # --points per layer; a width unit's layer adds one point for its factorisations and one for its producer's
+        assert 1 <= len(options) <= 3 + 2 and all(o["divergence"] >= 0 and 0 < o["params_kept"] < 1.01 for o in options)
     assert (work / "profile" / "sensitivity.png").read_bytes()[:8] == PNG
 
 
@@ -248,6 +249,6 @@ def test_optimize_can_skip_or_widen_the_sequential_refit(work: Path, with_data: 
     _ok(_cli("optimize", "small.pt", "--flops-budget", "0.6", "--data", "probe.npz", "--n-trials", "3", "--refit-candidates", "2",
              "--out", "wide_plan.json", "--quiet", cwd=work))
     notes = " ".join(autodac.Plan.load(work / "wide_plan.json").notes)
-    assert "sequential re-fit tried and rejected" in notes or "re-fitted in execution order" in notes
+    assert any(said in notes for said in ("sequential re-fit tried and rejected", "re-fitted in execution order", "sequential re-fit skipped"))
     refused = _cli("optimize", "small.pt", "--flops-budget", "0.6", "--data", "probe.npz", "--refit-candidates", "0", "--out", "x.json", cwd=work)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr

@@ -209,8 +209,10 @@ def test_tiny_models(factory: Callable[[], nn.Module], shape: tuple[int, ...], b
     result = autodac.optimize(model, budget, example_inputs=x, progress=False)
     assert count_flops(result.model, (x,)).total <= math.floor(budget * count_flops(model, (x,)).total)
     _assert_same_state(model, before)
-    if factory is LinearHeadNet:  # the Linear holds most FLOPs: only cutting it reaches 0.3
-        assert result.plan.layers["fc1"].method == "lowrank"
+    if factory is LinearHeadNet:  # the Linear holds most FLOPs: only cutting it reaches 0.3, by rank or by its width
+        layers = result.plan.layers
+        cut_by_width = layers["fc2"].method == "width" and "fc1" in layers["fc2"].sliced
+        assert cut_by_width or layers["fc1"].method == "lowrank", result.summary()
 
 
 def test_grouped_and_depthwise_convs_are_skipped_with_a_reason() -> None:
