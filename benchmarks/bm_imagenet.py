@@ -1,0 +1,372 @@
+"""A real model at 224 px: pretrained EfficientNet-Lite0 on photographs (or CREPE "full" on recordings), one ``optimize`` per row.
+
+    bash benchmarks/imagenet/setup.sh                          # once: models, decoders, photographs, recordings
+    python benchmarks/bm_imagenet.py                           # EfficientNet-Lite0, budgets 0.9 0.7 0.5, three modes
+    python benchmarks/bm_imagenet.py --model crepe_full        # CREPE on 16 kHz frames
+    python benchmarks/bm_imagenet.py --probe-crops 32 --test-crops 32 --budgets 0.95 --modes data-free probe \\
+        --extra-kwargs '{"n_trials": 2, "sequential_fit": false, "profile_size": 8}' --out /tmp/imagenet_tiny   # harness check
+
+Inputs (``benchmarks/imagenet_assets.py``): the photographs are split into probe and test FILES,
+disjoint by source (a picture at several resolutions counts once), so no test crop comes from
+a photograph the planner saw; ``--probe-crops`` random 224 crops of the probe photos and
+``--test-crops`` of the test photos, each photo resized to a random short side in [256, 512]
+first. CREPE: random non-silent 1024-sample frames, probe and test from disjoint recordings.
+No labels: quality is agreement with the original model on the test inputs.
+
+Each (mode, budget) is ONE ``autodac.optimize`` call in a fresh subprocess, so its peak memory is
+that call's alone (``VmHWM`` reset just before the call, read just after; the RSS before the call,
+model and probe inputs loaded, is given beside it). Modes: ``data-free`` (no data),
+``synthetic`` (``synthesize=N``), ``probe`` (``data=`` batches of the probe inputs, no labels).
+A call that raises is a row too, with the error's first line. Writes ``<out>.md`` and ``<out>.json``
+after every row (an interrupted run keeps what it measured), and logs each row to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # run as a script from anywhere: the sibling helper modules
+
+import imagenet_assets as assets  # noqa: E402
+
+MODELS = ("efficientnet_lite0", "crepe_full")
+MODES = ("data-free", "synthetic", "probe")
+DEFAULT_OUT = {"efficientnet_lite0": "benchmarks/results/imagenet", "crepe_full": "benchmarks/results/imagenet_crepe"}
+CONFIDENT = 0.7  # "confident" inputs: the original's top softmax probability (CREPE: top bin activation) at least this
+CENTS = 40.0
+# Crop / frame draws; the probe/test file split has its own seed (--split-seed). The example input (shapes, FLOP counts,
+# the data-free and synthetic modes) is one more draw from the probe files: the planner never sees a test input.
+PROBE_SEED, TEST_SEED, EXAMPLE_SEED = 1, 2, 3
+BATCH = 50
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    """One progress line on stderr, stamped with seconds since the script started."""
+    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:
+        pass
+
+
+def load_model(name: str) -> torch.nn.Module:
+    return assets.efficientnet_lite0() if name == "efficientnet_lite0" else assets.crepe_full()
+
+
+@torch.no_grad()
+def outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's outputs on ``x``, batched (logits for EfficientNet, sigmoid bin activations for CREPE)."""
+    model.eval()
+    return torch.cat([model(x[i:i + BATCH]) for i in range(0, len(x), BATCH)])
+
+
+def fvcore_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
+    """fvcore's count (multiply-adds) of ``model`` at ``example``, counted here, independently of autodac."""
+    from fvcore.nn import FlopCountAnalysis
+
+    with torch.enable_grad():
+        analysis = FlopCountAnalysis(model, (example,))
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        return int(analysis.total())
+
+
+def quality(model_name: str, original: torch.Tensor, compressed: torch.Tensor) -> dict[str, Any]:
+    """Agreement of ``compressed`` with ``original`` outputs, in %, on all test inputs and on the confident ones."""
+    if model_name == "crepe_full":
+        confidence = original.max(1).values
+    else:
+        confidence = original.softmax(1).max(1).values
+    confident = confidence >= CONFIDENT
+    agree = original.argmax(1) == compressed.argmax(1)
+
+    def pct(mask: torch.Tensor, where: torch.Tensor | None = None) -> float | None:
+        if where is not None:
+            if not bool(where.any()):
+                return None
+            mask = mask[where]
+        return 100.0 * mask.float().mean().item()
+
+    row = {"agree (%)": pct(agree), "agree conf (%)": pct(agree, confident)}
+    if model_name == "crepe_full":
+        close = (assets.crepe_cents(original) - assets.crepe_cents(compressed)).abs() <= CENTS
+        row[f"<= {CENTS:g} cents (%)"] = pct(close)
+        row[f"<= {CENTS:g} cents conf (%)"] = pct(close, confident)
+    return row
+
+
+# ----------------------------------------------------------------------------- the child: one optimize call
+
+
+def _status(field: str) -> float:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    return math.nan
+
+
+def child(spec_path: str) -> None:
+    """Run one ``optimize`` call as ``spec`` says and write its row to ``spec["result"]``."""
+    spec = json.loads(Path(spec_path).read_text())
+    set_threads(spec["threads"])
+    import autodac
+
+    work = Path(spec["work"])
+    model = load_model(spec["model"])
+    example = torch.load(work / "example.pt")
+    kwargs: dict[str, Any] = {"example_inputs": example, "progress": spec["progress"], **spec["extra"]}
+    if spec["mode"] == "probe":
+        probe = torch.load(work / "probe.pt")
+        kwargs["data"] = [probe[i:i + spec["batch"]] for i in range(0, len(probe), spec["batch"])]
+    elif spec["mode"] == "synthetic":
+        kwargs["synthesize"] = spec["synthesize"]
+    row: dict[str, Any] = {"rss before (GiB)": _status("VmRSS")}
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS: the peak below is the call's
+        row["peak reset"] = True
+    except OSError:
+        row["peak reset"] = False  # then VmHWM also covers loading the model and the inputs
+    start = time.perf_counter()
+    try:
+        result = autodac.optimize(model, spec["budget"], **kwargs)
+    except Exception as error:  # a refused budget or a crash: both are results
+        row.update({"optimize s": time.perf_counter() - start, "peak RSS (GiB)": _status("VmHWM"),
+                    "error": f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}",
+                    "traceback": traceback.format_exc()})
+        Path(spec["result"]).write_text(json.dumps(row, default=str))
+        return
+    row["optimize s"] = time.perf_counter() - start
+    row["peak RSS (GiB)"] = _status("VmHWM")
+    try:  # measuring the result: a failure here is reported as such, with what was measured before it
+        factorized = result.plan.factorized
+        counts = collections.Counter(choice.method for choice in factorized.values())
+        row.update({
+            "FLOPs ratio": result.flops_ratio,
+            "params ratio": result.params / result.original_params,
+            "layers": len(factorized),
+            "methods": ", ".join(f"{method} {n}" for method, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "plan": result.plan.to_dict(),
+            "notes": list(result.plan.notes),
+        })
+        row["fvcore ratio"] = fvcore_flops(result.model, example) / spec["original_flops"]
+        original = torch.load(work / "test_outputs.pt")
+        test = torch.load(work / "test.pt")
+        row.update(quality(spec["model"], original, outputs(result.model, test)))
+    except Exception as error:
+        row.update({"error": f"measuring the result: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}",
+                    "traceback": traceback.format_exc()})
+    Path(spec["result"]).write_text(json.dumps(row, default=str))
+
+
+# ----------------------------------------------------------------------------- the parent
+
+
+def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Draw the probe and test inputs, save them (and the original's test outputs) in ``work``; describe them."""
+    if args.model == "efficientnet_lite0":
+        files = assets.photo_files()
+        probe_files, test_files = assets.split_photos(files, args.split_seed)
+        source = assets.photo_source
+        start = time.perf_counter()
+        probe = assets.random_crops(probe_files, args.probe_crops, PROBE_SEED) if args.probe_crops else None
+        test = assets.random_crops(test_files, args.test_crops, TEST_SEED)
+        example = assets.random_crops(probe_files, 1, EXAMPLE_SEED)
+        kind = "224x224 crops"
+    else:
+        files = assets.audio_files()
+        probe_files, test_files = assets.split_audio(files, args.split_seed)
+        source = assets.audio_source
+        start = time.perf_counter()
+        probe = assets.audio_frames(probe_files, args.probe_crops, PROBE_SEED) if args.probe_crops else None
+        test = assets.audio_frames(test_files, args.test_crops, TEST_SEED)
+        example = assets.audio_frames(probe_files, 1, EXAMPLE_SEED)
+        kind = "1024-sample frames"
+    log(f"{args.model}: {len(files)} files; probe {len(probe_files)} files, test {len(test_files)} files; "
+        f"inputs drawn in {time.perf_counter() - start:.0f} s")
+    if not set(map(source, probe_files)).isdisjoint(map(source, test_files)):
+        raise RuntimeError("probe and test files share a source: the split is broken")
+    model = load_model(args.model)
+    torch.save(example, work / "example.pt")
+    if probe is not None:
+        torch.save(probe, work / "probe.pt")
+    torch.save(test, work / "test.pt")
+    start = time.perf_counter()
+    original = outputs(model, test)
+    torch.save(original, work / "test_outputs.pt")
+    confidence = original.max(1).values if args.model == "crepe_full" else original.softmax(1).max(1).values
+    info = {
+        "model": args.model,
+        "files": len(files),
+        "sources": len(set(map(source, files))),
+        "probe files": len(probe_files),
+        "probe sources": len(set(map(source, probe_files))),
+        "test files": len(test_files),
+        "test sources": len(set(map(source, test_files))),
+        "probe inputs": 0 if probe is None else len(probe),
+        "test inputs": len(test),
+        "input": kind,
+        "confident test inputs": int((confidence >= CONFIDENT).sum()),
+        "distinct test predictions": len(set(original.argmax(1).tolist())),
+        "original fvcore FLOPs": fvcore_flops(model, example),
+        "original test pass s": time.perf_counter() - start,
+        "probe files list": [str(p.relative_to(assets.ASSETS)) for p in probe_files],
+        "test files list": [str(p.relative_to(assets.ASSETS)) for p in test_files],
+    }
+    return info
+
+
+def run_one(args: argparse.Namespace, work: Path, info: dict[str, Any], mode: str, budget: float) -> dict[str, Any]:
+    spec = {
+        "model": args.model, "mode": mode, "budget": budget, "threads": args.threads, "work": str(work),
+        "batch": args.batch, "synthesize": args.synthesize, "extra": args.extra_kwargs, "progress": args.progress,
+        "original_flops": info["original fvcore FLOPs"], "result": str(work / f"row_{mode}_{budget}.json"),
+    }
+    spec_path = work / f"spec_{mode}_{budget}.json"
+    spec_path.write_text(json.dumps(spec))
+    Path(spec["result"]).unlink(missing_ok=True)
+    row: dict[str, Any] = {"mode": mode, "budget": budget}
+    start = time.perf_counter()
+    try:
+        process = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
+                                 timeout=args.run_timeout or None)
+        code = process.returncode
+    except subprocess.TimeoutExpired:
+        code = None
+    wall = time.perf_counter() - start
+    if Path(spec["result"]).exists():
+        row.update(json.loads(Path(spec["result"]).read_text()))
+    else:
+        row["error"] = (f"no result: the child ran past --run-timeout {args.run_timeout} s" if code is None
+                        else f"no result: the child exited with code {code}" + (" (killed: out of memory?)" if code in (-9, 137) else ""))
+    row["child s"] = wall
+    return row
+
+
+def describe(row: dict[str, Any], model_name: str) -> str:
+    """One row as a log line."""
+    if row.get("error") and "FLOPs ratio" not in row:
+        if "optimize s" not in row:  # the child died or was killed: nothing was measured
+            return f"ERROR {row['error']} (child {row['child s']:.0f} s)"
+        return f"ERROR {row['error']} ({row['optimize s']:.0f} s, peak {row['peak RSS (GiB)']:.2f} GiB)"
+
+    def pct(key: str) -> str:
+        return "n/a" if row.get(key) is None else f"{row[key]:.1f}%"
+
+    cents = f"<= {CENTS:g} cents"
+    pitch = f", within {CENTS:g} cents {pct(cents + ' (%)')} (conf {pct(cents + ' conf (%)')})" if model_name == "crepe_full" else ""
+    error = f"; ERROR {row['error']}" if row.get("error") else ""
+    return (f"FLOPs {row['FLOPs ratio']:.4f} (fvcore {row.get('fvcore ratio', math.nan):.4f}), {row['layers']} layers "
+            f"[{row['methods']}], agree {pct('agree (%)')} (conf {pct('agree conf (%)')}){pitch}; {row['optimize s']:.0f} s, "
+            f"peak {row['peak RSS (GiB)']:.2f} GiB (before {row['rss before (GiB)']:.2f}){error}")
+
+
+TABLE_COLUMNS = ("mode", "budget", "FLOPs ratio", "fvcore ratio", "params ratio", "layers", "methods", "agree (%)", "agree conf (%)",
+                 f"<= {CENTS:g} cents (%)", f"<= {CENTS:g} cents conf (%)", "optimize s", "peak RSS (GiB)", "rss before (GiB)", "error")
+
+
+def write(out: Path, args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    from common import _machine, _table  # house style of benchmarks/results/*.md
+
+    meta = _machine()
+    is_crepe = args.model == "crepe_full"
+    unit = "frames" if is_crepe else "crops"
+    header = "\n".join([
+        f"`{args.model}`, pretrained, planned by `autodac.optimize` without fine-tuning (see `benchmarks/bm_imagenet.py`; "
+        f"assets from `{assets.SETUP}`). Quality is agreement with the original model on {info['test inputs']} held-out test "
+        f"{unit} drawn from {info['test files']} files ({info['test sources']} sources) that share no source with the "
+        f"{info['probe files']} probe files ({info['probe sources']} sources) the {info['probe inputs']} probe {unit} came from. "
+        + ("`agree`: same top pitch bin (20 cents wide); `<= 40 cents`: CREPE's local weighted-average pitch within 40 cents "
+           "of the original's; " if is_crepe else "`agree`: same top-1 ImageNet class; ")
+        + f"`conf`: only the {info['confident test inputs']} test {unit} where the original's top "
+        + ("bin activation" if is_crepe else "softmax probability") + f" is at least {CONFIDENT}. "
+        "`FLOPs ratio` is autodac's, `fvcore ratio` recounted here by fvcore on the returned model. Each row is one "
+        "`optimize` call in its own process: `peak RSS` is that process's peak during the call, `rss before` its RSS with "
+        "the model and the inputs loaded; `optimize s` is the call's wall time on a shared machine.",
+        "",
+        f"- original: {info['original fvcore FLOPs']:,} fvcore multiply-adds at one input; "
+        f"{info['distinct test predictions']} distinct top-1 {'bins' if is_crepe else 'classes'} on the test {unit}",
+        f"- inputs: {info['files']} files from {info['sources']} sources; split seed {args.split_seed}; probe draw seed "
+        f"{PROBE_SEED}, test draw seed {TEST_SEED}, example input: one more probe-file draw (seed {EXAMPLE_SEED}); {info['input']}",
+        f"- optimize keyword arguments beyond the mode's: `{json.dumps(args.extra_kwargs)}`; synthetic mode: "
+        f"`synthesize={args.synthesize}`; probe mode: batches of {args.batch}, no labels",
+    ])
+    meta["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    table_rows = [{c: row.get(c) for c in TABLE_COLUMNS} for row in rows]
+    empty = [c for c in TABLE_COLUMNS if all(row[c] is None for row in table_rows)]
+    table_rows = [{c: v for c, v in row.items() if c not in empty} for row in table_rows]
+    parts = [f"# {out.name}", "", header, ""]
+    parts += [f"- {key}: `{value}`" if key == "command" else f"- {key}: {value}" for key, value in meta.items()]
+    parts += ["", "## one optimize call per row", "", _table(table_rows)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(parts) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(
+        {"name": out.name, "meta": meta, "header": header, "inputs": info, "args": vars(args), "rows": rows}, indent=1, default=str) + "\n")
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        child(sys.argv[2])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODELS, default="efficientnet_lite0")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.9, 0.7, 0.5])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--probe-crops", type=int, default=1024, help="probe inputs (crops, or CREPE frames)")
+    parser.add_argument("--test-crops", type=int, default=1000, help="held-out test inputs (crops, or CREPE frames)")
+    parser.add_argument("--synthesize", type=int, default=256, help="inputs synthesised in the synthetic mode")
+    parser.add_argument("--batch", type=int, default=64, help="probe batch size in the probe mode")
+    parser.add_argument("--split-seed", type=int, default=assets.SPLIT_SEED)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results path without suffix (default: benchmarks/results/imagenet, or imagenet_crepe for crepe_full)")
+    parser.add_argument("--extra-kwargs", type=json.loads, default={}, help="JSON object of further optimize keyword arguments")
+    parser.add_argument("--run-timeout", type=float, default=0, help="seconds before a row's child is killed (0: none)")
+    parser.add_argument("--progress", action="store_true", help="autodac's progress bars on stderr")
+    args = parser.parse_args()
+    if not isinstance(args.extra_kwargs, dict):
+        parser.error(f"--extra-kwargs must be a JSON object, but got {args.extra_kwargs!r}")
+    if "probe" not in args.modes:
+        args.probe_crops = 0
+    out = args.out if args.out is not None else Path(DEFAULT_OUT[args.model])
+    if not out.is_absolute():
+        out = HERE.parent / out
+    set_threads(args.threads)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bm_imagenet_") as tmp:
+        work = Path(tmp)
+        info = prepare(args, work)
+        log(f"original: {info['original fvcore FLOPs']:,} fvcore multiply-adds; {info['confident test inputs']}/{info['test inputs']} "
+            f"confident test inputs; {info['distinct test predictions']} distinct predictions")
+        write(out, args, info, rows)
+        for budget in args.budgets:
+            for mode in args.modes:
+                log(f"{args.model} {mode} {budget}: optimize ...")
+                row = run_one(args, work, info, mode, budget)
+                rows.append(row)
+                log(f"{args.model} {mode} {budget}: {describe(row, args.model)}")
+                write(out, args, info, rows)
+    log(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
