@@ -882,7 +882,7 @@ def optimize(
             ) from None
 
     if probe is None and evaluate is None:
-        selection = _allocate_capped(allocate, scores, capacity, fixed, original.total, max_layer_error, notes)
+        selection = _allocate_capped(allocate, scores, capacity, fixed, original.total, max_layer_error, notes, timing is None)
     else:
         runner = _ProbeRunner(model, probe, evaluate)
         if runner.held_out is not None:
@@ -998,26 +998,49 @@ _LATENCY_SLACK = 0.03  # loosen a plan that meets its latency budget by more tha
 _UNREACHABLE = 1 << 53  # the cost given to an option the damage cap forbids: no budget can pay it
 
 
-def _allocate_capped(allocate, scores: list[LayerOptions], capacity: int, fixed: int, total: int, cap: float, notes: list[str]) -> list[int]:
+def _allocate_capped(
+    allocate, scores: list[LayerOptions], capacity: int, fixed: int, total: int, cap: float, notes: list[str], in_flops: bool = True
+) -> list[int]:
     """The data-free allocation with no layer's predicted error above ``cap``, when the budget allows it.
 
-    When it does not, the budget is still honoured (uncapped), and the plan says which layers are
-    predicted to be damaged and from which budget on no layer would be: warned, noted, logged.
+    When it does not, the budget is still honoured (uncapped). Either way, a plan whose worst
+    layer, or whose summed predicted error (relative output errors add up through the network
+    when they are independent), exceeds ``cap`` is flagged: warned, logged and noted, with the
+    budget from which the prediction is within ``cap`` (the knapsack minimises the sum, so that
+    budget is found by bisection on its room).
     """
     capped = [LayerOptions(np.where(o.errors > cap, _UNREACHABLE, o.costs), o.errors) for o in scores]
-    if minimum_cost(capped) <= capacity:
-        return allocate(capped)
-    selection = allocate(scores)
+    within = minimum_cost(capped) <= capacity
+    selection = allocate(capped) if within else allocate(scores)
     worst = max(float(o.errors[i]) for o, i in zip(scores, selection))
-    safe = (fixed + minimum_cost(capped)) / total
+    summed = sum(float(o.errors[i]) for o, i in zip(scores, selection))
+    if worst <= cap and summed <= cap:
+        return selection
     message = (
-        f"the plan is predicted to damage the model: a layer's predicted output error reaches {worst:.2f} "
-        f"(above max_layer_error={cap}); at flops_budget >= {math.ceil(safe * 1e4) / 1e4:.4f} no layer would exceed it"
+        f"the plan is predicted to damage the model: its layers' predicted output errors sum to {summed:.2f} and reach "
+        f"{worst:.2f} in one layer (max_layer_error={cap} is the most either should be)"
     )
+    if in_flops:
+        message += f"; from flops_budget >= {_safe_budget(allocate, scores, capped, capacity, fixed, total, cap):.4f} both are predicted within it"
     warnings.warn(f"autodac: {message}", UserWarning, stacklevel=3)
     logger.warning(message)
     notes.append(message)
     return selection
+
+
+def _safe_budget(allocate, scores, capped, capacity: int, fixed: int, total: int, cap: float) -> float:
+    """The smallest FLOPs budget whose data-free plan keeps every layer's and the summed predicted error within ``cap``."""
+    low, high = max(capacity, minimum_cost(capped)), total - fixed  # the whole model dense predicts 0
+    if minimum_cost(capped) > capacity and sum(float(o.errors[i]) for o, i in zip(scores, allocate(capped, low))) <= cap:
+        high = low
+    while high - low > max(1, total // 10000):
+        middle = (low + high) // 2
+        chosen = allocate(capped, middle)
+        if sum(float(o.errors[i]) for o, i in zip(scores, chosen)) <= cap:
+            high = middle
+        else:
+            low = middle
+    return math.ceil((fixed + high) / total * 1e4) / 1e4
 
 
 def _selection_factorizes(selection: Sequence[int], candidates: list[_Candidate], refittable: bool = False) -> bool:

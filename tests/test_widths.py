@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 
+import re
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -179,3 +182,19 @@ def test_units_are_found_in_train_mode_too() -> None:
     model = InvertedResidualNet()  # train mode: BatchNorms would use batch statistics outside eval
     units = find_width_units(model, (torch.randn(2, 3, 32, 32),), _layers(model))
     assert "blocks.1.project" in units and model.training
+
+
+def test_a_damaging_data_free_plan_is_flagged_with_the_budget_that_is_not() -> None:
+    model = InvertedResidualNet().eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match="predicted to damage the model"):
+        result = autodac.optimize(model, 0.3, example_inputs=x, progress=False)
+    note = next(n for n in result.plan.notes if n.startswith("the plan is predicted to damage"))
+    assert "warning: the plan is predicted to damage" in result.summary()
+    safe = float(re.search(r"from flops_budget >= (\d\.\d+)", note).group(1))
+    assert 0.3 < safe <= 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # at the budget the note names, the plan is predicted within the cap: no warning
+        calm = autodac.optimize(model, safe, example_inputs=x, progress=False)
+    planned = calm.plan.factorized.values()
+    assert max(c.error for c in planned) <= 0.5 and sum(c.error for c in planned) <= 0.5
