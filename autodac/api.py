@@ -348,7 +348,8 @@ def _width_units(model, inputs, live: list[TracedLayer], by_module: dict[str, in
     (where two compete, the one with more FLOPs behind it wins)."""
     names = {t.name for t in live}
     found = find_width_units(model, inputs, [t.name for t in live])
-    found = {n: u for n, u in found.items() if _unit_flops(u, by_module) % u.channels == 0}  # cost exactly linear in width
+    # a producer the caller excluded (or that cannot be reproduced) is not sliced either; costs exactly linear in width
+    found = {n: u for n, u in found.items() if u.producer in names and _unit_flops(u, by_module) % u.channels == 0}
 
     def behind(unit: WidthUnit) -> int:
         return _unit_flops(unit, by_module)
@@ -361,7 +362,6 @@ def _width_units(model, inputs, live: list[TracedLayer], by_module: dict[str, in
             continue
         taken |= members
         units[unit.consumer] = unit
-    del names
     return units
 
 

@@ -198,3 +198,10 @@ def test_a_damaging_data_free_plan_is_flagged_with_the_budget_that_is_not() -> N
         calm = autodac.optimize(model, safe, example_inputs=x, progress=False)
     planned = calm.plan.factorized.values()
     assert max(c.error for c in planned) <= 0.5 and sum(c.error for c in planned) <= 0.5
+
+
+def test_an_excluded_producer_is_never_sliced() -> None:
+    model = InvertedResidualNet().eval()
+    result = autodac.optimize(model, 0.5, example_inputs=torch.randn(1, 3, 32, 32), exclude=["blocks.1.expand"], progress=False)
+    assert all("blocks.1.expand" not in (c.sliced or ()) for c in result.plan.layers.values())
+    assert result.model.get_submodule("blocks.1.expand").weight.shape == model.get_submodule("blocks.1.expand").weight.shape
