@@ -205,3 +205,18 @@ def test_an_excluded_producer_is_never_sliced() -> None:
     result = autodac.optimize(model, 0.5, example_inputs=torch.randn(1, 3, 32, 32), exclude=["blocks.1.expand"], progress=False)
     assert all("blocks.1.expand" not in (c.sliced or ()) for c in result.plan.layers.values())
     assert result.model.get_submodule("blocks.1.expand").weight.shape == model.get_submodule("blocks.1.expand").weight.shape
+
+
+def test_implied_moments_stop_at_a_spatial_pooling() -> None:
+    """Independent noise averaged over positions would promise a pooled classifier far too little damage."""
+    from autodac.api import _implied_consumers
+
+    model = InvertedResidualNet().eval()
+    x = torch.randn(1, 3, 32, 32)
+    units = find_width_units(model, (x,), _layers(model))
+    implied = _implied_consumers(model, (x,), units)
+    assert "blocks.1.project" in implied and "classifier" not in implied
+    result = autodac.optimize(model, 0.5, example_inputs=x, progress=False)
+    for name, choice in result.plan.layers.items():
+        if choice.method == "width":
+            assert choice.fit.startswith("implied") == (name in implied), (name, choice.fit)
