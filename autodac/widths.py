@@ -186,7 +186,6 @@ def _between(model, inputs, calls, producer, consumer, channels: int) -> list[nn
             middle.append(module)
     if not middle:
         return []
-    seen: dict[nn.Module, list[torch.Tensor]] = {}
 
     def run(noise):
         captured: dict[nn.Module, torch.Tensor] = {}
@@ -213,7 +212,6 @@ def _between(model, inputs, calls, producer, consumer, channels: int) -> list[nn
         if not _per_channel(module, channels):
             return None
         chain.append(module)
-    del seen
     return chain
 
 
