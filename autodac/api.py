@@ -27,6 +27,7 @@ from torch import nn
 from autodac._logging import get_logger
 from autodac.cost import count_flops, count_params
 from autodac.errors import AutodacError, BudgetError, ModelError, PlanError
+from autodac.batches import Batch, arguments, per_example
 from autodac.factorize import METHODS, get_method
 from autodac.latency import LatencyCache, LatencyTable, describe_device, measure_table, resolve_device, side_by_side
 from autodac.layers import IMPLEMENTATIONS, SUPPORTED_TYPES, build_factorized
@@ -263,7 +264,7 @@ def _candidate_options(
 
 
 def _collect(
-    model, inputs, methods, exclude, progress, weighting="batchnorm", fit_inputs: torch.Tensor | None = None,
+    model, inputs, methods, exclude, progress, weighting="batchnorm", fit_inputs: Batch | None = None,
     implied_seed: int | None = None, by_module: dict[str, int] | None = None, notes: list[str] | None = None,
 ) -> tuple[list[TracedLayer], list[_Candidate], dict[str, str]]:
     """Trace the model, skip what cannot help, and list every (method, rank) option of the rest.
@@ -445,11 +446,11 @@ def _implied_statistics(
     Only for layers some BatchNorm precedes. The pass depends on the model, the input shape and
     ``seed`` alone (not on which layers are asked for), so ``apply`` gets the same statistics back.
     """
-    if not has_batchnorm(model) or len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor) or not inputs[0].is_floating_point():
+    if not has_batchnorm(model) or not _zeroable(inputs):
         return {}, {}
-    zeros = torch.zeros_like(inputs[0][:1])  # the values never matter past the first BatchNorm: replayable from the shape alone
-    traced = [t for t in trace_layers(model, (zeros,)) if t.geometry is not None]
-    reached = affected_layers(model, {t.name: t.module for t in traced}, (zeros,))
+    zeros = _zeros_like(inputs)  # the values never matter past the first BatchNorm: replayable from the shapes alone
+    traced = [t for t in trace_layers(model, zeros) if t.geometry is not None]
+    reached = affected_layers(model, {t.name: t.module for t in traced}, zeros)
     if not reached:
         return {}, {}
     widest = max(int(t.module.weight[0].numel()) for t in traced if t.name in reached)
@@ -461,6 +462,17 @@ def _implied_statistics(
         return _statistics(
             model, {n: m for n, m in layers.items() if n in reached}, {n: m for n, m in consumers.items() if n in reached}, batch
         )
+
+
+def _zeroable(inputs: tuple[Any, ...]) -> bool:
+    """Whether every example input is a batched tensor and one is floating: what the implied pass replays as zeros."""
+    tensors = all(isinstance(x, torch.Tensor) and x.dim() >= 1 for x in inputs)
+    return tensors and any(x.is_floating_point() for x in inputs)
+
+
+def _zeros_like(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """One example of zeros per input, shaped like ``inputs``."""
+    return tuple(torch.zeros_like(x[:1]) for x in inputs)
 
 
 def _implied_consumers(model: nn.Module, inputs, units: dict[str, WidthUnit]) -> dict[str, nn.Module]:
@@ -475,15 +487,15 @@ def _implied_consumers(model: nn.Module, inputs, units: dict[str, WidthUnit]) ->
         norms = [n for n in unit.chain if isinstance(model.get_submodule(n), nn.modules.batchnorm._BatchNorm)]
         if norms:
             last_norms[name] = norms[-1]
-    if not last_norms or not isinstance(inputs[0], torch.Tensor):
+    if not last_norms or not _zeroable(inputs):
         return {}
-    example = (torch.zeros_like(inputs[0][:1]),)
+    example = _zeros_like(inputs)
     consumed = positions_per_example(model, {n: model.get_submodule(n) for n in last_norms}, example, outputs=False)
     normalised = positions_per_example(model, {n: model.get_submodule(b) for n, b in last_norms.items()}, example, outputs=True)
     return {n: model.get_submodule(n) for n in last_norms if n in consumed and consumed[n] >= normalised.get(n, 1 << 62)}
 
 
-def _statistics(model: nn.Module, layers: dict[str, nn.Module], consumers: dict[str, nn.Module], inputs: torch.Tensor):
+def _statistics(model: nn.Module, layers: dict[str, nn.Module], consumers: dict[str, nn.Module], inputs: Batch):
     """Input covariances of ``layers`` and width moments of ``consumers`` from one pass over ``inputs``.
 
     Each layer's figures depend only on the inputs and their batching, never on which other
@@ -641,7 +653,7 @@ class _ProbeRunner:
 
     def __init__(self, model: nn.Module, probe: Probe | None, evaluate: Callable[[nn.Module], float] | None) -> None:
         self.evaluate = evaluate
-        self.calibration: torch.Tensor | None = None
+        self.calibration: Batch | None = None
         self.held_out: Probe | None = None
         if probe is not None:
             if evaluate is not None:
@@ -679,7 +691,7 @@ class _ProbeRunner:
             return float(value), float(value)
         reference = self.held_out.reference
         inputs = self.held_out.inputs
-        chunk = max(1, BATCH_ELEMENTS // max(1, inputs[0].numel()))
+        chunk = max(1, BATCH_ELEMENTS // max(1, math.prod(per_example(inputs))))
         if floor is None or chunk >= len(inputs) or reference.dim() < 2 or reference.shape[1] < 2:
             outputs = predict(model, inputs)
         else:
@@ -798,7 +810,7 @@ def optimize(
         raise AutodacError("`data` and `synthesize` are alternatives (synthesised inputs stand in for missing data), but both were given")
     probe = collect_probe(data, probe_size) if data is not None else None
     if example_inputs is None and probe is not None:
-        example_inputs = probe.inputs[:1].to(_device_of(model))
+        example_inputs = arguments(probe.inputs[:1].to(_device_of(model)))
     inputs, assumed = _check_inputs(model, example_inputs)
     notes = []
     if assumed:
@@ -1246,7 +1258,7 @@ def _profile_scores(
 _PROFILE_BYTES = 2 << 30  # the most the profile keeps of one recorded pass, so what runs before a layer is not run again
 
 
-def _profile_examples(model: nn.Module, example: torch.Tensor) -> int:
+def _profile_examples(model: nn.Module, example: Batch) -> int:
     """How many examples one recorded pass of the profile can hold within ``_PROFILE_BYTES`` (at least 16).
 
     The profile replays what runs before the layer under test from one recorded pass; on small
@@ -1341,7 +1353,7 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         if not plan.input_shapes:
             raise PlanError("a plan fitted to BatchNorm-implied statistics must record its input shape, but `input_shapes` is empty")
         weight = next(iter(model.parameters()))
-        example = (torch.zeros(plan.input_shapes[0], device=weight.device, dtype=weight.dtype),)
+        example = tuple(torch.zeros(shape, device=weight.device, dtype=weight.dtype) for shape in plan.input_shapes)
         units = {
             n: WidthUnit(n, plan.layers[n].sliced[0], tuple(plan.layers[n].sliced[1:]), int(plan.layers[n].weight_shape[1]))
             for n in modules if plan.layers[n].method == WIDTH and plan.layers[n].sliced

@@ -216,20 +216,39 @@ def _load_weights(model, path: Path, spec: str) -> None:
         raise CLIError(f"`--weights` {str(path)!r} must match the parameters of {spec}, but: {error}") from None
 
 
+def _numbered_inputs(names: Sequence[str]) -> list[str] | None:
+    """``x0, x1, ...`` in order when ``names`` hold them (a model of several inputs), else None."""
+    numbered = sorted((n for n in names if n[:1] == "x" and n[1:].isdigit()), key=lambda n: int(n[1:]))
+    if not numbered:
+        return None
+    expected = [f"x{i}" for i in range(len(numbered))]
+    if numbered != expected:
+        raise CLIError(f"`--data` inputs of a model of several inputs must be numbered {expected} from x0 on, but got {numbered}")
+    return numbered
+
+
 def _load_data(path_text: str, model) -> list[Any]:
-    """``[(x, y)]`` or ``[x]`` from an .npz (arrays ``x``, optional ``y``) or a .pt (a tensor, ``{"x", "y"}`` or ``(x, y)``)."""
+    """``[(x, y)]`` or ``[x]`` from an .npz (arrays ``x``, optional ``y``) or a .pt (a tensor, ``{"x", "y"}`` or ``(x, y)``).
+
+    A model of several inputs takes arrays (or dict keys) ``x0``, ``x1``, ... instead of ``x``:
+    ``[((x0, x1, ...), y)]`` or ``[((x0, x1, ...),)]``.
+    """
     import numpy as np
     import torch
 
     path = _existing("`--data`", path_text)
     suffix = path.suffix.lower()
-    rule = "`--data` must be an .npz with arrays x (inputs) and optional y (labels), or a .pt holding x, {'x': ..., 'y': ...} or (x, y)"
+    rule = (
+        "`--data` must be an .npz with arrays x (inputs; x0, x1, ... for a model of several inputs) and optional y (labels), "
+        "or a .pt holding x, {'x': ..., 'y': ...} (or {'x0': ..., 'x1': ..., 'y': ...}) or (x, y)"
+    )
     if suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as arrays:
-                if "x" not in arrays.files:
+                numbered = _numbered_inputs(arrays.files)
+                if "x" not in arrays.files and numbered is None:
                     raise CLIError(f"{rule}, but {str(path)!r} holds the arrays {arrays.files}")
-                x = arrays["x"]
+                xs = [arrays["x"]] if numbered is None else [arrays[n] for n in numbered]
                 y = arrays["y"] if "y" in arrays.files else None
         except (ValueError, zipfile.BadZipFile, EOFError) as error:
             raise CLIError(f"{rule}, but reading {str(path)!r} failed: {error}") from None
@@ -238,30 +257,38 @@ def _load_data(path_text: str, model) -> list[Any]:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types for a file that is not a tensor archive
             raise CLIError(f"{rule}, but reading {str(path)!r} failed: {type(error).__name__}: {error}") from None
+        numbered = _numbered_inputs(list(loaded)) if isinstance(loaded, dict) and "x" not in loaded else None
         if isinstance(loaded, torch.Tensor):
-            x, y = loaded, None
-        elif isinstance(loaded, dict) and "x" in loaded:
-            x, y = loaded["x"], loaded.get("y")
+            xs, y = [loaded], None
+        elif isinstance(loaded, dict) and ("x" in loaded or numbered is not None):
+            xs, y = ([loaded["x"]] if numbered is None else [loaded[n] for n in numbered]), loaded.get("y")
         elif isinstance(loaded, (tuple, list)) and len(loaded) == 2:
-            x, y = loaded
+            xs, y = [loaded[0]], loaded[1]
         else:
             raise CLIError(f"{rule}, but {str(path)!r} holds a {type(loaded).__name__}")
     else:
         raise CLIError(f"{rule}, but got a {suffix or 'suffix-less'} file {str(path)!r}")
-    x = torch.as_tensor(x)
-    if x.dim() < 1 or x.shape[0] == 0:
-        raise CLIError(f"`--data` inputs x must be N x ... with N >= 1, but {str(path)!r} has x of shape {tuple(x.shape)}")
-    if x.is_floating_point():
-        x = x.to(_dtype_of(model))
+    names = ["x"] if len(xs) == 1 else [f"x{i}" for i in range(len(xs))]
+    tensors = []
+    for name, x in zip(names, xs):
+        x = torch.as_tensor(x)
+        if x.dim() < 1 or x.shape[0] == 0 or (tensors and x.shape[0] != tensors[0].shape[0]):
+            raise CLIError(
+                f"`--data` inputs must be N x ... with one N >= 1 for all, but {str(path)!r} has {name} of shape {tuple(x.shape)}"
+                + (f" and x0 of shape {tuple(tensors[0].shape)}" if tensors else "")
+            )
+        tensors.append(x.to(_dtype_of(model)) if x.is_floating_point() else x)
+    inputs = tensors[0] if len(tensors) == 1 else tuple(tensors)
     if y is None:
-        return [x]
+        return [inputs] if len(tensors) == 1 else [(inputs,)]
     y = torch.as_tensor(y)
-    if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+    n = tensors[0].shape[0]
+    if y.dim() != 1 or y.shape[0] != n or y.is_floating_point():
         raise CLIError(
-            f"`--data` labels y must be one integer class per input ({x.shape[0]}), but {str(path)!r} has y of shape "
+            f"`--data` labels y must be one integer class per input ({n}), but {str(path)!r} has y of shape "
             f"{tuple(y.shape)} and dtype {y.dtype}"
         )
-    return [(x, y.long())]
+    return [(inputs, y.long())]
 
 
 def _dtype_of(model):

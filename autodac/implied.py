@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autodac.batches import Batch, Inputs
 from autodac.surgery import evaluating
 
 __all__ = ["batchnorm_noise", "implied_batch", "affected_layers", "positions_per_example"]
@@ -77,11 +78,13 @@ def affected_layers(model: nn.Module, layers: dict[str, nn.Module], example: tup
     return affected
 
 
-def implied_batch(example: torch.Tensor, widest: int, smallest_map: int) -> torch.Tensor:
-    """The example input repeated often enough that the smallest map gives ``4 x`` rows per channel of the widest layer."""
-    count = math.ceil(_MIN_ROWS_PER_CHANNEL * max(widest, 1) / max(smallest_map, 1) / max(example.shape[0], 1))
+def implied_batch(example: tuple[torch.Tensor, ...], widest: int, smallest_map: int) -> Batch:
+    """The example inputs repeated often enough that the smallest map gives ``4 x`` rows per channel of the widest layer
+    (a tensor for a model of one input, ``Inputs`` for several)."""
+    count = math.ceil(_MIN_ROWS_PER_CHANNEL * max(widest, 1) / max(smallest_map, 1) / max(example[0].shape[0], 1))
     count = min(max(count, 2), _MAX_BATCH)
-    return example.repeat(count, *([1] * (example.dim() - 1)))
+    repeated = tuple(x.repeat(count, *([1] * (x.dim() - 1))) for x in example)
+    return repeated[0] if len(repeated) == 1 else Inputs(repeated)
 
 
 def positions_per_example(model: nn.Module, modules: dict[str, nn.Module], example: tuple[Any, ...], outputs: bool) -> dict[str, int]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from autodac.batches import Batch, Inputs, call, concat, count, fast_layout, per_example
 from autodac.errors import AutodacError, ModelError
 from autodac.factorize import get_method
 from autodac.subclasses import explicit_padding
@@ -91,12 +92,12 @@ def batchnorm_weights(norm: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 class Probe:
     """Probe inputs (``N x ...``), optional integer labels, and the original model's outputs on them."""
 
-    inputs: torch.Tensor
+    inputs: Batch
     labels: torch.Tensor | None
     reference: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return int(self.inputs.shape[0])
+        return count(self.inputs)
 
     def subset(self, index: slice | torch.Tensor) -> "Probe":
         return Probe(
@@ -108,7 +109,7 @@ class Probe:
 FIT_EXAMPLES = 256
 
 
-def split_probe(probe: "Probe") -> tuple[torch.Tensor, "Probe"]:
+def split_probe(probe: "Probe") -> tuple[Batch, "Probe"]:
     """Calibration inputs (even positions) and the held-out probe (odd positions).
 
     BatchNorm re-estimation and data-aware fits use the calibration half; every score is
@@ -117,13 +118,50 @@ def split_probe(probe: "Probe") -> tuple[torch.Tensor, "Probe"]:
     return probe.inputs[0::2], probe.subset(slice(1, None, 2))
 
 
-def fit_examples(probe: "Probe") -> torch.Tensor:
+def fit_examples(probe: "Probe") -> Batch:
     """The inputs data-aware fits are computed from: the first ``FIT_EXAMPLES`` calibration inputs."""
     return split_probe(probe)[0][:FIT_EXAMPLES] if len(probe) >= 2 else probe.inputs[:FIT_EXAMPLES]
 
 
+def _batch_parts(batch: Any, position: int) -> tuple[Batch, Any]:
+    """``(inputs, labels or None)`` of one batch of ``data``: ``x``, ``(x,)``, ``(x, y)``, or ``((x0, x1, ...), y)``."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch:
+        first = batch[0]
+        y = batch[1] if len(batch) > 1 else None
+        if isinstance(first, torch.Tensor):
+            return first, y
+        if isinstance(first, (tuple, list)) and first and all(isinstance(t, torch.Tensor) for t in first):
+            sizes = {int(t.shape[0]) if t.dim() else -1 for t in first}
+            if len(sizes) != 1 or -1 in sizes:
+                raise AutodacError(
+                    f"the inputs of a batch of `data` must share their first (batch) dimension, but batch {position} has inputs of "
+                    f"shapes {[tuple(t.shape) for t in first]}"
+                )
+            return Inputs(tuple(first)), y
+    raise AutodacError(
+        f"each batch of `data` must be a tensor x, a tuple (x, y), or for a model of several inputs ((x0, x1, ...), y) "
+        f"or ((x0, x1, ...),), but batch {position} is {type(batch).__name__}"
+        + (f" of {[type(t).__name__ for t in batch]}" if isinstance(batch, (tuple, list)) else "")
+    )
+
+
+def _example_shapes(x: Batch) -> list[tuple[int, ...]]:
+    return [tuple(part.shape[1:]) for part in (x.parts if isinstance(x, Inputs) else (x,))]
+
+
+def _shapes(x: Batch) -> Any:
+    """A batch's shape as an error shows it: one tuple, or a list of them for several inputs."""
+    return [tuple(part.shape) for part in x.parts] if isinstance(x, Inputs) else tuple(x.shape)
+
+
 def collect_probe(data: Iterable[Any], max_samples: int = DEFAULT_PROBE_SIZE) -> Probe:
-    """Take at most ``max_samples`` examples from ``data`` (batches ``x`` or ``(x, y)``), in order."""
+    """Take at most ``max_samples`` examples from ``data``, in order.
+
+    Batches are ``x`` or ``(x, y)`` for a model of one input, ``((x0, x1, ...), y)`` or
+    ``((x0, x1, ...),)`` for a model called as ``model(x0, x1, ...)``.
+    """
     if isinstance(data, torch.Tensor):
         data = [data]
     elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data) and (
@@ -134,38 +172,39 @@ def collect_probe(data: Iterable[Any], max_samples: int = DEFAULT_PROBE_SIZE) ->
         batches = iter(data)
     except TypeError:
         raise AutodacError(f"`data` must be an iterable of batches (x or (x, y)), but got {type(data).__name__}") from None
-    xs, ys, count, labelled = [], [], 0, None
+    xs, ys, taken, labelled = [], [], 0, None
     for position, batch in enumerate(batches):
-        if isinstance(batch, torch.Tensor):
-            x, y = batch, None
-        elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-            x = batch[0]
-            y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        else:
-            raise AutodacError(
-                f"each batch of `data` must be a tensor x or a tuple (x, y) of tensors, but batch {position} is {type(batch).__name__}"
-            )
-        if x.dim() < 1 or (xs and x.shape[1:] != xs[0].shape[1:]):  # else torch.cat or x.shape[0] fails obscurely
-            raise AutodacError(
+        x, y = _batch_parts(batch, position)
+        if not isinstance(y, torch.Tensor):
+            y = None
+        if (isinstance(x, torch.Tensor) and x.dim() < 1) or (xs and _example_shapes(x) != _example_shapes(xs[0])):
+            raise AutodacError(  # else torch.cat or x.shape[0] fails obscurely
                 f"every batch of `data` must hold inputs N x ... of one shape, but batch {position} has inputs of shape "
-                f"{tuple(x.shape)}" + (f" and batch 0 {tuple(xs[0].shape)}" if xs else "")
+                f"{_shapes(x)}" + (f" and batch 0 {_shapes(xs[0])}" if xs else "")
             )
-        if y is not None and (y.dim() < 1 or y.shape[0] != x.shape[0] or y.is_floating_point()):
+        n = count(x)
+        if y is not None and y.dim() > 1 and y.shape[0] == n and isinstance(x, torch.Tensor):
+            raise AutodacError(
+                f"the second element of a batch of `data` must be labels (one integer class per example, shape ({n},)), but batch "
+                f"{position} has a {y.dtype} tensor of shape {tuple(y.shape)}; a model of several inputs takes batches "
+                "((x0, x1, ...), y) or ((x0, x1, ...),)"
+            )
+        if y is not None and (y.dim() < 1 or y.shape[0] != n or y.is_floating_point()):
             y = None  # not class indices: use agreement with the original instead
         if labelled is None:
             labelled = y is not None
         if labelled != (y is not None):
             raise AutodacError(f"every batch of `data` must carry labels or none must, but batch {position} differs")
-        take = min(max_samples - count, x.shape[0])
+        take = min(max_samples - taken, n)
         xs.append(x[:take].detach())
         if y is not None:
             ys.append(y[:take].detach())
-        count += take
-        if count >= max_samples:
+        taken += take
+        if taken >= max_samples:
             break
-    if count == 0:
+    if taken == 0:
         raise AutodacError("`data` must hold at least one example, but it was empty")
-    return Probe(torch.cat(xs), torch.cat(ys) if ys else None)
+    return Probe(concat(xs), torch.cat(ys) if ys else None)
 
 
 def batch_size_for(example_shape: Sequence[int], most: int = _BATCH) -> int:
@@ -177,30 +216,18 @@ def batch_size_for(example_shape: Sequence[int], most: int = _BATCH) -> int:
     return max(1, min(most, BATCH_ELEMENTS // max(1, math.prod(example_shape))))
 
 
-def fast_layout(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in channels-last memory order when it is a batch of multi-channel images (same values).
-
-    CPU conv kernels run channels-last ~1.5x faster (EfficientNet-Lite0 at 224 px, 2 threads);
-    the layout propagates from the input, so the model's own weights are never touched.
-    Single-channel inputs stay as they are (their layout would not change, their kernels might).
-    """
-    if x.dim() == 4 and x.shape[1] > 1 and x.is_floating_point():
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+def predict(model: nn.Module, inputs: Batch, batch_size: int | None = None) -> torch.Tensor:
     """The model's outputs on ``inputs`` in eval mode, batched, on the model's device, returned on CPU.
 
     Batches hold ``batch_size`` examples, by default as many as ``batch_size_for`` allows; the
     outputs do not depend on it.
     """
     device = _device_of(model)
-    batch_size = batch_size_for(inputs.shape[1:]) if batch_size is None else batch_size
+    batch_size = batch_size_for(per_example(inputs)) if batch_size is None else batch_size
     outs = []
     with evaluating(model):
-        for start in range(0, inputs.shape[0], batch_size):
-            out = model(fast_layout(inputs[start : start + batch_size].to(device)))
+        for start in range(0, count(inputs), batch_size):
+            out = call(model, inputs[start : start + batch_size], device)
             if not isinstance(out, torch.Tensor):
                 raise ModelError(
                     f"the built-in probe metric needs a model that returns one tensor, but it returned {type(out).__name__}; "
@@ -239,7 +266,7 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
 
 
-def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int | None = None) -> nn.Module:
+def reestimate_batchnorm(model: nn.Module, inputs: Batch, batch_size: int | None = None) -> nn.Module:
     """Recompute every BatchNorm's running statistics from ``inputs`` (in place; returns ``model``).
 
     Statistics are the mean and (unbiased) variance of each BatchNorm's input over all of
@@ -249,7 +276,7 @@ def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int
     Batches hold ``batch_size`` examples (default: ``batch_size_for``); a BatchNorm's input depends
     on it only through the BatchNorms before it, which normalise each batch by its own statistics.
     """
-    batch_size = batch_size_for(inputs.shape[1:]) if batch_size is None else batch_size
+    batch_size = batch_size_for(per_example(inputs)) if batch_size is None else batch_size
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return model
@@ -279,11 +306,11 @@ def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int
                 m.reset_running_stats()
                 m.momentum = None
                 m.train()
-            bounds = list(range(0, inputs.shape[0], batch_size)) + [inputs.shape[0]]
+            bounds = list(range(0, count(inputs), batch_size)) + [count(inputs)]
             if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
                 del bounds[-2]  # a last batch of one cannot be normalised by its own statistics: join it to the one before
             for start, stop in zip(bounds[:-1], bounds[1:]):
-                model(fast_layout(inputs[start:stop].to(device)))
+                call(model, inputs[start:stop], device)
             for m, (n, mean, m2) in pooled.items():
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(m2 / max(n - 1, 1))
@@ -365,7 +392,7 @@ def covariance_fits(module: nn.Module) -> bool:
 
 
 def input_covariances(
-    model: nn.Module, layers: dict[str, nn.Module], inputs: torch.Tensor, batch_size: int | None = None, max_positions: int = 4096
+    model: nn.Module, layers: dict[str, nn.Module], inputs: Batch, batch_size: int | None = None, max_positions: int = 4096
 ) -> dict[str, torch.Tensor]:
     """``E[p p^T]`` of each layer's input patches ``p`` on ``inputs`` (float64, ``CK x CK``, channel-major).
 
@@ -379,7 +406,7 @@ def input_covariances(
     each holds one float64 sum (``covariance_bytes``) and one float32 product of its size.
     """
     if batch_size is None:
-        batch_size = batch_size_for(inputs.shape[1:], _COVARIANCE_BATCH)
+        batch_size = batch_size_for(per_example(inputs), _COVARIANCE_BATCH)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {name: 0 for name in layers}
     generators = {name: torch.Generator().manual_seed(0) for name in layers}
@@ -415,7 +442,7 @@ class _Reached(Exception):
     """Raised by a hook to stop a forward pass once the layer of interest has its input."""
 
 
-def _input_of(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor | None:
+def _input_of(model: nn.Module, name: str, x: Batch) -> torch.Tensor | None:
     """What layer ``name`` receives (first call) when ``model`` runs on ``x``; the rest of the pass is skipped."""
     captured: list[torch.Tensor] = []
 
@@ -426,7 +453,7 @@ def _input_of(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor | No
     handle = model.get_submodule(name).register_forward_pre_hook(grab)
     try:
         with evaluating(model):
-            model(x.to(_device_of(model)))
+            call(model, x, _device_of(model))
     except _Reached:
         pass
     finally:
@@ -435,7 +462,7 @@ def _input_of(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor | No
 
 
 def cross_covariances(
-    original: nn.Module, changed: nn.Module, name: str, inputs: torch.Tensor, batch_size: int | None = None, max_positions: int = 4096
+    original: nn.Module, changed: nn.Module, name: str, inputs: Batch, batch_size: int | None = None, max_positions: int = 4096
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(E[p_o p_c^T], E[p_c p_c^T])`` of layer ``name``'s input patches in ``original`` (``p_o``) and ``changed`` (``p_c``).
 
@@ -445,12 +472,12 @@ def cross_covariances(
     each forward pass stops at the layer. None if the layer never runs. Batches as in ``input_covariances``.
     """
     if batch_size is None:
-        batch_size = batch_size_for(inputs.shape[1:], _COVARIANCE_BATCH)
+        batch_size = batch_size_for(per_example(inputs), _COVARIANCE_BATCH)
     module = original.get_submodule(name)
     generator = torch.Generator().manual_seed(0)
     sums: dict[str, torch.Tensor] = {}
-    count = 0
-    for start in range(0, inputs.shape[0], batch_size):
+    rows = 0
+    for start in range(0, count(inputs), batch_size):
         batch = inputs[start : start + batch_size]
         seen, now = _input_of(original, name, batch), _input_of(changed, name, batch)
         if seen is None or now is None:
@@ -462,5 +489,5 @@ def cross_covariances(
         rows_seen, rows_now = rows_seen.float(), rows_now.float()
         _accumulate(sums, "cross", rows_seen.T @ rows_now)
         _accumulate(sums, "gram", rows_now.T @ rows_now)
-        count += rows_now.shape[0]
-    return sums["cross"].div_(count), sums["gram"].div_(count)
+        rows += rows_now.shape[0]
+    return sums["cross"].div_(rows), sums["gram"].div_(rows)

@@ -22,6 +22,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from autodac.batches import Batch, call
 from autodac.factorize import get_method, output_matching_weight
 from autodac.layers import build_factorized
 from autodac.probes import covariance_fits, cross_covariances
@@ -40,17 +41,17 @@ class Refit:
     out_weights: torch.Tensor | None = None
 
 
-def execution_order(model: nn.Module, names: list[str], example: torch.Tensor) -> tuple[list[str], set[str]]:
+def execution_order(model: nn.Module, names: list[str], example: Batch) -> tuple[list[str], set[str]]:
     """``names`` in the order their layers first run on ``example``, and those that run more than once."""
     calls: dict[str, int] = {}
     handles = []
     for name in names:
-        def count(_module, _args, name=name):
+        def tally(_module, _args, name=name):
             calls[name] = calls.get(name, 0) + 1
-        handles.append(model.get_submodule(name).register_forward_pre_hook(count))
+        handles.append(model.get_submodule(name).register_forward_pre_hook(tally))
     try:
         with evaluating(model):
-            model(example)
+            call(model, example, next(iter(model.parameters())).device)
     finally:
         for handle in handles:
             handle.remove()
@@ -58,7 +59,7 @@ def execution_order(model: nn.Module, names: list[str], example: torch.Tensor) -
 
 
 def refit_in_order(
-    original: nn.Module, changed: nn.Module, layers: Mapping[str, Refit], inputs: torch.Tensor, progress: bool = False
+    original: nn.Module, changed: nn.Module, layers: Mapping[str, Refit], inputs: Batch, progress: bool = False
 ) -> tuple[nn.Module, list[str]]:
     """A copy of ``changed`` whose ``layers`` are re-fitted in execution order; also the names re-fitted.
 
@@ -68,8 +69,7 @@ def refit_in_order(
     ``MAX_COVARIANCE_BYTES``, keep their fit and are not named.
     """
     refitted = copy.deepcopy(changed)
-    device = next(iter(original.parameters())).device
-    order, repeated = execution_order(original, list(layers), inputs[:1].to(device))
+    order, repeated = execution_order(original, list(layers), inputs[:1])
     order = [  # a bare layer has nothing before it
         name for name in order if name and name not in repeated and covariance_fits(original.get_submodule(name))
     ]

@@ -13,6 +13,7 @@ from torch import nn
 
 __all__ = [
     "SmallConvNet", "Conv1dNet", "LinearHeadNet", "GroupedConvNet", "DepthwiseOnlyNet", "SharedConvNet", "InvertedResidualNet",
+    "TwoInputNet",
     "LayerConfig", "conv_configs", "linear_configs", "method_cases", "seeded",
 ]
 
@@ -178,6 +179,24 @@ class SharedConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(torch.relu(self.conv(x)))
+
+
+class TwoInputNet(nn.Module):
+    """Two inputs, ``model(image, extra)``: an ``N x 3 x H x W`` image branch and an ``N x 1 x H x W`` one
+    (say depth), each conv-BN-ReLU, concatenated, fused by a 3x3 conv-BN, pooled into a Linear head."""
+
+    def __init__(self, seed: int = 0, classes: int = 5) -> None:
+        super().__init__()
+        self.image = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.extra = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.fuse = nn.Sequential(nn.Conv2d(20, 24, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.mix = nn.Sequential(nn.Conv2d(24, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.head = nn.Linear(24, classes)
+        seeded(self, seed)
+
+    def forward(self, image: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        x = self.fuse(torch.cat([self.image(image), self.extra(extra)], 1))
+        return self.head(self.mix(x).mean((2, 3)))
 
 
 class LayerConfig(NamedTuple):

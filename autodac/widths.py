@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from autodac.batches import Batch, call, count
 from autodac.surgery import evaluating
 
 __all__ = ["WidthUnit", "find_width_units", "collecting_moments", "input_moments", "slice_unit", "Gathered"]
@@ -355,12 +356,12 @@ def collecting_moments(layers: dict[str, nn.Module], max_rows: int = 8192):
             handle.remove()
 
 
-def input_moments(model: nn.Module, layers: dict[str, nn.Module], inputs: torch.Tensor, batch_size: int = 16) -> dict[str, torch.Tensor]:
+def input_moments(model: nn.Module, layers: dict[str, nn.Module], inputs: Batch, batch_size: int = 16) -> dict[str, torch.Tensor]:
     """``collecting_moments`` over one eval pass of ``model`` on ``inputs`` (in batches of ``batch_size``)."""
     device = next(iter(model.parameters())).device
     with collecting_moments(layers) as moments, evaluating(model):
-        for start in range(0, inputs.shape[0], batch_size):
-            model(inputs[start : start + batch_size].to(device))
+        for start in range(0, count(inputs), batch_size):
+            call(model, inputs[start : start + batch_size], device)
     return moments()
 
 

@@ -109,11 +109,10 @@ def test_single_tensor_is_capped() -> None:
     [
         lambda n: torch.rand(n),  # regression targets
         lambda n: torch.randint(0, 5, (n,)).float(),  # class indices stored as floats
-        lambda n: torch.rand(n, 5),  # soft labels
         lambda n: torch.randint(0, 5, (n + 1,)),  # not one label per example
         lambda n: torch.tensor(3),  # a scalar
     ],
-    ids=["float", "float-indices", "soft", "wrong-length", "scalar"],
+    ids=["float", "float-indices", "wrong-length", "scalar"],
 )
 def test_targets_that_are_not_class_indices_mean_unlabeled(make_targets: Any) -> None:
     batches = [(x, make_targets(x.shape[0])) for x in _batches([4, 6], labeled=False)]

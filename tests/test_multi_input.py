@@ -1,0 +1,114 @@
+"""Models of several inputs, planned with data end to end: optimize, save, apply with the same data, the CLI's x0, x1 files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fvcore.nn import FlopCountAnalysis
+
+import autodac
+from autodac.batches import Inputs
+from autodac.errors import AutodacError
+from autodac.probes import collect_probe
+from autodac.testing import TwoInputNet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data(n: int = 96, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    image, depth = torch.randn(n, 3, 12, 12, generator=g), torch.randn(n, 1, 12, 12, generator=g)
+    labels = torch.randint(0, 5, (n,), generator=g)
+    return image, depth, labels
+
+
+def _fvcore(model: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    analysis = FlopCountAnalysis(model.eval(), inputs)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return int(analysis.total())
+
+
+@pytest.fixture(scope="module")
+def planned():
+    image, depth, labels = _data()
+    model = TwoInputNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [((image[i : i + 32], depth[i : i + 32]), labels[i : i + 32]) for i in range(0, 96, 32)]
+    result = autodac.optimize(model, 0.5, data=batches, n_trials=3, progress=False)
+    return model, before, batches, result
+
+
+def test_probe_batches_of_several_inputs_are_collected_together() -> None:
+    image, depth, labels = _data(10)
+    probe = collect_probe([((image[:6], depth[:6]), labels[:6]), ((image[6:], depth[6:]), labels[6:])], max_samples=8)
+    assert isinstance(probe.inputs, Inputs) and len(probe) == 8
+    assert torch.equal(probe.inputs.parts[0], image[:8]) and torch.equal(probe.inputs.parts[1], depth[:8])
+    assert torch.equal(probe.labels, labels[:8])
+    unlabelled = collect_probe([((image, depth),)])
+    assert unlabelled.labels is None and len(unlabelled) == 10
+
+
+def test_a_two_input_model_is_planned_on_its_data_within_the_budget(planned) -> None:
+    model, before, _, result = planned
+    image, depth, _ = _data(2)
+    assert result.plan.factorized, "half the FLOPs of a conv net must factorise something"
+    assert result.plan.input_shapes == [[1, 3, 12, 12], [1, 1, 12, 12]]
+    assert _fvcore(result.model, image, depth) <= 0.5 * _fvcore(TwoInputNet(), image, depth)
+    assert result.metrics["probe_original"] > 0 and "probe" in result.metrics  # scored on the labelled held-out half
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # the caller's model is untouched
+
+
+def test_a_saved_two_input_plan_applied_with_the_same_data_rebuilds_the_model(planned, tmp_path: Path) -> None:
+    _, _, batches, result = planned
+    result.plan.save(tmp_path / "plan.json")
+    rebuilt = autodac.apply(TwoInputNet(), autodac.Plan.load(tmp_path / "plan.json"), data=batches)
+    image, depth, _ = _data(8, seed=3)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(image, depth), result.model.eval()(image, depth))
+
+
+def test_inputs_of_different_batch_sizes_are_refused_by_the_rule() -> None:
+    image, depth, labels = _data(8)
+    with pytest.raises(AutodacError, match=r"must share their first \(batch\) dimension.*\(8, 3, 12, 12\), \(5, 1, 12, 12\)"):
+        collect_probe([((image, depth[:5]), labels)])
+
+
+def test_a_second_input_passed_where_labels_go_names_the_form_for_several_inputs() -> None:
+    image, depth, _ = _data(8)
+    with pytest.raises(AutodacError, match=r"must be labels.*\(\(x0, x1, \.\.\.\), y\)"):
+        autodac.optimize(TwoInputNet(), 0.5, data=[[image, depth]], progress=False)
+
+
+def test_the_cli_plans_and_applies_a_two_input_model_from_numbered_arrays(tmp_path: Path) -> None:
+    image, depth, labels = _data(48)
+    np.savez(tmp_path / "probe.npz", x0=image.numpy(), x1=depth.numpy(), y=labels.numpy())
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "autodac.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    planned = json.loads(cli("optimize", "autodac.testing:TwoInputNet", "--flops-budget", "0.6", "--data", "probe.npz",
+                             "--n-trials", "2", "--out", "plan.json", "--save-model", "planned.pt", "--json", "--quiet").stdout)
+    assert planned["flops_ratio"] <= 0.6 and planned["factorized"] >= 1
+    cli("apply", "autodac.testing:TwoInputNet", "plan.json", "--data", "probe.npz", "--out", "applied.pt")
+    planned_model, applied = (torch.load(tmp_path / f, weights_only=False).eval() for f in ("planned.pt", "applied.pt"))
+    with torch.no_grad():
+        assert torch.equal(applied(image[:4], depth[:4]), planned_model(image[:4], depth[:4]))
+
+
+def test_numbered_inputs_must_start_at_x0(tmp_path: Path) -> None:
+    from autodac.cli import CLIError, _load_data
+
+    image, depth, _ = _data(4)
+    np.savez(tmp_path / "gap.npz", x0=image.numpy(), x2=depth.numpy())
+    with pytest.raises(CLIError, match=r"numbered \['x0', 'x1'\] from x0 on, but got \['x0', 'x2'\]"):
+        _load_data(str(tmp_path / "gap.npz"), TwoInputNet())
