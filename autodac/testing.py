@@ -13,7 +13,7 @@ from torch import nn
 
 __all__ = [
     "SmallConvNet", "Conv1dNet", "LinearHeadNet", "GroupedConvNet", "DepthwiseOnlyNet", "SharedConvNet", "InvertedResidualNet",
-    "TwoInputNet",
+    "TwoInputNet", "DenseNetLike", "InceptionLike", "ConvNeXtLike", "ShuffleNetLike",
     "LayerConfig", "conv_configs", "linear_configs", "method_cases", "seeded",
 ]
 
@@ -197,6 +197,151 @@ class TwoInputNet(nn.Module):
     def forward(self, image: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
         x = self.fuse(torch.cat([self.image(image), self.extra(extra)], 1))
         return self.head(self.mix(x).mean((2, 3)))
+
+
+def _conv_bn(channels_in: int, channels_out: int, kernel: int | tuple[int, int] = 1, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    """Conv (no bias) -> BatchNorm -> ReLU, padded to keep the map (over ``stride``)."""
+    pad = tuple(k // 2 for k in kernel) if isinstance(kernel, tuple) else kernel // 2
+    return nn.Sequential(
+        nn.Conv2d(channels_in, channels_out, kernel, stride, pad, groups=groups, bias=False), nn.BatchNorm2d(channels_out), nn.ReLU()
+    )
+
+
+class _DenseLayer(nn.Module):
+    """DenseNet's layer: BN-ReLU-1x1 (bottleneck) -> BN-ReLU-3x3 (growth), concatenated to its input."""
+
+    def __init__(self, channels_in: int, growth: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(channels_in), nn.Conv2d(channels_in, 4 * growth, 1, bias=False)
+        self.norm2, self.conv2 = nn.BatchNorm2d(4 * growth), nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(torch.relu(self.norm1(x)))
+        return torch.cat([x, self.conv2(torch.relu(self.norm2(y)))], 1)
+
+
+class DenseNetLike(nn.Module):
+    """A small DenseNet: stem, a dense block of three layers (each concatenates), a transition
+    (BN-ReLU-1x1, average pool), a second dense block, pooled Linear head. Input ``N x 3 x H x W``."""
+
+    def __init__(self, seed: int = 0, growth: int = 8, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 16, 3)
+        self.block1 = nn.Sequential(*(_DenseLayer(16 + i * growth, growth) for i in range(3)))
+        width = 16 + 3 * growth
+        self.transition = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width // 2, 1, bias=False), nn.AvgPool2d(2))
+        self.block2 = nn.Sequential(*(_DenseLayer(width // 2 + i * growth, growth) for i in range(2)))
+        self.norm = nn.BatchNorm2d(width // 2 + 2 * growth)
+        self.classifier = nn.Linear(width // 2 + 2 * growth, num_classes)
+        seeded(self, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.transition(self.block1(self.stem(x))))
+        return self.classifier(torch.relu(self.norm(x)).mean((2, 3)))
+
+
+class _InceptionBlock(nn.Module):
+    """GoogLeNet's block: 1x1 | 1x1 -> 3x3 | 1x1 -> 3x3 -> 3x3 | 3x3 max-pool -> 1x1, concatenated."""
+
+    def __init__(self, channels_in: int, width: int) -> None:
+        super().__init__()
+        self.branch1 = _conv_bn(channels_in, width)
+        self.branch3 = nn.Sequential(_conv_bn(channels_in, width // 2), _conv_bn(width // 2, width, 3))
+        self.branch5 = nn.Sequential(_conv_bn(channels_in, width // 4), _conv_bn(width // 4, width // 2, 3), _conv_bn(width // 2, width // 2, 3))
+        self.pool = nn.Sequential(nn.MaxPool2d(3, 1, 1), _conv_bn(channels_in, width // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.branch1(x), self.branch3(x), self.branch5(x), self.pool(x)], 1)
+
+
+class InceptionLike(nn.Module):
+    """A small Inception net: stem with an asymmetric 1x7 / 7x1 pair, two inception blocks, Linear head.
+    Input ``N x 3 x H x W``."""
+
+    def __init__(self, seed: int = 0, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(_conv_bn(3, 16, 3, stride=2), _conv_bn(16, 16, (1, 7)), _conv_bn(16, 24, (7, 1)))
+        self.block1 = _InceptionBlock(24, 16)
+        self.block2 = _InceptionBlock(48, 24)
+        self.fc = nn.Linear(72, num_classes)
+        seeded(self, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(torch.nn.functional.max_pool2d(self.block1(self.stem(x)), 2))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class _ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block: 7x7 depthwise -> LayerNorm (channels last) -> Linear 4x -> GELU -> Linear -> layer scale, plus input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.pwconv1, self.pwconv2 = nn.Linear(channels, 4 * channels), nn.Linear(4 * channels, channels)
+        self.gamma = nn.Parameter(torch.full((channels,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        y = self.gamma * self.pwconv2(torch.nn.functional.gelu(self.pwconv1(y)))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXtLike(nn.Module):
+    """A small ConvNeXt: 4x4 stride-4 stem with LayerNorm, two blocks, a 2x2 stride-2 downsampling conv,
+    two more blocks, LayerNorm and Linear head. Input ``N x 3 x H x W`` (H, W multiples of 8)."""
+
+    def __init__(self, seed: int = 0, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 4, stride=4)
+        self.stem_norm = nn.GroupNorm(1, 24)
+        self.stage1 = nn.Sequential(_ConvNeXtBlock(24), _ConvNeXtBlock(24))
+        self.down = nn.Conv2d(24, 48, 2, stride=2)
+        self.stage2 = nn.Sequential(_ConvNeXtBlock(48), _ConvNeXtBlock(48))
+        self.norm = nn.LayerNorm(48)
+        self.head = nn.Linear(48, num_classes)
+        seeded(self, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.down(self.stage1(self.stem_norm(self.stem(x)))))
+        return self.head(self.norm(x.mean((2, 3))))
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """ShuffleNet's shuffle: channels regrouped so that each group takes one from every other."""
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class _ShuffleBlock(nn.Module):
+    """ShuffleNetV2's unit: half the channels pass, the other half go 1x1 -> 3x3 depthwise -> 1x1; concatenated and shuffled."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        half = channels // 2
+        self.branch = nn.Sequential(
+            _conv_bn(half, half), nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False), nn.BatchNorm2d(half), _conv_bn(half, half)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep, change = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat([keep, self.branch(change)], 1), 2)
+
+
+class ShuffleNetLike(nn.Module):
+    """A small ShuffleNetV2: stem, a grouped 1x1 (groups=2), two shuffle units, 1x1 conv, Linear head. Input ``N x 3 x H x W``."""
+
+    def __init__(self, seed: int = 0, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 24, 3, stride=2)
+        self.grouped = _conv_bn(24, 32, 1, groups=2)
+        self.units = nn.Sequential(_ShuffleBlock(32), _ShuffleBlock(32))
+        self.conv_last = _conv_bn(32, 64)
+        self.fc = nn.Linear(64, num_classes)
+        seeded(self, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv_last(self.units(self.grouped(self.stem(x)))).mean((2, 3)))
 
 
 class LayerConfig(NamedTuple):

@@ -1,0 +1,76 @@
+"""Every architecture family users bring, on self-contained definitions: the budget holds by an independent
+fvcore count (autograd on, as a user counts), or the call refuses with the smallest reachable ratio, which holds too."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Callable
+
+import pytest
+import torch
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
+
+import autodac
+from autodac.testing import ConvNeXtLike, DenseNetLike, InceptionLike, InvertedResidualNet, ShuffleNetLike, TwoInputNet
+
+MIN_RATIO = re.compile(r"`flops_budget >= (\d\.\d{4})` must hold")
+
+FAMILIES: dict[str, tuple[Callable[[], nn.Module], tuple[tuple[int, ...], ...]]] = {
+    "inverted-residual": (InvertedResidualNet, ((1, 3, 32, 32),)),
+    "densenet-concatenation": (DenseNetLike, ((1, 3, 32, 32),)),
+    "inception-branches": (InceptionLike, ((1, 3, 32, 32),)),
+    "convnext-layer-scale": (ConvNeXtLike, ((1, 3, 32, 32),)),
+    "shufflenet-channel-shuffle": (ShuffleNetLike, ((1, 3, 32, 32),)),
+    "two-inputs": (TwoInputNet, ((1, 3, 16, 16), (1, 1, 16, 16))),
+}
+
+
+def fvcore_flops(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+    """fvcore's count as a user makes it: eval mode, autograd on (so torch takes no fused inference path)."""
+    analysis = FlopCountAnalysis(model.eval(), inputs)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    with torch.enable_grad():
+        return int(analysis.total())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("budget", [0.5, 0.7])
+def test_the_budget_holds_by_an_independent_count_or_is_refused_with_a_reachable_ratio(family: str, budget: float) -> None:
+    factory, shapes = FAMILIES[family]
+    model = factory()
+    inputs = tuple(torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(shapes))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    original = fvcore_flops(model, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a damage warning is allowed: the budget is the point here
+        try:
+            result = autodac.optimize(model, budget, example_inputs=inputs, progress=False)
+        except autodac.BudgetError as refusal:
+            reachable = float(MIN_RATIO.search(str(refusal)).group(1))
+            assert reachable > budget
+            result = autodac.optimize(model, reachable, example_inputs=inputs, progress=False)
+            budget = reachable
+    decomposed = fvcore_flops(result.model, inputs)
+    assert decomposed <= budget * original, f"{family}: fvcore counts {decomposed / original:.4f} against a budget of {budget}"
+    assert result.flops_ratio == pytest.approx(decomposed / original, abs=1e-9)  # what autodac reports is what fvcore counts
+    assert result.plan.factorized, f"{family}: a budget of {budget} must factorise something"
+    with torch.no_grad():
+        assert result.model.eval()(*inputs).shape == model.eval()(*inputs).shape
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # the caller's model is untouched
+
+
+@pytest.mark.filterwarnings("ignore:autodac. the plan is predicted to damage")
+def test_a_channel_shuffle_keeps_its_grouped_conv_dense_and_says_why() -> None:
+    result = autodac.optimize(ShuffleNetLike(), 0.7, example_inputs=torch.randn(1, 3, 32, 32), progress=False)
+    assert "grouped conv (groups=2)" in result.plan.skipped["grouped.0"]
+    assert "grouped conv" in result.plan.skipped["units.0.branch.1"]  # the depthwise 3x3
+
+
+@pytest.mark.filterwarnings("ignore:autodac. the plan is predicted to damage")
+def test_convnext_pointwise_linears_on_channels_last_maps_are_candidates() -> None:
+    """ConvNeXt's 1x1s are Linear layers applied to N x H x W x C maps: their cost counts every position."""
+    result = autodac.optimize(ConvNeXtLike(), 0.5, example_inputs=torch.randn(1, 3, 32, 32), progress=False)
+    factorized = set(result.plan.factorized)
+    assert any(name.endswith(("pwconv1", "pwconv2")) for name in factorized)
