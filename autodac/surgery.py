@@ -18,7 +18,7 @@ from autodac.errors import AutodacError, ModelError
 from autodac.factorize import Geometry
 from autodac.layers import SUPPORTED_TYPES, FactorizedLayer
 
-__all__ = ["TracedLayer", "trace_layers", "replace_layers", "run_model", "evaluating"]
+__all__ = ["TracedLayer", "trace_layers", "replace_layers", "run_model", "evaluating", "unfused_attention"]
 
 
 @dataclass
@@ -43,6 +43,27 @@ def evaluating(model: nn.Module):
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextlib.contextmanager
+def unfused_attention():
+    """Keep torch's fused attention kernels off for the block, so attention runs (and traces) as it
+    does with autograd on: projections through ``F.linear``, products through ``bmm``/SDPA.
+
+    torch >= 2.2 has a global switch; older torch decides per call, and takes the unfused path
+    whenever grad is enabled and a projection requires grad, so grad is enabled there instead.
+    """
+    backend = getattr(torch.backends, "mha", None)
+    if backend is not None and hasattr(backend, "set_fastpath_enabled"):
+        previous = backend.get_fastpath_enabled()
+        backend.set_fastpath_enabled(False)
+        try:
+            yield
+        finally:
+            backend.set_fastpath_enabled(previous)
+    else:  # pragma: no cover - torch < 2.2
+        with torch.enable_grad():
+            yield
 
 
 def run_model(model: nn.Module, example_inputs: tuple[Any, ...]) -> Any:
