@@ -34,6 +34,8 @@ def seeded(model: nn.Module, seed: int) -> nn.Module:
                     module.running_var.copy_(0.5 + torch.rand_like(module.running_var))
                 elif hasattr(module, "reset_parameters"):
                     module.reset_parameters()
+                elif hasattr(module, "_reset_parameters"):  # nn.MultiheadAttention
+                    module._reset_parameters()
     return model
 
 
