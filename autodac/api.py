@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from autodac._logging import get_logger
+from autodac.attention import unfuse_attention
 from autodac.cost import count_flops, count_params
 from autodac.errors import AutodacError, BudgetError, ModelError, PlanError
 from autodac.batches import Batch, arguments, per_example
@@ -202,6 +203,8 @@ def _skip_reason(layer: TracedLayer, methods: Sequence[str], excluded: bool) -> 
     module = layer.module
     if excluded:
         return "excluded by the caller"
+    if layer.functional is not None:
+        return f"used through a functional call ({layer.functional}), cannot be replaced"
     if layer.geometry is None:
         return "not run on the example inputs"
     if getattr(module, "groups", 1) != 1:
@@ -785,9 +788,13 @@ def optimize(
     table of its device, the BatchNorm decision, plans already evaluated) and returns the best
     plan found by all of them; a study made for another model, budget or probe is refused, and
     a trial left running by a killed worker is failed and run again (``autodac.search.storage``).
+    Every ``nn.MultiheadAttention`` is planned as ``autodac.attention.UnfusedMultiheadAttention``
+    (the same outputs, with ``q_proj``/``k_proj``/``v_proj``/``out_proj`` as Linear candidates);
+    ``result.model`` holds it, and ``apply`` swaps it in the same way.
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
+    model = unfuse_attention(model)  # a copy whose attention projections are Linear modules (the caller's is untouched)
     if flops_budget is None and latency_budget is None:
         raise BudgetError("at least one budget must be given (flops_budget or latency_budget, each a ratio in (0, 1]), but both were None")
     budget = None if flops_budget is None else _check_budget("flops_budget", flops_budget)
@@ -1322,12 +1329,14 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
     again from the recipe it records); with it, BatchNorm statistics are re-estimated too
     when ``optimize`` kept that correction, so the copy equals ``result.model``. Every replacement is built and checked before
     anything is swapped, so a refused plan leaves nothing half done (and the caller's model is
-    never touched).
+    never touched). As in ``optimize``, every ``nn.MultiheadAttention`` of the copy becomes an
+    ``UnfusedMultiheadAttention``, whose projections the plan names (``blocks.0.attn.q_proj``).
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise PlanError(f"`plan` must be an autodac.Plan, but got {type(plan).__name__}")
+    model = unfuse_attention(model)  # as optimize does: plans name the unfused projections (``attn.q_proj``)
     _check_plan_fits(model, plan)
     data_fitted = [name for name, c in plan.factorized.items() if c.fit.removeprefix("seq+").startswith("data")]
     implied = [name for name, c in plan.factorized.items() if c.fit.removeprefix("seq+").startswith("implied")]

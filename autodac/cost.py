@@ -3,6 +3,14 @@
 fvcore counts one multiply-add as one flop, and ignores element-wise ops such as residual
 adds, activations and pooling (it logs a warning for each skipped op type, silenced here).
 Budgets in autodac are ratios of two such counts.
+
+Attention is counted as fvcore counts it with autograd on (what ``FlopCountAnalysis(model,
+x).total()`` gives a user): torch's fused inference kernels for ``nn.MultiheadAttention`` and
+``nn.TransformerEncoderLayer`` (taken in eval mode without grad) are invisible to fvcore, so
+counting turns them off (``autodac.surgery.unfused_attention``). fvcore has no handle for
+``aten::scaled_dot_product_attention`` nor ``aten::baddbmm``: the score and value products
+of attention run through them are not counted, in the original and the decomposed model alike
+(with ``need_weights=True`` and no mask, torch's attention uses ``bmm``, which is counted).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import torch
 from torch import nn
 
 from autodac.errors import ModelError
-from autodac.surgery import evaluating
+from autodac.surgery import evaluating, unfused_attention
 
 __all__ = ["FlopCount", "count_flops", "count_params"]
 
@@ -37,11 +45,11 @@ def _conv_mode_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
 
 
 def count_flops(model: nn.Module, example_inputs: tuple[Any, ...]) -> FlopCount:
-    """Trace ``model`` once with fvcore (in eval mode, no grad) and return its multiply-add counts."""
+    """Trace ``model`` once with fvcore (in eval mode, no grad, fused attention off) and return its multiply-add counts."""
     from fvcore.nn import FlopCountAnalysis
 
     try:
-        with evaluating(model), warnings.catch_warnings():
+        with evaluating(model), unfused_attention(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             analysis = FlopCountAnalysis(model, example_inputs)
             analysis.set_op_handle("aten::_convolution_mode", _conv_mode_flop_jit)

@@ -8,27 +8,70 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from autodac.errors import AutodacError, ModelError
 from autodac.factorize import Geometry
 from autodac.layers import SUPPORTED_TYPES, FactorizedLayer
 
-__all__ = ["TracedLayer", "trace_layers", "replace_layers", "run_model", "evaluating"]
+__all__ = ["TracedLayer", "trace_layers", "replace_layers", "run_model", "evaluating", "unfused_attention"]
 
 
 @dataclass
 class TracedLayer:
-    """One candidate layer as seen in one forward pass."""
+    """One candidate layer as seen in one forward pass.
+
+    ``functional`` names the call (e.g. ``"F.linear"``) through which its weight was used
+    outside the layer's own forward: such a layer cannot be replaced by swapping the module. A
+    bare Parameter used that way is listed too, under its own dotted name, with its owner as
+    ``module`` and no geometry.
+    """
 
     name: str
     module: nn.Module
-    geometry: Geometry | None  # None when the layer never ran
+    geometry: Geometry | None  # None when the layer never ran as a module
     followed_by: str | None = None  # dotted name of the BatchNorm that consumes its output, if any
+    functional: str | None = None
+
+
+# Calls that read a weight matrix: a Parameter passed to one of them outside its module's forward is a functional layer.
+_WEIGHT_CALLS = frozenset({
+    "linear", "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "__matmul__", "__rmatmul__",
+    "multi_head_attention_forward", "_native_multi_head_attention", "_transformer_encoder_layer_fwd",
+})
+
+
+class _WeightUses(TorchFunctionMode):
+    """Records, per watched Parameter, the first weight-reading call that took it other than from its own
+    Conv/Linear's forward (a Parameter of any other module is always recorded: its use is the functional one)."""
+
+    def __init__(self, watched: dict[int, nn.Parameter], owners: dict[int, nn.Module]) -> None:
+        super().__init__()
+        self.watched = watched  # id -> the Parameter (kept, so the id stays its own)
+        self.owners = owners  # id -> the candidate module whose own forward may use it
+        self.running: list[nn.Module] = []  # candidate modules whose forward is on the stack
+        self.uses: dict[int, str] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _WEIGHT_CALLS:
+            for value in itertools.chain(args, kwargs.values()):
+                for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                    key = id(tensor)
+                    if key in self.watched and tensor is self.watched[key] and key not in self.uses:
+                        owner = self.owners.get(key)
+                        if owner is None or not any(m is owner for m in self.running):
+                            self.uses[key] = f"F.{name}" if hasattr(F, name) else f"torch.{name.strip('_')}"
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -43,6 +86,27 @@ def evaluating(model: nn.Module):
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextlib.contextmanager
+def unfused_attention():
+    """Keep torch's fused attention kernels off for the block, so attention runs (and traces) as it
+    does with autograd on: projections through ``F.linear``, products through ``bmm``/SDPA.
+
+    torch >= 2.2 has a global switch; older torch decides per call, and takes the unfused path
+    whenever grad is enabled and a projection requires grad, so grad is enabled there instead.
+    """
+    backend = getattr(torch.backends, "mha", None)
+    if backend is not None and hasattr(backend, "set_fastpath_enabled"):
+        previous = backend.get_fastpath_enabled()
+        backend.set_fastpath_enabled(False)
+        try:
+            yield
+        finally:
+            backend.set_fastpath_enabled(previous)
+    else:  # pragma: no cover - torch < 2.2
+        with torch.enable_grad():
+            yield
 
 
 def run_model(model: nn.Module, example_inputs: tuple[Any, ...]) -> Any:
@@ -66,7 +130,10 @@ def trace_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[Trac
     """Every Conv1d/Conv2d/Linear of ``model`` with the shapes it saw in one forward pass.
 
     Also notes which BatchNorm (if any) reads a layer's output directly, by tensor identity,
-    so the data-free error can weigh each output channel as that BatchNorm scales it.
+    so the data-free error can weigh each output channel as that BatchNorm scales it, and
+    which weights are used through functional calls (``F.linear(x, self.qkv.weight)``, a bare
+    Parameter, ``F.multi_head_attention_forward``): swapping a module cannot change those uses.
+    Torch's fused attention kernels are kept off, as when counting.
     """
     factorized = [name for name, module in model.named_modules() if isinstance(module, FactorizedLayer)]
     candidates = {
@@ -104,13 +171,30 @@ def trace_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[Trac
 
         return hook
 
+    watched = {id(p): p for p in model.parameters() if p.dim() >= 2}
+    layers = [m for m in model.modules() if isinstance(m, SUPPORTED_TYPES)]  # candidates and the halves of factorised layers
+    owners = {id(p): m for m in layers for p in m.parameters(recurse=False)}
+    uses = _WeightUses(watched, owners)
+
+    def enter(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        uses.running.append(module)
+
+    def leave(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if uses.running and uses.running[-1] is module:
+            uses.running.pop()
+
+    for module in layers:
+        handles.append(module.register_forward_pre_hook(enter))
     for name, module in candidates.items():
         handles.append(module.register_forward_hook(layer_hook(name)))
+    for module in layers:
+        handles.append(module.register_forward_hook(leave))
     for name, module in model.named_modules():
         if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             handles.append(module.register_forward_pre_hook(norm_hook(name)))
     try:
-        run_model(model, example_inputs)
+        with unfused_attention(), uses:
+            run_model(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -127,7 +211,12 @@ def trace_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[Trac
                 kernel_size=tuple(int(k) for k in weight.shape[2:]),
                 calls=tuple(calls[name]),
             )
-        traced.append(TracedLayer(name, module, geometry, consumers.get(name)))
+        traced.append(TracedLayer(name, module, geometry, consumers.get(name), uses.uses.get(id(module.weight))))
+    owned = {id(module.weight) for module in candidates.values()}
+    for name, parameter in model.named_parameters():
+        if id(parameter) in uses.uses and id(parameter) not in owned:
+            owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            traced.append(TracedLayer(name, owner, None, None, uses.uses[id(parameter)]))
     return traced
 
 

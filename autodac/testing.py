@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "SmallConvNet", "Conv1dNet", "LinearHeadNet", "GroupedConvNet", "DepthwiseOnlyNet", "SharedConvNet", "InvertedResidualNet",
-    "TwoInputNet", "DenseNetLike", "InceptionLike", "ConvNeXtLike", "ShuffleNetLike",
+    "SmallConvNet", "TinyViT", "SwinLikeNet", "Conv1dNet", "LinearHeadNet", "GroupedConvNet", "DepthwiseOnlyNet", "SharedConvNet",
+    "InvertedResidualNet", "TwoInputNet", "DenseNetLike", "InceptionLike", "ConvNeXtLike", "ShuffleNetLike",
     "LayerConfig", "conv_configs", "linear_configs", "method_cases", "seeded",
 ]
 
@@ -35,6 +35,8 @@ def seeded(model: nn.Module, seed: int) -> nn.Module:
                     module.running_var.copy_(0.5 + torch.rand_like(module.running_var))
                 elif hasattr(module, "reset_parameters"):
                     module.reset_parameters()
+                elif hasattr(module, "_reset_parameters"):  # nn.MultiheadAttention
+                    module._reset_parameters()
     return model
 
 
@@ -342,6 +344,85 @@ class ShuffleNetLike(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.conv_last(self.units(self.grouped(self.stem(x)))).mean((2, 3)))
+class _ViTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, batch_first: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.batch_first = batch_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: N x T x D
+        y = self.norm1(x)
+        if not self.batch_first:
+            y = y.transpose(0, 1)
+        y = self.attn(y, y, y, need_weights=False)[0]
+        x = x + (y if self.batch_first else y.transpose(0, 1))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class TinyViT(nn.Module):
+    """A small ViT: 4x4 patch-embedding conv, class token, ``depth`` pre-norm blocks of ``nn.MultiheadAttention``
+    (even ``heads`` and batch-first by default: the form torch runs fused in eval mode) and an MLP, a Linear head;
+    input ``N x 3 x 16 x 16`` (16 patches and the class token)."""
+
+    def __init__(self, dim: int = 32, depth: int = 2, heads: int = 4, batch_first: bool = True, num_classes: int = 10, seed: int = 0) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.zeros(1, 17, dim))
+        self.blocks = nn.Sequential(*[_ViTBlock(dim, heads, batch_first) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        seeded(self, seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            with torch.no_grad():
+                self.cls_token.normal_(0.0, 0.02)
+                self.pos.normal_(0.0, 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+class SwinLikeNet(nn.Module):
+    """Window attention as Swin writes it: the ``qkv`` Linear is a module but is called through ``F.linear``, and
+    the output projection is a bare Parameter used through ``F.linear`` (neither can be replaced); the MLP and head
+    are ordinary modules. Input ``N x 3 x 16 x 16``: a 4x4 patch embedding, then 2x2 windows of 2x2 tokens."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, num_classes: int = 10, seed: int = 0) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj_weight = nn.Parameter(torch.empty(dim, dim))
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.heads = heads
+        seeded(self, seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(self.proj_weight, a=5 ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x)  # N x D x 4 x 4
+        n, d = x.shape[:2]
+        windows = x.reshape(n, d, 2, 2, 2, 2).permute(0, 2, 4, 3, 5, 1).reshape(n * 4, 4, d)  # 4 windows of 4 tokens
+        y = nn.functional.linear(self.norm1(windows), self.qkv.weight, self.qkv.bias)
+        q, k, v = y.reshape(n * 4, 4, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attention = torch.softmax(q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5, dim=-1)
+        y = (attention @ v).transpose(1, 2).reshape(n * 4, 4, d)
+        windows = windows + nn.functional.linear(y, self.proj_weight)
+        windows = windows + self.fc2(nn.functional.gelu(self.fc1(self.norm2(windows))))
+        return self.head(windows.reshape(n, 16, d).mean(1))
 
 
 class LayerConfig(NamedTuple):

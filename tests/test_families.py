@@ -13,7 +13,9 @@ from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 import autodac
-from autodac.testing import ConvNeXtLike, DenseNetLike, InceptionLike, InvertedResidualNet, ShuffleNetLike, TwoInputNet
+from autodac.testing import (
+    ConvNeXtLike, DenseNetLike, InceptionLike, InvertedResidualNet, ShuffleNetLike, SwinLikeNet, TinyViT, TwoInputNet,
+)
 
 MIN_RATIO = re.compile(r"`flops_budget >= (\d\.\d{4})` must hold")
 
@@ -24,6 +26,8 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], tuple[tuple[int, ...], ...]]]
     "convnext-layer-scale": (ConvNeXtLike, ((1, 3, 32, 32),)),
     "shufflenet-channel-shuffle": (ShuffleNetLike, ((1, 3, 32, 32),)),
     "two-inputs": (TwoInputNet, ((1, 3, 16, 16), (1, 1, 16, 16))),
+    "vit-multihead-attention": (TinyViT, ((1, 3, 16, 16),)),
+    "swin-functional-linears": (SwinLikeNet, ((1, 3, 16, 16),)),
 }
 
 
