@@ -42,6 +42,7 @@ from autodac.search.refine import Trial, refine
 from autodac.search.sensitivity import SensitivityProfile, loss_curve, measure_profile, pick_ranks
 from autodac.search.storage import SharedSearch, open_search
 from autodac.sequential import Refit, refit_in_order
+from autodac.structure import check_structure, model_structure
 from autodac.surgery import TracedLayer, evaluating, replace_layers, run_model, trace_layers
 from autodac.subclasses import explicit_padding
 from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
@@ -941,6 +942,7 @@ def optimize(
     plan = Plan(
         layers=layers, original_flops=original.total, budget=planned_budget,
         input_shapes=_input_shapes(inputs), input_assumed=assumed, skipped=skipped, notes=notes, probe=probe_source,
+        structure=model_structure(model, _input_shapes(inputs)),
     )
     published = refined.best if refined is not None else None
     if probe is not None and sequential_fit and _selection_factorizes(selection, candidates) and not _selection_factorizes(
@@ -1191,6 +1193,7 @@ def _front_plan(template: Plan, candidates: list[_Candidate], trial: Trial, timi
         layers=_choices(candidates, trial.selection, timing), original_flops=template.original_flops, budget=dict(template.budget),
         input_shapes=template.input_shapes, input_assumed=template.input_assumed, skipped=dict(template.skipped),
         metrics={"probe_objective": trial.value, "trial": float(trial.number)}, notes=list(template.notes),
+        structure=template.structure,
     )
 
 
@@ -1380,7 +1383,9 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
 
 def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
     """Every planned layer exists, is a Conv1d/Conv2d/Linear and has the weight shape the plan was made for
-    (checked in plan order, before any statistic is collected: the first misfit is the one named)."""
+    (checked in plan order, before any statistic is collected: the first misfit is the one named); first of all,
+    the model must be the one the plan was made for, when the plan records it (``autodac.structure``)."""
+    check_structure(model, plan)
     for name, choice in plan.factorized.items():
         try:
             module = model.get_submodule(name)

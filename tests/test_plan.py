@@ -205,7 +205,8 @@ def _set_top(field: str, value: Any) -> Callable[[dict], None]:
 
 
 LOAD_REFUSALS = {
-    "version 2": (_set_top("_version", 2), r"plan version 1, but got _version=2"),
+    "version 3": (_set_top("_version", 3), r"plan versions \[1, 2\], but got _version=3"),
+    "version a string": (_set_top("_version", "2"), r"_version='2'"),
     "no version": (lambda d: d.pop("_version"), r"_version=None"),
     "not a plan": (_set_top("format", "other"), r"format='autodac\.plan'"),
     "unknown field": (_set_top("extra", 1), r"may only hold the fields.*'extra'"),
