@@ -386,11 +386,16 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     payload = {
         "model": args.out, "plan": args.plan, "factorized": len(plan.factorized), "planned_flops_ratio": plan.flops_ratio,
         "original_params": params[0], "params": params[1], "bn_reestimated": replayed_bn,
+        "structure": None if plan.structure is None else plan.structure["fingerprint"],
     }
+    checked = (
+        f"the model is the one the plan was made for (structure {plan.structure['fingerprint']})" if plan.structure is not None
+        else "the plan records no model structure (plan version 1): not checked against the model"
+    )
     text = (
         f"applied {len(plan.factorized)} factorised layers of {args.plan} (planned FLOPs ratio {plan.flops_ratio:.4f}); "
         f"parameters {params[0]:,} -> {params[1]:,}{'; BatchNorm re-estimated on --data' if replayed_bn else ''}\n"
-        f"wrote {args.out}"
+        f"{checked}\nwrote {args.out}"
     )
     _emit(args, text, payload)
     return 0
