@@ -201,7 +201,11 @@ class Plan:
                     f"but got {entry!r}"
                 )
             rank = entry["rank"]
-            if entry["method"] != DENSE and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            if entry["method"] != DENSE and (isinstance(rank, bool) or not isinstance(rank, int)):
+                raise PlanError(
+                    f"layer {name!r}: `rank` must be an integer >= 1 for a factorised layer, but got rank={rank!r} ({type(rank).__name__})"
+                )
+            if entry["method"] != DENSE and rank < 1:
                 raise PlanError(f"layer {name!r}: `rank >= 1` must hold for a factorised layer, but got rank={rank!r}")
             try:  # a malformed field is a PlanError naming the layer, never a bare TypeError/ValueError
                 error = float(entry["error"])
