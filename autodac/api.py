@@ -44,6 +44,7 @@ from autodac.search.refine import Trial, refine
 from autodac.search.sensitivity import SensitivityProfile, loss_curve, measure_profile, pick_ranks
 from autodac.search.storage import SharedSearch, open_search
 from autodac.sequential import Refit, refit_in_order
+from autodac.structure import check_structure, model_structure
 from autodac.surgery import TracedLayer, evaluating, replace_layers, run_model, trace_layers
 from autodac.subclasses import explicit_padding
 from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
@@ -170,6 +171,32 @@ def _check_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...
 
 def _input_shapes(inputs: tuple[Any, ...]) -> list[list[int]]:
     return [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
+
+
+def _check_materialised(model: nn.Module) -> None:
+    """Refuse a model whose weights hold no values (on the ``meta`` device): nothing can be factorised or counted."""
+    empty = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()) if tensor.is_meta]
+    if empty:
+        raise ModelError(
+            f"the model's weights must hold values to be factorised, but {len(empty)} parameters and buffers are on the 'meta' "
+            f"device (e.g. {empty[0]!r}); materialise and load them first (model.to_empty(device='cpu'), then load_state_dict)"
+        )
+
+
+def _check_probe_shape(probe: Probe | None, inputs: tuple[Any, ...], given: bool) -> None:
+    """Refuse a probe whose examples have another shape than ``example_inputs``: FLOPs would be
+    counted and the plan made at one shape while its quality is measured at another."""
+    if probe is None or not given or not all(isinstance(x, torch.Tensor) for x in inputs):
+        return
+    example = [tuple(x.shape[1:]) for x in inputs]
+    probed = [tuple(part.shape[1:]) for part in arguments(probe.inputs)]
+    if example != probed:
+        show = (lambda shapes: shapes[0]) if len(example) == 1 and len(probed) == 1 else (lambda shapes: shapes)
+        raise AutodacError(
+            f"the examples in `data` must have the shape of `example_inputs` (FLOPs are counted and the plan made at "
+            f"example_inputs, quality measured on data), but data has examples of shape {show(probed)} and example_inputs has "
+            f"shape {show([tuple(x.shape) for x in inputs])} (examples of shape {show(example)})"
+        )
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -794,6 +821,7 @@ def optimize(
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
+    _check_materialised(model)
     model = unfuse_attention(model)  # a copy whose attention projections are Linear modules (the caller's is untouched)
     if flops_budget is None and latency_budget is None:
         raise BudgetError("at least one budget must be given (flops_budget or latency_budget, each a ratio in (0, 1]), but both were None")
@@ -816,9 +844,11 @@ def optimize(
     if synthesize and data is not None:
         raise AutodacError("`data` and `synthesize` are alternatives (synthesised inputs stand in for missing data), but both were given")
     probe = collect_probe(data, probe_size) if data is not None else None
+    given_inputs = example_inputs is not None
     if example_inputs is None and probe is not None:
         example_inputs = arguments(probe.inputs[:1].to(_device_of(model)))
     inputs, assumed = _check_inputs(model, example_inputs)
+    _check_probe_shape(probe, inputs, given_inputs)
     notes = []
     if assumed:
         note = f"no example_inputs given; assumed one input of shape {_input_shapes(inputs)[0]} (pass example_inputs to plan for your shape)"
@@ -960,6 +990,7 @@ def optimize(
     plan = Plan(
         layers=layers, original_flops=original.total, budget=planned_budget,
         input_shapes=_input_shapes(inputs), input_assumed=assumed, skipped=skipped, notes=notes, probe=probe_source,
+        structure=model_structure(model, _input_shapes(inputs)),
     )
     published = refined.best if refined is not None else None
     if probe is not None and sequential_fit and _selection_factorizes(selection, candidates) and not _selection_factorizes(
@@ -991,6 +1022,8 @@ def optimize(
         metrics["probe_examples"] = float(len(probe)) if probe is not None else 0.0
         plan.notes.append(f"probe metric: {runner.metric_name} on {len(runner.held_out) if runner.held_out is not None else 0} held-out probe examples")
     plan.metrics.update(metrics)
+    if probe is not None or evaluate is not None:  # the data-free allocation flags its own (_allocate_capped)
+        _flag_measured_damage(plan, float(max_layer_error), runner.metric_name)
     count = count_flops(decomposed, inputs)
     counted = count.total
     if counted != plan.flops or counted > target:  # the closed form and fvcore disagree: a bug, never a silent miss
@@ -1045,6 +1078,29 @@ def _allocate_capped(
     logger.warning(message)
     notes.append(message)
     return selection
+
+
+def _flag_measured_damage(plan: Plan, cap: float, metric_name: str) -> None:
+    """Flag a plan made with a probe as ``_allocate_capped`` flags a data-free one: warned, logged and noted when its
+    layers' predicted output errors exceed ``cap`` (worst or summed), with what the probe measured beside them.
+
+    The probe's figure is what the search went by; the predicted errors say how far the layers
+    were cut (at the smallest reachable budget: rank 1 nearly everywhere), which a small probe
+    may not show."""
+    factorized = plan.factorized.values()
+    worst = max((c.error for c in factorized), default=0.0)
+    summed = sum(c.error for c in factorized)
+    if worst <= cap and summed <= cap:
+        return
+    message = (
+        f"the plan is predicted to damage the model: its layers' predicted output errors sum to {summed:.2f} and reach "
+        f"{worst:.2f} in one layer (max_layer_error={cap} is the most either should be)"
+    )
+    if "probe" in plan.metrics and "probe_original" in plan.metrics:
+        message += f"; on the probe, {metric_name} {plan.metrics['probe']:.4f} against the original's {plan.metrics['probe_original']:.4f}"
+    warnings.warn(f"autodac: {message}", UserWarning, stacklevel=3)
+    logger.warning(message)
+    plan.notes.append(message)
 
 
 def _safe_budget(allocate, scores, capped, capacity: int, fixed: int, total: int, cap: float) -> float:
@@ -1210,6 +1266,7 @@ def _front_plan(template: Plan, candidates: list[_Candidate], trial: Trial, timi
         layers=_choices(candidates, trial.selection, timing), original_flops=template.original_flops, budget=dict(template.budget),
         input_shapes=template.input_shapes, input_assumed=template.input_assumed, skipped=dict(template.skipped),
         metrics={"probe_objective": trial.value, "trial": float(trial.number)}, notes=list(template.notes),
+        structure=template.structure,
     )
 
 
@@ -1336,6 +1393,7 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         raise ModelError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise PlanError(f"`plan` must be an autodac.Plan, but got {type(plan).__name__}")
+    _check_materialised(model)
     model = unfuse_attention(model)  # as optimize does: plans name the unfused projections (``attn.q_proj``)
     _check_plan_fits(model, plan)
     data_fitted = [name for name, c in plan.factorized.items() if c.fit.removeprefix("seq+").startswith("data")]
@@ -1401,7 +1459,9 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
 
 def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
     """Every planned layer exists, is a Conv1d/Conv2d/Linear and has the weight shape the plan was made for
-    (checked in plan order, before any statistic is collected: the first misfit is the one named)."""
+    (checked in plan order, before any statistic is collected: the first misfit is the one named); first of all,
+    the model must be the one the plan was made for, when the plan records it (``autodac.structure``)."""
+    check_structure(model, plan)
     for name, choice in plan.factorized.items():
         try:
             module = model.get_submodule(name)

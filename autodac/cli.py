@@ -119,16 +119,20 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
-def _load_model(spec: str, weights: str | None = None, pretrained: bool = False):
-    """An eval-mode ``nn.Module`` from a ``torch.save(model)`` file or ``package.module:factory`` (+ weights)."""
+def _load_model(spec: str, weights: str | None = None, pretrained: bool = False, model_args: Mapping[str, Any] | None = None):
+    """An eval-mode ``nn.Module`` from a ``torch.save(model)`` file or ``package.module:factory(**model_args)`` (+ weights)."""
     from torch import nn
 
     if Path(spec).exists():
-        if weights or pretrained:
-            raise CLIError(f"`--weights` and `--pretrained` need MODEL to be package.module:factory, but MODEL is the file {spec!r}")
+        if weights or pretrained or model_args is not None:
+            raise CLIError(
+                f"`--weights`, `--pretrained` and `--model-args` need MODEL to be package.module:factory, but MODEL is the file {spec!r}"
+            )
         model = _model_file(_existing("MODEL", spec))
     elif _FACTORY.match(spec):
-        model = _model_factory(spec, weights, pretrained)
+        if pretrained and model_args is not None:
+            raise CLIError(f"`--model-args` cannot go with `--pretrained` (the shipped weights fit the shipped architecture), but got {spec!r} with both")
+        model = _model_factory(spec, weights, pretrained, model_args)
     else:
         raise CLIError(
             f"MODEL must be a model file (torch.save(model)) or package.module:factory, but {spec!r} is neither (no such file)"
@@ -164,7 +168,49 @@ def _model_file(path: Path):
     return loaded
 
 
-def _model_factory(spec: str, weights: str | None, pretrained: bool):
+def _model_args(text: str | None) -> dict[str, Any] | None:
+    """``--model-args``: a JSON object of keyword arguments for the MODEL factory (None when not given)."""
+    if text is None:
+        return None
+    rule = "`--model-args` must be a JSON object of keyword arguments for the MODEL factory, like '{\"num_classes\": 10}'"
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CLIError(f"{rule}, but {text!r} is not JSON ({error})") from None
+    if not isinstance(parsed, dict):
+        raise CLIError(f"{rule}, but {text!r} is a JSON {type(parsed).__name__}")
+    return parsed
+
+
+def _call_text(spec: str, model_args: Mapping[str, Any] | None) -> str:
+    """How the factory was called, as Python: ``pkg.mod:fn(num_classes=10)``."""
+    return f"{spec}({', '.join(f'{k}={v!r}' for k, v in (model_args or {}).items())})"
+
+
+_WEIGHT_ARGS = ("weights", "pretrained", "checkpoint", "weights_path")  # factory arguments that usually load weights
+
+
+def _weights_source(args: argparse.Namespace) -> str:
+    """The line that says which weights the command used: a model file, a state dict, the shipped ones, or the factory's."""
+    model_args = _model_args(getattr(args, "model_args", None))
+    if Path(args.model).exists():
+        return f"weights: from the model file {args.model}"
+    if args.pretrained:
+        return f"weights: shipped with autodac ({args.model} --pretrained)"
+    call = _call_text(args.model, model_args)
+    if args.weights:
+        return f"weights: from the state dict {args.weights}, loaded into factory {call}"
+    if any(key in _WEIGHT_ARGS for key in (model_args or {})):
+        return f"weights: as factory {call} loaded them"
+    return f"weights: random initialisation from factory {call} (unless it loads weights itself; --weights FILE loads a state dict)"
+
+
+def _load_model_from(args: argparse.Namespace):
+    """The command's MODEL, built from its ``--weights``, ``--pretrained`` and ``--model-args``."""
+    return _load_model(args.model, args.weights, args.pretrained, _model_args(getattr(args, "model_args", None)))
+
+
+def _model_factory(spec: str, weights: str | None, pretrained: bool, model_args: Mapping[str, Any] | None = None):
     module_name, attribute = spec.split(":")
     weights_path = _existing("`--weights`", weights) if weights else None
     try:
@@ -181,10 +227,19 @@ def _model_factory(spec: str, weights: str | None, pretrained: bool):
         from autodac.zoo import pretrained as shipped
 
         return shipped(attribute)
-    try:
-        model = factory()
-    except TypeError as error:
-        raise CLIError(f"MODEL {spec!r} must build the model when called with no arguments, but: {error}") from None
+    if model_args is not None:
+        try:
+            model = factory(**model_args)
+        except Exception as error:  # a factory may refuse its arguments with any error; never a traceback
+            raise CLIError(
+                f"MODEL {spec!r} must build the model from `--model-args` {json.dumps(model_args)}, but calling "
+                f"{_call_text(spec, model_args)} raised {type(error).__name__}: {error}"
+            ) from None
+    else:
+        try:
+            model = factory()
+        except TypeError as error:
+            raise CLIError(f"MODEL {spec!r} must build the model when called with no arguments (or give `--model-args`), but: {error}") from None
     if weights_path is not None:
         _load_weights(model, weights_path, spec)
     return model
@@ -362,7 +417,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         raise _UsageError("`--data` and `--synthesize` are alternatives (synthesised inputs stand in for missing data); give one")
     _check_writable("`--out`", args.out)
     _check_writable("`--save-model`", args.save_model)
-    model = _load_model(args.model, args.weights, args.pretrained)
+    model = _load_model_from(args)
     data = _load_data(args.data, model) if args.data else None
     kwargs: dict[str, Any] = {"example_inputs": _example_inputs(args, model, data is not None), "data": data,
                               "progress": _progress(args)}
@@ -390,10 +445,11 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         "flops": result.flops, "flops_ratio": result.flops_ratio, "original_params": result.original_params,
         "params": result.params, "layers": len(result.plan.layers), "factorized": len(result.plan.factorized),
         "skipped": result.plan.skipped, "metrics": result.plan.metrics, "notes": result.plan.notes,
+        "weights": _weights_source(args),
     }
     if getattr(args, "storage", None) is not None:
         payload.update(study=args.study, trials=len(result.trials))
-    text = "\n".join([result.summary(), *_metric_lines(result.plan.metrics, result.plan.notes),
+    text = "\n".join([result.summary(), _weights_source(args), *_metric_lines(result.plan.metrics, result.plan.notes),
                       *([f"wrote {', '.join(written)}"] if written else [])])
     _emit(args, text, payload)
     return 0
@@ -404,7 +460,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
     plan = _load_plan(args.plan)
     _check_writable("`--out`", args.out)
-    model = _load_model(args.model, args.weights, args.pretrained)
+    model = _load_model_from(args)
     data = _load_data(args.data, model) if args.data else None
     decomposed = autodac.apply(model, plan, data=data)
     _save_model(decomposed, args.out)
@@ -413,11 +469,16 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     payload = {
         "model": args.out, "plan": args.plan, "factorized": len(plan.factorized), "planned_flops_ratio": plan.flops_ratio,
         "original_params": params[0], "params": params[1], "bn_reestimated": replayed_bn,
+        "structure": None if plan.structure is None else plan.structure["fingerprint"], "weights": _weights_source(args),
     }
+    checked = (
+        f"the model is the one the plan was made for (structure {plan.structure['fingerprint']})" if plan.structure is not None
+        else "the plan records no model structure (plan version 1): not checked against the model"
+    )
     text = (
         f"applied {len(plan.factorized)} factorised layers of {args.plan} (planned FLOPs ratio {plan.flops_ratio:.4f}); "
         f"parameters {params[0]:,} -> {params[1]:,}{'; BatchNorm re-estimated on --data' if replayed_bn else ''}\n"
-        f"wrote {args.out}"
+        f"{checked}\n{_weights_source(args)}\nwrote {args.out}"
     )
     _emit(args, text, payload)
     return 0
@@ -497,7 +558,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     import autodac
 
-    model = _load_model(args.model, args.weights, args.pretrained)
+    model = _load_model_from(args)
     data = _load_data(args.data, model)
     kwargs: dict[str, Any] = {"profile_points": args.points, "n_trials": 1, "reestimate_bn": False}
     if args.profile_size is not None:
@@ -509,7 +570,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
                               progress=_progress(args), **kwargs)
     rows = _profile_rows(model, result.profile)
     payload = {
-        "samples": result.profile.samples, "seconds": round(result.profile.seconds, 2),
+        "weights": _weights_source(args), "samples": result.profile.samples, "seconds": round(result.profile.seconds, 2),
         "layers": {name: [{"method": m, "rank": r, "params_kept": round(k, 4), "divergence": v} for m, r, k, v in options]
                    for name, options in rows.items()},
     }
@@ -530,6 +591,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         f"sensitivity: KL divergence of the outputs from the original's on {result.profile.samples} probe examples, "
         f"one layer factorised at a time (method, rank, parameters kept: divergence); {result.profile.seconds:.1f} s\n{table}"
     )
+    text += f"\n{_weights_source(args)}"
     if written:
         text += f"\nwrote {', '.join(written)}"
     _emit(args, text, payload)
@@ -611,6 +673,8 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--weights", metavar="FILE", help="state dict (torch.save or a TorchScript file) for a package.module:factory MODEL")
     source.add_argument("--pretrained", action="store_true", help="the weights autodac ships, for MODEL autodac.zoo:resnet20 or autodac.zoo:cifar_vgg")
+    parser.add_argument("--model-args", metavar="JSON",
+                        help='keyword arguments for a package.module:factory MODEL, as a JSON object, like \'{"num_classes": 10}\'')
 
 
 def _add_shape(parser: argparse.ArgumentParser, required_text: str) -> None:

@@ -6,6 +6,7 @@ of the same model with ``autodac.apply``. Loading checks the version and every f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -13,9 +14,11 @@ from typing import Any
 
 from autodac.errors import PlanError
 
-__all__ = ["PLAN_VERSION", "LayerChoice", "Plan"]
+__all__ = ["PLAN_VERSION", "READABLE_VERSIONS", "LayerChoice", "Plan", "structure_fingerprint"]
 
-PLAN_VERSION = 1
+# 2: `structure` (every Conv/Linear layer of the model the plan was made for, and a fingerprint), checked by apply
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # a version-1 plan loads with structure=None: apply replays it unchecked
 DENSE = "dense"
 
 
@@ -60,8 +63,38 @@ _LAYER_FIELDS = {"method", "rank", "weight_shape", "flops_before", "flops_after"
 _OPTIONAL_LAYER_FIELDS = {"impl", "latency_before", "latency_after", "channels", "sliced"}
 _PLAN_FIELDS = {
     "format", "_version", "budget", "input_shapes", "input_assumed", "original_flops", "flops",
-    "layers", "skipped", "metrics", "notes", "probe",
+    "layers", "skipped", "metrics", "notes", "probe", "structure",
 }
+
+
+def structure_fingerprint(layers: dict[str, str], input_shapes: list[list[int]]) -> str:
+    """``sha256:`` and 16 hex digits of the layers' names and descriptions (in order) and the input shapes.
+
+    Two models get the same fingerprint when every Conv/Linear layer has the same name, type and
+    shape, in the same order, and the plan was made at the same input shapes.
+    """
+    text = json.dumps({"layers": [[name, kind] for name, kind in layers.items()], "input_shapes": input_shapes}, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _check_structure(data: Any, input_shapes: list[list[int]]) -> dict[str, Any] | None:
+    """The plan's ``structure`` record, checked: ``{"fingerprint": str, "layers": {name: description}}`` whose
+    fingerprint is that of its layers and the plan's input shapes (a hand-edited record is refused)."""
+    if data is None:
+        return None
+    rule = "a plan's `structure` must be an object {'fingerprint': 'sha256:...', 'layers': {name: description}}"
+    if not isinstance(data, dict) or set(data) != {"fingerprint", "layers"} or not isinstance(data["layers"], dict):
+        raise PlanError(f"{rule}, but got {data!r:.200}")
+    layers = data["layers"]
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in layers.items()):
+        raise PlanError(f"{rule} with string descriptions, but got {layers!r:.200}")
+    expected = structure_fingerprint(layers, input_shapes)
+    if data["fingerprint"] != expected:
+        raise PlanError(
+            f"a plan's structure fingerprint must be that of its recorded layers and input shapes, {expected}, "
+            f"but got fingerprint={data['fingerprint']!r} (was the plan edited by hand?)"
+        )
+    return {"fingerprint": expected, "layers": dict(layers)}
 
 
 def _optional_float(value: Any) -> float | None:
@@ -110,6 +143,9 @@ class Plan:
     metrics: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     probe: dict[str, Any] = field(default_factory=dict)  # where the probe came from: {"source": "data" | "synthetic", ...}
+    # the model it was made for: {"fingerprint": "sha256:...", "layers": {name: "Conv2d(3->8, kernel=(3, 3), ...)"}}
+    # (autodac.structure); None for a plan of version 1 or one built by hand, which apply cannot check
+    structure: dict[str, Any] | None = None
 
     @property
     def flops(self) -> int:
@@ -138,6 +174,7 @@ class Plan:
             "metrics": dict(self.metrics),
             "notes": list(self.notes),
             "probe": dict(self.probe),
+            **({} if self.structure is None else {"structure": {"fingerprint": self.structure["fingerprint"], "layers": dict(self.structure["layers"])}}),
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -148,9 +185,9 @@ class Plan:
         if not isinstance(data, dict) or data.get("format") != "autodac.plan":
             raise PlanError("a plan must be a JSON object with format='autodac.plan'")
         version = data.get("_version")
-        if version != PLAN_VERSION:
-            raise PlanError(f"this autodac reads plan version {PLAN_VERSION}, but got _version={version!r}")
-        unknown = set(data) - _PLAN_FIELDS
+        if isinstance(version, bool) or not isinstance(version, int) or version not in READABLE_VERSIONS:
+            raise PlanError(f"this autodac reads plan versions {list(READABLE_VERSIONS)}, but got _version={version!r}")
+        unknown = set(data) - (_PLAN_FIELDS if version >= 2 else _PLAN_FIELDS - {"structure"})
         if unknown:
             raise PlanError(f"a plan may only hold the fields {sorted(_PLAN_FIELDS)}, but got {sorted(unknown)}")
         layers_data = data.get("layers")
@@ -164,7 +201,11 @@ class Plan:
                     f"but got {entry!r}"
                 )
             rank = entry["rank"]
-            if entry["method"] != DENSE and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            if entry["method"] != DENSE and (isinstance(rank, bool) or not isinstance(rank, int)):
+                raise PlanError(
+                    f"layer {name!r}: `rank` must be an integer >= 1 for a factorised layer, but got rank={rank!r} ({type(rank).__name__})"
+                )
+            if entry["method"] != DENSE and rank < 1:
                 raise PlanError(f"layer {name!r}: `rank >= 1` must hold for a factorised layer, but got rank={rank!r}")
             try:  # a malformed field is a PlanError naming the layer, never a bare TypeError/ValueError
                 error = float(entry["error"])
@@ -189,12 +230,17 @@ class Plan:
         except (KeyError, TypeError, ValueError):
             raise PlanError(f"a plan needs an integer `original_flops`, but got {data.get('original_flops')!r}") from None
         try:
+            input_shapes = [list(map(int, s)) for s in data.get("input_shapes", [])]
+        except (TypeError, ValueError) as problem:
+            raise PlanError(f"a plan's `input_shapes` must be lists of ints, but {problem}") from None
+        structure = _check_structure(data.get("structure"), input_shapes)
+        try:
             return cls(
                 layers=layers, original_flops=original, budget={k: float(v) for k, v in dict(data.get("budget", {})).items()},
-                input_shapes=[list(map(int, s)) for s in data.get("input_shapes", [])],
+                input_shapes=input_shapes,
                 input_assumed=bool(data.get("input_assumed", False)), skipped=dict(data.get("skipped", {})),
                 metrics={k: float(v) for k, v in dict(data.get("metrics", {})).items()}, notes=list(data.get("notes", [])),
-                probe=dict(data.get("probe", {})),
+                probe=dict(data.get("probe", {})), structure=structure,
             )
         except (TypeError, ValueError) as problem:
             raise PlanError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -172,7 +173,7 @@ def collect_probe(data: Iterable[Any], max_samples: int = DEFAULT_PROBE_SIZE) ->
         batches = iter(data)
     except TypeError:
         raise AutodacError(f"`data` must be an iterable of batches (x or (x, y)), but got {type(data).__name__}") from None
-    xs, ys, taken, labelled = [], [], 0, None
+    xs, ys, taken, labelled, ignored = [], [], 0, None, []
     for position, batch in enumerate(batches):
         x, y = _batch_parts(batch, position)
         if not isinstance(y, torch.Tensor):
@@ -183,14 +184,13 @@ def collect_probe(data: Iterable[Any], max_samples: int = DEFAULT_PROBE_SIZE) ->
                 f"{_shapes(x)}" + (f" and batch 0 {_shapes(xs[0])}" if xs else "")
             )
         n = count(x)
-        if y is not None and y.dim() > 1 and y.shape[0] == n and isinstance(x, torch.Tensor):
+        if y is not None and y.dim() > 2 and y.shape[0] == n and isinstance(x, torch.Tensor):
             raise AutodacError(
                 f"the second element of a batch of `data` must be labels (one integer class per example, shape ({n},)), but batch "
                 f"{position} has a {y.dtype} tensor of shape {tuple(y.shape)}; a model of several inputs takes batches "
                 "((x0, x1, ...), y) or ((x0, x1, ...),)"
             )
-        if y is not None and (y.dim() < 1 or y.shape[0] != n or y.is_floating_point()):
-            y = None  # not class indices: use agreement with the original instead
+        y = _class_labels(n, y, position, ignored)
         if labelled is None:
             labelled = y is not None
         if labelled != (y is not None):
@@ -205,6 +205,41 @@ def collect_probe(data: Iterable[Any], max_samples: int = DEFAULT_PROBE_SIZE) ->
     if taken == 0:
         raise AutodacError("`data` must hold at least one example, but it was empty")
     return Probe(concat(xs), torch.cat(ys) if ys else None)
+
+
+def _class_labels(n: int, y: torch.Tensor | None, position: int, ignored: list[int]) -> torch.Tensor | None:
+    """The labels ``y`` of batch ``position`` if they are class indices; None (and one warning per probe, noted in
+    ``ignored``) for float targets that are clearly not; an error for anything in between.
+
+    The rule: labels must hold one entry per input (``y.shape[0] == n``, the batch's examples), else ``AutodacError``.
+    Integer labels are class indices (the metric is top-1 accuracy). Float labels that are whole
+    numbers >= 0 look like class indices stored as floats: refused, since reading them either way
+    could be wrong (pass ``y.long()``). Other float targets (soft labels ``N x C``, regression
+    targets) are not class labels: ignored with a warning, and the metric is top-1 agreement with
+    the original model, as for unlabelled data.
+    """
+    if y is None:
+        return None
+    if y.dim() < 1 or y.shape[0] != n:
+        raise AutodacError(
+            f"labels must hold one entry per input, but batch {position} of `data` has {n} inputs and labels of shape "
+            f"{tuple(y.shape)}"
+        )
+    if not y.is_floating_point():
+        return y
+    if y.dim() == 1 and bool(torch.isfinite(y).all()) and bool((y >= 0).all()) and bool((y == y.round()).all()):
+        raise AutodacError(
+            f"class labels must be an integer tensor (pass y.long()), but batch {position} of `data` has float labels "
+            f"(dtype {y.dtype}) holding whole numbers, e.g. {y[:3].tolist()}"
+        )
+    if not ignored:
+        warnings.warn(
+            f"autodac: the targets in `data` are not class labels (float, shape {tuple(y.shape)}, dtype {y.dtype}, from batch "
+            f"{position}), so they are ignored: the probe metric is top-1 agreement with the original model (pass integer "
+            "class labels for top-1 accuracy; a model of several inputs takes batches ((x0, x1, ...), y))", UserWarning, stacklevel=4,
+        )
+    ignored.append(position)
+    return None
 
 
 def batch_size_for(example_shape: Sequence[int], most: int = _BATCH) -> int:

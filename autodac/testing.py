@@ -14,6 +14,7 @@ from torch import nn
 __all__ = [
     "SmallConvNet", "TinyViT", "SwinLikeNet", "Conv1dNet", "LinearHeadNet", "GroupedConvNet", "DepthwiseOnlyNet", "SharedConvNet",
     "InvertedResidualNet", "TwoInputNet", "DenseNetLike", "InceptionLike", "ConvNeXtLike", "ShuffleNetLike",
+    "TinyResNet", "tiny_resnet18", "tiny_resnet34",
     "LayerConfig", "conv_configs", "linear_configs", "method_cases", "seeded",
 ]
 
@@ -423,6 +424,58 @@ class SwinLikeNet(nn.Module):
         windows = windows + nn.functional.linear(y, self.proj_weight)
         windows = windows + self.fc2(nn.functional.gelu(self.fc1(self.norm2(windows))))
         return self.head(windows.reshape(n, 16, d).mean(1))
+class _BasicBlock(nn.Module):
+    """torchvision's ResNet basic block (conv1/bn1/conv2/bn2, ``downsample`` = 1x1 conv + BN when the shape changes)."""
+
+    def __init__(self, channels_in: int, channels_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels_out)
+        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels_out)
+        self.downsample = None
+        if stride != 1 or channels_in != channels_out:
+            self.downsample = nn.Sequential(nn.Conv2d(channels_in, channels_out, 1, stride=stride, bias=False), nn.BatchNorm2d(channels_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class TinyResNet(nn.Module):
+    """A narrow ResNet with torchvision's layer names (conv1, bn1, layer1.0.conv1, ..., fc) and its stages of
+    ``blocks``: (2, 2, 2, 2) is resnet18's shape, (3, 4, 6, 3) resnet34's. Channels ``width`` x (1, 2, 4, 8);
+    a 3x3 stem without max-pooling, so small inputs (``N x 3 x 16 x 16``) run in milliseconds."""
+
+    def __init__(self, blocks: tuple[int, ...] = (2, 2, 2, 2), width: int = 4, num_classes: int = 10, seed: int = 0) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        channels = width
+        for stage, count in enumerate(blocks):
+            out = width * 2**stage
+            layers = [_BasicBlock(channels, out, 1 if stage == 0 else 2)] + [_BasicBlock(out, out, 1) for _ in range(count - 1)]
+            self.add_module(f"layer{stage + 1}", nn.Sequential(*layers))
+            channels = out
+        self.stages = len(blocks)
+        self.fc = nn.Linear(channels, num_classes)
+        seeded(self, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        for stage in range(self.stages):
+            x = getattr(self, f"layer{stage + 1}")(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def tiny_resnet18(num_classes: int = 10, width: int = 4, seed: int = 0) -> TinyResNet:
+    """resnet18's shape (2, 2, 2, 2 basic blocks), narrow (see ``TinyResNet``)."""
+    return TinyResNet((2, 2, 2, 2), width, num_classes, seed)
+
+
+def tiny_resnet34(num_classes: int = 10, width: int = 4, seed: int = 0) -> TinyResNet:
+    """resnet34's shape (3, 4, 6, 3 basic blocks), narrow (see ``TinyResNet``)."""
+    return TinyResNet((3, 4, 6, 3), width, num_classes, seed)
 
 
 class LayerConfig(NamedTuple):

@@ -211,7 +211,7 @@ def test_a_state_dict_as_model_is_refused(work: Path) -> None:
 
 
 def test_a_plan_that_does_not_fit_the_model_is_refused(work: Path, data_free: dict) -> None:
-    _refused(_cli("apply", "conv1d.pt", "free.json", "--out", "wrong.pt", cwd=work), "weight shape")
+    _refused(_cli("apply", "conv1d.pt", "free.json", "--out", "wrong.pt", cwd=work), "made for", "layer 'conv1': plan has Conv2d(3->8")
     assert not (work / "wrong.pt").exists()
 
 

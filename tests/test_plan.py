@@ -205,13 +205,15 @@ def _set_top(field: str, value: Any) -> Callable[[dict], None]:
 
 
 LOAD_REFUSALS = {
-    "version 2": (_set_top("_version", 2), r"plan version 1, but got _version=2"),
+    "version 3": (_set_top("_version", 3), r"plan versions \[1, 2\], but got _version=3"),
+    "version a string": (_set_top("_version", "2"), r"_version='2'"),
     "no version": (lambda d: d.pop("_version"), r"_version=None"),
     "not a plan": (_set_top("format", "other"), r"format='autodac\.plan'"),
     "unknown field": (_set_top("extra", 1), r"may only hold the fields.*'extra'"),
     "rank zero": (_set("rank", 0), r"layer 'conv1'.*rank >= 1.*rank=0"),
-    "rank string": (_set("rank", "2"), r"layer 'conv1'.*rank='2'"),
-    "rank bool": (_set("rank", True), r"layer 'conv1'.*rank=True"),
+    "rank string": (_set("rank", "8"), r"layer 'conv1': `rank` must be an integer >= 1.*rank='8' \(str\)"),
+    "rank fraction": (_set("rank", 2.5), r"layer 'conv1': `rank` must be an integer >= 1.*rank=2\.5 \(float\)"),
+    "rank bool": (_set("rank", True), r"layer 'conv1': `rank` must be an integer.*rank=True \(bool\)"),
     "missing field": (lambda d: d["layers"]["conv1"].pop("weight_shape"), r"layer 'conv1' must have the fields"),
     "layers not an object": (_set_top("layers", []), r"`layers` must be an object"),
     "bad original_flops": (_set_top("original_flops", "many"), r"integer `original_flops`.*'many'"),

@@ -108,22 +108,39 @@ def test_single_tensor_is_capped() -> None:
     "make_targets",
     [
         lambda n: torch.rand(n),  # regression targets
-        lambda n: torch.randint(0, 5, (n,)).float(),  # class indices stored as floats
-        lambda n: torch.randint(0, 5, (n + 1,)),  # not one label per example
-        lambda n: torch.tensor(3),  # a scalar
+        lambda n: torch.rand(n, 5),  # soft labels
+        lambda n: torch.randint(0, 5, (n,)).float() - 0.5,  # not whole numbers
     ],
-    ids=["float", "float-indices", "wrong-length", "scalar"],
+    ids=["float", "soft", "halves"],
 )
-def test_targets_that_are_not_class_indices_mean_unlabeled(make_targets: Any) -> None:
+def test_float_targets_that_are_not_class_labels_mean_unlabeled_with_one_warning(make_targets: Any) -> None:
     batches = [(x, make_targets(x.shape[0])) for x in _batches([4, 6], labeled=False)]
-    probe = collect_probe(batches, 100)
+    with pytest.warns(UserWarning, match=r"targets in `data` are not class labels \(float, shape .*top-1 agreement") as caught:
+        probe = collect_probe(batches, 100)
+    assert len([w for w in caught if "not class labels" in str(w.message)]) == 1  # once per probe, not per batch
     assert probe.labels is None
     assert torch.equal(probe.inputs, torch.cat([b[0] for b in batches]))
 
 
+@pytest.mark.parametrize(
+    "make_targets, message",
+    [
+        (lambda n: torch.randint(0, 5, (n,)).float(), r"class labels must be an integer tensor \(pass y\.long\(\)\), but batch 0 .*float32"),
+        (lambda n: torch.randint(0, 5, (n + 1,)), r"one entry per input, but batch 0 of `data` has 4 inputs and labels of shape \(5,\)"),
+        (lambda n: torch.tensor(3), r"one entry per input, but batch 0 of `data` has 4 inputs and labels of shape \(\)"),
+    ],
+    ids=["float-indices", "wrong-length", "scalar"],
+)
+def test_labels_that_cannot_be_read_safely_are_refused(make_targets: Any, message: str) -> None:
+    batches = [(x, make_targets(x.shape[0])) for x in _batches([4, 6], labeled=False)]
+    with pytest.raises(autodac.AutodacError, match=message):
+        collect_probe(batches, 100)
+
+
 def test_single_pair_with_float_targets_is_unlabeled() -> None:
     (x,) = _batches([6], labeled=False)
-    probe = collect_probe((x, torch.rand(6)), 100)
+    with pytest.warns(UserWarning, match="not class labels"):
+        probe = collect_probe((x, torch.rand(6)), 100)
     assert probe.labels is None and torch.equal(probe.inputs, x)
 
 
@@ -146,7 +163,7 @@ def test_single_pair_with_float_targets_is_unlabeled() -> None:
         pytest.param([(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)), torch.zeros(2, 3)], "batch 1 differs", id="labeled-then-bare"),
         pytest.param([torch.zeros(2, 3), (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))], "batch 1 differs", id="bare-then-labeled"),
         pytest.param(
-            [(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)), (torch.zeros(2, 3), torch.zeros(2))],
+            [(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)), (torch.zeros(2, 3), torch.rand(2))],
             "batch 1 differs", id="labeled-then-float",
         ),
         pytest.param([torch.zeros(2, 3), torch.zeros(2, 4)], r"one shape, but batch 1 has inputs of shape \(2, 4\) and batch 0 \(2, 3\)", id="shapes-differ"),

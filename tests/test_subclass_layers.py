@@ -7,6 +7,8 @@ standardisation, a Conv1d that pads itself, and a Linear whose forward just call
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import math
 import re
@@ -295,8 +297,11 @@ def test_apply_refuses_a_plan_for_an_irreproducible_layer() -> None:
     other = _net()
     dense = other.get_submodule(name)
     setattr(other, name, StandardizedConv2d(dense.in_channels, dense.out_channels, dense.kernel_size, stride=dense.stride))
+    with pytest.raises(PlanError, match=re.escape(name) + r"': plan has \w*Conv2d\(.*model has StandardizedConv2d\("):
+        autodac.apply(other, plan)  # the plan records the model it was made for: another layer type is refused first
+    unchecked = dataclasses.replace(plan, structure=None)  # a plan without that record (version 1) still meets the layer's own check
     with pytest.raises(PlanError, match=re.escape(name) + ".*weight standardisation"):
-        autodac.apply(other, plan)
+        autodac.apply(other, unchecked)
 
 
 def test_the_cross_check_names_the_layers_it_disagrees_on(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,105 @@
+"""Cases that used to pass silently or end in a deep torch error: each is now a clear error or a stated warning."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+
+import autodac
+from autodac.testing import SmallConvNet
+
+X = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def _damage_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "predicted to damage" in str(w.message)]
+
+
+def _smallest_budget(model: torch.nn.Module, x: torch.Tensor) -> float:
+    with pytest.raises(autodac.BudgetError) as refused:
+        autodac.optimize(model, 0.001, example_inputs=x, progress=False)
+    return float(re.search(r"`flops_budget >= (\d\.\d+)`", str(refused.value)).group(1))
+
+
+# ----------------------------------------------------------------------------- data against example_inputs
+
+
+def test_data_at_another_shape_than_example_inputs_is_refused_naming_both() -> None:
+    with pytest.raises(autodac.AutodacError, match=r"data has examples of shape \(3, 8, 8\) and example_inputs has shape \(1, 3, 16, 16\)"):
+        autodac.optimize(SmallConvNet(), 0.5, data=[X], example_inputs=torch.zeros(1, 3, 16, 16), progress=False)
+
+
+def test_data_at_the_shape_of_example_inputs_is_accepted_whatever_the_batch() -> None:
+    result = autodac.optimize(SmallConvNet(), 0.9, data=[X], example_inputs=torch.zeros(2, 3, 8, 8), n_trials=1, progress=False)
+    assert result.plan.input_shapes == [[2, 3, 8, 8]]
+
+
+# ----------------------------------------------------------------------------- labels through optimize
+
+
+def test_labels_of_another_length_are_refused_by_optimize() -> None:
+    with pytest.raises(autodac.AutodacError, match=r"labels must hold one entry per input, but batch 0 .* 64 inputs .*\(63,\)"):
+        autodac.optimize(SmallConvNet(), 0.5, data=[(X, torch.zeros(63, dtype=torch.long))], progress=False)
+
+
+def test_soft_targets_are_ignored_with_a_warning_and_the_metric_says_agreement() -> None:
+    soft = torch.softmax(torch.randn(64, 5), 1)
+    with pytest.warns(UserWarning, match="not class labels"):
+        result = autodac.optimize(SmallConvNet(), 0.9, data=[(X, soft)], n_trials=1, progress=False)
+    assert any("top-1 agreement with the original" in note for note in result.plan.notes)
+
+
+# ----------------------------------------------------------------------------- meta-device models
+
+
+def test_a_meta_model_is_refused_clearly_with_or_without_inputs() -> None:
+    with torch.device("meta"):
+        model = SmallConvNet()
+    for inputs in (None, torch.zeros(1, 3, 8, 8)):
+        with pytest.raises(autodac.ModelError, match=r"weights must hold values .* on the 'meta' device \(e\.g\. 'conv1\.weight'\).*to_empty"):
+            autodac.optimize(model, 0.5, example_inputs=inputs, progress=False)
+    plan = autodac.optimize(SmallConvNet(), 0.5, example_inputs=torch.zeros(1, 3, 8, 8), progress=False).plan
+    with pytest.raises(autodac.ModelError, match="'meta' device"):
+        autodac.apply(model, plan)
+    assert all(p.is_meta for p in model.parameters())  # and the caller's model is as it was
+
+
+# ----------------------------------------------------------------------------- damaging budgets
+
+
+def test_the_smallest_budget_is_allowed_but_warned_with_the_predicted_error_without_data() -> None:
+    model = SmallConvNet()
+    x = X[:1]
+    smallest = _smallest_budget(model, x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = autodac.optimize(model, smallest, example_inputs=x, progress=False)
+    assert result.flops_ratio <= smallest
+    worst = max(c.error for c in result.plan.factorized.values())
+    (message,) = _damage_warnings(caught)
+    assert worst > 0.5 and f"reach {worst:.2f} in one layer" in message
+    assert "warning: the plan is predicted to damage" in result.summary()
+
+
+def test_a_damaging_plan_made_with_data_is_warned_too_with_what_the_probe_measured(caplog: pytest.LogCaptureFixture) -> None:
+    model = SmallConvNet()
+    smallest = _smallest_budget(model, X[:1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = autodac.optimize(model, smallest, data=[X], n_trials=2, progress=False)
+    worst = max(c.error for c in result.plan.factorized.values())
+    (message,) = _damage_warnings(caught)
+    assert worst > 0.5 and f"reach {worst:.2f} in one layer" in message
+    assert f"top-1 agreement with the original {result.metrics['probe']:.4f}" in message
+    assert message.removeprefix("autodac: ") in result.plan.notes and "predicted to damage" in caplog.text
+
+
+def test_a_mild_plan_made_with_data_is_not_warned() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = autodac.optimize(SmallConvNet(), 0.95, data=[X], n_trials=1, progress=False)
+    assert sum(c.error for c in result.plan.factorized.values()) <= 0.5
+    assert not _damage_warnings(caught)
