@@ -71,6 +71,7 @@ class Result:
     profile: SensitivityProfile | None = None
     trials: list[Trial] = field(default_factory=list)
     pareto: list[Plan] = field(default_factory=list)  # with pareto=True: FLOPs-vs-quality front, cheapest first
+    example_inputs: tuple[Any, ...] | None = None  # what the plan was made on; ``autodac.export`` checks files on them
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -987,7 +988,7 @@ def optimize(
     return Result(
         model=decomposed, plan=plan, original_flops=original.total, flops=counted,
         original_params=count_params(model), params=count_params(decomposed), notes=notes,
-        profile=profile, trials=[] if refined is None else refined.trials, pareto=front,
+        profile=profile, trials=[] if refined is None else refined.trials, pareto=front, example_inputs=inputs,
     )
 
 
