@@ -2,7 +2,7 @@
 
 from autodac._logging import set_verbosity
 from autodac.api import Result, apply, decompose_conv, optimize
-from autodac.export import export, plain_torch
+from autodac.deploy import export, plain_torch
 from autodac.errors import AutodacError, BudgetError, ModelError, PlanError
 from autodac.layers import FactorizedLayer
 from autodac.plan import LayerChoice, Plan

@@ -20,7 +20,7 @@ from autodac.errors import AutodacError
 from autodac.factorize import Decomposition, get_method
 from autodac.subclasses import explicit_padding
 
-__all__ = ["FactorizedLayer", "SplitDepthwise", "build_factorized", "plain_layer", "SUPPORTED_TYPES", "IMPLEMENTATIONS"]
+__all__ = ["FactorizedLayer", "SplitDepthwise", "build_factorized", "plain_layer", "traced", "SUPPORTED_TYPES", "IMPLEMENTATIONS"]
 
 SUPPORTED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _PART_NAMES = {"dac": ("depthwise", "pointwise"), "tdac": ("pointwise", "per_output"), "spatial": ("vertical", "horizontal"), "lowrank": ("reduce", "expand")}
@@ -77,6 +77,21 @@ class SplitDepthwise(nn.Module):
         return torch.cat([conv(x) for conv in self.convs], dim=-len(self.convs[0].kernel_size) - 1)
 
 
+def traced(module: nn.Module) -> torch.fx.GraphModule:
+    """``module`` traced by ``torch.fx`` into a ``GraphModule``, which pickles its generated code instead of its class.
+
+    Annotations that ``from __future__ import annotations`` left as strings are dropped: fx
+    would name them as globals of the code, which do not pickle.
+    """
+    graph_module = torch.fx.symbolic_trace(module)
+    for node in graph_module.graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+    graph_module.recompile()
+    graph_module.train(module.training)
+    return graph_module
+
+
 _ZERO_PADS = {2: nn.ZeroPad1d, 4: nn.ZeroPad2d, 6: nn.ZeroPad3d}
 
 
@@ -92,7 +107,7 @@ def plain_layer(layer: FactorizedLayer) -> nn.Module:
         if pad:
             parts.append((f"pad_{name}", _ZERO_PADS[len(pad)](tuple(pad))))
         if isinstance(part, SplitDepthwise):
-            part = torch.fx.symbolic_trace(part)
+            part = traced(part)
         parts.append((name, part))
     plain = nn.Sequential(OrderedDict(parts))
     plain.train(layer.training)

@@ -29,7 +29,7 @@ from torch import nn
 
 from autodac._logging import get_logger
 from autodac.errors import AutodacError, ModelError
-from autodac.layers import FactorizedLayer, SplitDepthwise, plain_layer
+from autodac.layers import FactorizedLayer, SplitDepthwise, plain_layer, traced
 from autodac.runtimes import onnx_bytes, onnx_feeds, onnx_session, require_onnx
 
 __all__ = ["export", "plain_torch", "Exported", "FORMATS", "DEFAULT_TOLERANCE"]
@@ -75,21 +75,16 @@ def plain_torch(model: nn.Module) -> nn.Module:
         plain.get_submodule(parent).register_module(child, plain_layer(layer))
     for name, layer in [(n, m) for n, m in plain.named_modules() if isinstance(m, SplitDepthwise)]:  # one left bare
         parent, _, child = name.rpartition(".")
-        plain.get_submodule(parent).register_module(child, torch.fx.symbolic_trace(layer))
+        plain.get_submodule(parent).register_module(child, traced(layer))
     left = _own_classes(plain)
     if left:
         try:
-            plain = torch.fx.symbolic_trace(plain)
+            plain = traced(plain)
         except Exception as error:  # noqa: BLE001 - any tracing failure is the same refusal
             raise ModelError(
                 f"a model saved without autodac must not contain autodac's classes, but {left} remain and torch.fx "
                 f"could not trace the model to remove them ({type(error).__name__}: {error}); use format 'torchscript', 'pt2' or 'onnx'"
             ) from error
-        for node in plain.graph.nodes:  # annotations kept as strings (``from __future__ import annotations``) do not pickle
-            if isinstance(node.type, str):
-                node.type = None
-        plain.recompile()
-        plain.train(model.training)
     return plain
 
 
