@@ -396,6 +396,34 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    import autodac
+
+    plan = _load_plan(args.plan) if args.plan else None
+    _check_writable("`--out`", args.out)
+    model = _load_model(args.model, args.weights, args.pretrained)
+    if plan is not None:
+        model = autodac.apply(model, plan, data=_load_data(args.data, model) if args.data else None)
+    elif args.data:
+        raise _UsageError("`--data` replays a plan fitted to data, so it needs PLAN")
+    shapes = [args.input_shape] if args.input_shape is not None else (plan.input_shapes if plan is not None else [])
+    if not shapes:
+        raise CLIError("`--input-shape` (like 1,3,224,224) must be given when there is no PLAN: the file is checked on inputs of that shape")
+    generator = torch.Generator().manual_seed(0)
+    inputs = tuple(torch.randn(*shape, generator=generator, dtype=_dtype_of(model)) for shape in shapes)
+    exported = autodac.export(model, args.out, format=args.format, example_inputs=inputs)
+    payload = {"file": str(exported.path), "format": exported.format, "plan": args.plan, "input_shapes": [list(s) for s in shapes],
+               "max_difference": exported.max_difference, "allowed": exported.allowed}
+    text = (
+        f"wrote {exported.path} ({exported.format}); loaded back and run on inputs {[list(s) for s in shapes]}: "
+        f"max |difference| {exported.max_difference:.3g} (allowed {exported.allowed:.3g})"
+    )
+    _emit(args, text, payload)
+    return 0
+
+
 def _compare_payload(titles: Sequence[str], paths: Sequence[str], plans: Sequence[Any]) -> dict[str, Any]:
     from autodac.report import layer_names, sliced_by
 
@@ -656,6 +684,21 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--data", metavar="FILE", help="the probe the plan was made with (needed for plans fitted or re-fitted to data)")
     apply.add_argument("--out", required=True, metavar="FILE.pt", help="where to write the decomposed model (torch.save)")
     apply.set_defaults(run=_cmd_apply)
+
+    from autodac.deploy import FORMATS
+
+    export = commands.add_parser(
+        "export", parents=[common], help="write a deployable file (pt, torchscript, pt2, onnx), checked by loading it back",
+        description="Write MODEL (decomposed by PLAN when given) as FORMAT; the file is loaded back and its outputs checked "
+                    "against the model's. Every format loads without autodac ('pt': torch.load(path, weights_only=False)).",
+    )
+    _add_model(export)
+    export.add_argument("plan", nargs="?", metavar="PLAN", help="plan JSON to apply first (omit when MODEL is already decomposed)")
+    export.add_argument("--format", required=True, choices=FORMATS, help="pt (plain torch pickle), torchscript, pt2 (torch.export), onnx (needs autodac[deploy])")
+    export.add_argument("--out", required=True, metavar="FILE", help="where to write it")
+    export.add_argument("--data", metavar="FILE", help="the probe the plan was made with (plans fitted to data)")
+    _add_shape(export, "default: the plan's input shape")
+    export.set_defaults(run=_cmd_export)
 
     compare = commands.add_parser("compare", parents=[common], help="plans side by side, a row per layer",
                                   description="Plans side by side: a row per layer, a column per plan, then totals and metrics.")
