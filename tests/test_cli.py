@@ -180,7 +180,7 @@ def test_export_applies_the_plan_and_writes_a_file_that_loads_as_the_plans_model
     torch.testing.assert_close(_outputs(loaded), _outputs(autodac.apply(SmallConvNet(), autodac.Plan.load(work / "free.json"))))
 
 
-def test_export_of_a_model_without_plan_needs_an_input_shape(work: Path, tmp_path: Path) -> None:
+def test_export_of_a_model_without_plan_needs_an_input_shape(work: Path, data_free: dict, tmp_path: Path) -> None:
     _refused(_cli("export", "free.pt", "--format", "pt", "--out", str(tmp_path / "m.pt"), cwd=work), "--input-shape")
     _ok(_cli("export", "free.pt", "--format", "pt", "--out", str(tmp_path / "m.pt"), "--input-shape", SHAPE, cwd=work))
     saved = torch.load(tmp_path / "m.pt", weights_only=False)
