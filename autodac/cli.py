@@ -345,7 +345,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         kwargs["flops_budget"] = args.flops_budget
     if args.latency_budget is not None:
         kwargs["latency_budget"] = args.latency_budget
-    for name in ("methods", "n_trials", "seed", "synthesize", "device", "refit_candidates"):  # passed only when given: the library's defaults stay the defaults
+    for name in ("methods", "n_trials", "seed", "synthesize", "device", "refit_candidates", "runtime"):  # passed only when given: the library's defaults stay the defaults
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     if args.no_sequential_fit:
@@ -362,7 +362,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         "plan": args.out, "model": args.save_model, "budget": result.plan.budget, "original_flops": result.original_flops,
         "flops": result.flops, "flops_ratio": result.flops_ratio, "original_params": result.original_params,
         "params": result.params, "layers": len(result.plan.layers), "factorized": len(result.plan.factorized),
-        "skipped": result.plan.skipped, "metrics": result.plan.metrics, "notes": result.plan.notes,
+        "skipped": result.plan.skipped, "metrics": result.plan.metrics, "notes": result.plan.notes, "runtime": result.plan.runtime,
     }
     if getattr(args, "storage", None) is not None:
         payload.update(study=args.study, trials=len(result.trials))
@@ -443,7 +443,8 @@ def _compare_payload(titles: Sequence[str], paths: Sequence[str], plans: Sequenc
     totals = {
         title: {"file": path, "budget": plan.budget, "flops_ratio": plan.flops_ratio, "flops": plan.flops,
                 "original_flops": plan.original_flops,
-                "params_saved": sum(c.params_before - c.params_after for c in plan.layers.values()), "metrics": plan.metrics}
+                "params_saved": sum(c.params_before - c.params_after for c in plan.layers.values()), "metrics": plan.metrics,
+                "runtime": plan.runtime}
         for title, path, plan in zip(titles, paths, plans)
     }
     return {"columns": list(titles), "layers": rows, "totals": totals}
@@ -636,6 +637,8 @@ def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
     optimize.add_argument("--synthesize", type=_positive, metavar="N",
                           help="no data: plan on N inputs synthesised to match the model's BatchNorm statistics")
     optimize.add_argument("--device", metavar="DEVICE", help="where --latency-budget is timed (default: where the model is; e.g. cuda:0)")
+    optimize.add_argument("--runtime", choices=("torch", "onnxruntime"),
+                          help="what --latency-budget is timed in: eager torch (default) or onnxruntime (needs autodac[deploy])")
     optimize.add_argument("--methods", type=_methods, metavar="M[,M...]", help="factorisations allowed: dac,spatial,lowrank (default all)")
     optimize.add_argument("--exclude", action="append", metavar="GLOB", help="keep layers matching this name pattern dense (repeatable)")
     optimize.add_argument("--n-trials", type=_positive, metavar="N", help=f"Optuna trials with --data (default {_default('n_trials')})")

@@ -60,7 +60,7 @@ _LAYER_FIELDS = {"method", "rank", "weight_shape", "flops_before", "flops_after"
 _OPTIONAL_LAYER_FIELDS = {"impl", "latency_before", "latency_after", "channels", "sliced"}
 _PLAN_FIELDS = {
     "format", "_version", "budget", "input_shapes", "input_assumed", "original_flops", "flops",
-    "layers", "skipped", "metrics", "notes", "probe",
+    "layers", "skipped", "metrics", "notes", "probe", "runtime",
 }
 
 
@@ -110,6 +110,8 @@ class Plan:
     metrics: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     probe: dict[str, Any] = field(default_factory=dict)  # where the probe came from: {"source": "data" | "synthetic", ...}
+    # where a latency budget was timed: {"name": "torch" | "onnxruntime", "version": ..., "device": ...}; empty without one
+    runtime: dict[str, str] = field(default_factory=dict)
 
     @property
     def flops(self) -> int:
@@ -125,6 +127,7 @@ class Plan:
         return {name: choice for name, choice in self.layers.items() if not choice.is_dense}
 
     def to_dict(self) -> dict[str, Any]:
+        timed = {"runtime": dict(self.runtime)} if self.runtime else {}  # absent when empty: readers before it still load the plan
         return {
             "format": "autodac.plan",
             "_version": PLAN_VERSION,
@@ -138,6 +141,7 @@ class Plan:
             "metrics": dict(self.metrics),
             "notes": list(self.notes),
             "probe": dict(self.probe),
+            **timed,
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -194,11 +198,11 @@ class Plan:
                 input_shapes=[list(map(int, s)) for s in data.get("input_shapes", [])],
                 input_assumed=bool(data.get("input_assumed", False)), skipped=dict(data.get("skipped", {})),
                 metrics={k: float(v) for k, v in dict(data.get("metrics", {})).items()}, notes=list(data.get("notes", [])),
-                probe=dict(data.get("probe", {})),
+                probe=dict(data.get("probe", {})), runtime={str(k): str(v) for k, v in dict(data.get("runtime", {})).items()},
             )
         except (TypeError, ValueError) as problem:
             raise PlanError(
-                f"a plan's `budget`, `metrics` (objects of numbers), `input_shapes` (lists of ints), `skipped`, `probe` (objects) "
+                f"a plan's `budget`, `metrics` (objects of numbers), `input_shapes` (lists of ints), `skipped`, `probe`, `runtime` (objects) "
                 f"and `notes` (a list) must have those types, but {problem}"
             ) from None
 
