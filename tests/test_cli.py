@@ -191,6 +191,14 @@ def test_export_of_a_model_without_plan_needs_an_input_shape(work: Path, data_fr
 # ----------------------------------------------------------------------------- refusals: one line, no traceback
 
 
+def test_runtime_onnxruntime_without_it_says_how_to_install_it(work: Path, tmp_path: Path) -> None:
+    (tmp_path / "onnxruntime").mkdir()
+    (tmp_path / "onnxruntime" / "__init__.py").write_text("raise ImportError('No module named onnxruntime')\n")
+    done = _cli("optimize", "small.pt", "--latency-budget", "0.8", "--runtime", "onnxruntime", "--input-shape", SHAPE,
+                "--out", str(tmp_path / "p.json"), cwd=work, pythonpath=str(tmp_path))
+    _refused(done, "runtime='onnxruntime'", "pip install 'autodac[deploy]'")
+
+
 @pytest.mark.parametrize("budget", ["0", "1.5", "nan", "abc"])
 def test_a_budget_out_of_range_is_refused(work: Path, budget: str) -> None:
     done = _cli("optimize", "small.pt", "--flops-budget", budget, "--input-shape", SHAPE, "--out", "x.json", cwd=work)
