@@ -859,6 +859,8 @@ def optimize(
             "exclude": list(exclude), "weighting": weighting, "fit_to_data": fit_to_data, "sequential_fit": sequential_fit,
             "refit_candidates": refit_candidates, "profile_size": profile_size,
             "profile_points": profile_points, "reestimate_bn": reestimate_bn, "evaluate": evaluate is not None,
+            # a study timed in another runtime is another search; eager studies keep the fingerprint they had
+            **({} if timing_runtime.name == "torch" else {"runtime": timing_runtime.name}),
         },
     )
     metrics: dict[str, float] = {}
