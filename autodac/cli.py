@@ -647,7 +647,7 @@ def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
                           help="with --data/--synthesize: skip re-fitting the chosen layers in execution order (faster on deep nets)")
     optimize.add_argument("--refit-candidates", type=_positive, metavar="K",
                           help=f"re-fit the search's K best plans and keep the best (default {_default('refit_candidates')})")
-    optimize.add_argument("--save-model", metavar="FILE.pt", help="also write the decomposed model (torch.save)")
+    optimize.add_argument("--save-model", metavar="FILE.pt", help="also write the decomposed model (torch.save: loads where autodac is installed; `autodac export` writes files that load without it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -685,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(apply)
     apply.add_argument("plan", metavar="PLAN", help="plan JSON written by `autodac optimize`")
     apply.add_argument("--data", metavar="FILE", help="the probe the plan was made with (needed for plans fitted or re-fitted to data)")
-    apply.add_argument("--out", required=True, metavar="FILE.pt", help="where to write the decomposed model (torch.save)")
+    apply.add_argument("--out", required=True, metavar="FILE.pt", help="where to write the decomposed model (torch.save: loads where autodac is installed; `autodac export` writes files that load without it)")
     apply.set_defaults(run=_cmd_apply)
 
     from autodac.deploy import FORMATS
