@@ -123,7 +123,7 @@ def one_net(name: str, model: nn.Module, x: torch.Tensor, rounds: int) -> tuple[
             start = time.perf_counter()
             exported = autodac.export(results["onnxruntime"], os.path.join(folder, f"model.{fmt}"), format=fmt)
             exports.append({
-                "net": name, "format": fmt, "max |exported - model|": f"{exported.max_difference:.2g}",
+                "net": name, "format": fmt, "max abs(exported - model)": f"{exported.max_difference:.2g}",
                 "allowed": f"{exported.allowed:.2g}", "MB": round(os.path.getsize(exported.path) / 2**20, 1),
                 "write + check s": round(time.perf_counter() - start, 1),
             })

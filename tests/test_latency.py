@@ -271,6 +271,13 @@ def test_onnxruntime_timings_are_cached_apart_from_eager_ones(onnx_result) -> No
     assert latency_module.device_key(torch.device("cpu"), get_runtime("onnxruntime")).endswith(f"|onnxruntime {get_runtime('onnxruntime').version}")
 
 
+@needs_onnx
+def test_an_unreachable_budget_in_onnxruntime_is_refused_naming_the_runtime_and_the_best_ratio(onnx_result, latency_result) -> None:
+    cache = latency_result[3]  # the onnxruntime tables are cached there by now: only the end-to-end checks run
+    with pytest.raises(BudgetError, match=r"latency_budget >= \d\.\d+` must hold for this model on cpu .* in onnxruntime .* but got latency_budget=0.001"):
+        autodac.optimize(WideNet().eval(), latency_budget=0.001, runtime="onnxruntime", example_inputs=INPUT, latency_cache=cache, progress=False)
+
+
 def test_plans_without_a_runtime_still_load_and_are_written_as_before() -> None:
     plan = autodac.Plan(layers={}, original_flops=10)
     data = json.loads(plan.to_json())
