@@ -32,6 +32,7 @@ from autodac.batches import Batch, arguments, per_example
 from autodac.factorize import METHODS, get_method
 from autodac.latency import LatencyCache, LatencyTable, describe_device, measure_table, resolve_device, side_by_side
 from autodac.layers import IMPLEMENTATIONS, SUPPORTED_TYPES, build_factorized
+from autodac.runtimes import Runtime, get_runtime
 from autodac.plan import DENSE, LayerChoice, Plan
 from autodac import probes as _probes
 from autodac.probes import (
@@ -74,6 +75,7 @@ class Result:
     profile: SensitivityProfile | None = None
     trials: list[Trial] = field(default_factory=list)
     pareto: list[Plan] = field(default_factory=list)  # with pareto=True: FLOPs-vs-quality front, cheapest first
+    example_inputs: tuple[Any, ...] | None = None  # what the plan was made on; ``autodac.export`` checks files on them
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -744,6 +746,7 @@ def optimize(
     flops_budget: float | None = None,
     *,
     latency_budget: float | None = None,
+    runtime: str = "torch",
     device: Any = None,
     latency_cache: Any = True,
     example_inputs: Any = None,
@@ -798,7 +801,10 @@ def optimize(
     the per-user cache file, a path, or False), the planner picks method, rank and the fastest
     implementation per layer, and the result is timed side by side with the original
     (interleaved runs, median ratio), tightening and re-planning until the measured ratio meets
-    the budget. Either budget alone or both together.
+    the budget. ``runtime`` is where the latency is timed: ``"torch"`` (eager PyTorch) or
+    ``"onnxruntime"`` (each option and each side-by-side model exported to ONNX and run in an
+    onnxruntime CPU session with torch's thread count; needs ``autodac[deploy]``); the plan
+    records it. Either budget alone or both together.
     ``fit_to_data`` fits each layer to the covariance of its probe inputs (output error instead
     of weight error); ``sequential_fit`` then re-fits the chosen layers in execution order to
     reproduce the original layers' outputs from the inputs the decomposed layers before them
@@ -828,6 +834,11 @@ def optimize(
     budget = None if flops_budget is None else _check_budget("flops_budget", flops_budget)
     latency = None if latency_budget is None else _check_budget("latency_budget", latency_budget)
     timing_device = resolve_device(device, model) if latency is not None else None
+    timing_runtime = get_runtime(runtime)
+    if latency is None and timing_runtime.name != "torch":
+        raise AutodacError(f"`runtime` is where latency_budget is timed, so it needs latency_budget, but got runtime={runtime!r} and latency_budget=None")
+    if timing_device is not None:
+        timing_runtime.check(timing_device)
     methods = _check_methods(methods)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     if weighting not in ("batchnorm", "none"):
@@ -897,6 +908,8 @@ def optimize(
             "exclude": list(exclude), "weighting": weighting, "fit_to_data": fit_to_data, "sequential_fit": sequential_fit,
             "refit_candidates": refit_candidates, "profile_size": profile_size,
             "profile_points": profile_points, "reestimate_bn": reestimate_bn, "evaluate": evaluate is not None,
+            # a study timed in another runtime is another search; eager studies keep the fingerprint they had
+            **({} if timing_runtime.name == "torch" else {"runtime": timing_runtime.name}),
         },
     )
     metrics: dict[str, float] = {}
@@ -909,14 +922,14 @@ def optimize(
     secondary: Secondary | None = None
     capacity = target - fixed
     if latency is not None:
-        measure = functools.partial(_measure_latency, model, inputs, candidates, factors, timing_device, latency_cache, progress)
-        timing = measure() if shared is None else shared.latency(timing_device, measure)
+        measure = functools.partial(_measure_latency, model, inputs, candidates, factors, timing_device, latency_cache, progress, timing_runtime)
+        timing = measure() if shared is None else shared.latency(timing_device, measure, timing_runtime)
         if budget is not None:
             secondary = Secondary([o.costs for o in weight_scores], target - fixed)
         capacity = timing.capacity(latency)
         fastest = minimum_cost(_costed(weight_scores, timing))
         if fastest > capacity:  # the tables say no plan is fast enough: believe only an end-to-end measurement
-            measured = _latency_ratio(model, _build(model, candidates, timing.fastest(), factors, timing), inputs, timing.device)[0]
+            measured = _latency_ratio(model, _build(model, candidates, timing.fastest(), factors, timing), inputs, timing)[0]
             if measured > latency:
                 _refuse_latency(latency, measured, timing)
             capacity = fastest
@@ -973,7 +986,7 @@ def optimize(
         selection, decomposed, measured = _meet_latency(
             latency, capacity, minimum_cost(_costed(weight_scores, timing)), selection, decomposed, timing,
             plan_at=lambda room: allocate(scaled, room), build=lambda chosen: _build(model, candidates, chosen, factors, timing),
-            measure=lambda candidate: _latency_ratio(model, candidate, inputs, timing.device),
+            measure=lambda candidate: _latency_ratio(model, candidate, inputs, timing),
         )
         ratio, original_seconds, seconds = measured
         metrics.update(latency_ratio=ratio, latency_original_ms=original_seconds * 1e3, latency_ms=seconds * 1e3)
@@ -981,7 +994,7 @@ def optimize(
     planned_budget = {} if budget is None else {"flops": budget}
     if latency is not None:
         planned_budget["latency"] = latency
-        notes.append(f"latency measured on {describe_device(timing.device)}, inputs {_input_shapes(inputs)}")
+        notes.append(f"latency measured on {describe_device(timing.device, timing_runtime)}, inputs {_input_shapes(inputs)}")
     layers = _choices(candidates, selection, timing)
     for candidate in candidates:  # a width unit's producer kept whole: say why it is not a layer of its own
         name = candidate.producer.layer.name if candidate.producer is not None else None
@@ -991,6 +1004,7 @@ def optimize(
         layers=layers, original_flops=original.total, budget=planned_budget,
         input_shapes=_input_shapes(inputs), input_assumed=assumed, skipped=skipped, notes=notes, probe=probe_source,
         structure=model_structure(model, _input_shapes(inputs)),
+        runtime={} if timing is None else {"name": timing_runtime.name, "version": timing_runtime.version, "device": describe_device(timing.device, timing_runtime)},
     )
     published = refined.best if refined is not None else None
     if probe is not None and sequential_fit and _selection_factorizes(selection, candidates) and not _selection_factorizes(
@@ -1039,7 +1053,7 @@ def optimize(
     return Result(
         model=decomposed, plan=plan, original_flops=original.total, flops=counted,
         original_params=count_params(model), params=count_params(decomposed), notes=notes,
-        profile=profile, trials=[] if refined is None else refined.trials, pareto=front,
+        profile=profile, trials=[] if refined is None else refined.trials, pareto=front, example_inputs=inputs,
     )
 
 
@@ -1235,7 +1249,7 @@ def _inputs_on(inputs: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]
     return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
-def _measure_latency(model, inputs, candidates: list[_Candidate], factors: _Factors, device, cache_path, progress) -> LatencyTable:
+def _measure_latency(model, inputs, candidates: list[_Candidate], factors: _Factors, device, cache_path, progress, runtime: Runtime) -> LatencyTable:
     cache = LatencyCache.open(cache_path)
     reference = _on_device(model, device)
     layers = [
@@ -1243,19 +1257,20 @@ def _measure_latency(model, inputs, candidates: list[_Candidate], factors: _Fact
         for c in candidates
     ]
     with evaluating(reference):
-        return measure_table(reference, _inputs_on(inputs, device), layers, IMPLEMENTATIONS, device, cache, progress)
+        return measure_table(reference, _inputs_on(inputs, device), layers, IMPLEMENTATIONS, device, cache, progress, runtime)
 
 
-def _latency_ratio(model: nn.Module, decomposed: nn.Module, inputs, device) -> tuple[float, float, float]:
-    """``(ratio, original s, decomposed s)``: medians of interleaved end-to-end runs on ``device``."""
+def _latency_ratio(model: nn.Module, decomposed: nn.Module, inputs, timing: LatencyTable) -> tuple[float, float, float]:
+    """``(ratio, original s, decomposed s)``: medians of interleaved end-to-end runs on the table's device and runtime."""
+    device = timing.device
     reference, candidate = _on_device(model, device), _on_device(decomposed, device)
     with evaluating(reference), evaluating(candidate):
-        return side_by_side(reference, candidate, _inputs_on(inputs, device), device)
+        return side_by_side(reference, candidate, _inputs_on(inputs, device), device, runtime=get_runtime(timing.runtime))
 
 
 def _refuse_latency(budget: float, best: float, timing: LatencyTable):
     raise BudgetError(
-        f"`latency_budget >= {math.ceil(best * 1e3) / 1e3:.3f}` must hold for this model on {describe_device(timing.device)} "
+        f"`latency_budget >= {math.ceil(best * 1e3) / 1e3:.3f}` must hold for this model on {describe_device(timing.device, get_runtime(timing.runtime))} "
         f"(the best latency ratio measured, with every layer at its fastest option), but got latency_budget={budget!r}"
     )
 

@@ -427,7 +427,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         kwargs["flops_budget"] = args.flops_budget
     if args.latency_budget is not None:
         kwargs["latency_budget"] = args.latency_budget
-    for name in ("methods", "n_trials", "seed", "synthesize", "device", "refit_candidates"):  # passed only when given: the library's defaults stay the defaults
+    for name in ("methods", "n_trials", "seed", "synthesize", "device", "refit_candidates", "runtime"):  # passed only when given: the library's defaults stay the defaults
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     if args.no_sequential_fit:
@@ -444,7 +444,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         "plan": args.out, "model": args.save_model, "budget": result.plan.budget, "original_flops": result.original_flops,
         "flops": result.flops, "flops_ratio": result.flops_ratio, "original_params": result.original_params,
         "params": result.params, "layers": len(result.plan.layers), "factorized": len(result.plan.factorized),
-        "skipped": result.plan.skipped, "metrics": result.plan.metrics, "notes": result.plan.notes,
+        "skipped": result.plan.skipped, "metrics": result.plan.metrics, "notes": result.plan.notes, "runtime": result.plan.runtime,
         "weights": _weights_source(args),
     }
     if getattr(args, "storage", None) is not None:
@@ -484,6 +484,34 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    import autodac
+
+    plan = _load_plan(args.plan) if args.plan else None
+    _check_writable("`--out`", args.out)
+    model = _load_model_from(args)
+    if plan is not None:
+        model = autodac.apply(model, plan, data=_load_data(args.data, model) if args.data else None)
+    elif args.data:
+        raise _UsageError("`--data` replays a plan fitted to data, so it needs PLAN")
+    shapes = [args.input_shape] if args.input_shape is not None else (plan.input_shapes if plan is not None else [])
+    if not shapes:
+        raise CLIError("`--input-shape` (like 1,3,224,224) must be given when there is no PLAN: the file is checked on inputs of that shape")
+    generator = torch.Generator().manual_seed(0)
+    inputs = tuple(torch.randn(*shape, generator=generator, dtype=_dtype_of(model)) for shape in shapes)
+    exported = autodac.export(model, args.out, format=args.format, example_inputs=inputs)
+    payload = {"file": str(exported.path), "format": exported.format, "plan": args.plan, "input_shapes": [list(s) for s in shapes],
+               "max_difference": exported.max_difference, "allowed": exported.allowed}
+    text = (
+        f"wrote {exported.path} ({exported.format}); loaded back and run on inputs {[list(s) for s in shapes]}: "
+        f"max |difference| {exported.max_difference:.3g} (allowed {exported.allowed:.3g})"
+    )
+    _emit(args, text, payload)
+    return 0
+
+
 def _compare_payload(titles: Sequence[str], paths: Sequence[str], plans: Sequence[Any]) -> dict[str, Any]:
     from autodac.report import layer_names, sliced_by
 
@@ -503,7 +531,8 @@ def _compare_payload(titles: Sequence[str], paths: Sequence[str], plans: Sequenc
     totals = {
         title: {"file": path, "budget": plan.budget, "flops_ratio": plan.flops_ratio, "flops": plan.flops,
                 "original_flops": plan.original_flops,
-                "params_saved": sum(c.params_before - c.params_after for c in plan.layers.values()), "metrics": plan.metrics}
+                "params_saved": sum(c.params_before - c.params_after for c in plan.layers.values()), "metrics": plan.metrics,
+                "runtime": plan.runtime}
         for title, path, plan in zip(titles, paths, plans)
     }
     return {"columns": list(titles), "layers": rows, "totals": totals}
@@ -699,6 +728,8 @@ def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
     optimize.add_argument("--synthesize", type=_positive, metavar="N",
                           help="no data: plan on N inputs synthesised to match the model's BatchNorm statistics")
     optimize.add_argument("--device", metavar="DEVICE", help="where --latency-budget is timed (default: where the model is; e.g. cuda:0)")
+    optimize.add_argument("--runtime", choices=("torch", "onnxruntime"),
+                          help="what --latency-budget is timed in: eager torch (default) or onnxruntime (needs autodac[deploy])")
     optimize.add_argument("--methods", type=_methods, metavar="M[,M...]", help="factorisations allowed: dac,spatial,lowrank (default all)")
     optimize.add_argument("--exclude", action="append", metavar="GLOB", help="keep layers matching this name pattern dense (repeatable)")
     optimize.add_argument("--n-trials", type=_positive, metavar="N", help=f"Optuna trials with --data (default {_default('n_trials')})")
@@ -707,7 +738,7 @@ def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
                           help="with --data/--synthesize: skip re-fitting the chosen layers in execution order (faster on deep nets)")
     optimize.add_argument("--refit-candidates", type=_positive, metavar="K",
                           help=f"re-fit the search's K best plans and keep the best (default {_default('refit_candidates')})")
-    optimize.add_argument("--save-model", metavar="FILE.pt", help="also write the decomposed model (torch.save)")
+    optimize.add_argument("--save-model", metavar="FILE.pt", help="also write the decomposed model (torch.save: loads where autodac is installed; `autodac export` writes files that load without it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -745,8 +776,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(apply)
     apply.add_argument("plan", metavar="PLAN", help="plan JSON written by `autodac optimize`")
     apply.add_argument("--data", metavar="FILE", help="the probe the plan was made with (needed for plans fitted or re-fitted to data)")
-    apply.add_argument("--out", required=True, metavar="FILE.pt", help="where to write the decomposed model (torch.save)")
+    apply.add_argument("--out", required=True, metavar="FILE.pt", help="where to write the decomposed model (torch.save: loads where autodac is installed; `autodac export` writes files that load without it)")
     apply.set_defaults(run=_cmd_apply)
+
+    from autodac.deploy import FORMATS
+
+    export = commands.add_parser(
+        "export", parents=[common], help="write a deployable file (pt, torchscript, pt2, onnx), checked by loading it back",
+        description="Write MODEL (decomposed by PLAN when given) as FORMAT; the file is loaded back and its outputs checked "
+                    "against the model's. Every format loads without autodac ('pt': torch.load(path, weights_only=False)).",
+    )
+    _add_model(export)
+    export.add_argument("plan", nargs="?", metavar="PLAN", help="plan JSON to apply first (omit when MODEL is already decomposed)")
+    export.add_argument("--format", required=True, choices=FORMATS, help="pt (plain torch pickle), torchscript, pt2 (torch.export), onnx (needs autodac[deploy])")
+    export.add_argument("--out", required=True, metavar="FILE", help="where to write it")
+    export.add_argument("--data", metavar="FILE", help="the probe the plan was made with (plans fitted to data)")
+    _add_shape(export, "default: the plan's input shape")
+    export.set_defaults(run=_cmd_export)
 
     compare = commands.add_parser("compare", parents=[common], help="plans side by side, a row per layer",
                                   description="Plans side by side: a row per layer, a column per plan, then totals and metrics.")

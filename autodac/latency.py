@@ -23,6 +23,7 @@ from torch import nn
 
 from autodac.errors import AutodacError
 from autodac.factorize import Geometry
+from autodac.runtimes import TORCH, Runtime
 
 __all__ = ["LatencyCache", "median_seconds", "side_by_side", "layer_inputs", "layer_latencies", "LatencyTable", "measure_table", "device_key", "describe_device", "resolve_device"]
 
@@ -64,26 +65,28 @@ def median_seconds(run: Callable[[], Any], device: torch.device, repeats: int = 
 
 
 def side_by_side(
-    reference: nn.Module, candidate: nn.Module, inputs: tuple[Any, ...], device: torch.device, rounds: int = 15
+    reference: nn.Module, candidate: nn.Module, inputs: tuple[Any, ...], device: torch.device, rounds: int = 15,
+    runtime: Runtime = TORCH,
 ) -> tuple[float, float, float]:
-    """``(median ratio candidate/reference, reference median s, candidate median s)`` from interleaved runs."""
-    def once(model: nn.Module) -> float:
+    """``(median ratio candidate/reference, reference median s, candidate median s)`` from interleaved runs on ``runtime``."""
+    def once(run: Callable[[], Any]) -> float:
         start = time.perf_counter()
-        model(*inputs)
+        run()
         _synchronize(device)
         return time.perf_counter() - start
 
     with torch.no_grad():
+        runs = {"reference": runtime.runner(reference, [inputs]), "candidate": runtime.runner(candidate, [inputs])}
         for _ in range(_WARMUP):
-            reference(*inputs)
-            candidate(*inputs)
+            runs["reference"]()
+            runs["candidate"]()
         _synchronize(device)
         ratios, first, second = [], [], []
         for i in range(rounds):
-            pair = (reference, candidate) if i % 2 == 0 else (candidate, reference)  # alternate who runs first
-            times = {id(m): once(m) for m in pair}
-            first.append(times[id(reference)])
-            second.append(times[id(candidate)])
+            pair = ("reference", "candidate") if i % 2 == 0 else ("candidate", "reference")  # alternate who runs first
+            times = {name: once(runs[name]) for name in pair}
+            first.append(times["reference"])
+            second.append(times["candidate"])
             ratios.append(second[-1] / first[-1])
     return statistics.median(ratios), statistics.median(first), statistics.median(second)
 
@@ -99,22 +102,25 @@ def layer_inputs(module: nn.Module, geometry: Geometry, device: torch.device, ge
     ]
 
 
-def device_key(device: torch.device) -> str:
-    """What a timing depends on beyond the layer: the device model, the thread count, the torch build."""
+def device_key(device: torch.device, runtime: Runtime = TORCH) -> str:
+    """What a timing depends on beyond the layer: the device model, the thread count, the torch build (and a runtime other than eager torch, with its version)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         import platform
 
         name = f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip()
-    return f"{device.type}|{name}|torch {torch.__version__}"
+    key = f"{device.type}|{name}|torch {torch.__version__}"
+    return key if runtime.name == "torch" else f"{key}|{runtime.key}"  # eager keys as before: caches stay valid
 
 
-def describe_device(device: torch.device) -> str:
-    """The device in words, as plans and errors report it."""
+def describe_device(device: torch.device, runtime: Runtime = TORCH) -> str:
+    """The device in words, as plans and errors report it (with the runtime when it is not eager torch)."""
     if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)}, torch {torch.__version__})"
-    return f"cpu ({torch.get_num_threads()} threads, torch {torch.__version__})"
+        described = f"{device} ({torch.cuda.get_device_name(device)}, torch {torch.__version__})"
+    else:
+        described = f"cpu ({torch.get_num_threads()} threads, torch {torch.__version__})"
+    return described if runtime.name == "torch" else f"{described} in {runtime.key}"
 
 
 @dataclass
@@ -144,9 +150,9 @@ class LatencyCache:
         return cls(path, entries)
 
     @staticmethod
-    def key(device: torch.device, module: nn.Module, geometry: Geometry, option: Sequence[Any]) -> str:
+    def key(device: torch.device, module: nn.Module, geometry: Geometry, option: Sequence[Any], runtime: Runtime = TORCH) -> str:
         described = json.dumps(
-            [device_key(device), repr(module), str(module.weight.dtype), [list(map(list, c[1:])) + [c[0]] for c in geometry.calls],
+            [device_key(device, runtime), repr(module), str(module.weight.dtype), [list(map(list, c[1:])) + [c[0]] for c in geometry.calls],
              list(option)],
         )
         return hashlib.sha1(described.encode()).hexdigest()
@@ -188,24 +194,26 @@ def layer_latencies(
     points: int = 16,
     repeats: int = 7,
     seed: int = 0,
+    runtime: Runtime = TORCH,
 ) -> tuple[list[float], list[str]]:
     """Seconds and fastest implementation for every ``(method, rank)`` option of one layer.
 
     Option ``(DENSE, None)`` is the layer itself. Per method, up to ``points`` ranks are timed
     (each implementation of it, on inputs of the traced shapes): all of them when there are
     that few (speed is not smooth in rank where a narrow conv misses the fast kernels), else ``points`` ranks spread evenly with linear interpolation between.
+    Each is timed on ``runtime`` (onnxruntime: the layer exported alone, one session per input shape).
     """
     generator = torch.Generator().manual_seed(seed)
     inputs = layer_inputs(module, geometry, device, generator)
 
     def timed(layer: nn.Module, option: Sequence[Any]) -> float:
-        key = LatencyCache.key(device, module, geometry, option)
+        key = LatencyCache.key(device, module, geometry, option, runtime)
         cached = cache.get(key)
         if cached is not None:
             return cached
         if any(p.device != device for p in layer.parameters()):
             layer = copy.deepcopy(layer).to(device)  # never move the caller's own layer (convs and linears have no mode)
-        seconds = median_seconds(lambda: [layer(x) for x in inputs], device, repeats=repeats)
+        seconds = median_seconds(runtime.runner(layer, [(x,) for x in inputs]), device, repeats=repeats)
         cache.put(key, seconds)
         return seconds
 
@@ -253,6 +261,7 @@ class LatencyTable:
     original: float
     seconds: list[list[float]]
     impls: list[list[str]]
+    runtime: str = "torch"  # where it was timed (``autodac.runtimes``)
     _costs: list | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -284,9 +293,10 @@ def measure_table(
     device: torch.device,
     cache: LatencyCache,
     progress: bool = False,
+    runtime: Runtime = TORCH,
 ) -> LatencyTable:
-    """Time the original model end to end, then every layer's options (see ``layer_latencies``)."""
-    original = median_seconds(lambda: model(*inputs), device, repeats=11)
+    """Time the original model end to end, then every layer's options (see ``layer_latencies``), on ``runtime``."""
+    original = median_seconds(runtime.runner(model, [inputs]), device, repeats=11)
     iterator = layers
     if progress:
         from tqdm.auto import tqdm
@@ -294,8 +304,8 @@ def measure_table(
         iterator = tqdm(layers, desc="autodac: timing layers", unit="layer", disable=None, leave=False)
     seconds, impls = [], []
     for module, geometry, options, build in iterator:
-        row, chosen = layer_latencies(module, geometry, options, build, implementations, device, cache)
+        row, chosen = layer_latencies(module, geometry, options, build, implementations, device, cache, runtime=runtime)
         seconds.append(row)
         impls.append(chosen)
     cache.save()
-    return LatencyTable(device, original, seconds, impls)
+    return LatencyTable(device, original, seconds, impls, runtime.name)

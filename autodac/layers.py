@@ -12,6 +12,7 @@ from collections import OrderedDict
 from typing import List
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -19,7 +20,7 @@ from autodac.errors import AutodacError
 from autodac.factorize import Decomposition, get_method
 from autodac.subclasses import explicit_padding
 
-__all__ = ["FactorizedLayer", "SplitDepthwise", "build_factorized", "SUPPORTED_TYPES", "IMPLEMENTATIONS"]
+__all__ = ["FactorizedLayer", "SplitDepthwise", "build_factorized", "plain_layer", "traced", "SUPPORTED_TYPES", "IMPLEMENTATIONS"]
 
 SUPPORTED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _PART_NAMES = {"dac": ("depthwise", "pointwise"), "tdac": ("pointwise", "per_output"), "spatial": ("vertical", "horizontal"), "lowrank": ("reduce", "expand")}
@@ -74,6 +75,43 @@ class SplitDepthwise(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([conv(x) for conv in self.convs], dim=-len(self.convs[0].kernel_size) - 1)
+
+
+def traced(module: nn.Module) -> torch.fx.GraphModule:
+    """``module`` traced by ``torch.fx`` into a ``GraphModule``, which pickles its generated code instead of its class.
+
+    Annotations that ``from __future__ import annotations`` left as strings are dropped: fx
+    would name them as globals of the code, which do not pickle.
+    """
+    graph_module = torch.fx.symbolic_trace(module)
+    for node in graph_module.graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+    graph_module.recompile()
+    graph_module.train(module.training)
+    return graph_module
+
+
+_ZERO_PADS = {2: nn.ZeroPad1d, 4: nn.ZeroPad2d, 6: nn.ZeroPad3d}
+
+
+def plain_layer(layer: FactorizedLayer) -> nn.Module:
+    """``layer`` rebuilt from torch's own classes only (same parameters, same outputs), for files that load without autodac.
+
+    An ``nn.Sequential`` of the two halves under their names (so state-dict keys are unchanged),
+    with an ``nn.ZeroPad*d`` before a half that pads its input; a split depthwise half becomes
+    a ``torch.fx.GraphModule`` (its generated code is pickled with it, so it needs no class).
+    """
+    parts: list[tuple[str, nn.Module]] = []
+    for (name, part), pad in zip(layer.named_children(), (layer.pad_first, layer.pad_second)):
+        if pad:
+            parts.append((f"pad_{name}", _ZERO_PADS[len(pad)](tuple(pad))))
+        if isinstance(part, SplitDepthwise):
+            part = traced(part)
+        parts.append((name, part))
+    plain = nn.Sequential(OrderedDict(parts))
+    plain.train(layer.training)
+    return plain
 
 
 def _conv_type(module: nn.Module) -> type[nn.Module]:

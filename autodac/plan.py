@@ -63,7 +63,7 @@ _LAYER_FIELDS = {"method", "rank", "weight_shape", "flops_before", "flops_after"
 _OPTIONAL_LAYER_FIELDS = {"impl", "latency_before", "latency_after", "channels", "sliced"}
 _PLAN_FIELDS = {
     "format", "_version", "budget", "input_shapes", "input_assumed", "original_flops", "flops",
-    "layers", "skipped", "metrics", "notes", "probe", "structure",
+    "layers", "skipped", "metrics", "notes", "probe", "structure", "runtime",
 }
 
 
@@ -146,6 +146,8 @@ class Plan:
     # the model it was made for: {"fingerprint": "sha256:...", "layers": {name: "Conv2d(3->8, kernel=(3, 3), ...)"}}
     # (autodac.structure); None for a plan of version 1 or one built by hand, which apply cannot check
     structure: dict[str, Any] | None = None
+    # where a latency budget was timed: {"name": "torch" | "onnxruntime", "version": ..., "device": ...}; empty without one
+    runtime: dict[str, str] = field(default_factory=dict)
 
     @property
     def flops(self) -> int:
@@ -161,6 +163,7 @@ class Plan:
         return {name: choice for name, choice in self.layers.items() if not choice.is_dense}
 
     def to_dict(self) -> dict[str, Any]:
+        timed = {"runtime": dict(self.runtime)} if self.runtime else {}  # absent when empty: readers before it still load the plan
         return {
             "format": "autodac.plan",
             "_version": PLAN_VERSION,
@@ -175,6 +178,7 @@ class Plan:
             "notes": list(self.notes),
             "probe": dict(self.probe),
             **({} if self.structure is None else {"structure": {"fingerprint": self.structure["fingerprint"], "layers": dict(self.structure["layers"])}}),
+            **timed,
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -241,10 +245,11 @@ class Plan:
                 input_assumed=bool(data.get("input_assumed", False)), skipped=dict(data.get("skipped", {})),
                 metrics={k: float(v) for k, v in dict(data.get("metrics", {})).items()}, notes=list(data.get("notes", [])),
                 probe=dict(data.get("probe", {})), structure=structure,
+                runtime={str(k): str(v) for k, v in dict(data.get("runtime", {})).items()},
             )
         except (TypeError, ValueError) as problem:
             raise PlanError(
-                f"a plan's `budget`, `metrics` (objects of numbers), `input_shapes` (lists of ints), `skipped`, `probe` (objects) "
+                f"a plan's `budget`, `metrics` (objects of numbers), `input_shapes` (lists of ints), `skipped`, `probe`, `runtime` (objects) "
                 f"and `notes` (a list) must have those types, but {problem}"
             ) from None
 

@@ -82,12 +82,19 @@ def _merged_order(sequences: list[list[str]]) -> list[str]:
     return merged
 
 
+def _runtime_cell(plan: Plan) -> str:
+    if not plan.runtime:
+        return ""
+    return f"{plan.runtime.get('name', '?')} {plan.runtime.get('version', '')}".strip()
+
+
 def compare(plans: Mapping[str, Plan] | list[Plan], tablefmt: str = "simple") -> str:
     """Plans side by side: a row per layer (method, rank, the layer's FLOPs ratio and, for plans timed
     under a latency budget, its measured latency ratio), then totals.
 
     ``plans`` maps a column title to a plan (a list gets titles ``plan 1``, ``plan 2``...). Totals
-    are the FLOPs ratio, the parameters, and every measured figure the plans carry (``metrics``).
+    are the FLOPs ratio, the parameters, the runtime a latency plan was timed on, and every
+    measured figure the plans carry (``metrics``).
     """
     if not isinstance(plans, Mapping):
         plans = {f"plan {i + 1}": plan for i, plan in enumerate(plans)}
@@ -100,6 +107,8 @@ def compare(plans: Mapping[str, Plan] | list[Plan], tablefmt: str = "simple") ->
     rows.append(["FLOPs", *(f"{plans[t].flops:,}" for t in titles)])
     params = {t: sum(c.params_after - c.params_before for c in plans[t].layers.values()) for t in titles}
     rows.append(["parameters saved", *(f"{-params[t]:,}" for t in titles)])
+    if any(plans[t].runtime for t in titles):  # where each latency plan was timed: ratios from different runtimes differ
+        rows.append(["timed on", *(_runtime_cell(plans[t]) for t in titles)])
     metric_names = list(dict.fromkeys(k for plan in plans.values() for k in plan.metrics))
     for key in metric_names:
         rows.append([key, *(f"{plans[t].metrics[key]:.4f}" if key in plans[t].metrics else "" for t in titles)])

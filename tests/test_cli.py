@@ -171,7 +171,32 @@ def test_report_without_matplotlib_says_how_to_install_it(work: Path, tmp_path: 
     _refused(done, "pip install autodac[plots]")
 
 
+def test_export_applies_the_plan_and_writes_a_file_that_loads_as_the_plans_model(work: Path, data_free: dict, tmp_path: Path) -> None:
+    done = _ok(_cli("export", "small.pt", "free.json", "--format", "torchscript", "--out", str(tmp_path / "m.ts"), "--json", cwd=work))
+    payload = json.loads(done.stdout)
+    assert payload["format"] == "torchscript" and payload["input_shapes"] == [[1, 3, 8, 8]]
+    assert 0 <= payload["max_difference"] <= payload["allowed"]
+    loaded = torch.jit.load(str(tmp_path / "m.ts"))
+    torch.testing.assert_close(_outputs(loaded), _outputs(autodac.apply(SmallConvNet(), autodac.Plan.load(work / "free.json"))))
+
+
+def test_export_of_a_model_without_plan_needs_an_input_shape(work: Path, data_free: dict, tmp_path: Path) -> None:
+    _refused(_cli("export", "free.pt", "--format", "pt", "--out", str(tmp_path / "m.pt"), cwd=work), "--input-shape")
+    _ok(_cli("export", "free.pt", "--format", "pt", "--out", str(tmp_path / "m.pt"), "--input-shape", SHAPE, cwd=work))
+    saved = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert not any(type(m).__module__.startswith("autodac") for m in saved.modules())
+    torch.testing.assert_close(_outputs(saved), _outputs(torch.load(work / "free.pt", weights_only=False)), rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- refusals: one line, no traceback
+
+
+def test_runtime_onnxruntime_without_it_says_how_to_install_it(work: Path, tmp_path: Path) -> None:
+    (tmp_path / "onnxruntime").mkdir()
+    (tmp_path / "onnxruntime" / "__init__.py").write_text("raise ImportError('No module named onnxruntime')\n")
+    done = _cli("optimize", "small.pt", "--latency-budget", "0.8", "--runtime", "onnxruntime", "--input-shape", SHAPE,
+                "--out", str(tmp_path / "p.json"), cwd=work, pythonpath=str(tmp_path))
+    _refused(done, "runtime='onnxruntime'", "pip install 'autodac[deploy]'")
 
 
 @pytest.mark.parametrize("budget", ["0", "1.5", "nan", "abc"])

@@ -67,3 +67,10 @@ def test_deploy_smallest_without_a_winner_saves_nothing(tmp_path: Path) -> None:
     )
     assert "fail" in out and "resnet20: no budget passed" in out
     assert not any(tmp_path.iterdir())
+
+
+def test_export_writes_every_format_and_checks_it() -> None:
+    out = _run("export.py")
+    for fmt in ("pt", "torchscript", "pt2"):
+        assert re.search(rf"^{fmt}: [0-9.]+ MB, loaded back, max \|difference\| ", out, re.M), out
+    assert re.search(r"^onnx: (skipped|[0-9.]+ MB, loaded back)", out, re.M), out

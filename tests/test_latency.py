@@ -4,7 +4,9 @@ both budgets together, clear refusals, plans that record and replay the implemen
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from autodac.cost import count_flops
 from autodac.errors import AutodacError, BudgetError
 from autodac.latency import LatencyCache, layer_latencies, median_seconds, side_by_side
 from autodac.layers import IMPLEMENTATIONS, SplitDepthwise, build_factorized
+from autodac.runtimes import get_runtime
 from autodac.testing import conv_configs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths")
@@ -221,3 +224,100 @@ def test_a_latency_plan_with_data_keeps_its_implementations_through_the_refit(tm
     applied = autodac.apply(fresh, autodac.Plan.from_json(result.plan.to_json()), data=[x])
     state, expected = applied.state_dict(), result.model.state_dict()
     assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+
+
+# ----------------------------------------------------------------------------- the runtime a budget is timed on
+
+HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="onnx and onnxruntime are not installed (pip install 'autodac[deploy]')")
+
+
+@pytest.fixture(scope="module")
+def onnx_result(latency_result):
+    _, _, _, cache = latency_result  # the eager tables are in this cache already: onnxruntime must not read them
+    model = WideNet().eval()
+    eager_keys = set(json.loads(cache.read_text()))
+    result = autodac.optimize(model, latency_budget=0.6, runtime="onnxruntime", example_inputs=INPUT, latency_cache=cache, progress=False)
+    return model, result, eager_keys, set(json.loads(cache.read_text()))
+
+
+@needs_onnx
+def test_a_budget_timed_in_onnxruntime_holds_when_remeasured_there(onnx_result) -> None:
+    model, result, _, _ = onnx_result
+    assert result.latency_ratio is not None and result.latency_ratio <= 0.6
+    ratio, _, _ = side_by_side(model, result.model.eval(), (INPUT,), torch.device("cpu"), rounds=9, runtime=get_runtime("onnxruntime"))
+    assert ratio < 1.0  # re-timed independently in onnxruntime (shared CPUs are too noisy to test the budget itself here)
+
+
+@needs_onnx
+def test_the_plan_records_the_runtime_and_compare_shows_it(onnx_result, latency_result) -> None:
+    _, result, _, _ = onnx_result
+    import onnxruntime
+
+    plan = autodac.Plan.from_json(result.plan.to_json())
+    assert plan.runtime["name"] == "onnxruntime" and plan.runtime["version"] == onnxruntime.__version__
+    assert plan == result.plan
+    assert latency_result[2].plan.runtime["name"] == "torch"
+    table = autodac.compare({"eager": latency_result[2].plan, "onnx": plan})
+    row = next(line for line in table.splitlines() if line.startswith("timed on"))
+    assert f"torch {torch.__version__}" in row and f"onnxruntime {onnxruntime.__version__}" in row
+
+
+@needs_onnx
+def test_onnxruntime_timings_are_cached_apart_from_eager_ones(onnx_result) -> None:
+    _, _, eager_keys, all_keys = onnx_result
+    assert eager_keys < all_keys  # new entries were timed, none overwritten
+    assert latency_module.device_key(torch.device("cpu")).count("|") == 2  # eager keys unchanged: old caches stay valid
+    assert latency_module.device_key(torch.device("cpu"), get_runtime("onnxruntime")).endswith(f"|onnxruntime {get_runtime('onnxruntime').version}")
+
+
+@needs_onnx
+def test_an_unreachable_budget_in_onnxruntime_is_refused_naming_the_runtime_and_the_best_ratio(onnx_result, latency_result) -> None:
+    cache = latency_result[3]  # the onnxruntime tables are cached there by now: only the end-to-end checks run
+    with pytest.raises(BudgetError, match=r"latency_budget >= \d\.\d+` must hold for this model on cpu .* in onnxruntime .* but got latency_budget=0.001"):
+        autodac.optimize(WideNet().eval(), latency_budget=0.001, runtime="onnxruntime", example_inputs=INPUT, latency_cache=cache, progress=False)
+
+
+def test_plans_without_a_runtime_still_load_and_are_written_as_before() -> None:
+    plan = autodac.Plan(layers={}, original_flops=10)
+    data = json.loads(plan.to_json())
+    assert "runtime" not in data  # a FLOPs plan reads as it did for older autodac versions
+    assert autodac.Plan.from_dict(data).runtime == {}
+    assert "timed on" not in autodac.compare([plan])
+
+
+def test_onnxruntime_missing_is_refused_in_one_line_naming_the_extra(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(AutodacError, match=r"runtime='onnxruntime' needs .*onnxruntime.* not installed: pip install 'autodac\[deploy\]'") as error:
+        autodac.optimize(WideNet(), latency_budget=0.6, runtime="onnxruntime", example_inputs=INPUT, progress=False)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"latency_budget": 0.6, "runtime": "tensorrt"}, r"`runtime` must be one of \['onnxruntime', 'torch'\], but got runtime='tensorrt'"),
+        ({"flops_budget": 0.5, "runtime": "onnxruntime"}, r"`runtime` is where latency_budget is timed, so it needs latency_budget"),
+    ],
+)
+def test_a_runtime_that_cannot_apply_is_refused(kwargs, match) -> None:
+    with pytest.raises(AutodacError, match=match):
+        autodac.optimize(WideNet(), example_inputs=INPUT, progress=False, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_onnxruntime_timing_on_cuda_is_refused_naming_the_device() -> None:
+    with pytest.raises(AutodacError, match=r"device must be 'cpu', but got device='cuda:0'"):
+        autodac.optimize(WideNet(), latency_budget=0.6, runtime="onnxruntime", device="cuda:0", example_inputs=INPUT, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_latency_budget_on_cuda_is_met_when_remeasured_on_the_gpu(tmp_path) -> None:
+    model = WideNet().eval()
+    x = torch.randn(8, 64, 96, 96, generator=torch.Generator().manual_seed(2))
+    result = autodac.optimize(model, latency_budget=0.8, device="cuda:0", example_inputs=x, latency_cache=tmp_path / "c.json", progress=False)
+    assert result.latency_ratio is not None and result.latency_ratio <= 0.8
+    assert "cuda" in result.plan.runtime["device"]
+    gpu = torch.device("cuda:0")
+    ratio, _, _ = side_by_side(copy.deepcopy(model).to(gpu), copy.deepcopy(result.model).to(gpu).eval(), (x.to(gpu),), gpu, rounds=15)
+    assert ratio < 1.0

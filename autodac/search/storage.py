@@ -377,11 +377,13 @@ class SharedSearch:
 
         return self.piece("profile", compute, lambda p: p.to_dict(), decode)
 
-    def latency(self, device: torch.device, compute: Callable[[], Any]):
-        """The latency table of ``device`` (keyed by what timings depend on: device model, threads, torch build)."""
+    def latency(self, device: torch.device, compute: Callable[[], Any], runtime: Any = None):
+        """The latency table of ``device`` (keyed by what timings depend on: device model, threads, torch build, runtime)."""
         from autodac.latency import LatencyTable, device_key
+        from autodac.runtimes import TORCH
 
-        described = device_key(device)
+        runtime = runtime or TORCH
+        described = device_key(device, runtime)
         name = "latency:" + hashlib.sha1(described.encode()).hexdigest()[:16]
 
         def encode(table: LatencyTable) -> dict:
@@ -389,7 +391,7 @@ class SharedSearch:
 
         def decode(data: dict) -> LatencyTable:
             return LatencyTable(device, float(data["original"]), [[float(s) for s in row] for row in data["seconds"]],
-                                [[str(i) for i in row] for row in data["impls"]])
+                                [[str(i) for i in row] for row in data["impls"]], runtime.name)
 
         return self.piece(name, compute, encode, decode)
 
