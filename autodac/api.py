@@ -36,8 +36,8 @@ from autodac.runtimes import Runtime, get_runtime
 from autodac.plan import DENSE, LayerChoice, Plan
 from autodac import probes as _probes
 from autodac.probes import (
-    BATCH_ELEMENTS, DEFAULT_PROBE_SIZE, Probe, _device_of, batchnorm_weights, collect_probe, fit_examples, input_covariances, split_probe, divergence, has_batchnorm, predict, reconstruction_errors,
-    reestimate_batchnorm, top1_match, covariance_bytes, covariance_fits, patch_size,
+    BATCH_ELEMENTS, DEFAULT_PROBE_SIZE, Probe, _device_of, batchnorm_weights, collect_probe, fit_examples, input_covariances,
+    split_probe, divergence, has_batchnorm, predict, reconstruction_errors, reestimate_batchnorm, top1_match, covariance_bytes, covariance_fits, patch_size,
 )
 from autodac.report import plan_table
 from autodac.search.knapsack import LayerOptions, Secondary, minimum_cost, pareto_front, solve
@@ -51,7 +51,7 @@ from autodac.subclasses import explicit_padding
 from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
 from autodac.factorize.channels import ChannelOrder, order_channels, refit_kept
 from autodac.implied import affected_layers, batchnorm_noise, implied_batch, positions_per_example
-from autodac.widths import Gathered, WidthUnit, collecting_moments, find_width_units, input_moments, slice_unit
+from autodac.widths import Gathered, WidthUnit, collecting_moments, find_width_units, slice_unit
 
 __all__ = ["optimize", "apply", "decompose_conv", "Result", "DEFAULT_METHODS"]
 
@@ -845,7 +845,9 @@ def optimize(
         raise AutodacError(f"`weighting` must be 'batchnorm' or 'none', but got weighting={weighting!r}")
     if isinstance(max_layer_error, bool) or not isinstance(max_layer_error, numbers.Real) or not max_layer_error > 0:
         raise AutodacError(f"`max_layer_error > 0` must hold (a relative output error), but got max_layer_error={max_layer_error!r}")
-    for name, value, low in (("probe_size", probe_size, 2), ("profile_size", profile_size, 1), ("profile_points", profile_points, 1), ("n_trials", n_trials, 1), ("refit_candidates", refit_candidates, 1)):
+    counts = (("probe_size", probe_size, 2), ("profile_size", profile_size, 1), ("profile_points", profile_points, 1),
+              ("n_trials", n_trials, 1), ("refit_candidates", refit_candidates, 1))
+    for name, value, low in counts:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise AutodacError(f"`{name} >= {low}` must hold (an integer), but got {name}={value!r}")
     if evaluate is not None and not callable(evaluate):
@@ -1004,7 +1006,9 @@ def optimize(
         layers=layers, original_flops=original.total, budget=planned_budget,
         input_shapes=_input_shapes(inputs), input_assumed=assumed, skipped=skipped, notes=notes, probe=probe_source,
         structure=model_structure(model, _input_shapes(inputs)),
-        runtime={} if timing is None else {"name": timing_runtime.name, "version": timing_runtime.version, "device": describe_device(timing.device, timing_runtime)},
+        runtime={} if timing is None else {
+            "name": timing_runtime.name, "version": timing_runtime.version, "device": describe_device(timing.device, timing_runtime),
+        },
     )
     published = refined.best if refined is not None else None
     if probe is not None and sequential_fit and _selection_factorizes(selection, candidates) and not _selection_factorizes(

@@ -427,7 +427,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         kwargs["flops_budget"] = args.flops_budget
     if args.latency_budget is not None:
         kwargs["latency_budget"] = args.latency_budget
-    for name in ("methods", "n_trials", "seed", "synthesize", "device", "refit_candidates", "runtime"):  # passed only when given: the library's defaults stay the defaults
+    # passed only when given: the library's defaults stay the defaults
+    for name in ("methods", "n_trials", "seed", "synthesize", "device", "refit_candidates", "runtime"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     if args.no_sequential_fit:
@@ -738,7 +739,10 @@ def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
                           help="with --data/--synthesize: skip re-fitting the chosen layers in execution order (faster on deep nets)")
     optimize.add_argument("--refit-candidates", type=_positive, metavar="K",
                           help=f"re-fit the search's K best plans and keep the best (default {_default('refit_candidates')})")
-    optimize.add_argument("--save-model", metavar="FILE.pt", help="also write the decomposed model (torch.save: loads where autodac is installed; `autodac export` writes files that load without it)")
+    optimize.add_argument("--save-model", metavar="FILE.pt", help=f"also write the decomposed model ({_TORCH_SAVE})")
+
+
+_TORCH_SAVE = "torch.save: loads where autodac is installed; `autodac export` writes files that load without it"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -776,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(apply)
     apply.add_argument("plan", metavar="PLAN", help="plan JSON written by `autodac optimize`")
     apply.add_argument("--data", metavar="FILE", help="the probe the plan was made with (needed for plans fitted or re-fitted to data)")
-    apply.add_argument("--out", required=True, metavar="FILE.pt", help="where to write the decomposed model (torch.save: loads where autodac is installed; `autodac export` writes files that load without it)")
+    apply.add_argument("--out", required=True, metavar="FILE.pt", help=f"where to write the decomposed model ({_TORCH_SAVE})")
     apply.set_defaults(run=_cmd_apply)
 
     from autodac.deploy import FORMATS
@@ -788,7 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model(export)
     export.add_argument("plan", nargs="?", metavar="PLAN", help="plan JSON to apply first (omit when MODEL is already decomposed)")
-    export.add_argument("--format", required=True, choices=FORMATS, help="pt (plain torch pickle), torchscript, pt2 (torch.export), onnx (needs autodac[deploy])")
+    export.add_argument("--format", required=True, choices=FORMATS,
+                        help="pt (plain torch pickle), torchscript, pt2 (torch.export), onnx (needs autodac[deploy])")
     export.add_argument("--out", required=True, metavar="FILE", help="where to write it")
     export.add_argument("--data", metavar="FILE", help="the probe the plan was made with (plans fitted to data)")
     _add_shape(export, "default: the plan's input shape")
@@ -809,7 +814,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(profile)
     profile.add_argument("--data", required=True, metavar="FILE", help="probe: .npz with x (and optional y), or a .pt")
     _add_shape(profile, "default: the first example's shape")
-    profile.add_argument("--points", type=_positive, default=_default("profile_points"), metavar="K", help=f"options measured per layer (default {_default('profile_points')})")
+    profile.add_argument("--points", type=_positive, default=_default("profile_points"), metavar="K",
+                         help=f"options measured per layer (default {_default('profile_points')})")
     profile.add_argument("--profile-size", type=_positive, metavar="N", help=f"probe examples each measurement runs on (default {_default('profile_size')})")
     profile.add_argument("--methods", type=_methods, metavar="M[,M...]", help="factorisations to measure (default all)")
     profile.add_argument("--out", metavar="DIR", help="write DIR/sensitivity.json and the heat map DIR/sensitivity.png")

@@ -19,7 +19,6 @@ import logging
 import warnings
 from typing import Any
 
-import torch
 from torch import nn
 
 from autodac.errors import ModelError

@@ -16,7 +16,10 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:  # numpy is imported where the costs are computed
+    import numpy as np
 
 import torch
 from torch import nn
@@ -25,7 +28,10 @@ from autodac.errors import AutodacError
 from autodac.factorize import Geometry
 from autodac.runtimes import TORCH, Runtime
 
-__all__ = ["LatencyCache", "median_seconds", "side_by_side", "layer_inputs", "layer_latencies", "LatencyTable", "measure_table", "device_key", "describe_device", "resolve_device"]
+__all__ = [
+    "LatencyCache", "median_seconds", "side_by_side", "layer_inputs", "layer_latencies", "LatencyTable", "measure_table", "device_key",
+    "describe_device", "resolve_device",
+]
 
 _WARMUP = 3
 
@@ -103,7 +109,8 @@ def layer_inputs(module: nn.Module, geometry: Geometry, device: torch.device, ge
 
 
 def device_key(device: torch.device, runtime: Runtime = TORCH) -> str:
-    """What a timing depends on beyond the layer: the device model, the thread count, the torch build (and a runtime other than eager torch, with its version)."""
+    """What a timing depends on beyond the layer: the device model, the thread count, the torch build
+    (and a runtime other than eager torch, with its version)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:

@@ -29,7 +29,6 @@ import argparse
 import json
 import time
 
-import torch
 
 import autodac
 from autodac.errors import BudgetError

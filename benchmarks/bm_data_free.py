@@ -31,10 +31,9 @@ import torch
 
 import autodac
 from autodac.api import Result
-from autodac.factorize import METHODS
-
-ALL_METHODS = tuple(METHODS)
+from autodac.datasets import fashion_mnist
 from autodac.errors import BudgetError
+from autodac.factorize import METHODS
 from autodac.zoo import resnet50_shaped
 
 try:
@@ -44,8 +43,7 @@ except ImportError:  # run as `python -m benchmarks.bm_data_free`
         NETS, load_net, log, set_threads, smallest_uniform_rank, test_accuracy, uniform_dac, warm_up, weights_info, write_results,
     )
 
-from autodac.datasets import fashion_mnist
-
+ALL_METHODS = tuple(METHODS)
 DEFAULT_BUDGETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 

@@ -28,7 +28,6 @@ import collections
 import datetime
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile

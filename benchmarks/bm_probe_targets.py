@@ -36,7 +36,8 @@ def main() -> None:
     model = pretrained("resnet20")
     autodac.optimize(model, 0.5, example_inputs=test_x[:1], progress=False)  # warm-up: imports, first fvcore trace
     rows = [f"| original | 1.0 | {accuracy(model):.2f} | | |"]
-    for label, budget, data in (("labeled probe", 0.5, [(probe_x, probe_y)]), ("unlabeled probe", 0.5, [probe_x]), ("labeled probe", 0.3, [(probe_x, probe_y)])):
+    cases = (("labeled probe", 0.5, [(probe_x, probe_y)]), ("unlabeled probe", 0.5, [probe_x]), ("labeled probe", 0.3, [(probe_x, probe_y)]))
+    for label, budget, data in cases:
         start = time.perf_counter()
         result = autodac.optimize(model, budget, data=data, progress=False)
         seconds = time.perf_counter() - start
@@ -45,8 +46,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     text = [
         "# probe_targets", "",
-        "ResNet-20 (shipped weights), `optimize(model, budget, data=probe)` with default settings, 2,000 fixed-seed train images as the probe, test accuracy on all 10,000 test images.", "",
-        f"- command: `python benchmarks/bm_probe_targets.py`", f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        "ResNet-20 (shipped weights), `optimize(model, budget, data=probe)` with default settings, 2,000 fixed-seed train images "
+        "as the probe, test accuracy on all 10,000 test images.", "",
+        "- command: `python benchmarks/bm_probe_targets.py`", f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- machine: nproc {os.cpu_count()}, load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}; torch {torch.__version__}, 2 threads", "",
         "| probe | FLOPs ratio | test acc (%) | optimize s | BN re-estimation |", "|---|---|---|---|---|", *rows,
     ]

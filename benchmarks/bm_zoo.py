@@ -2,6 +2,7 @@
 
     python benchmarks/bm_zoo.py                                   # torchvision's zoo where it imports, else the families
     python benchmarks/bm_zoo.py --zoo families --budget 0.5       # autodac.testing's self-contained families at 224 px
+    python benchmarks/bm_zoo.py --models googlenet --update       # re-run some rows of an existing results file
     /path/to/venv-with-torchvision/bin/python benchmarks/bm_zoo.py --zoo torchvision
 
 torchvision does not import beside this project's pinned CPU torch (its only wheel here needs CUDA
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=900, help="seconds one call may take")
     parser.add_argument("--out", default="zoo", help="results name under benchmarks/results/")
+    parser.add_argument("--update", action="store_true", help="re-run --models and replace their rows in an existing results file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -136,9 +138,12 @@ def main() -> None:
             zoo = "families"
     names = args.models or (TORCHVISION if zoo == "torchvision" else FAMILIES)
     sys.path.insert(0, str(HERE))
-    from common import write_results
+    from common import RESULTS, write_results
 
     rows = []
+    kept: dict[str, dict[str, Any]] = {}
+    if args.update and (RESULTS / f"{args.out}.json").exists():  # the other models' rows stay as they were measured
+        kept = {row["model"]: row for row in json.loads((RESULTS / f"{args.out}.json").read_text())["rows"][""]}
     with tempfile.TemporaryDirectory() as work:
         for name in names:
             spec = {"zoo": zoo, "name": name, "budget": args.budget, "size": args.size, "threads": args.threads,
@@ -156,8 +161,9 @@ def main() -> None:
                 row = {"error": f"over the {args.timeout} s limit"}
             row.pop("traceback", None)
             rows.append({"model": name, **row})
+            kept[name] = rows[-1]
             print(f"[{time.perf_counter() - started:6.1f}s] {name}: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-            write_results(args.out, rows, HEADER.format(zoo=zoo, budget=args.budget, size=args.size))
+            write_results(args.out, list(kept.values()) if args.update else rows, HEADER.format(zoo=zoo, budget=args.budget, size=args.size))
 
 
 HEADER = """

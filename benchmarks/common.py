@@ -14,7 +14,6 @@ and ``benchmarks/results/<name>.json`` (for scripts).
 
 from __future__ import annotations
 
-import copy
 import datetime
 import hashlib
 import json

@@ -3,7 +3,6 @@ are ordinary candidates through ``UnfusedMultiheadAttention``, exact at full ran
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import warnings

@@ -182,7 +182,8 @@ def test_a_kept_refit_is_recorded_and_judged_on_the_held_out_probe() -> None:
     notes = " ".join(result.plan.notes)
     if refitted:
         assert "re-fitted in execution order" in notes and "probe_before_sequential_fit" in result.plan.metrics
-        assert result.plan.metrics["probe_without_bn_reestimate"] >= result.plan.metrics["probe_before_sequential_fit"] or result.plan.metrics.get("bn_reestimated")
+        metrics = result.plan.metrics
+        assert metrics["probe_without_bn_reestimate"] >= metrics["probe_before_sequential_fit"] or metrics.get("bn_reestimated")
     else:
         assert "sequential re-fit tried and rejected" in notes
     assert autodac.Plan.from_json(result.plan.to_json()).layers == result.plan.layers

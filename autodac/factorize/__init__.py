@@ -9,7 +9,10 @@ from autodac.factorize.lowrank import LowRank
 from autodac.factorize.spatial import Spatial
 from autodac.factorize.transposed_dac import TransposedDAC
 
-__all__ = ["METHODS", "Decomposition", "Factorization", "Factors", "Geometry", "get_method", "DAC", "TransposedDAC", "Spatial", "LowRank", "output_matching_weight"]
+__all__ = [
+    "METHODS", "Decomposition", "Factorization", "Factors", "Geometry", "get_method", "DAC", "TransposedDAC", "Spatial", "LowRank",
+    "output_matching_weight",
+]
 
 METHODS: dict[str, Factorization] = {method.name: method for method in (DAC(), TransposedDAC(), Spatial(), LowRank())}
 

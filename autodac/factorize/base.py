@@ -14,7 +14,10 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["Geometry", "Decomposition", "Factors", "Factorization", "svd_dtype", "tail_energy", "out_scale", "full_svd", "singular_values", "cholesky_factor", "SVDFactorization"]
+__all__ = [
+    "Geometry", "Decomposition", "Factors", "Factorization", "svd_dtype", "tail_energy", "out_scale", "full_svd", "singular_values",
+    "cholesky_factor", "SVDFactorization",
+]
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,14 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from autodac.search.knapsack import LayerOptions, Secondary, solve
+
+if TYPE_CHECKING:  # optuna is imported when a search runs
+    import optuna
 
 __all__ = ["Trial", "RefineResult", "refine", "pareto_trials"]
 
