@@ -2,6 +2,7 @@
 
 from autodac._logging import set_verbosity
 from autodac.api import Result, apply, decompose_conv, optimize
+from autodac.budgets import Flops, Latency, Params
 from autodac.deploy import export, plain_torch
 from autodac.errors import AutodacError, BudgetError, ModelError, PlanError
 from autodac.layers import FactorizedLayer
@@ -12,6 +13,7 @@ from autodac.synthesis import synthesize_inputs
 __version__ = "0.1.0"
 
 __all__ = [
-    "optimize", "apply", "export", "plain_torch", "decompose_conv", "compare", "synthesize_inputs", "Result", "Plan", "LayerChoice", "FactorizedLayer",
+    "optimize", "Flops", "Latency", "Params",
+    "apply", "export", "plain_torch", "decompose_conv", "compare", "synthesize_inputs", "Result", "Plan", "LayerChoice", "FactorizedLayer",
     "AutodacError", "BudgetError", "ModelError", "PlanError", "set_verbosity", "__version__",
 ]

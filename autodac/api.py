@@ -29,6 +29,7 @@ from autodac.attention import unfuse_attention
 from autodac.cost import count_flops, count_params
 from autodac.errors import AutodacError, BudgetError, ModelError, PlanError
 from autodac.batches import Batch, arguments, per_example
+from autodac.budgets import Budget, gather
 from autodac.factorize import METHODS, get_method
 from autodac.latency import LatencyCache, LatencyTable, describe_device, measure_table, resolve_device, side_by_side
 from autodac.layers import IMPLEMENTATIONS, SUPPORTED_TYPES, build_factorized
@@ -122,15 +123,6 @@ def _stage(name: str):
     logger.info("%s ...", name)
     yield
     logger.info("%s: %.1f s", name, time.perf_counter() - start)
-
-
-def _check_budget(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise BudgetError(f"`{name}` must be a real number with 0 < {name} <= 1, but got {name}={value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise BudgetError(f"`0 < {name} <= 1` must hold, but got {name}={value!r}")
-    return value
 
 
 def _check_methods(methods: Iterable[str]) -> tuple[str, ...]:
@@ -544,6 +536,7 @@ def _statistics(model: nn.Module, layers: dict[str, nn.Module], consumers: dict[
 
 
 def _params_after(module: nn.Module, method: str, rank: int) -> int:
+    """Parameters of the pair that replaces ``module`` under ``method`` at ``rank`` (tests prove it equals the built pair's)."""
     shape = tuple(module.weight.shape)
     n, c = shape[:2]
     k = int(np.prod(shape[2:])) if len(shape) > 2 else 1
@@ -554,7 +547,52 @@ def _params_after(module: nn.Module, method: str, rank: int) -> int:
         return c * n * rank + n * rank * k + bias
     if method == "spatial":
         return c * rank * shape[2] + rank * n * shape[3] + bias
-    return rank * c * k + n * rank + bias
+    if method == "lowrank":
+        return rank * c * k + n * rank + bias
+    raise AutodacError(f"`method` must be one of {sorted(METHODS)} to count its parameters, but got method={method!r}")
+
+
+def _sliced_params(module: nn.Module, width: int) -> int:
+    """Parameters of a width unit's producer or chain module kept at ``width`` channels (as ``widths._sliced`` cuts them)."""
+    return sum(p.numel() // p.shape[0] * width if p.dim() >= 1 else p.numel() for p in module.parameters(recurse=False))
+
+
+def _width_params(candidate: _Candidate, width: int) -> tuple[int, int]:
+    """``(before, after)`` parameters of a width unit (consumer, producer, chain) kept at ``width`` channels.
+
+    The consumer keeps its output channels and gets a bias (the re-fit's constant), its input
+    channels cut to ``width``; the producer and chain keep ``width`` of their channels.
+    """
+    unit, module = candidate.unit, candidate.layer.module
+    members = [candidate.root.get_submodule(n) for n in (unit.producer, *unit.chain)]
+    before = count_params(module) + sum(count_params(m) for m in members)
+    n = module.weight.shape[0]
+    per_input = module.weight[0, 0].numel()  # the kernel's size (1 for a Linear)
+    return before, n * width * per_input + n + sum(_sliced_params(m, width) for m in members)
+
+
+def _option_params(candidate: _Candidate) -> np.ndarray:
+    """Parameters of everything each option of ``candidate`` changes (a width unit: consumer, producer and chain), per option.
+
+    Option 0 (dense) is what the model holds now; the ratio budget subtracts it from the model's
+    count to find the parameters no option changes (BatchNorms outside units, depthwise convs, embeddings...).
+    """
+    module = candidate.layer.module
+    own = count_params(module)
+    unit = candidate.unit
+    members = 0 if unit is None else sum(count_params(candidate.root.get_submodule(n)) for n in (unit.producer, *unit.chain))
+    counts = []
+    for method, rank, _, _ in candidate.options:
+        if method == DENSE:
+            counts.append(own + members)
+        elif method == WIDTH:
+            counts.append(_width_params(candidate, rank)[1])
+        elif method.startswith(PRODUCER):
+            producer = candidate.producer.layer.module
+            counts.append(own + members - count_params(producer) + _params_after(producer, method.removeprefix(PRODUCER), rank))
+        else:
+            counts.append(_params_after(module, method, rank) + members)
+    return np.array(counts, dtype=np.int64)
 
 
 class _Factors:
@@ -621,11 +659,10 @@ def _choices(candidates: list[_Candidate], selection: Sequence[int], timing: Lat
         own = candidate.dense_cost - candidate.unit_extra  # the layer's own FLOPs
         if method == WIDTH:
             unit = candidate.unit
-            members = [candidate.root.get_submodule(n) for n in (unit.producer, *unit.chain)]
+            before, after = _width_params(candidate, rank)
             layers[candidate.layer.name] = LayerChoice(
                 method=method, rank=rank, weight_shape=tuple(module.weight.shape), flops_before=candidate.dense_cost,
-                flops_after=cost, params_before=params + sum(count_params(m) for m in members),
-                params_after=sum(count_params(m) * rank // unit.channels for m in members) + module.weight.shape[0] * (rank + 1),
+                flops_after=cost, params_before=before, params_after=after,
                 error=float(error), fit=candidate.width_fit, channels=tuple(int(c) for c in candidate.order.order[:rank]),
                 sliced=(unit.producer, *unit.chain), **latency,
             )
@@ -743,7 +780,7 @@ class _ProbeRunner:
 
 def optimize(
     model: nn.Module,
-    flops_budget: float | None = None,
+    flops_budget: "float | Budget | Sequence[Budget] | None" = None,
     *,
     latency_budget: float | None = None,
     runtime: str = "torch",
@@ -775,6 +812,11 @@ def optimize(
 ) -> Result:
     """Decompose a copy of ``model`` to at most ``flops_budget`` of its fvcore FLOPs and/or ``latency_budget`` of its latency.
 
+    The second argument is a ratio (a FLOPs budget), a budget value (``autodac.Flops(0.5)``,
+    ``autodac.Latency(0.7, device=..., runtime=...)``, ``autodac.Params(0.4)``) or a list of
+    them, at most one of each kind, every one of which the result meets (``autodac.budgets``).
+    ``Params`` is the decomposed model's parameter count as a ratio of the original's, held
+    exactly like FLOPs (counted on the built model).
     ``flops_budget`` is a ratio in ``(0, 1]`` of fvcore's count of the model on
     ``example_inputs`` (a tensor or tuple of arguments; if omitted, the first probe example is
     used, or a 224x224 image batch of one is assumed with a warning). ``methods`` restricts the
@@ -829,10 +871,12 @@ def optimize(
         raise ModelError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
     _check_materialised(model)
     model = unfuse_attention(model)  # a copy whose attention projections are Linear modules (the caller's is untouched)
-    if flops_budget is None and latency_budget is None:
-        raise BudgetError("at least one budget must be given (flops_budget or latency_budget, each a ratio in (0, 1]), but both were None")
-    budget = None if flops_budget is None else _check_budget("flops_budget", flops_budget)
-    latency = None if latency_budget is None else _check_budget("latency_budget", latency_budget)
+    budgets = gather(flops_budget, latency_budget=latency_budget, device=device, runtime=runtime)
+    budget = None if budgets.flops is None else budgets.flops.ratio
+    latency = None if budgets.latency is None else budgets.latency.ratio
+    size = None if budgets.params is None else budgets.params.ratio
+    if budgets.latency is not None:
+        device, runtime = budgets.latency.device, budgets.latency.runtime
     timing_device = resolve_device(device, model) if latency is not None else None
     timing_runtime = get_runtime(runtime)
     if latency is None and timing_runtime.name != "torch":
@@ -903,6 +947,16 @@ def optimize(
             f"`flops_budget >= {math.ceil(reachable / original.total * 1e4) / 1e4:.4f}` must hold for this model with "
             f"methods={list(methods)} (the smallest reachable ratio), but got flops_budget={budget!r}"
         )
+    original_params = count_params(model)
+    option_params = [_option_params(c) for c in candidates]
+    fixed_params = original_params - sum(int(p[0]) for p in option_params)  # parameters no option changes
+    params_target = math.floor(size * original_params) if size is not None else original_params
+    if size is not None and fixed_params + sum(int(p.min()) for p in option_params) > params_target:
+        smallest = fixed_params + sum(int(p.min()) for p in option_params)
+        raise BudgetError(
+            f"`params_budget >= {math.ceil(smallest / original_params * 1e4) / 1e4:.4f}` must hold for this model with "
+            f"methods={list(methods)} (the smallest reachable ratio), but got params_budget={size!r}"
+        )
 
     shared = open_search(
         storage, study_name, model, probe, probe is not None or evaluate is not None, pareto=pareto, settings={
@@ -910,6 +964,7 @@ def optimize(
             "exclude": list(exclude), "weighting": weighting, "fit_to_data": fit_to_data, "sequential_fit": sequential_fit,
             "refit_candidates": refit_candidates, "profile_size": profile_size,
             "profile_points": profile_points, "reestimate_bn": reestimate_bn, "evaluate": evaluate is not None,
+            **({} if size is None else {"params_budget": size}),  # studies without one keep the fingerprint they had
             # a study timed in another runtime is another search; eager studies keep the fingerprint they had
             **({} if timing_runtime.name == "torch" else {"runtime": timing_runtime.name}),
         },
@@ -921,13 +976,15 @@ def optimize(
     use_bn = False
     factors = _Factors(candidates, model)
     timing: LatencyTable | None = None
-    secondary: Secondary | None = None
+    secondary: list[Secondary] = []  # the budgets besides the one the knapsack's capacity is in
+    if size is not None:
+        secondary.append(Secondary(list(option_params), params_target - fixed_params))
     capacity = target - fixed
     if latency is not None:
         measure = functools.partial(_measure_latency, model, inputs, candidates, factors, timing_device, latency_cache, progress, timing_runtime)
         timing = measure() if shared is None else shared.latency(timing_device, measure, timing_runtime)
         if budget is not None:
-            secondary = Secondary([o.costs for o in weight_scores], target - fixed)
+            secondary.insert(0, Secondary([o.costs for o in weight_scores], target - fixed))
         capacity = timing.capacity(latency)
         fastest = minimum_cost(_costed(weight_scores, timing))
         if fastest > capacity:  # the tables say no plan is fast enough: believe only an end-to-end measurement
@@ -940,13 +997,15 @@ def optimize(
         try:
             return solve(_costed(layer_scores, timing), capacity if room is None else room, secondary=secondary)
         except ValueError:
+            given = " and ".join(f"{kind}_budget={ratio!r}" for kind, ratio in budgets.ratios().items())
+            together = "both" if len(budgets.ratios()) == 2 else "all of"
             raise BudgetError(
-                f"a plan must meet both flops_budget={budget!r} and latency_budget={latency!r}, but none of the measured "
+                f"a plan must meet {together} {given}, but none of the {'measured ' if timing is not None else ''}"
                 "options does: loosen one of them"
             ) from None
 
     if probe is None and evaluate is None:
-        selection = _allocate_capped(allocate, scores, capacity, fixed, original.total, max_layer_error, notes, timing is None)
+        selection = _allocate_capped(allocate, scores, capacity, fixed, original.total, max_layer_error, notes, timing is None and budget is not None)
     else:
         runner = _ProbeRunner(model, probe, evaluate)
         if runner.held_out is not None:
@@ -976,7 +1035,7 @@ def optimize(
         with _stage(f"search ({n_trials} trials)"):
             refined = refine(
                 costed, capacity, evaluate_selection, n_trials=n_trials, timeout=timeout, seed=seed, progress=progress,
-                min_budget=minimum_cost(costed) if pareto else None, secondary=secondary,
+                min_budget=minimum_cost(costed) if pareto else None, secondary=secondary or None,
                 study=None if shared is None else shared.study,
             )
         selection = list(refined.best.selection)
@@ -997,6 +1056,8 @@ def optimize(
     if latency is not None:
         planned_budget["latency"] = latency
         notes.append(f"latency measured on {describe_device(timing.device, timing_runtime)}, inputs {_input_shapes(inputs)}")
+    if size is not None:
+        planned_budget["params"] = size
     layers = _choices(candidates, selection, timing)
     for candidate in candidates:  # a width unit's producer kept whole: say why it is not a layer of its own
         name = candidate.producer.layer.name if candidate.producer is not None else None
@@ -1049,6 +1110,10 @@ def optimize(
         wrong = [f"{name!r} {counted_as[name]} vs {c.flops_after}" for name, c in plan.layers.items() if counted_as[name] != c.flops_after]
         named = f"; layers fvcore counts otherwise (fvcore vs plan): {', '.join(wrong[:5])}" + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
         raise AutodacError(f"internal check failed: fvcore counts {counted} FLOPs, plan predicts {plan.flops}, budget {target}{named if wrong else ''}")
+    params = count_params(decomposed)
+    predicted = fixed_params + sum(int(p[i]) for p, i in zip(option_params, selection))
+    if size is not None and (params != predicted or params > params_target):  # as for FLOPs: a bug, never a silent miss
+        raise AutodacError(f"internal check failed: the model holds {params} parameters, the plan predicts {predicted}, budget {params_target}")
     logger.info("planned %d of %d layers; FLOPs ratio %.4f", len(plan.factorized), len(plan.layers), plan.flops_ratio)
     front = [] if not (pareto and refined) else [_front_plan(plan, candidates, t, timing) for t in refined.front]
     if shared is not None:
@@ -1056,7 +1121,7 @@ def optimize(
         shared.publish(plan, published.value, published.number, front)
     return Result(
         model=decomposed, plan=plan, original_flops=original.total, flops=counted,
-        original_params=count_params(model), params=count_params(decomposed), notes=notes,
+        original_params=original_params, params=params, notes=notes,
         profile=profile, trials=[] if refined is None else refined.trials, pareto=front, example_inputs=inputs,
     )
 
@@ -1081,7 +1146,12 @@ def _allocate_capped(
     """
     capped = [LayerOptions(np.where(o.errors > cap, _UNREACHABLE, o.costs), o.errors) for o in scores]
     within = minimum_cost(capped) <= capacity
-    selection = allocate(capped) if within else allocate(scores)
+    selection = None
+    if within:
+        with contextlib.suppress(BudgetError):  # the other budgets (parameters) may need options the cap forbids
+            selection = allocate(capped)
+    if selection is None:
+        selection = allocate(scores)
     worst = max(float(o.errors[i]) for o, i in zip(scores, selection))
     summed = sum(float(o.errors[i]) for o, i in zip(scores, selection))
     if worst <= cap and summed <= cap:
@@ -1123,13 +1193,19 @@ def _flag_measured_damage(plan: Plan, cap: float, metric_name: str) -> None:
 
 def _safe_budget(allocate, scores, capped, capacity: int, fixed: int, total: int, cap: float) -> float:
     """The smallest FLOPs budget whose data-free plan keeps every layer's and the summed predicted error within ``cap``."""
+    def within(room: int) -> bool:
+        try:
+            chosen = allocate(capped, room)
+        except BudgetError:  # another budget (parameters) cannot be met within the cap at this room
+            return False
+        return sum(float(o.errors[i]) for o, i in zip(scores, chosen)) <= cap
+
     low, high = max(capacity, minimum_cost(capped)), total - fixed  # the whole model dense predicts 0
-    if minimum_cost(capped) > capacity and sum(float(o.errors[i]) for o, i in zip(scores, allocate(capped, low))) <= cap:
+    if minimum_cost(capped) > capacity and within(low):
         high = low
     while high - low > max(1, total // 10000):
         middle = (low + high) // 2
-        chosen = allocate(capped, middle)
-        if sum(float(o.errors[i]) for o, i in zip(scores, chosen)) <= cap:
+        if within(middle):
             high = middle
         else:
             low = middle

@@ -149,3 +149,35 @@ def test_no_allocation_meeting_both_budgets_is_a_value_error() -> None:
     layers = [LayerOptions(np.array([0, 5]), np.array([1.0, 0.0]))]
     with pytest.raises(ValueError, match="both budgets"):
         solve(layers, 0, secondary=Secondary([np.array([10, 0])], 5))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_several_secondary_budgets_all_hold(seed: int) -> None:
+    """Any number of budgets: each met by the answer whenever some allocation meets them all (here, a random one does)."""
+    rng = np.random.default_rng(2000 + seed)
+    layers = _instance(rng, 50)
+    extra = [[rng.integers(0, 50, size=len(o.costs)).astype(np.int64) for o in layers] for _ in range(2)]
+    combos = list(itertools.product(*(range(len(o.costs)) for o in layers)))
+    primary_budget = int(rng.integers(minimum_cost(layers), sum(int(o.costs.max()) for o in layers) + 1))
+    feasible = [c for c in combos if sum(int(o.costs[i]) for o, i in zip(layers, c)) <= primary_budget]
+    witness = feasible[int(rng.integers(len(feasible)))]
+    budgets = [int(sum(int(c[i]) for c, i in zip(costs, witness))) for costs in extra]
+    selection = solve(layers, primary_budget, secondary=[Secondary(costs, b) for costs, b in zip(extra, budgets)])
+    assert sum(int(o.costs[i]) for o, i in zip(layers, selection)) <= primary_budget
+    for costs, b in zip(extra, budgets):
+        assert sum(int(c[i]) for c, i in zip(costs, selection)) <= b
+
+
+def test_a_list_of_one_secondary_is_the_single_secondary() -> None:
+    rng = np.random.default_rng(11)
+    layers = _instance(rng, 40)
+    second = [rng.integers(0, 40, size=len(o.costs)).astype(np.int64) for o in layers]
+    budget, limit = minimum_cost(layers) + 20, int(sum(int(s.min()) for s in second)) + 5
+    assert solve(layers, budget, secondary=[Secondary(second, limit)]) == solve(layers, budget, secondary=Secondary(second, limit))
+
+
+def test_no_allocation_meeting_three_budgets_is_a_value_error() -> None:
+    layers = [LayerOptions(np.array([0, 5]), np.array([1.0, 0.0]))]
+    fits = Secondary([np.array([0, 0])], 0)
+    with pytest.raises(ValueError, match="all 3 budgets"):
+        solve(layers, 5, secondary=[fits, Secondary([np.array([10, 10])], 5)])

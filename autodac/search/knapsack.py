@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -40,33 +41,43 @@ def minimum_cost(layers: list[LayerOptions]) -> int:
 
 
 def solve(
-    layers: list[LayerOptions], budget: int, resolution: int = 20000, secondary: "Secondary | None" = None
+    layers: list[LayerOptions], budget: int, resolution: int = 20000, secondary: "Secondary | Sequence[Secondary] | None" = None
 ) -> list[int]:
     """The option index per layer minimising summed error with summed cost ``<= budget``.
 
-    With ``secondary`` (a second cost per option and its budget, e.g. FLOPs beside latency) the
-    second budget holds too: a Lagrange multiplier on the second cost is raised by bisection
-    until the allocation fits it. Raises ``ValueError`` when even the cheapest options exceed
-    the budget, or no allocation meets both.
+    With ``secondary`` (a second cost per option and its budget, e.g. FLOPs beside latency, or
+    a list of them: FLOPs and parameters beside latency) every other budget holds too: a
+    Lagrange multiplier on the last one's cost is raised by bisection until the allocation fits
+    it, each allocation tried being itself solved under the ones before. Raises ``ValueError``
+    when even the cheapest options exceed the budget, or no allocation meets them all.
     """
-    if secondary is None:
+    others = [] if secondary is None else [secondary] if isinstance(secondary, Secondary) else list(secondary)
+    if not others:
         return _solve_one(layers, budget, resolution)
-    selection = _solve_one(layers, budget, resolution)
+    *inner, secondary = others
+    if inner:
+        def plan(options: list[LayerOptions]) -> list[int]:
+            return solve(options, budget, resolution, inner)
+    else:
+        def plan(options: list[LayerOptions]) -> list[int]:
+            return _solve_one(options, budget, resolution)
+    selection = plan(layers)
     if secondary.spent(selection) <= secondary.budget:
         return selection
     scale = max(float(sum(float(o.errors.max()) for o in layers)), 1e-12) / max(secondary.budget, 1)
     low, high, best = 0.0, scale, None
     for _ in range(60):  # find an upper multiplier that fits, then bisect down to the smallest
-        candidate = _solve_one(_penalised(layers, secondary, high), budget, resolution)
+        candidate = plan(_penalised(layers, secondary, high))
         if secondary.spent(candidate) <= secondary.budget:
             best = candidate
             break
         low, high = high, high * 4.0
     if best is None:
-        raise ValueError(f"no allocation meets both budgets ({budget} and secondary {secondary.budget})")
+        kinds = "both budgets" if len(others) == 1 else f"all {len(others) + 1} budgets"
+        raise ValueError(f"no allocation meets {kinds} ({budget} and secondary {', '.join(str(s.budget) for s in others)})")
     for _ in range(30):
         middle = 0.5 * (low + high)
-        candidate = _solve_one(_penalised(layers, secondary, middle), budget, resolution)
+        candidate = plan(_penalised(layers, secondary, middle))
         if secondary.spent(candidate) <= secondary.budget:
             best, high = candidate, middle
         else:
