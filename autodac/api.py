@@ -89,6 +89,11 @@ class Result:
         return self.flops / self.original_flops
 
     @property
+    def params_ratio(self) -> float:
+        """Parameters of ``model`` over the original's (``autodac.cost.count_params``): what a ``Params`` budget bounds."""
+        return self.params / self.original_params
+
+    @property
     def latency_ratio(self) -> float | None:
         """Measured latency of ``model`` over the original's (median of interleaved runs); None without a latency budget."""
         return self.plan.metrics.get("latency_ratio")
@@ -99,6 +104,8 @@ class Result:
             f"FLOPs (fvcore multiply-adds) {self.original_flops:,} -> {self.flops:,} "
             f"(ratio {self.flops_ratio:.4f}); parameters {self.original_params:,} -> {self.params:,}"
         )
+        if "params" in self.plan.budget:  # the figure a parameter budget bounds (other summaries read as before)
+            head += f" (ratio {self.params_ratio:.4f}, budget {self.plan.budget['params']:g})"
         planned = self.plan.factorized
         if planned and "probe" not in self.plan.metrics:  # no data: what the plan predicts is all there is to say
             worst = max(planned, key=lambda name: planned[name].error)
@@ -1058,6 +1065,7 @@ def optimize(
         notes.append(f"latency measured on {describe_device(timing.device, timing_runtime)}, inputs {_input_shapes(inputs)}")
     if size is not None:
         planned_budget["params"] = size
+        metrics["params_ratio"] = count_params(decomposed) / count_params(model)  # what the budget bounds; compare shows it
     layers = _choices(candidates, selection, timing)
     for candidate in candidates:  # a width unit's producer kept whole: say why it is not a layer of its own
         name = candidate.producer.layer.name if candidate.producer is not None else None

@@ -411,8 +411,8 @@ def _metric_lines(metrics: Mapping[str, float], notes: Sequence[str]) -> list[st
 def _cmd_optimize(args: argparse.Namespace) -> int:
     import autodac
 
-    if args.flops_budget is None and args.latency_budget is None:
-        raise _UsageError("one of `--flops-budget` or `--latency-budget` must be given (see `autodac optimize --help`)")
+    if args.flops_budget is None and args.latency_budget is None and args.params_budget is None:
+        raise _UsageError("one of `--flops-budget`, `--latency-budget` or `--params-budget` must be given (see `autodac optimize --help`)")
     if args.synthesize and args.data:
         raise _UsageError("`--data` and `--synthesize` are alternatives (synthesised inputs stand in for missing data); give one")
     _check_writable("`--out`", args.out)
@@ -423,7 +423,9 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
                               "progress": _progress(args)}
     if getattr(args, "storage", None) is not None:  # `autodac worker`: the search lives in the study
         kwargs.update(storage=args.storage, study_name=args.study)
-    if args.flops_budget is not None:
+    if args.params_budget is not None:  # budgets as values: FLOPs and parameters together in one list
+        kwargs["flops_budget"] = [autodac.Params(args.params_budget)] + ([] if args.flops_budget is None else [autodac.Flops(args.flops_budget)])
+    elif args.flops_budget is not None:
         kwargs["flops_budget"] = args.flops_budget
     if args.latency_budget is not None:
         kwargs["latency_budget"] = args.latency_budget
@@ -444,7 +446,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     payload = {
         "plan": args.out, "model": args.save_model, "budget": result.plan.budget, "original_flops": result.original_flops,
         "flops": result.flops, "flops_ratio": result.flops_ratio, "original_params": result.original_params,
-        "params": result.params, "layers": len(result.plan.layers), "factorized": len(result.plan.factorized),
+        "params": result.params, "params_ratio": result.params_ratio, "layers": len(result.plan.layers), "factorized": len(result.plan.factorized),
         "skipped": result.plan.skipped, "metrics": result.plan.metrics, "notes": result.plan.notes, "runtime": result.plan.runtime,
         "weights": _weights_source(args),
     }
@@ -532,7 +534,8 @@ def _compare_payload(titles: Sequence[str], paths: Sequence[str], plans: Sequenc
     totals = {
         title: {"file": path, "budget": plan.budget, "flops_ratio": plan.flops_ratio, "flops": plan.flops,
                 "original_flops": plan.original_flops,
-                "params_saved": sum(c.params_before - c.params_after for c in plan.layers.values()), "metrics": plan.metrics,
+                "params_saved": sum(c.params_before - c.params_after for c in plan.layers.values()),
+                **({"params_ratio": plan.metrics["params_ratio"]} if "params_ratio" in plan.metrics else {}), "metrics": plan.metrics,
                 "runtime": plan.runtime}
         for title, path, plan in zip(titles, paths, plans)
     }
@@ -724,6 +727,8 @@ def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
     _add_model(optimize)
     optimize.add_argument("--flops-budget", type=_budget, metavar="RATIO", help="at most this fraction of the fvcore FLOPs, 0 < RATIO <= 1")
     optimize.add_argument("--latency-budget", type=_budget, metavar="RATIO", help="at most this fraction of the measured latency")
+    optimize.add_argument("--params-budget", type=_budget, metavar="RATIO",
+                          help="at most this fraction of the parameters (model size), alone or with the others")
     _add_shape(optimize, "required without --data; with --data the first example's shape")
     optimize.add_argument("--data", metavar="FILE", help="probe: .npz with x (inputs) and optional y (labels), or a .pt")
     optimize.add_argument("--synthesize", type=_positive, metavar="N",

@@ -107,6 +107,8 @@ def compare(plans: Mapping[str, Plan] | list[Plan], tablefmt: str = "simple") ->
     rows.append(["FLOPs", *(f"{plans[t].flops:,}" for t in titles)])
     params = {t: sum(c.params_after - c.params_before for c in plans[t].layers.values()) for t in titles}
     rows.append(["parameters saved", *(f"{-params[t]:,}" for t in titles)])
+    if any("params" in plans[t].budget for t in titles):  # the ratio itself is a metric (params_ratio), listed below
+        rows.append(["params budget", *(f"{plans[t].budget['params']:g}" if "params" in plans[t].budget else "" for t in titles)])
     if any(plans[t].runtime for t in titles):  # where each latency plan was timed: ratios from different runtimes differ
         rows.append(["timed on", *(_runtime_cell(plans[t]) for t in titles)])
     metric_names = list(dict.fromkeys(k for plan in plans.values() for k in plan.metrics))

@@ -82,9 +82,9 @@ def test_flops_as_a_value_plans_as_the_shorthand() -> None:
 # ----------------------------------------------------------------------------- parameter counts in closed form
 
 
-def _candidates(model: nn.Module, x: torch.Tensor):
+def _candidates(model: nn.Module, x: torch.Tensor, methods: tuple[str, ...] = DEFAULT_METHODS + ("tdac",)):
     by_module = count_flops(model, (x,)).by_module
-    return _collect(model, (x,), DEFAULT_METHODS + ("tdac",), (), False, by_module=by_module, notes=[])[1]
+    return _collect(model, (x,), methods, (), False, by_module=by_module, notes=[])[1]
 
 
 class _SpatialConsumerNet(nn.Module):
@@ -174,3 +174,21 @@ def test_unreachable_params_budget_is_refused_with_the_smallest_ratio_which_then
         warnings.simplefilter("ignore")
         result = autodac.optimize(model, autodac.Params(smallest), example_inputs=x, progress=False)
     assert count_params(result.model) / count_params(model) <= smallest
+
+
+def test_with_a_probe_every_trial_is_within_every_budget() -> None:
+    """The Optuna refinement re-solves the knapsack under all budgets: no trial it evaluates breaks one."""
+    model = InvertedResidualNet()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 3, 16, 16, generator=g), torch.randint(0, 10, (32,), generator=g))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = autodac.optimize(model, [autodac.Flops(0.6), autodac.Params(0.5)], data=data, n_trials=4, progress=False)
+    assert result.params_ratio <= 0.5 and result.flops_ratio <= 0.6 and len(result.trials) == 4
+    x = data[0][0][:1]
+    candidates = _candidates(model, x, DEFAULT_METHODS)  # the same candidates optimize planned with (data-free fits do not change options)
+    counts = [_option_params(c) for c in candidates]
+    fixed = count_params(model) - sum(int(p[0]) for p in counts)
+    for trial in result.trials:
+        assert len(trial.selection) == len(counts)
+        assert fixed + sum(int(p[s]) for p, s in zip(counts, trial.selection)) <= 0.5 * count_params(model)

@@ -277,3 +277,24 @@ def test_optimize_can_skip_or_widen_the_sequential_refit(work: Path, with_data: 
     assert any(said in notes for said in ("sequential re-fit tried and rejected", "re-fitted in execution order", "sequential re-fit skipped"))
     refused = _cli("optimize", "small.pt", "--flops-budget", "0.6", "--data", "probe.npz", "--refit-candidates", "0", "--out", "x.json", cwd=work)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
+
+
+def test_a_params_budget_alone_and_with_flops_is_held_recorded_and_compared(work: Path) -> None:
+    alone = json.loads(_ok(_cli("optimize", "small.pt", "--params-budget", "0.5", "--input-shape", SHAPE, "--out", "params.json",
+                                "--json", cwd=work)).stdout)
+    assert alone["params"] / alone["original_params"] == pytest.approx(alone["params_ratio"]) and alone["params_ratio"] <= 0.5
+    assert alone["budget"] == {"params": 0.5}
+    both = json.loads(_ok(_cli("optimize", "small.pt", "--params-budget", "0.5", "--flops-budget", "0.6", "--input-shape", SHAPE,
+                               "--out", "params_flops.json", "--json", cwd=work)).stdout)
+    assert both["budget"] == {"flops": 0.6, "params": 0.5} and both["params_ratio"] <= 0.5 and both["flops_ratio"] <= 0.6
+    assert autodac.Plan.load(work / "params_flops.json").budget == {"flops": 0.6, "params": 0.5}
+    table = _ok(_cli("compare", "params.json", "params_flops.json", cwd=work)).stdout.splitlines()
+    assert any(line.split()[:3] == ["params", "budget", "0.5"] for line in table)
+    assert any(line.startswith("params_ratio") for line in table)
+    data = json.loads(_ok(_cli("compare", "params.json", "params_flops.json", "--format", "json", cwd=work)).stdout)
+    assert data["totals"]["params"]["params_ratio"] == pytest.approx(alone["params_ratio"])
+
+
+@pytest.mark.parametrize("budget", ["0", "1.5"])
+def test_a_params_budget_out_of_range_is_refused(work: Path, budget: str) -> None:
+    _refused(_cli("optimize", "small.pt", "--params-budget", budget, "--input-shape", SHAPE, "--out", "x.json", cwd=work), "budget", budget)
