@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import fnmatch
 import functools
+import inspect
 import itertools
 import math
 import numbers
@@ -26,10 +27,10 @@ from torch import nn
 
 from autodac._logging import get_logger
 from autodac.attention import unfuse_attention
-from autodac.cost import count_flops, count_params
+from autodac.cost import FlopCount, count_flops, count_params
 from autodac.errors import AutodacError, BudgetError, ModelError, PlanError
 from autodac.batches import Batch, arguments, per_example
-from autodac.budgets import Budget, gather
+from autodac.budgets import Budget, Budgets, gather
 from autodac.factorize import METHODS, get_method
 from autodac.latency import LatencyCache, LatencyTable, describe_device, measure_table, resolve_device, side_by_side
 from autodac.layers import IMPLEMENTATIONS, SUPPORTED_TYPES, build_factorized
@@ -42,7 +43,7 @@ from autodac.probes import (
 )
 from autodac.report import plan_table
 from autodac.search.knapsack import LayerOptions, Secondary, minimum_cost, pareto_front, solve
-from autodac.search.refine import Trial, refine
+from autodac.search.refine import RefineResult, Trial, refine
 from autodac.search.sensitivity import SensitivityProfile, loss_curve, measure_profile, pick_ranks
 from autodac.search.storage import SharedSearch, open_search
 from autodac.sequential import Refit, refit_in_order
@@ -874,14 +875,141 @@ def optimize(
     (the same outputs, with ``q_proj``/``k_proj``/``v_proj``/``out_proj`` as Linear candidates);
     ``result.model`` holds it, and ``apply`` swaps it in the same way.
     """
+    run = _check(dict(locals()))  # the arguments as given (the signature is their one list)
+    _probe(run)
+    _count(run)
+    _score(run)
+    _reach(run)
+    _open_search(run)
+    _room(run)
+    if run.probe is None and run.settings.evaluate is None:
+        _allocate(run)
+    else:
+        _profile(run)
+        _decide_batchnorm(run)
+        _search(run)
+    _meet_budgets(run)
+    _draft_plan(run)
+    _refit(run)
+    _final_scores(run)
+    _verify(run)
+    return _publish(run)
+
+
+# ----------------------------------------------------------------------------- the stages of optimize
+#
+# ``optimize`` is the sequence above: each stage is a function of one ``_Run``, reading what the
+# stages before it wrote and writing its own fields (its docstring says which). Another verb can
+# run the stages it needs: ``autodac profile`` runs check, probe, count, score and profile.
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """``optimize``'s arguments once checked: every stage reads them, none writes them."""
+
+    budgets: Budgets
+    flops: float | None  # the FLOPs ratio, the latency ratio and the parameter ratio (None: no such budget)
+    latency: float | None
+    params: float | None
+    timing_device: torch.device | None  # where latency is timed (None: no latency budget)
+    timing_runtime: Runtime
+    latency_cache: Any
+    example_inputs: Any
+    data: Iterable[Any] | None
+    synthesize: int
+    evaluate: Callable[[nn.Module], float] | None
+    methods: tuple[str, ...]
+    exclude: tuple[str, ...]
+    weighting: str
+    fit_to_data: bool
+    sequential_fit: bool
+    refit_candidates: int
+    probe_size: int
+    profile_size: int
+    profile_points: int
+    reestimate_bn: bool
+    n_trials: int
+    timeout: float | None
+    seed: int
+    pareto: bool
+    widths: bool
+    max_layer_error: float
+    progress: bool
+    storage: Any
+    study_name: str | None
+
+
+@dataclass
+class _Run:
+    """One call of ``optimize`` as its stages see it: the settings, and what each stage writes for the next."""
+
+    settings: _Settings
+    model: nn.Module  # the unfused copy every stage reads (the caller's model is never touched)
+    inputs: tuple[Any, ...] = ()  # probe: the checked example inputs, whether they were assumed, the probe and its source
+    assumed: bool = False
+    probe: Probe | None = None
+    probe_source: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    original: FlopCount | None = None  # count: fvcore's count of the model
+    candidates: list[_Candidate] = field(default_factory=list)  # score: the layers that can change, why the others cannot, their factors
+    skipped: dict[str, str] = field(default_factory=dict)
+    factors: _Factors | None = None
+    weight_scores: list[LayerOptions] = field(default_factory=list)  # reach: costs and predicted errors, targets, fixed parts
+    target: int = 0
+    fixed: int = 0
+    original_params: int = 0
+    option_params: list[np.ndarray] = field(default_factory=list)
+    fixed_params: int = 0
+    params_target: int = 0
+    shared: SharedSearch | None = None  # open search: the stored search, when ``storage`` is given
+    timing: LatencyTable | None = None  # room: latency tables, the knapsack's capacity and the other budgets
+    secondary: list[Secondary] = field(default_factory=list)
+    capacity: int = 0
+    scores: list[LayerOptions] = field(default_factory=list)  # what the knapsack minimises: predicted errors, or probe losses
+    runner: _ProbeRunner | None = None  # profile, batchnorm, search: the probe, the profile and the search's result
+    profile: SensitivityProfile | None = None
+    can_reestimate: bool = False
+    use_bn: bool = False
+    refined: RefineResult | None = None
+    selection: list[int] = field(default_factory=list)  # allocate or search, then meet budgets: the plan's options
+    decomposed: nn.Module | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    plan: Plan | None = None  # draft plan, re-fit, final scores: the plan and the trial it came from
+    published: Trial | None = None
+    flops: int = 0  # verify: fvcore's count and the parameter count of the decomposed model
+    params: int = 0
+
+    def allocate(self, layer_scores: list[LayerOptions], room: int | None = None) -> list[int]:
+        """The knapsack's choice for ``layer_scores`` within ``room`` (default: the capacity) and every secondary budget."""
+        try:
+            return solve(_costed(layer_scores, self.timing), self.capacity if room is None else room, secondary=self.secondary)
+        except ValueError:
+            ratios = self.settings.budgets.ratios()
+            given = " and ".join(f"{kind}_budget={ratio!r}" for kind, ratio in ratios.items())
+            together = "both" if len(ratios) == 2 else "all of"
+            raise BudgetError(
+                f"a plan must meet {together} {given}, but none of the {'measured ' if self.timing is not None else ''}"
+                "options does: loosen one of them"
+            ) from None
+
+
+def _start(model: nn.Module, flops_budget: Any = None, **options: Any) -> _Run:
+    """A checked ``_Run`` for ``optimize(model, flops_budget, **options)`` (its defaults for the rest), for verbs that run some stages."""
+    bound = inspect.signature(optimize).bind(model, flops_budget, **options)
+    bound.apply_defaults()
+    return _check(dict(bound.arguments))
+
+
+def _check(given: dict[str, Any]) -> _Run:
+    """Reads ``optimize``'s arguments; writes the settings and the model copy, refusing any argument that breaks its rule."""
+    model = given["model"]
     if not isinstance(model, nn.Module):
         raise ModelError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
     _check_materialised(model)
     model = unfuse_attention(model)  # a copy whose attention projections are Linear modules (the caller's is untouched)
-    budgets = gather(flops_budget, latency_budget=latency_budget, device=device, runtime=runtime)
-    budget = None if budgets.flops is None else budgets.flops.ratio
+    device, runtime = given["device"], given["runtime"]
+    budgets = gather(given["flops_budget"], latency_budget=given["latency_budget"], device=device, runtime=runtime)
     latency = None if budgets.latency is None else budgets.latency.ratio
-    size = None if budgets.params is None else budgets.params.ratio
     if budgets.latency is not None:
         device, runtime = budgets.latency.device, budgets.latency.runtime
     timing_device = resolve_device(device, model) if latency is not None else None
@@ -890,247 +1018,324 @@ def optimize(
         raise AutodacError(f"`runtime` is where latency_budget is timed, so it needs latency_budget, but got runtime={runtime!r} and latency_budget=None")
     if timing_device is not None:
         timing_runtime.check(timing_device)
-    methods = _check_methods(methods)
+    methods = _check_methods(given["methods"])
+    exclude = given["exclude"]
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    weighting, max_layer_error = given["weighting"], given["max_layer_error"]
     if weighting not in ("batchnorm", "none"):
         raise AutodacError(f"`weighting` must be 'batchnorm' or 'none', but got weighting={weighting!r}")
     if isinstance(max_layer_error, bool) or not isinstance(max_layer_error, numbers.Real) or not max_layer_error > 0:
         raise AutodacError(f"`max_layer_error > 0` must hold (a relative output error), but got max_layer_error={max_layer_error!r}")
-    counts = (("probe_size", probe_size, 2), ("profile_size", profile_size, 1), ("profile_points", profile_points, 1),
-              ("n_trials", n_trials, 1), ("refit_candidates", refit_candidates, 1))
-    for name, value, low in counts:
+    for name, low in (("probe_size", 2), ("profile_size", 1), ("profile_points", 1), ("n_trials", 1), ("refit_candidates", 1)):
+        value = given[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise AutodacError(f"`{name} >= {low}` must hold (an integer), but got {name}={value!r}")
+    evaluate, synthesize, data = given["evaluate"], given["synthesize"], given["data"]
     if evaluate is not None and not callable(evaluate):
         raise AutodacError(f"`evaluate` must be a callable model -> float, but got {type(evaluate).__name__}")
     if isinstance(synthesize, bool) or not isinstance(synthesize, int) or synthesize < 0 or synthesize == 1:
         raise AutodacError(f"`synthesize` must be 0 (off) or an integer >= 2 (inputs to synthesise), but got synthesize={synthesize!r}")
     if synthesize and data is not None:
         raise AutodacError("`data` and `synthesize` are alternatives (synthesised inputs stand in for missing data), but both were given")
-    probe = collect_probe(data, probe_size) if data is not None else None
-    given_inputs = example_inputs is not None
+    settings = _Settings(
+        budgets=budgets, flops=None if budgets.flops is None else budgets.flops.ratio, latency=latency,
+        params=None if budgets.params is None else budgets.params.ratio, timing_device=timing_device, timing_runtime=timing_runtime,
+        methods=methods, exclude=exclude, weighting=weighting, max_layer_error=max_layer_error,
+        **{name: given[name] for name in (
+            "latency_cache", "example_inputs", "data", "synthesize", "evaluate", "fit_to_data", "sequential_fit", "refit_candidates",
+            "probe_size", "profile_size", "profile_points", "reestimate_bn", "n_trials", "timeout", "seed", "pareto", "widths",
+            "progress", "storage", "study_name",
+        )},
+    )
+    return _Run(settings, model)
+
+
+def _probe(run: _Run) -> None:
+    """Reads data, example_inputs, synthesize; writes the probe (collected or synthesised), its source, the inputs and notes."""
+    s, model = run.settings, run.model
+    probe = collect_probe(s.data, s.probe_size) if s.data is not None else None
+    example_inputs = s.example_inputs
     if example_inputs is None and probe is not None:
         example_inputs = arguments(probe.inputs[:1].to(_device_of(model)))
     inputs, assumed = _check_inputs(model, example_inputs)
-    _check_probe_shape(probe, inputs, given_inputs)
-    notes = []
+    _check_probe_shape(probe, inputs, s.example_inputs is not None)
     if assumed:
         note = f"no example_inputs given; assumed one input of shape {_input_shapes(inputs)[0]} (pass example_inputs to plan for your shape)"
-        warnings.warn(f"autodac: {note}", UserWarning, stacklevel=2)
-        notes.append(note)
-    probe_source: dict[str, Any] = {}
+        warnings.warn(f"autodac: {note}", UserWarning, stacklevel=3)
+        run.notes.append(note)
     if probe is not None:
-        probe_source = {"source": "data", "examples": len(probe)}
-    elif synthesize:
+        run.probe_source = {"source": "data", "examples": len(probe)}
+    elif s.synthesize:
         if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
             raise AutodacError(f"`synthesize` needs a model of one tensor input, but example_inputs has {len(inputs)} arguments")
         run_model(model, inputs)  # a clear error for inputs the model cannot take, before any synthesis
-        probe = Probe(synthesize_inputs(model, inputs[0], synthesize, seed=seed, progress=progress), None)
-        probe_source = {"source": "synthetic", "examples": synthesize, "steps": SYNTHESIS_STEPS, "seed": seed}
-        notes.append(f"no data: the probe is {synthesize} inputs synthesised to match the model's BatchNorm statistics")
+        probe = Probe(synthesize_inputs(model, inputs[0], s.synthesize, seed=s.seed, progress=s.progress), None)
+        run.probe_source = {"source": "synthetic", "examples": s.synthesize, "steps": SYNTHESIS_STEPS, "seed": s.seed}
+        run.notes.append(f"no data: the probe is {s.synthesize} inputs synthesised to match the model's BatchNorm statistics")
+    run.probe, run.inputs, run.assumed = probe, inputs, assumed
 
-    fit_inputs = fit_examples(probe) if (probe is not None and fit_to_data) else None
-    run_model(model, inputs)  # a clear error for inputs the model cannot take, before anything traces it
+
+def _count(run: _Run) -> None:
+    """Reads the model and inputs; writes fvcore's count of the original (after a clear error for inputs it cannot take)."""
+    run_model(run.model, run.inputs)  # a clear error for inputs the model cannot take, before anything traces it
     with _stage("counting FLOPs (fvcore)"):
-        original = count_flops(model, inputs)
+        run.original = count_flops(run.model, run.inputs)
+
+
+def _score(run: _Run) -> None:
+    """Reads the model, inputs, probe and count; writes the candidates (options, costs, predicted errors), skipped layers, factor cache."""
+    s = run.settings
+    fit_inputs = fit_examples(run.probe) if (run.probe is not None and s.fit_to_data) else None
     with _stage("tracing and scoring layers"):
-        traced, candidates, skipped = _collect(
-            model, inputs, methods, exclude, progress, weighting, fit_inputs,
-            implied_seed=seed if probe is None and fit_to_data else None,
-            by_module=original.by_module if widths and latency is None else None, notes=notes,
+        _, run.candidates, run.skipped = _collect(
+            run.model, run.inputs, s.methods, s.exclude, s.progress, s.weighting, fit_inputs,
+            implied_seed=s.seed if run.probe is None and s.fit_to_data else None,
+            by_module=run.original.by_module if s.widths and s.latency is None else None, notes=run.notes,
         )
-    if probe is None and any(c.fit.startswith("implied") for c in candidates):
-        probe_source = {"source": "batchnorm", "seed": seed}
-        notes.append("no data: layers are fitted to the input moments their BatchNorms imply (autodac.implied)")
-    if not candidates:
-        detail = "; ".join(f"{name}: {why}" for name, why in skipped.items()) or "no Conv1d, Conv2d or Linear layer"
+    if run.probe is None and any(c.fit.startswith("implied") for c in run.candidates):
+        run.probe_source = {"source": "batchnorm", "seed": s.seed}
+        run.notes.append("no data: layers are fitted to the input moments their BatchNorms imply (autodac.implied)")
+    if not run.candidates:
+        detail = "; ".join(f"{name}: {why}" for name, why in run.skipped.items()) or "no Conv1d, Conv2d or Linear layer"
         raise ModelError(f"the model must have at least one layer that can be decomposed, but none can ({detail})")
-    target = math.floor(budget * original.total) if budget is not None else original.total
-    fixed = original.total - sum(c.dense_cost for c in candidates)
-    weight_scores = [_layer_options(c) for c in candidates]
-    reachable = fixed + minimum_cost(weight_scores)
-    if budget is not None and reachable > target:
+    run.factors = _Factors(run.candidates, run.model)
+
+
+def _reach(run: _Run) -> None:
+    """Reads the count and candidates; writes FLOPs and parameter targets and fixed parts, refusing a budget no plan reaches."""
+    s, total = run.settings, run.original.total
+    run.target = math.floor(s.flops * total) if s.flops is not None else total
+    run.fixed = total - sum(c.dense_cost for c in run.candidates)
+    run.weight_scores = [_layer_options(c) for c in run.candidates]
+    reachable = run.fixed + minimum_cost(run.weight_scores)
+    if s.flops is not None and reachable > run.target:
         raise BudgetError(
-            f"`flops_budget >= {math.ceil(reachable / original.total * 1e4) / 1e4:.4f}` must hold for this model with "
-            f"methods={list(methods)} (the smallest reachable ratio), but got flops_budget={budget!r}"
+            f"`flops_budget >= {math.ceil(reachable / total * 1e4) / 1e4:.4f}` must hold for this model with "
+            f"methods={list(s.methods)} (the smallest reachable ratio), but got flops_budget={s.flops!r}"
         )
-    original_params = count_params(model)
-    option_params = [_option_params(c) for c in candidates]
-    fixed_params = original_params - sum(int(p[0]) for p in option_params)  # parameters no option changes
-    params_target = math.floor(size * original_params) if size is not None else original_params
-    if size is not None and fixed_params + sum(int(p.min()) for p in option_params) > params_target:
-        smallest = fixed_params + sum(int(p.min()) for p in option_params)
+    run.original_params = count_params(run.model)
+    run.option_params = [_option_params(c) for c in run.candidates]
+    run.fixed_params = run.original_params - sum(int(p[0]) for p in run.option_params)  # parameters no option changes
+    run.params_target = math.floor(s.params * run.original_params) if s.params is not None else run.original_params
+    smallest = run.fixed_params + sum(int(p.min()) for p in run.option_params)
+    if s.params is not None and smallest > run.params_target:
         raise BudgetError(
-            f"`params_budget >= {math.ceil(smallest / original_params * 1e4) / 1e4:.4f}` must hold for this model with "
-            f"methods={list(methods)} (the smallest reachable ratio), but got params_budget={size!r}"
+            f"`params_budget >= {math.ceil(smallest / run.original_params * 1e4) / 1e4:.4f}` must hold for this model with "
+            f"methods={list(s.methods)} (the smallest reachable ratio), but got params_budget={s.params!r}"
         )
 
-    shared = open_search(
-        storage, study_name, model, probe, probe is not None or evaluate is not None, pareto=pareto, settings={
-            "flops_budget": budget, "latency_budget": latency, "input_shapes": _input_shapes(inputs), "methods": list(methods),
-            "exclude": list(exclude), "weighting": weighting, "fit_to_data": fit_to_data, "sequential_fit": sequential_fit,
-            "refit_candidates": refit_candidates, "profile_size": profile_size,
-            "profile_points": profile_points, "reestimate_bn": reestimate_bn, "evaluate": evaluate is not None,
-            **({} if size is None else {"params_budget": size}),  # studies without one keep the fingerprint they had
+
+def _open_search(run: _Run) -> None:
+    """Reads storage and study_name; writes the shared search (None without storage), refusing a study made for another search."""
+    s = run.settings
+    run.shared = open_search(
+        s.storage, s.study_name, run.model, run.probe, run.probe is not None or s.evaluate is not None, pareto=s.pareto, settings={
+            "flops_budget": s.flops, "latency_budget": s.latency, "input_shapes": _input_shapes(run.inputs), "methods": list(s.methods),
+            "exclude": list(s.exclude), "weighting": s.weighting, "fit_to_data": s.fit_to_data, "sequential_fit": s.sequential_fit,
+            "refit_candidates": s.refit_candidates, "profile_size": s.profile_size,
+            "profile_points": s.profile_points, "reestimate_bn": s.reestimate_bn, "evaluate": s.evaluate is not None,
+            **({} if s.params is None else {"params_budget": s.params}),  # studies without one keep the fingerprint they had
             # a study timed in another runtime is another search; eager studies keep the fingerprint they had
-            **({} if timing_runtime.name == "torch" else {"runtime": timing_runtime.name}),
+            **({} if s.timing_runtime.name == "torch" else {"runtime": s.timing_runtime.name}),
         },
     )
-    metrics: dict[str, float] = {}
-    profile = None
-    refined = None
-    scores = weight_scores
-    use_bn = False
-    factors = _Factors(candidates, model)
-    timing: LatencyTable | None = None
-    secondary: list[Secondary] = []  # the budgets besides the one the knapsack's capacity is in
-    if size is not None:
-        secondary.append(Secondary(list(option_params), params_target - fixed_params))
-    capacity = target - fixed
-    if latency is not None:
-        measure = functools.partial(_measure_latency, model, inputs, candidates, factors, timing_device, latency_cache, progress, timing_runtime)
-        timing = measure() if shared is None else shared.latency(timing_device, measure, timing_runtime)
-        if budget is not None:
-            secondary.insert(0, Secondary([o.costs for o in weight_scores], target - fixed))
-        capacity = timing.capacity(latency)
-        fastest = minimum_cost(_costed(weight_scores, timing))
-        if fastest > capacity:  # the tables say no plan is fast enough: believe only an end-to-end measurement
-            measured = _latency_ratio(model, _build(model, candidates, timing.fastest(), factors, timing), inputs, timing)[0]
-            if measured > latency:
-                _refuse_latency(latency, measured, timing)
-            capacity = fastest
 
-    def allocate(layer_scores: list[LayerOptions], room: int | None = None) -> list[int]:
-        try:
-            return solve(_costed(layer_scores, timing), capacity if room is None else room, secondary=secondary)
-        except ValueError:
-            given = " and ".join(f"{kind}_budget={ratio!r}" for kind, ratio in budgets.ratios().items())
-            together = "both" if len(budgets.ratios()) == 2 else "all of"
-            raise BudgetError(
-                f"a plan must meet {together} {given}, but none of the {'measured ' if timing is not None else ''}"
-                "options does: loosen one of them"
-            ) from None
 
-    if probe is None and evaluate is None:
-        selection = _allocate_capped(allocate, scores, capacity, fixed, original.total, max_layer_error, notes, timing is None and budget is not None)
-    else:
-        runner = _ProbeRunner(model, probe, evaluate)
-        if runner.held_out is not None:
-            with _stage(f"sensitivity profile (up to {profile_points} options a layer)"):
-                profile, scores = _profile_scores(model, candidates, runner.held_out, factors, profile_size, profile_points, progress, shared)
-        metrics["probe_original"] = runner.score(model)[1]
-        can_reestimate = reestimate_bn and runner.calibration is not None and has_batchnorm(model)
-
-        def decide_bn() -> bool:  # decide once, on the plain allocation, whether re-estimation helps at all
-            first = _build(model, candidates, allocate(scores), factors, timing)
-            with_bn, without = runner.score(first, reestimate=True), runner.score(first)
-            return bool(with_bn[0] > without[0] and with_bn[1] >= without[1])
-
-        with _stage("BatchNorm re-estimation decision"):
-            use_bn = can_reestimate and (decide_bn() if shared is None else shared.piece("use_bn", decide_bn))
-
-        best_so_far: list[float] = []
-
-        def evaluate_selection(selection: tuple[int, ...]) -> float:
-            # a trial that cannot beat the best so far stops early (pareto searches need every value)
-            floor = max(best_so_far) if best_so_far and not pareto else None
-            value = runner.score(_build(model, candidates, selection, factors, timing), reestimate=use_bn, floor=floor)[0]
-            best_so_far.append(value)
-            return value
-
-        costed = _costed(scores, timing)
-        with _stage(f"search ({n_trials} trials)"):
-            refined = refine(
-                costed, capacity, evaluate_selection, n_trials=n_trials, timeout=timeout, seed=seed, progress=progress,
-                min_budget=minimum_cost(costed) if pareto else None, secondary=secondary or None,
-                study=None if shared is None else shared.study,
-            )
-        selection = list(refined.best.selection)
-
-    decomposed = _build(model, candidates, selection, factors, timing)
-    if timing is not None:  # the tables predict; only side-by-side runs decide
-        weights = refined.best.weights if refined is not None else None
-        scaled = scores if weights is None else [LayerOptions(o.costs, o.errors * w) for o, w in zip(scores, weights)]
-        selection, decomposed, measured = _meet_latency(
-            latency, capacity, minimum_cost(_costed(weight_scores, timing)), selection, decomposed, timing,
-            plan_at=lambda room: allocate(scaled, room), build=lambda chosen: _build(model, candidates, chosen, factors, timing),
-            measure=lambda candidate: _latency_ratio(model, candidate, inputs, timing),
+def _room(run: _Run) -> None:
+    """Reads the budgets and targets; writes the scores, the latency tables (timing every option), the capacity and the other budgets."""
+    s = run.settings
+    run.scores = run.weight_scores
+    if s.params is not None:
+        run.secondary.append(Secondary(list(run.option_params), run.params_target - run.fixed_params))
+    run.capacity = run.target - run.fixed
+    if s.latency is not None:
+        measure = functools.partial(
+            _measure_latency, run.model, run.inputs, run.candidates, run.factors, s.timing_device, s.latency_cache, s.progress, s.timing_runtime,
         )
-        ratio, original_seconds, seconds = measured
-        metrics.update(latency_ratio=ratio, latency_original_ms=original_seconds * 1e3, latency_ms=seconds * 1e3)
+        run.timing = timing = measure() if run.shared is None else run.shared.latency(s.timing_device, measure, s.timing_runtime)
+        if s.flops is not None:
+            run.secondary.insert(0, Secondary([o.costs for o in run.weight_scores], run.target - run.fixed))
+        run.capacity = timing.capacity(s.latency)
+        fastest = minimum_cost(_costed(run.weight_scores, timing))
+        if fastest > run.capacity:  # the tables say no plan is fast enough: believe only an end-to-end measurement
+            measured = _latency_ratio(run.model, _build(run.model, run.candidates, timing.fastest(), run.factors, timing), run.inputs, timing)[0]
+            if measured > s.latency:
+                _refuse_latency(s.latency, measured, timing)
+            run.capacity = fastest
 
-    planned_budget = {} if budget is None else {"flops": budget}
-    if latency is not None:
-        planned_budget["latency"] = latency
-        notes.append(f"latency measured on {describe_device(timing.device, timing_runtime)}, inputs {_input_shapes(inputs)}")
-    if size is not None:
-        planned_budget["params"] = size
-        metrics["params_ratio"] = count_params(decomposed) / count_params(model)  # what the budget bounds; compare shows it
-    layers = _choices(candidates, selection, timing)
-    for candidate in candidates:  # a width unit's producer kept whole: say why it is not a layer of its own
+
+def _allocate(run: _Run) -> None:
+    """Reads the scores and capacity (no probe, no evaluate); writes the knapsack's selection, capped at max_layer_error when it can be."""
+    s = run.settings
+    run.selection = _allocate_capped(
+        run.allocate, run.scores, run.capacity, run.fixed, run.original.total, s.max_layer_error, run.notes,
+        run.timing is None and s.flops is not None, stacklevel=4,
+    )
+
+
+def _profile(run: _Run) -> None:
+    """Reads the probe (or evaluate) and candidates; writes the probe runner and, with a held-out probe, the profile and its scores."""
+    s = run.settings
+    run.runner = _ProbeRunner(run.model, run.probe, s.evaluate)
+    if run.runner.held_out is not None:
+        with _stage(f"sensitivity profile (up to {s.profile_points} options a layer)"):
+            run.profile, run.scores = _profile_scores(
+                run.model, run.candidates, run.runner.held_out, run.factors, s.profile_size, s.profile_points, s.progress, run.shared,
+            )
+
+
+def _decide_batchnorm(run: _Run) -> None:
+    """Reads the runner and scores; writes the original's probe metric and whether the search re-estimates BatchNorm (use_bn)."""
+    s, runner = run.settings, run.runner
+    run.metrics["probe_original"] = runner.score(run.model)[1]
+    run.can_reestimate = s.reestimate_bn and runner.calibration is not None and has_batchnorm(run.model)
+
+    def decide_bn() -> bool:  # decide once, on the plain allocation, whether re-estimation helps at all
+        first = _build(run.model, run.candidates, run.allocate(run.scores), run.factors, run.timing)
+        with_bn, without = runner.score(first, reestimate=True), runner.score(first)
+        return bool(with_bn[0] > without[0] and with_bn[1] >= without[1])
+
+    with _stage("BatchNorm re-estimation decision"):
+        run.use_bn = run.can_reestimate and (decide_bn() if run.shared is None else run.shared.piece("use_bn", decide_bn))
+
+
+def _search(run: _Run) -> None:
+    """Reads the scores, capacity, budgets and use_bn; writes the Optuna search's result and its best selection."""
+    s = run.settings
+    best_so_far: list[float] = []
+
+    def evaluate_selection(selection: tuple[int, ...]) -> float:
+        # a trial that cannot beat the best so far stops early (pareto searches need every value)
+        floor = max(best_so_far) if best_so_far and not s.pareto else None
+        value = run.runner.score(_build(run.model, run.candidates, selection, run.factors, run.timing), reestimate=run.use_bn, floor=floor)[0]
+        best_so_far.append(value)
+        return value
+
+    costed = _costed(run.scores, run.timing)
+    with _stage(f"search ({s.n_trials} trials)"):
+        run.refined = refine(
+            costed, run.capacity, evaluate_selection, n_trials=s.n_trials, timeout=s.timeout, seed=s.seed, progress=s.progress,
+            min_budget=minimum_cost(costed) if s.pareto else None, secondary=run.secondary or None,
+            study=None if run.shared is None else run.shared.study,
+        )
+    run.selection = list(run.refined.best.selection)
+
+
+def _meet_budgets(run: _Run) -> None:
+    """Reads the selection; writes the decomposed model, re-planned until its measured latency meets a latency budget."""
+    s, timing = run.settings, run.timing
+    run.decomposed = _build(run.model, run.candidates, run.selection, run.factors, timing)
+    if timing is None:
+        return
+    # the tables predict; only side-by-side runs decide
+    weights = run.refined.best.weights if run.refined is not None else None
+    scaled = run.scores if weights is None else [LayerOptions(o.costs, o.errors * w) for o, w in zip(run.scores, weights)]
+    run.selection, run.decomposed, measured = _meet_latency(
+        s.latency, run.capacity, minimum_cost(_costed(run.weight_scores, timing)), run.selection, run.decomposed, timing,
+        plan_at=lambda room: run.allocate(scaled, room), build=lambda chosen: _build(run.model, run.candidates, chosen, run.factors, timing),
+        measure=lambda candidate: _latency_ratio(run.model, candidate, run.inputs, timing),
+    )
+    ratio, original_seconds, seconds = measured
+    run.metrics.update(latency_ratio=ratio, latency_original_ms=original_seconds * 1e3, latency_ms=seconds * 1e3)
+
+
+def _draft_plan(run: _Run) -> None:
+    """Reads the selection and decomposed model; writes the plan (layers, budgets, notes) and the trial it publishes."""
+    s, timing = run.settings, run.timing
+    planned_budget = {} if s.flops is None else {"flops": s.flops}
+    if s.latency is not None:
+        planned_budget["latency"] = s.latency
+        run.notes.append(f"latency measured on {describe_device(timing.device, s.timing_runtime)}, inputs {_input_shapes(run.inputs)}")
+    if s.params is not None:
+        planned_budget["params"] = s.params
+        run.metrics["params_ratio"] = count_params(run.decomposed) / count_params(run.model)  # what the budget bounds; compare shows it
+    layers = _choices(run.candidates, run.selection, timing)
+    for candidate in run.candidates:  # a width unit's producer kept whole: say why it is not a layer of its own
         name = candidate.producer.layer.name if candidate.producer is not None else None
         if name is not None and name not in layers and layers[candidate.layer.name].method != WIDTH:
-            skipped[name] = f"kept whole: planned with {candidate.layer.name!r} as one width unit (sliced with its width, or factorised on its own)"
-    plan = Plan(
-        layers=layers, original_flops=original.total, budget=planned_budget,
-        input_shapes=_input_shapes(inputs), input_assumed=assumed, skipped=skipped, notes=notes, probe=probe_source,
-        structure=model_structure(model, _input_shapes(inputs)),
+            run.skipped[name] = f"kept whole: planned with {candidate.layer.name!r} as one width unit (sliced with its width, or factorised on its own)"
+    run.plan = Plan(
+        layers=layers, original_flops=run.original.total, budget=planned_budget,
+        input_shapes=_input_shapes(run.inputs), input_assumed=run.assumed, skipped=run.skipped, notes=run.notes, probe=run.probe_source,
+        structure=model_structure(run.model, _input_shapes(run.inputs)),
         runtime={} if timing is None else {
-            "name": timing_runtime.name, "version": timing_runtime.version, "device": describe_device(timing.device, timing_runtime),
+            "name": s.timing_runtime.name, "version": s.timing_runtime.version, "device": describe_device(timing.device, s.timing_runtime),
         },
     )
-    published = refined.best if refined is not None else None
-    if probe is not None and sequential_fit and _selection_factorizes(selection, candidates) and not _selection_factorizes(
-        selection, candidates, refittable=True
-    ):
-        plan.notes.append("sequential re-fit skipped: every layer the plan changes is a width, already re-fitted to the probe")
-    elif probe is not None and sequential_fit and _selection_factorizes(selection, candidates, refittable=True):
-        pool = [(published, decomposed)]
-        if refined is not None and timing is None:  # a latency plan was tuned on the device: it is not swapped
-            for trial in _runners_up(refined, candidates, refit_candidates - 1):
-                pool.append((trial, _build(model, candidates, trial.selection, factors)))
-        with _stage("sequential re-fit"):
-            decomposed, published = _refit_best(model, pool, plan, candidates, probe, runner, use_bn, progress)
-    if probe is not None or evaluate is not None:
+    run.published = run.refined.best if run.refined is not None else None
+
+
+def _refit(run: _Run) -> None:
+    """Reads the plan, selection and probe; writes the re-fitted model and plan when the held-out probe prefers them (sequential_fit)."""
+    s, selection, candidates = run.settings, run.selection, run.candidates
+    if run.probe is None or not s.sequential_fit or not _selection_factorizes(selection, candidates):
+        return
+    if not _selection_factorizes(selection, candidates, refittable=True):
+        run.plan.notes.append("sequential re-fit skipped: every layer the plan changes is a width, already re-fitted to the probe")
+        return
+    pool = [(run.published, run.decomposed)]
+    if run.refined is not None and run.timing is None:  # a latency plan was tuned on the device: it is not swapped
+        for trial in _runners_up(run.refined, candidates, s.refit_candidates - 1):
+            pool.append((trial, _build(run.model, candidates, trial.selection, run.factors)))
+    with _stage("sequential re-fit"):
+        run.decomposed, run.published = _refit_best(run.model, pool, run.plan, candidates, run.probe, run.runner, run.use_bn, s.progress)
+
+
+def _final_scores(run: _Run) -> None:
+    """Reads the decomposed model and runner; writes the final BatchNorm decision, the probe metrics and any damage flag to the plan."""
+    s, runner, metrics, plan = run.settings, run.runner, run.metrics, run.plan
+    measured = run.probe is not None or s.evaluate is not None
+    if measured:
         logger.info("final BatchNorm re-estimation and scores ...")
-        plain = runner.score(decomposed)
+        plain = runner.score(run.decomposed)
         metrics["probe_without_bn_reestimate"] = metrics["probe"] = plain[1]
-        if can_reestimate:
-            reestimated = reestimate_batchnorm(copy.deepcopy(decomposed), runner.calibration)
+        if run.can_reestimate:
+            reestimated = reestimate_batchnorm(copy.deepcopy(run.decomposed), runner.calibration)
             with_bn = runner.score(reestimated)
             metrics["probe_with_bn_reestimate"] = with_bn[1]
             if with_bn[0] > plain[0] and with_bn[1] >= plain[1]:
-                decomposed = reestimated
+                run.decomposed = reestimated
                 metrics["probe"] = with_bn[1]
                 metrics["bn_reestimated"] = 1.0  # apply(model, plan, data) redoes it
                 plan.notes.append("BatchNorm statistics re-estimated on the probe (kept: outputs closer to the original's, metric not lower)")
             else:
                 plan.notes.append("BatchNorm re-estimation tried and rejected (outputs not closer to the original's, or metric lower)")
-        metrics["probe_examples"] = float(len(probe)) if probe is not None else 0.0
+        metrics["probe_examples"] = float(len(run.probe)) if run.probe is not None else 0.0
         plan.notes.append(f"probe metric: {runner.metric_name} on {len(runner.held_out) if runner.held_out is not None else 0} held-out probe examples")
     plan.metrics.update(metrics)
-    if probe is not None or evaluate is not None:  # the data-free allocation flags its own (_allocate_capped)
-        _flag_measured_damage(plan, float(max_layer_error), runner.metric_name)
-    count = count_flops(decomposed, inputs)
+    if measured:  # the data-free allocation flags its own (_allocate_capped)
+        _flag_measured_damage(plan, float(s.max_layer_error), runner.metric_name, stacklevel=4)
+
+
+def _verify(run: _Run) -> None:
+    """Reads the decomposed model and plan; writes fvcore's and the parameter count, refusing (a bug) any that the plan did not predict."""
+    s, plan = run.settings, run.plan
+    count = count_flops(run.decomposed, run.inputs)
     counted = count.total
-    if counted != plan.flops or counted > target:  # the closed form and fvcore disagree: a bug, never a silent miss
+    if counted != plan.flops or counted > run.target:  # the closed form and fvcore disagree: a bug, never a silent miss
         counted_as = {name: sum(count.by_module.get(n, 0) for n in (name, *(c.sliced or ()))) for name, c in plan.layers.items()}
         wrong = [f"{name!r} {counted_as[name]} vs {c.flops_after}" for name, c in plan.layers.items() if counted_as[name] != c.flops_after]
         named = f"; layers fvcore counts otherwise (fvcore vs plan): {', '.join(wrong[:5])}" + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
-        raise AutodacError(f"internal check failed: fvcore counts {counted} FLOPs, plan predicts {plan.flops}, budget {target}{named if wrong else ''}")
-    params = count_params(decomposed)
-    predicted = fixed_params + sum(int(p[i]) for p, i in zip(option_params, selection))
-    if size is not None and (params != predicted or params > params_target):  # as for FLOPs: a bug, never a silent miss
-        raise AutodacError(f"internal check failed: the model holds {params} parameters, the plan predicts {predicted}, budget {params_target}")
+        raise AutodacError(f"internal check failed: fvcore counts {counted} FLOPs, plan predicts {plan.flops}, budget {run.target}{named if wrong else ''}")
+    params = count_params(run.decomposed)
+    predicted = run.fixed_params + sum(int(p[i]) for p, i in zip(run.option_params, run.selection))
+    if s.params is not None and (params != predicted or params > run.params_target):  # as for FLOPs: a bug, never a silent miss
+        raise AutodacError(f"internal check failed: the model holds {params} parameters, the plan predicts {predicted}, budget {run.params_target}")
+    run.flops, run.params = counted, params
+
+
+def _publish(run: _Run) -> Result:
+    """Reads everything before; writes the plan (and its front) to a shared search and returns the Result."""
+    s, plan, refined = run.settings, run.plan, run.refined
     logger.info("planned %d of %d layers; FLOPs ratio %.4f", len(plan.factorized), len(plan.layers), plan.flops_ratio)
-    front = [] if not (pareto and refined) else [_front_plan(plan, candidates, t, timing) for t in refined.front]
-    if shared is not None:
-        plan.notes.append(shared.note(n_trials))
-        shared.publish(plan, published.value, published.number, front)
+    front = [] if not (s.pareto and refined) else [_front_plan(plan, run.candidates, t, run.timing) for t in refined.front]
+    if run.shared is not None:
+        plan.notes.append(run.shared.note(s.n_trials))
+        run.shared.publish(plan, run.published.value, run.published.number, front)
     return Result(
-        model=decomposed, plan=plan, original_flops=original.total, flops=counted,
-        original_params=original_params, params=params, notes=notes,
-        profile=profile, trials=[] if refined is None else refined.trials, pareto=front, example_inputs=inputs,
+        model=run.decomposed, plan=plan, original_flops=run.original.total, flops=run.flops,
+        original_params=run.original_params, params=run.params, notes=run.notes,
+        profile=run.profile, trials=[] if refined is None else refined.trials, pareto=front, example_inputs=run.inputs,
     )
 
 
@@ -1142,7 +1347,8 @@ _UNREACHABLE = 1 << 53  # the cost given to an option the damage cap forbids: no
 
 
 def _allocate_capped(
-    allocate, scores: list[LayerOptions], capacity: int, fixed: int, total: int, cap: float, notes: list[str], in_flops: bool = True
+    allocate, scores: list[LayerOptions], capacity: int, fixed: int, total: int, cap: float, notes: list[str], in_flops: bool = True,
+    stacklevel: int = 3,
 ) -> list[int]:
     """The data-free allocation with no layer's predicted error above ``cap``, when the budget allows it.
 
@@ -1170,13 +1376,13 @@ def _allocate_capped(
     )
     if in_flops:
         message += f"; from flops_budget >= {_safe_budget(allocate, scores, capped, capacity, fixed, total, cap):.4f} both are predicted within it"
-    warnings.warn(f"autodac: {message}", UserWarning, stacklevel=3)
+    warnings.warn(f"autodac: {message}", UserWarning, stacklevel=stacklevel)  # pointed at optimize's caller
     logger.warning(message)
     notes.append(message)
     return selection
 
 
-def _flag_measured_damage(plan: Plan, cap: float, metric_name: str) -> None:
+def _flag_measured_damage(plan: Plan, cap: float, metric_name: str, stacklevel: int = 3) -> None:
     """Flag a plan made with a probe as ``_allocate_capped`` flags a data-free one: warned, logged and noted when its
     layers' predicted output errors exceed ``cap`` (worst or summed), with what the probe measured beside them.
 
@@ -1194,7 +1400,7 @@ def _flag_measured_damage(plan: Plan, cap: float, metric_name: str) -> None:
     )
     if "probe" in plan.metrics and "probe_original" in plan.metrics:
         message += f"; on the probe, {metric_name} {plan.metrics['probe']:.4f} against the original's {plan.metrics['probe_original']:.4f}"
-    warnings.warn(f"autodac: {message}", UserWarning, stacklevel=3)
+    warnings.warn(f"autodac: {message}", UserWarning, stacklevel=stacklevel)  # pointed at optimize's caller
     logger.warning(message)
     plan.notes.append(message)
 

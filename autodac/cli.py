@@ -589,21 +589,23 @@ def _profile_rows(model, profile) -> dict[str, list[tuple[str, int, float, float
 def _cmd_profile(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    import autodac
+    from autodac import api
 
     model = _load_model_from(args)
     data = _load_data(args.data, model)
-    kwargs: dict[str, Any] = {"profile_points": args.points, "n_trials": 1, "reestimate_bn": False}
+    kwargs: dict[str, Any] = {"profile_points": args.points}
     if args.profile_size is not None:
         kwargs["profile_size"] = args.profile_size
     if args.methods is not None:
         kwargs["methods"] = args.methods
-    # the profile is the first step of optimize with data; at budget 1 (nothing must be cut) and one trial the rest is brief
-    result = autodac.optimize(model, 1.0, example_inputs=_example_inputs(args, model, True), data=data,
-                              progress=_progress(args), **kwargs)
-    rows = _profile_rows(model, result.profile)
+    # the profile is optimize's stages up to its sensitivity profile (check, probe, count, score, profile), and no further
+    run = api._start(model, 1.0, example_inputs=_example_inputs(args, model, True), data=data, progress=_progress(args), **kwargs)
+    for stage in (api._probe, api._count, api._score, api._profile):
+        stage(run)
+    profile = run.profile
+    rows = _profile_rows(model, profile)
     payload = {
-        "weights": _weights_source(args), "samples": result.profile.samples, "seconds": round(result.profile.seconds, 2),
+        "weights": _weights_source(args), "samples": profile.samples, "seconds": round(profile.seconds, 2),
         "layers": {name: [{"method": m, "rank": r, "params_kept": round(k, 4), "divergence": v} for m, r, k, v in options]
                    for name, options in rows.items()},
     }
@@ -614,15 +616,15 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         folder = Path(args.out)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "sensitivity.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-        plots.sensitivity_heatmap(rows, folder / "sensitivity.png", samples=result.profile.samples)
+        plots.sensitivity_heatmap(rows, folder / "sensitivity.png", samples=profile.samples)
         written = [str(folder / "sensitivity.json"), str(folder / "sensitivity.png")]
     table = tabulate(
         [[name, *(f"{m} r{r} ({k:.0%}): {v:.4g}" for m, r, k, v in options)] for name, options in rows.items()],
         headers=["layer", *(f"option {j + 1}" for j in range(max(len(o) for o in rows.values())))], disable_numparse=True,
     )
     text = (
-        f"sensitivity: KL divergence of the outputs from the original's on {result.profile.samples} probe examples, "
-        f"one layer factorised at a time (method, rank, parameters kept: divergence); {result.profile.seconds:.1f} s\n{table}"
+        f"sensitivity: KL divergence of the outputs from the original's on {profile.samples} probe examples, "
+        f"one layer factorised at a time (method, rank, parameters kept: divergence); {profile.seconds:.1f} s\n{table}"
     )
     text += f"\n{_weights_source(args)}"
     if written:

@@ -1,0 +1,98 @@
+"""optimize's stages run alone: each is a function of one ``_Run`` and can be tested (or reused) without the rest."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+import autodac
+from autodac import api
+from autodac.cost import count_flops
+from autodac.errors import AutodacError
+from autodac.factorize import get_method
+from autodac.plan import DENSE
+from autodac.testing import SmallConvNet
+
+X = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def _scored(**options) -> api._Run:
+    """A run of SmallConvNet through check, probe, count and score."""
+    run = api._start(SmallConvNet(), 0.5, example_inputs=X, progress=False, **options)
+    for stage in (api._probe, api._count, api._score):
+        stage(run)
+    return run
+
+
+def test_the_score_stage_costs_every_option_in_closed_form_as_fvcore_counts_it() -> None:
+    run = _scored(widths=False)  # one layer per candidate: its options' costs are the method's own formula
+    assert run.candidates and run.original.total == count_flops(SmallConvNet(), (X,)).total
+    for i, candidate in enumerate(run.candidates):
+        geometry = candidate.layer.geometry
+        assert candidate.options[0][:3] == (DENSE, None, geometry.dense_cost())
+        assert geometry.dense_cost() == run.original.by_module[candidate.layer.name]  # the closed form is fvcore's count
+        for j, (method, rank, cost, _) in enumerate(candidate.options[1:], start=1):
+            assert cost == get_method(method).cost(geometry, rank), (candidate.layer.name, method, rank)
+            if rank in (1, 2):  # and the model built with that option alone counts what the options sum to
+                selection = [0] * len(run.candidates)
+                selection[i] = j
+                built = api._build(run.model, run.candidates, selection, run.factors)
+                fixed = run.original.total - sum(c.dense_cost for c in run.candidates)
+                assert count_flops(built, (X,)).total == fixed + sum(c.options[s][2] for c, s in zip(run.candidates, selection))
+
+
+def test_the_reach_stage_refuses_a_budget_no_plan_meets_before_any_search() -> None:
+    run = api._start(SmallConvNet(), 0.01, example_inputs=X, progress=False)
+    for stage in (api._probe, api._count, api._score):
+        stage(run)
+    with pytest.raises(autodac.BudgetError, match=r"`flops_budget >= 0\.\d{4}` must hold .* but got flops_budget=0\.01"):
+        api._reach(run)
+
+
+def _drafted() -> api._Run:
+    """A data-free run of SmallConvNet through every stage before verify."""
+    run = _scored()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a deep cut of a tiny model is flagged as predicted damage: not what these tests are about
+        for stage in (api._reach, api._open_search, api._room, api._allocate, api._meet_budgets, api._draft_plan, api._refit, api._final_scores):
+            stage(run)
+    return run
+
+
+def test_the_verify_stage_passes_the_plan_fvcore_agrees_with() -> None:
+    run = _drafted()
+    api._verify(run)
+    assert run.flops == run.plan.flops <= run.target
+    result = api._publish(run)
+    assert result.flops == count_flops(result.model, (X,)).total and result.plan is run.plan
+
+
+def test_the_verify_stage_refuses_a_plan_whose_fvcore_count_differs() -> None:
+    run = _drafted()
+    name, choice = next(iter(run.plan.factorized.items()))
+    run.plan.layers[name] = dataclasses.replace(choice, flops_after=choice.flops_after - 1)  # a closed form one multiply-add off
+    with pytest.raises(AutodacError, match=rf"internal check failed: fvcore counts \d+ FLOPs, plan predicts \d+, .*'{name}' \d+ vs \d+"):
+        api._verify(run)
+
+
+def test_the_verify_stage_refuses_a_model_that_is_not_the_plan() -> None:
+    run = _drafted()
+    run.decomposed = run.model  # the original, dense: fvcore counts more than the plan predicts
+    with pytest.raises(AutodacError, match="internal check failed: fvcore counts"):
+        api._verify(run)
+
+
+def test_the_stages_up_to_the_profile_measure_what_optimize_measures() -> None:
+    """What `autodac profile` runs (check, probe, count, score, profile) is the profile optimize makes on the same data."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 5, (32,), generator=g))]
+    options = dict(example_inputs=X, data=data, profile_points=2, progress=False)
+    run = api._start(SmallConvNet(), 1.0, **options)
+    for stage in (api._probe, api._count, api._score, api._profile):
+        stage(run)
+    whole = autodac.optimize(SmallConvNet(), 1.0, n_trials=1, reestimate_bn=False, **options).profile
+    assert run.profile.samples == whole.samples and run.profile.losses == whole.losses
+    assert run.refined is None and run.plan is None  # nothing after the profile ran
