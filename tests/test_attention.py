@@ -293,3 +293,16 @@ def test_vit_unfused_equals_original_at_full_rank() -> None:
     factorised = autodac.surgery.replace_layers(unfused, full).eval()
     with torch.no_grad():
         assert torch.allclose(factorised(X), model(X), atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:autodac. the plan is predicted to damage")
+def test_a_planned_attention_model_exports_and_pt_refuses_it_naming_the_other_formats(tmp_path) -> None:
+    pytest.importorskip("onnxruntime", reason="the onnx round trip needs autodac[deploy]")
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    result = autodac.optimize(TinyViT(), 0.6, example_inputs=x, progress=False)
+    assert any(name.endswith("_proj") for name in result.plan.factorized)
+    for fmt in ("torchscript", "pt2", "onnx"):
+        done = autodac.export(result, tmp_path / f"vit.{fmt}", format=fmt)
+        assert done.max_difference <= done.allowed  # loaded back and compared by export itself
+    with pytest.raises(autodac.ModelError, match=r"UnfusedMultiheadAttention.*use format 'torchscript'"):
+        autodac.export(result, tmp_path / "vit.pt", format="pt")
