@@ -544,20 +544,8 @@ def _statistics(model: nn.Module, layers: dict[str, nn.Module], consumers: dict[
 
 
 def _params_after(module: nn.Module, method: str, rank: int) -> int:
-    """Parameters of the pair that replaces ``module`` under ``method`` at ``rank`` (tests prove it equals the built pair's)."""
-    shape = tuple(module.weight.shape)
-    n, c = shape[:2]
-    k = int(np.prod(shape[2:])) if len(shape) > 2 else 1
-    bias = 0 if module.bias is None else n
-    if method == "dac":
-        return c * rank * k + n * c * rank + bias
-    if method == "tdac":
-        return c * n * rank + n * rank * k + bias
-    if method == "spatial":
-        return c * rank * shape[2] + rank * n * shape[3] + bias
-    if method == "lowrank":
-        return rank * c * k + n * rank + bias
-    raise AutodacError(f"`method` must be one of {sorted(METHODS)} to count its parameters, but got method={method!r}")
+    """Parameters of the pair that replaces ``module`` under ``method`` at ``rank``: the registered method's count."""
+    return get_method(method).params(tuple(module.weight.shape), rank, module.bias is not None)
 
 
 def _sliced_params(module: nn.Module, width: int) -> int:

@@ -724,6 +724,13 @@ def _default(name: str) -> Any:
     return inspect.signature(optimize).parameters[name].default
 
 
+def _methods_help() -> str:
+    """The registered factorisations and the default ones, read from the registry and ``optimize``."""
+    from autodac.factorize import METHODS
+
+    return f"{','.join(METHODS)} (default {','.join(_default('methods'))})"
+
+
 def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
     """MODEL, the budgets, the data and the search options that `optimize` and `worker` share."""
     _add_model(optimize)
@@ -738,7 +745,7 @@ def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
     optimize.add_argument("--device", metavar="DEVICE", help="where --latency-budget is timed (default: where the model is; e.g. cuda:0)")
     optimize.add_argument("--runtime", choices=("torch", "onnxruntime"),
                           help="what --latency-budget is timed in: eager torch (default) or onnxruntime (needs autodac[deploy])")
-    optimize.add_argument("--methods", type=_methods, metavar="M[,M...]", help="factorisations allowed: dac,spatial,lowrank (default all)")
+    optimize.add_argument("--methods", type=_methods, metavar="M[,M...]", help=f"factorisations allowed: {_methods_help()}")
     optimize.add_argument("--exclude", action="append", metavar="GLOB", help="keep layers matching this name pattern dense (repeatable)")
     optimize.add_argument("--n-trials", type=_positive, metavar="N", help=f"Optuna trials with --data (default {_default('n_trials')})")
     optimize.add_argument("--seed", type=int, metavar="S", help=f"search seed (default {_default('seed')})")
@@ -824,7 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--points", type=_positive, default=_default("profile_points"), metavar="K",
                          help=f"options measured per layer (default {_default('profile_points')})")
     profile.add_argument("--profile-size", type=_positive, metavar="N", help=f"probe examples each measurement runs on (default {_default('profile_size')})")
-    profile.add_argument("--methods", type=_methods, metavar="M[,M...]", help="factorisations to measure (default all)")
+    profile.add_argument("--methods", type=_methods, metavar="M[,M...]", help=f"factorisations to measure: {_methods_help()}")
     profile.add_argument("--out", metavar="DIR", help="write DIR/sensitivity.json and the heat map DIR/sensitivity.png")
     profile.set_defaults(run=_cmd_profile)
 

@@ -16,7 +16,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 if TYPE_CHECKING:  # numpy is imported where the costs are computed
     import numpy as np
@@ -195,7 +195,7 @@ def layer_latencies(
     geometry: Geometry,
     options: Sequence[tuple[str, int | None]],
     build: Callable[[str, int, str], nn.Module],
-    implementations: dict[str, Sequence[str]],
+    implementations: Mapping[str, Sequence[str]],
     device: torch.device,
     cache: LatencyCache,
     points: int = 16,
@@ -296,7 +296,7 @@ def measure_table(
     model: nn.Module,
     inputs: tuple[Any, ...],
     layers: Sequence[tuple[nn.Module, Geometry, Sequence[tuple[str, int | None]], Callable[[str, int, str], nn.Module]]],
-    implementations: dict[str, Sequence[str]],
+    implementations: Mapping[str, Sequence[str]],
     device: torch.device,
     cache: LatencyCache,
     progress: bool = False,

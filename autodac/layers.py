@@ -17,15 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from autodac.errors import AutodacError
-from autodac.factorize import Decomposition, get_method
+from autodac.factorize import METHODS, Decomposition, get_method, method_table
 from autodac.subclasses import explicit_padding
 
 __all__ = ["FactorizedLayer", "SplitDepthwise", "build_factorized", "plain_layer", "traced", "SUPPORTED_TYPES", "IMPLEMENTATIONS"]
 
 SUPPORTED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_PART_NAMES = {"dac": ("depthwise", "pointwise"), "tdac": ("pointwise", "per_output"), "spatial": ("vertical", "horizontal"), "lowrank": ("reduce", "expand")}
-# Ways to run one factorisation; the math is the same, the speed is not. "" is the method's plain form.
-IMPLEMENTATIONS = {"dac": ("grouped", "split"), "tdac": ("",), "spatial": ("",), "lowrank": ("",)}
+# Ways to run each registered factorisation (read live from the registry); the math is the same, the speed is not. "" is a plain form.
+IMPLEMENTATIONS = method_table("implementations")
 
 
 class FactorizedLayer(nn.Sequential):
@@ -42,7 +41,7 @@ class FactorizedLayer(nn.Sequential):
         self, method: str, rank: int, first: nn.Module, second: nn.Module, impl: str = "",
         pads: tuple[tuple[int, ...], tuple[int, ...]] = ((), ()),
     ) -> None:
-        names = _PART_NAMES.get(method, ("first", "second"))
+        names = METHODS[method].part_names if method in METHODS else ("first", "second")
         super().__init__(OrderedDict([(names[0], first), (names[1], second)]))
         self.method = method
         self.rank = rank
@@ -114,53 +113,6 @@ def plain_layer(layer: FactorizedLayer) -> nn.Module:
     return plain
 
 
-def _conv_type(module: nn.Module) -> type[nn.Module]:
-    return nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Conv1d
-
-
-def _split_depthwise(grouped: nn.Module, pointwise: nn.Module, channels: int, rank: int) -> tuple[nn.Module, nn.Module]:
-    """The grouped depthwise conv (output ``c*r + j``) as ``r`` multiplier-1 convs (output ``j*C + c``)."""
-    conv = type(grouped)
-    kernel = tuple(grouped.weight.shape[2:])
-    per_rank = grouped.weight.reshape(channels, rank, 1, *kernel)
-    convs = []
-    for j in range(rank):
-        part = conv(
-            channels, channels, grouped.kernel_size, stride=grouped.stride, padding=grouped.padding, dilation=grouped.dilation,
-            groups=channels, bias=False, padding_mode=grouped.padding_mode, device=grouped.weight.device, dtype=grouped.weight.dtype,
-        )
-        part.weight.copy_(per_rank[:, j])
-        convs.append(part)
-    n = pointwise.weight.shape[0]
-    rest = pointwise.weight.shape[2:]
-    pointwise.weight.copy_(pointwise.weight.reshape(n, channels, rank, *rest).transpose(1, 2).reshape(n, rank * channels, *rest))
-    return SplitDepthwise(convs), pointwise
-
-
-def _place_padding(pads: tuple[int, ...], method: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Where a layer's own input padding goes: ``(before the first half, before the second)``.
-
-    The first halves of TDAC (1x1) and spatial (``kh x 1``) have no bias and act on each
-    pixel or column alone, so they map zero padding to zero padding: padding along what they
-    do not convolve can wait for the second half. That keeps both halves at the sizes the
-    closed-form costs assume (``Geometry.calls`` holds the unpadded input).
-    """
-    if method == "tdac":
-        first, second = (), pads
-    elif method == "spatial":  # F.pad order: (left, right, top, bottom)
-        first, second = (0, 0, *pads[2:]), (*pads[:2], 0, 0)
-    else:
-        first, second = pads, ()
-    return (first if any(first) else (), second if any(second) else ())
-
-
-def _split_2d(value, axis: int, neutral):
-    """Keep ``value`` along ``axis`` (0 = height, 1 = width) and ``neutral`` along the other."""
-    if isinstance(value, str):
-        return value
-    return (value[0], neutral) if axis == 0 else (neutral, value[1])
-
-
 @torch.no_grad()
 def build_factorized(
     module: nn.Module, method: str, rank: int, decomposition: Decomposition | None = None, impl: str = ""
@@ -169,10 +121,12 @@ def build_factorized(
 
     ``decomposition`` is the method's full SVD of this layer when the caller already has it
     (the search builds many ranks of one layer from one SVD). ``impl`` picks one of the
-    method's ``IMPLEMENTATIONS`` (same outputs, different speed); ``""`` is the first.
+    method's ``implementations`` (same outputs, different speed); ``""`` is the first. Everything
+    that differs between methods (the two layers, their names, implementations, padding) is the
+    registered method's (``autodac.factorize``).
     """
     factorization = get_method(method)
-    choices = IMPLEMENTATIONS.get(method, ("",))
+    choices = factorization.implementations
     if impl not in ("", *choices):
         raise AutodacError(f"`impl` must be one of {list(choices)} for method {method!r}, but got impl={impl!r}")
     impl = impl or choices[0]
@@ -191,43 +145,14 @@ def build_factorized(
     if isinstance(padding, str):
         raise AutodacError(f"a layer must be reproducible from its weight to be factorised, but {padding}")
     factors = factorization.truncate(decomposition if decomposition is not None else factorization.decompose(weight), rank)
-    has_bias = module.bias is not None
     options = {"device": weight.device, "dtype": weight.dtype}
-    n, c = shape[:2]
-
-    if isinstance(module, nn.Linear):
-        first: nn.Module = nn.Linear(c, rank, bias=False, **options)
-        second: nn.Module = nn.Linear(rank, n, bias=has_bias, **options)
-    elif method == "spatial":
-        first = nn.Conv2d(
-            c, rank, (shape[2], 1), stride=_split_2d(module.stride, 0, 1), padding=_split_2d(module.padding, 0, 0),
-            dilation=_split_2d(module.dilation, 0, 1), bias=False, padding_mode=module.padding_mode, **options,
-        )
-        second = nn.Conv2d(
-            rank, n, (1, shape[3]), stride=_split_2d(module.stride, 1, 1), padding=_split_2d(module.padding, 1, 0),
-            dilation=_split_2d(module.dilation, 1, 1), bias=has_bias, padding_mode=module.padding_mode, **options,
-        )
-    elif method == "tdac":  # pointwise C -> N*r at the input's resolution, then each output channel's r kernels
-        conv = _conv_type(module)
-        first = conv(c, n * rank, 1, bias=False, **options)
-        second = conv(
-            n * rank, n, module.kernel_size, stride=module.stride, padding=module.padding, dilation=module.dilation,
-            groups=n, bias=has_bias, padding_mode=module.padding_mode, **options,
-        )
-    else:
-        conv = _conv_type(module)
-        middle = c * rank if method == "dac" else rank
-        first = conv(
-            c, middle, module.kernel_size, stride=module.stride, padding=module.padding, dilation=module.dilation,
-            groups=c if method == "dac" else 1, bias=False, padding_mode=module.padding_mode, **options,
-        )
-        second = conv(middle, n, 1, bias=has_bias, **options)
+    first, second = factorization.modules(module, rank, options)
     first.weight.copy_(factors.first)
     second.weight.copy_(factors.second)
-    if has_bias:
+    if module.bias is not None:
         second.bias.copy_(module.bias)
-    if impl == "split" and not isinstance(module, nn.Linear):
-        first, second = _split_depthwise(first, second, c, rank)
-    layer = FactorizedLayer(method, rank, first, second, impl, _place_padding(padding, method))
+    first, second = factorization.implement(first, second, impl, rank)
+    pads = tuple(p if any(p) else () for p in factorization.place_padding(padding))
+    layer = FactorizedLayer(method, rank, first, second, impl, pads)
     layer.train(module.training)
     return layer

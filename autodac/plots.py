@@ -12,7 +12,7 @@ import os
 from typing import Mapping, Sequence
 
 from autodac.errors import AutodacError
-from autodac.factorize import get_method
+from autodac.factorize import get_method, method_table
 from autodac.plan import Plan
 
 __all__ = [
@@ -20,7 +20,8 @@ __all__ = [
     "METHOD_COLORS",
 ]
 
-METHOD_COLORS = {"dac": "#1f77b4", "tdac": "#9467bd", "spatial": "#ff7f0e", "lowrank": "#2ca02c", "width": "#d62728", "dense": "#b0b0b0"}
+# Each registered method's own ``color`` (read live from the registry), then the plan entries that are not methods.
+METHOD_COLORS = method_table("color", {"width": "#d62728", "dense": "#b0b0b0"})
 _DPI = 130
 
 

@@ -1,10 +1,17 @@
-"""The interface every factorisation implements: pure tensor math, no ``nn.Module``.
+"""The interface every factorisation implements: its math, the pair of modules it builds, its sizes.
 
 A factorisation takes a dense weight ``W`` (``N x C x k...`` for a conv, ``N x C`` for a
 linear layer) and a rank ``r`` and returns the weights of two smaller layers whose
 composition approximates ``W``; at ``max_rank`` the composition is exact. It also gives, in
 closed form, the multiply-adds of those two layers (counted the way fvcore counts them) and
 the relative reconstruction error at every rank, from one SVD of the layer.
+
+Each method's class also owns everything else that differs between methods, so that adding a
+method is its file and one ``register_method`` call (``autodac.factorize``): the two empty
+``nn`` layers its factors go into (``modules``), their names (``part_names``), its ways to run
+(``implementations``, ``implement``), where a layer's own input padding goes (``place_padding``),
+its parameters at a rank (``params``) and its colour in pictures (``color``).
+``autodac.layers.build_factorized`` is the same few lines for every method.
 """
 
 from __future__ import annotations
@@ -13,10 +20,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch import nn
 
 __all__ = [
-    "Geometry", "Decomposition", "Factors", "Factorization", "svd_dtype", "tail_energy", "out_scale", "full_svd", "singular_values",
-    "cholesky_factor", "SVDFactorization",
+    "Geometry", "Decomposition", "Factors", "Factorization", "BaseFactorization", "svd_dtype", "tail_energy", "out_scale", "full_svd", "singular_values",
+    "cholesky_factor", "SVDFactorization", "conv_type",
 ]
 
 
@@ -114,8 +122,53 @@ class Factorization(Protocol):
     def cost(self, geometry: Geometry, rank: int) -> int:
         """Multiply-adds of the pair, counted as fvcore counts them."""
 
+    part_names: tuple[str, str]  # the names of the two halves in a ``FactorizedLayer`` (and so its state-dict keys)
+    implementations: tuple[str, ...]  # ways to run the pair (same outputs, different speed); ``""`` is the plain form
+    color: str  # its colour in pictures (``autodac.plots``)
 
-class SVDFactorization:
+    def params(self, weight_shape: tuple[int, ...], rank: int, bias: bool) -> int:
+        """Parameters of the pair at ``rank`` (tests prove it equals the built pair's count)."""
+
+    def modules(self, module: nn.Module, rank: int, options: dict) -> tuple[nn.Module, nn.Module]:
+        """The two layers that replace ``module`` at ``rank`` (``options``: device and dtype), weights still to be copied in.
+
+        They take ``truncate``'s ``first`` and ``second`` and the layer's bias goes on the second.
+        """
+
+    def implement(self, first: nn.Module, second: nn.Module, impl: str, rank: int) -> tuple[nn.Module, nn.Module]:
+        """The filled pair rewritten as implementation ``impl`` (one of ``implementations``): same outputs."""
+
+    def place_padding(self, pads: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Where a layer's own input padding (``F.pad`` amounts) goes: ``(before the first half, before the second)``."""
+
+
+class BaseFactorization:
+    """Defaults of what a method's class owns besides its math; a method overrides those that differ."""
+
+    name: str
+    part_names: tuple[str, str] = ("first", "second")
+    implementations: tuple[str, ...] = ("",)
+    color: str = "#7f7f7f"
+
+    def modules(self, module: nn.Module, rank: int, options: dict) -> tuple[nn.Module, nn.Module]:  # pragma: no cover
+        raise NotImplementedError
+
+    def params(self, weight_shape: tuple[int, ...], rank: int, bias: bool) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def implement(self, first: nn.Module, second: nn.Module, impl: str, rank: int) -> tuple[nn.Module, nn.Module]:
+        return first, second
+
+    def place_padding(self, pads: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return pads, ()
+
+
+def conv_type(module: nn.Module) -> type[nn.Module]:
+    """The conv class a factorised conv's halves use: ``nn.Conv2d`` for a 2-D conv, else ``nn.Conv1d``."""
+    return nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Conv1d
+
+
+class SVDFactorization(BaseFactorization):
     """Shared plumbing of the SVD-based methods: each supplies only ``_matrix`` and ``truncate``.
 
     ``_matrix(weight, out_weights, input_cov)`` returns the matrix the method factors, already

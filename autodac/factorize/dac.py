@@ -4,19 +4,27 @@ For each input channel ``c`` the slice ``W[:, c]`` (``N x K``, ``K`` kernel elem
 factored as ``U S V^T``; the depthwise conv holds the top ``r`` rows of ``V^T`` for every
 channel (``C*r`` outputs, ``groups=C``, output index ``c*r + j``), the pointwise conv holds
 ``U[:, :r] * S[:r]``. All ``C`` SVDs run as one batched call.
+
+Two implementations, same outputs: ``"grouped"`` (one depthwise conv of multiplier ``r``) and
+``"split"`` (``r`` depthwise convs of multiplier 1, ``autodac.layers.SplitDepthwise``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from autodac.factorize.base import Decomposition, Factors, Geometry, SVDFactorization, _prod, cholesky_factor, out_scale, svd_dtype
+from torch import nn
+
+from autodac.factorize.base import Decomposition, Factors, Geometry, SVDFactorization, _prod, cholesky_factor, conv_type, out_scale, svd_dtype
 
 __all__ = ["DAC"]
 
 
 class DAC(SVDFactorization):
     name = "dac"
+    part_names = ("depthwise", "pointwise")
+    implementations = ("grouped", "split")
+    color = "#1f77b4"
 
     def applies_to(self, weight_shape: tuple[int, ...]) -> bool:
         return len(weight_shape) >= 3 and _prod(weight_shape[2:]) > 1
@@ -56,3 +64,42 @@ class DAC(SVDFactorization):
     def cost(self, geometry: Geometry, rank: int) -> int:
         k, n, c = geometry.kernel_elements, geometry.out_channels, geometry.in_channels
         return sum(batch * _prod(out) * c * rank * (k + n) for batch, _, out in geometry.calls)
+
+    def params(self, weight_shape: tuple[int, ...], rank: int, bias: bool) -> int:
+        n, c, k = weight_shape[0], weight_shape[1], _prod(weight_shape[2:])
+        return c * rank * k + n * c * rank + (n if bias else 0)
+
+    def modules(self, module: nn.Module, rank: int, options: dict) -> tuple[nn.Module, nn.Module]:
+        conv = conv_type(module)
+        n, c = module.weight.shape[:2]
+        first = conv(
+            c, c * rank, module.kernel_size, stride=module.stride, padding=module.padding, dilation=module.dilation,
+            groups=c, bias=False, padding_mode=module.padding_mode, **options,
+        )
+        return first, conv(c * rank, n, 1, bias=module.bias is not None, **options)
+
+    def implement(self, first: nn.Module, second: nn.Module, impl: str, rank: int) -> tuple[nn.Module, nn.Module]:
+        if impl == "split" and not isinstance(first, nn.Linear):
+            return _split_depthwise(first, second, first.in_channels, rank)
+        return first, second
+
+
+def _split_depthwise(grouped: nn.Module, pointwise: nn.Module, channels: int, rank: int) -> tuple[nn.Module, nn.Module]:
+    """The grouped depthwise conv (output ``c*r + j``) as ``r`` multiplier-1 convs (output ``j*C + c``)."""
+    from autodac.layers import SplitDepthwise  # the class saved models name; autodac.layers imports this package
+
+    conv = type(grouped)
+    kernel = tuple(grouped.weight.shape[2:])
+    per_rank = grouped.weight.reshape(channels, rank, 1, *kernel)
+    convs = []
+    for j in range(rank):
+        part = conv(
+            channels, channels, grouped.kernel_size, stride=grouped.stride, padding=grouped.padding, dilation=grouped.dilation,
+            groups=channels, bias=False, padding_mode=grouped.padding_mode, device=grouped.weight.device, dtype=grouped.weight.dtype,
+        )
+        part.weight.copy_(per_rank[:, j])
+        convs.append(part)
+    n = pointwise.weight.shape[0]
+    rest = pointwise.weight.shape[2:]
+    pointwise.weight.copy_(pointwise.weight.reshape(n, channels, rank, *rest).transpose(1, 2).reshape(n, rank * channels, *rest))
+    return SplitDepthwise(convs), pointwise

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import torch
 
-from autodac.factorize.base import Decomposition, Factors, Geometry, SVDFactorization, _prod, cholesky_factor, out_scale, svd_dtype
+from torch import nn
+
+from autodac.factorize.base import Decomposition, Factors, Geometry, SVDFactorization, _prod, cholesky_factor, conv_type, out_scale, svd_dtype
 
 __all__ = ["LowRank"]
 
 
 class LowRank(SVDFactorization):
     name = "lowrank"
+    part_names = ("reduce", "expand")
+    color = "#2ca02c"
 
     def applies_to(self, weight_shape: tuple[int, ...]) -> bool:
         return len(weight_shape) >= 2
@@ -50,3 +54,19 @@ class LowRank(SVDFactorization):
     def cost(self, geometry: Geometry, rank: int) -> int:
         k, n, c = geometry.kernel_elements, geometry.out_channels, geometry.in_channels
         return sum(batch * _prod(out) * rank * (c * k + n) for batch, _, out in geometry.calls)
+
+    def params(self, weight_shape: tuple[int, ...], rank: int, bias: bool) -> int:
+        n, c, k = weight_shape[0], weight_shape[1], _prod(weight_shape[2:])
+        return rank * c * k + n * rank + (n if bias else 0)
+
+    def modules(self, module: nn.Module, rank: int, options: dict) -> tuple[nn.Module, nn.Module]:
+        n, c = module.weight.shape[:2]
+        has_bias = module.bias is not None
+        if isinstance(module, nn.Linear):
+            return nn.Linear(c, rank, bias=False, **options), nn.Linear(rank, n, bias=has_bias, **options)
+        conv = conv_type(module)
+        first = conv(
+            c, rank, module.kernel_size, stride=module.stride, padding=module.padding, dilation=module.dilation,
+            groups=1, bias=False, padding_mode=module.padding_mode, **options,
+        )
+        return first, conv(rank, n, 1, bias=has_bias, **options)

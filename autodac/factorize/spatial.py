@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from torch import nn
+
 from autodac.factorize.base import Decomposition, Factors, Geometry, SVDFactorization, _prod, cholesky_factor, out_scale, svd_dtype
 
 __all__ = ["Spatial"]
@@ -16,6 +18,8 @@ __all__ = ["Spatial"]
 
 class Spatial(SVDFactorization):
     name = "spatial"
+    part_names = ("vertical", "horizontal")
+    color = "#ff7f0e"
 
     def applies_to(self, weight_shape: tuple[int, ...]) -> bool:
         # Only true 2-D kernels: with kh == 1 or kw == 1 it is the plain low-rank split.
@@ -60,3 +64,30 @@ class Spatial(SVDFactorization):
             mid = out_spatial[0] * in_spatial[1]  # height already strided, width not yet
             total += batch * (c * rank * kh * mid + rank * n * kw * _prod(out_spatial))
         return total
+
+    def params(self, weight_shape: tuple[int, ...], rank: int, bias: bool) -> int:
+        n, c, kh, kw = weight_shape
+        return c * rank * kh + rank * n * kw + (n if bias else 0)
+
+    def modules(self, module: nn.Module, rank: int, options: dict) -> tuple[nn.Module, nn.Module]:
+        n, c, kh, kw = module.weight.shape
+        first = nn.Conv2d(
+            c, rank, (kh, 1), stride=_split_2d(module.stride, 0, 1), padding=_split_2d(module.padding, 0, 0),
+            dilation=_split_2d(module.dilation, 0, 1), bias=False, padding_mode=module.padding_mode, **options,
+        )
+        second = nn.Conv2d(
+            rank, n, (1, kw), stride=_split_2d(module.stride, 1, 1), padding=_split_2d(module.padding, 1, 0),
+            dilation=_split_2d(module.dilation, 1, 1), bias=module.bias is not None, padding_mode=module.padding_mode, **options,
+        )
+        return first, second
+
+    def place_padding(self, pads: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Height padding before the vertical half, width padding before the horizontal (``F.pad`` order: left, right, top, bottom)."""
+        return (0, 0, *pads[2:]), (*pads[:2], 0, 0)
+
+
+def _split_2d(value, axis: int, neutral):
+    """Keep ``value`` along ``axis`` (0 = height, 1 = width) and ``neutral`` along the other."""
+    if isinstance(value, str):
+        return value
+    return (value[0], neutral) if axis == 0 else (neutral, value[1])

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from autodac.factorize.base import Decomposition, Factors, Geometry, SVDFactorization, _prod, cholesky_factor, out_scale, svd_dtype
+from torch import nn
+
+from autodac.factorize.base import Decomposition, Factors, Geometry, SVDFactorization, _prod, cholesky_factor, conv_type, out_scale, svd_dtype
 
 __all__ = ["TransposedDAC", "kronecker_factors"]
 
@@ -38,6 +40,8 @@ def kronecker_factors(input_cov: torch.Tensor, channels: int, taps: int) -> tupl
 
 class TransposedDAC(SVDFactorization):
     name = "tdac"
+    part_names = ("pointwise", "per_output")
+    color = "#9467bd"
 
     def applies_to(self, weight_shape: tuple[int, ...]) -> bool:
         return len(weight_shape) >= 3 and _prod(weight_shape[2:]) > 1
@@ -79,3 +83,21 @@ class TransposedDAC(SVDFactorization):
     def cost(self, geometry: Geometry, rank: int) -> int:
         k, n, c = geometry.kernel_elements, geometry.out_channels, geometry.in_channels
         return sum(batch * (_prod(inp) * c * n * rank + _prod(out) * n * rank * k) for batch, inp, out in geometry.calls)
+
+    def params(self, weight_shape: tuple[int, ...], rank: int, bias: bool) -> int:
+        n, c, k = weight_shape[0], weight_shape[1], _prod(weight_shape[2:])
+        return c * n * rank + n * rank * k + (n if bias else 0)
+
+    def modules(self, module: nn.Module, rank: int, options: dict) -> tuple[nn.Module, nn.Module]:
+        """Pointwise ``C -> N*r`` at the input's resolution, then each output channel's ``r`` kernels."""
+        conv = conv_type(module)
+        n, c = module.weight.shape[:2]
+        second = conv(
+            n * rank, n, module.kernel_size, stride=module.stride, padding=module.padding, dilation=module.dilation,
+            groups=n, bias=module.bias is not None, padding_mode=module.padding_mode, **options,
+        )
+        return conv(c, n * rank, 1, bias=False, **options), second
+
+    def place_padding(self, pads: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """All of it before the second half: the 1x1 first half without bias maps zero padding to zero padding."""
+        return (), pads
