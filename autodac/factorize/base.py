@@ -168,6 +168,14 @@ def conv_type(module: nn.Module) -> type[nn.Module]:
     return nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Conv1d
 
 
+def kernel_like(module: nn.Module, in_channels: int, out_channels: int, groups: int, bias: bool, options: dict) -> nn.Module:
+    """The half of a pair that keeps ``module``'s kernel: its size, stride, padding, dilation and padding mode."""
+    return conv_type(module)(
+        in_channels, out_channels, module.kernel_size, stride=module.stride, padding=module.padding, dilation=module.dilation,
+        groups=groups, bias=bias, padding_mode=module.padding_mode, **options,
+    )
+
+
 class SVDFactorization(BaseFactorization):
     """Shared plumbing of the SVD-based methods: each supplies only ``_matrix`` and ``truncate``.
 

@@ -15,7 +15,7 @@ import torch
 
 from torch import nn
 
-from autodac.factorize.base import Decomposition, Factors, Geometry, SVDFactorization, _prod, cholesky_factor, conv_type, out_scale, svd_dtype
+from autodac.factorize.base import Decomposition, Factors, Geometry, SVDFactorization, _prod, cholesky_factor, conv_type, kernel_like, out_scale, svd_dtype
 
 __all__ = ["DAC"]
 
@@ -70,13 +70,9 @@ class DAC(SVDFactorization):
         return c * rank * k + n * c * rank + (n if bias else 0)
 
     def modules(self, module: nn.Module, rank: int, options: dict) -> tuple[nn.Module, nn.Module]:
-        conv = conv_type(module)
         n, c = module.weight.shape[:2]
-        first = conv(
-            c, c * rank, module.kernel_size, stride=module.stride, padding=module.padding, dilation=module.dilation,
-            groups=c, bias=False, padding_mode=module.padding_mode, **options,
-        )
-        return first, conv(c * rank, n, 1, bias=module.bias is not None, **options)
+        first = kernel_like(module, c, c * rank, groups=c, bias=False, options=options)
+        return first, conv_type(module)(c * rank, n, 1, bias=module.bias is not None, **options)
 
     def implement(self, first: nn.Module, second: nn.Module, impl: str, rank: int) -> tuple[nn.Module, nn.Module]:
         if impl == "split" and not isinstance(first, nn.Linear):

@@ -11,7 +11,7 @@ import torch
 
 from torch import nn
 
-from autodac.factorize.base import Decomposition, Factors, Geometry, SVDFactorization, _prod, cholesky_factor, conv_type, out_scale, svd_dtype
+from autodac.factorize.base import Decomposition, Factors, Geometry, SVDFactorization, _prod, cholesky_factor, conv_type, kernel_like, out_scale, svd_dtype
 
 __all__ = ["LowRank"]
 
@@ -64,9 +64,5 @@ class LowRank(SVDFactorization):
         has_bias = module.bias is not None
         if isinstance(module, nn.Linear):
             return nn.Linear(c, rank, bias=False, **options), nn.Linear(rank, n, bias=has_bias, **options)
-        conv = conv_type(module)
-        first = conv(
-            c, rank, module.kernel_size, stride=module.stride, padding=module.padding, dilation=module.dilation,
-            groups=1, bias=False, padding_mode=module.padding_mode, **options,
-        )
-        return first, conv(rank, n, 1, bias=has_bias, **options)
+        first = kernel_like(module, c, rank, groups=1, bias=False, options=options)
+        return first, conv_type(module)(rank, n, 1, bias=has_bias, **options)

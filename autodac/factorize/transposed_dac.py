@@ -20,7 +20,7 @@ import torch
 
 from torch import nn
 
-from autodac.factorize.base import Decomposition, Factors, Geometry, SVDFactorization, _prod, cholesky_factor, conv_type, out_scale, svd_dtype
+from autodac.factorize.base import Decomposition, Factors, Geometry, SVDFactorization, _prod, cholesky_factor, conv_type, kernel_like, out_scale, svd_dtype
 
 __all__ = ["TransposedDAC", "kronecker_factors"]
 
@@ -90,13 +90,9 @@ class TransposedDAC(SVDFactorization):
 
     def modules(self, module: nn.Module, rank: int, options: dict) -> tuple[nn.Module, nn.Module]:
         """Pointwise ``C -> N*r`` at the input's resolution, then each output channel's ``r`` kernels."""
-        conv = conv_type(module)
         n, c = module.weight.shape[:2]
-        second = conv(
-            n * rank, n, module.kernel_size, stride=module.stride, padding=module.padding, dilation=module.dilation,
-            groups=n, bias=module.bias is not None, padding_mode=module.padding_mode, **options,
-        )
-        return conv(c, n * rank, 1, bias=False, **options), second
+        second = kernel_like(module, n * rank, n, groups=n, bias=module.bias is not None, options=options)
+        return conv_type(module)(c, n * rank, 1, bias=False, **options), second
 
     def place_padding(self, pads: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """All of it before the second half: the 1x1 first half without bias maps zero padding to zero padding."""
