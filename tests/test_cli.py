@@ -8,9 +8,6 @@ cost of importing torch. Every refusal must exit non-zero with exactly one line 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -19,36 +16,14 @@ import pytest
 import torch
 
 import autodac
+from cli_runs import refused, run_cli, succeeded
 from autodac.testing import Conv1dNet, SmallConvNet
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 SHAPE = "1,3,8,8"
 
 
-def _cli(*args: str, cwd: Path, pythonpath: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    # run from the checkout as an installed package would be; pythonpath goes first (to hide a package)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, str(ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, "-m", "autodac.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
-def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert done.returncode == 0, f"exit {done.returncode}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
-    return done
-
-
-def _refused(done: subprocess.CompletedProcess, *words: str) -> str:
-    """The one error line, after checking the exit code, that it is alone on stderr and names what it should."""
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode != 0, done.stdout
-    assert len(lines) == 1 and lines[0].startswith("autodac: error: "), done.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    assert done.stdout == ""
-    return lines[0]
+_cli, _ok, _refused = run_cli, succeeded, refused
 
 
 @pytest.fixture(scope="module")

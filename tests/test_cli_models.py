@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -13,31 +11,17 @@ import pytest
 import torch
 
 import autodac
+from cli_runs import refused, run_cli, succeeded
 from autodac.cli import main
 from autodac.testing import tiny_resnet18, tiny_resnet34
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "autodac.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert done.returncode == 0, f"exit {done.returncode}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
-    return done
+_cli, _ok = run_cli, succeeded
 
 
 def _refused(done: subprocess.CompletedProcess, *words: str) -> str:
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 1, done.stdout
-    assert len(lines) == 1 and lines[0].startswith("autodac: error: "), done.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    assert done.stdout == ""
-    return lines[0]
+    return refused(done, *words, code=1)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +11,12 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 
 import autodac
+from cli_runs import run_cli, succeeded
 from autodac.batches import Inputs
 from autodac.errors import AutodacError
 from autodac.probes import collect_probe
 from autodac.testing import TwoInputNet
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _data(n: int = 96, seed: int = 0):
@@ -89,12 +86,8 @@ def test_a_second_input_passed_where_labels_go_names_the_form_for_several_inputs
 def test_the_cli_plans_and_applies_a_two_input_model_from_numbered_arrays(tmp_path: Path) -> None:
     image, depth, labels = _data(48)
     np.savez(tmp_path / "probe.npz", x0=image.numpy(), x1=depth.numpy(), y=labels.numpy())
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "-m", "autodac.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done
+    def cli(*args: str):
+        return succeeded(run_cli(*args, cwd=tmp_path))
 
     planned = json.loads(cli("optimize", "autodac.testing:TwoInputNet", "--flops-budget", "0.6", "--data", "probe.npz",
                              "--n-trials", "2", "--out", "plan.json", "--save-model", "planned.pt", "--json", "--quiet").stdout)
