@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickletools
 import zipfile
 from dataclasses import dataclass
@@ -193,22 +194,28 @@ def export(
     path = Path(path)
     model = copy.deepcopy(model).eval()
     inputs = _example_inputs(result_or_model, model, example_inputs)
-    with torch.no_grad():
-        expected = _flat(model(*inputs))
-        run = _WRITERS[format](model, inputs, path)
-        got = _flat(run())
-    if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
-        raise AutodacError(
-            f"the {format} file must give the model's outputs, but it gave shapes {[tuple(g.shape) for g in got]} "
-            f"for {[tuple(e.shape) for e in expected]}"
-        )
-    scale = max([1.0, *(float(e.abs().max()) for e in expected if e.numel())])
-    difference = max([0.0, *(float((g.to(e.device, e.dtype) - e).abs().max()) for g, e in zip(got, expected) if e.numel())])
-    allowed = tolerance * scale
-    if not difference <= allowed:
-        raise AutodacError(
-            f"`max |exported - model| <= tolerance * max(1, max |model|) = {allowed:.3g}` must hold for the {format} file "
-            f"{str(path)!r} loaded back, but got {difference:.3g} (tolerance={tolerance!r})"
-        )
+    # written beside ``path`` and moved there only once checked: a refused export leaves no file behind
+    staged = path.with_name(f".{path.stem}.autodac-unchecked{path.suffix}")
+    try:
+        with torch.no_grad():
+            expected = _flat(model(*inputs))
+            run = _WRITERS[format](model, inputs, staged)
+            got = _flat(run())
+        if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
+            raise AutodacError(
+                f"the {format} file must give the model's outputs, but it gave shapes {[tuple(g.shape) for g in got]} "
+                f"for {[tuple(e.shape) for e in expected]}"
+            )
+        scale = max([1.0, *(float(e.abs().max()) for e in expected if e.numel())])
+        difference = max([0.0, *(float((g.to(e.device, e.dtype) - e).abs().max()) for g, e in zip(got, expected) if e.numel())])
+        allowed = tolerance * scale
+        if not difference <= allowed:
+            raise AutodacError(
+                f"`max |exported - model| <= tolerance * max(1, max |model|) = {allowed:.3g}` must hold for the {format} file "
+                f"{str(path)!r} loaded back, but got {difference:.3g} (tolerance={tolerance!r}); nothing was written"
+            )
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
     logger.info("wrote %s (%s); loaded back, max |difference| %.3g (allowed %.3g)", path, format, difference, allowed)
     return Exported(path=path, format=format, max_difference=difference, allowed=allowed)

@@ -243,6 +243,7 @@ def test_export_refuses_a_file_whose_outputs_drift_naming_the_tolerance(resnet20
     monkeypatch.setitem(export_module._WRITERS, "pt", lambda m, i, p: (lambda run: (lambda: run() + 1e-2))(writer(m, i, p)))
     with pytest.raises(AutodacError, match=r"max \|exported - model\| <= tolerance \* max\(1, max \|model\|\) = .* but got 0\.01"):
         autodac.export(resnet20_results["grouped"], tmp_path / "m.pt", format="pt")
+    assert list(tmp_path.iterdir()) == []  # a refused export leaves no file behind, staged or final
 
 
 def test_onnx_without_onnxruntime_is_refused_in_one_line_naming_the_extra(resnet20_results, tmp_path: Path, monkeypatch) -> None:
