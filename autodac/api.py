@@ -33,6 +33,7 @@ from autodac.batches import Batch, arguments, per_example
 from autodac.budgets import Budget, Budgets, gather
 from autodac.factorize import METHODS, get_method
 from autodac.latency import LatencyCache, LatencyTable, describe_device, measure_table, resolve_device, side_by_side
+from autodac.options import DEFAULT_METHODS, GROUPS, FitOptions, ProbeOptions, SearchOptions, StudyOptions, fingerprinted
 from autodac.layers import IMPLEMENTATIONS, SUPPORTED_TYPES, build_factorized
 from autodac.runtimes import Runtime, get_runtime
 from autodac.plan import DENSE, LayerChoice, Plan
@@ -58,9 +59,6 @@ from autodac.widths import Gathered, WidthUnit, collecting_moments, find_width_u
 __all__ = ["optimize", "apply", "decompose_conv", "Result", "DEFAULT_METHODS"]
 
 logger = get_logger(__name__)
-# Transposed DAC ("tdac") is opt-in: it keeps more than DAC, but its pointwise-then-grouped pair runs
-# slowly on CPUs, which made each probe evaluation of the search ~50% slower (ResNet-20: 68 s against 45 s).
-DEFAULT_METHODS = ("dac", "spatial", "lowrank")
 
 
 @dataclass
@@ -131,17 +129,6 @@ def _stage(name: str):
     logger.info("%s ...", name)
     yield
     logger.info("%s: %.1f s", name, time.perf_counter() - start)
-
-
-def _check_methods(methods: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(methods, str):
-        methods = (methods,)
-    methods = tuple(methods)
-    if not methods:
-        raise AutodacError(f"`methods` must name at least one of {sorted(METHODS)}, but got methods={methods!r}")
-    for name in methods:
-        get_method(name)
-    return methods
 
 
 def _default_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -784,27 +771,31 @@ def optimize(
     latency_cache: Any = True,
     example_inputs: Any = None,
     data: Iterable[Any] | None = None,
-    synthesize: int = 0,
+    synthesize: int = ProbeOptions.synthesize,
     evaluate: Callable[[nn.Module], float] | None = None,
-    methods: Iterable[str] = DEFAULT_METHODS,
-    exclude: Iterable[str] = (),
-    weighting: str = "batchnorm",
-    fit_to_data: bool = True,
-    sequential_fit: bool = True,
-    refit_candidates: int = 1,
-    probe_size: int = DEFAULT_PROBE_SIZE,
-    profile_size: int = 128,
-    profile_points: int = 4,
-    reestimate_bn: bool = True,
-    n_trials: int = 16,
-    timeout: float | None = None,
-    seed: int = 0,
-    pareto: bool = False,
-    widths: bool = True,
-    max_layer_error: float = 0.5,
+    methods: Iterable[str] = FitOptions.methods,
+    exclude: Iterable[str] = FitOptions.exclude,
+    weighting: str = FitOptions.weighting,
+    fit_to_data: bool = FitOptions.fit_to_data,
+    sequential_fit: bool = FitOptions.sequential_fit,
+    refit_candidates: int = FitOptions.refit_candidates,
+    probe_size: int = ProbeOptions.probe_size,
+    profile_size: int = ProbeOptions.profile_size,
+    profile_points: int = ProbeOptions.profile_points,
+    reestimate_bn: bool = ProbeOptions.reestimate_bn,
+    n_trials: int = SearchOptions.n_trials,
+    timeout: float | None = SearchOptions.timeout,
+    seed: int = SearchOptions.seed,
+    pareto: bool = SearchOptions.pareto,
+    widths: bool = FitOptions.widths,
+    max_layer_error: float = FitOptions.max_layer_error,
     progress: bool = True,
-    storage: Any = None,
-    study_name: str | None = None,
+    storage: Any = StudyOptions.storage,
+    study_name: str | None = StudyOptions.study_name,
+    fit: FitOptions | None = None,
+    probe: ProbeOptions | None = None,
+    search: SearchOptions | None = None,
+    study: StudyOptions | None = None,
 ) -> Result:
     """Decompose a copy of ``model`` to at most ``flops_budget`` of its fvcore FLOPs and/or ``latency_budget`` of its latency.
 
@@ -862,6 +853,12 @@ def optimize(
     Every ``nn.MultiheadAttention`` is planned as ``autodac.attention.UnfusedMultiheadAttention``
     (the same outputs, with ``q_proj``/``k_proj``/``v_proj``/``out_proj`` as Linear candidates);
     ``result.model`` holds it, and ``apply`` swaps it in the same way.
+
+    The options from ``methods`` on come in groups as well, each a frozen dataclass that holds
+    their defaults, rules and help (``autodac.options``; the README's table of options is made
+    from them): ``fit=FitOptions(...)``, ``probe=ProbeOptions(...)``,
+    ``search=SearchOptions(...)``, ``study=StudyOptions(...)``. A group and its options given flat
+    combine; one option given both ways with different values is refused.
     """
     run = _check(dict(locals()))  # the arguments as given (the signature is their one list)
     _probe(run)
@@ -904,27 +901,17 @@ class _Settings:
     latency_cache: Any
     example_inputs: Any
     data: Iterable[Any] | None
-    synthesize: int
     evaluate: Callable[[nn.Module], float] | None
-    methods: tuple[str, ...]
-    exclude: tuple[str, ...]
-    weighting: str
-    fit_to_data: bool
-    sequential_fit: bool
-    refit_candidates: int
-    probe_size: int
-    profile_size: int
-    profile_points: int
-    reestimate_bn: bool
-    n_trials: int
-    timeout: float | None
-    seed: int
-    pareto: bool
-    widths: bool
-    max_layer_error: float
     progress: bool
-    storage: Any
-    study_name: str | None
+    fit: FitOptions  # the option groups (``autodac.options``), in the order of ``GROUPS``
+    probe: ProbeOptions
+    search: SearchOptions
+    study: StudyOptions
+
+    @property
+    def groups(self) -> tuple[Any, ...]:
+        """The option groups, in the order of ``autodac.options.GROUPS``."""
+        return tuple(getattr(self, group.keyword) for group in GROUPS)
 
 
 @dataclass
@@ -1006,42 +993,43 @@ def _check(given: dict[str, Any]) -> _Run:
         raise AutodacError(f"`runtime` is where latency_budget is timed, so it needs latency_budget, but got runtime={runtime!r} and latency_budget=None")
     if timing_device is not None:
         timing_runtime.check(timing_device)
-    methods = _check_methods(given["methods"])
-    exclude = given["exclude"]
-    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    weighting, max_layer_error = given["weighting"], given["max_layer_error"]
-    if weighting not in ("batchnorm", "none"):
-        raise AutodacError(f"`weighting` must be 'batchnorm' or 'none', but got weighting={weighting!r}")
-    if isinstance(max_layer_error, bool) or not isinstance(max_layer_error, numbers.Real) or not max_layer_error > 0:
-        raise AutodacError(f"`max_layer_error > 0` must hold (a relative output error), but got max_layer_error={max_layer_error!r}")
-    for name, low in (("probe_size", 2), ("profile_size", 1), ("profile_points", 1), ("n_trials", 1), ("refit_candidates", 1)):
-        value = given[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise AutodacError(f"`{name} >= {low}` must hold (an integer), but got {name}={value!r}")
-    evaluate, synthesize, data = given["evaluate"], given["synthesize"], given["data"]
+    groups = {group.keyword: _group(group, given) for group in GROUPS}  # each group checks its options
+    evaluate, data = given["evaluate"], given["data"]
     if evaluate is not None and not callable(evaluate):
         raise AutodacError(f"`evaluate` must be a callable model -> float, but got {type(evaluate).__name__}")
-    if isinstance(synthesize, bool) or not isinstance(synthesize, int) or synthesize < 0 or synthesize == 1:
-        raise AutodacError(f"`synthesize` must be 0 (off) or an integer >= 2 (inputs to synthesise), but got synthesize={synthesize!r}")
-    if synthesize and data is not None:
+    if groups["probe"].synthesize and data is not None:
         raise AutodacError("`data` and `synthesize` are alternatives (synthesised inputs stand in for missing data), but both were given")
     settings = _Settings(
         budgets=budgets, flops=None if budgets.flops is None else budgets.flops.ratio, latency=latency,
         params=None if budgets.params is None else budgets.params.ratio, timing_device=timing_device, timing_runtime=timing_runtime,
-        methods=methods, exclude=exclude, weighting=weighting, max_layer_error=max_layer_error,
-        **{name: given[name] for name in (
-            "latency_cache", "example_inputs", "data", "synthesize", "evaluate", "fit_to_data", "sequential_fit", "refit_candidates",
-            "probe_size", "profile_size", "profile_points", "reestimate_bn", "n_trials", "timeout", "seed", "pareto", "widths",
-            "progress", "storage", "study_name",
-        )},
+        latency_cache=given["latency_cache"], example_inputs=given["example_inputs"], data=data, evaluate=evaluate,
+        progress=given["progress"], **groups,
     )
     return _Run(settings, model)
+
+
+def _group(group: type, given: dict[str, Any]):
+    """The ``group`` of options ``optimize`` was given: its flat keywords, or the group itself, refusing the two disagreeing."""
+    flat = group(**{f.name: given[f.name] for f in dataclasses.fields(group)})  # checks the flat values
+    grouped = given.get(group.keyword)
+    if grouped is None:
+        return flat
+    if not isinstance(grouped, group):
+        raise AutodacError(f"`{group.keyword}` must be an autodac.{group.__name__}, but got {type(grouped).__name__}")
+    for f in dataclasses.fields(group):
+        value, chosen = getattr(flat, f.name), getattr(grouped, f.name)
+        if value != f.default and value != chosen:  # given flat (not the default) and grouped otherwise
+            raise AutodacError(
+                f"`{f.name}` must be given once, flat or in `{group.keyword}`, but got {f.name}={value!r} and "
+                f"{group.keyword}={group.__name__}({f.name}={chosen!r})"
+            )
+    return grouped  # every option given flat (not the default) is the group's own value
 
 
 def _probe(run: _Run) -> None:
     """Reads data, example_inputs, synthesize; writes the probe (collected or synthesised), its source, the inputs and notes."""
     s, model = run.settings, run.model
-    probe = collect_probe(s.data, s.probe_size) if s.data is not None else None
+    probe = collect_probe(s.data, s.probe.probe_size) if s.data is not None else None
     example_inputs = s.example_inputs
     if example_inputs is None and probe is not None:
         example_inputs = arguments(probe.inputs[:1].to(_device_of(model)))
@@ -1053,13 +1041,13 @@ def _probe(run: _Run) -> None:
         run.notes.append(note)
     if probe is not None:
         run.probe_source = {"source": "data", "examples": len(probe)}
-    elif s.synthesize:
+    elif s.probe.synthesize:
         if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
             raise AutodacError(f"`synthesize` needs a model of one tensor input, but example_inputs has {len(inputs)} arguments")
         run_model(model, inputs)  # a clear error for inputs the model cannot take, before any synthesis
-        probe = Probe(synthesize_inputs(model, inputs[0], s.synthesize, seed=s.seed, progress=s.progress), None)
-        run.probe_source = {"source": "synthetic", "examples": s.synthesize, "steps": SYNTHESIS_STEPS, "seed": s.seed}
-        run.notes.append(f"no data: the probe is {s.synthesize} inputs synthesised to match the model's BatchNorm statistics")
+        probe = Probe(synthesize_inputs(model, inputs[0], s.probe.synthesize, seed=s.search.seed, progress=s.progress), None)
+        run.probe_source = {"source": "synthetic", "examples": s.probe.synthesize, "steps": SYNTHESIS_STEPS, "seed": s.search.seed}
+        run.notes.append(f"no data: the probe is {s.probe.synthesize} inputs synthesised to match the model's BatchNorm statistics")
     run.probe, run.inputs, run.assumed = probe, inputs, assumed
 
 
@@ -1073,15 +1061,15 @@ def _count(run: _Run) -> None:
 def _score(run: _Run) -> None:
     """Reads the model, inputs, probe and count; writes the candidates (options, costs, predicted errors), skipped layers, factor cache."""
     s = run.settings
-    fit_inputs = fit_examples(run.probe) if (run.probe is not None and s.fit_to_data) else None
+    fit_inputs = fit_examples(run.probe) if (run.probe is not None and s.fit.fit_to_data) else None
     with _stage("tracing and scoring layers"):
         _, run.candidates, run.skipped = _collect(
-            run.model, run.inputs, s.methods, s.exclude, s.progress, s.weighting, fit_inputs,
-            implied_seed=s.seed if run.probe is None and s.fit_to_data else None,
-            by_module=run.original.by_module if s.widths and s.latency is None else None, notes=run.notes,
+            run.model, run.inputs, s.fit.methods, s.fit.exclude, s.progress, s.fit.weighting, fit_inputs,
+            implied_seed=s.search.seed if run.probe is None and s.fit.fit_to_data else None,
+            by_module=run.original.by_module if s.fit.widths and s.latency is None else None, notes=run.notes,
         )
     if run.probe is None and any(c.fit.startswith("implied") for c in run.candidates):
-        run.probe_source = {"source": "batchnorm", "seed": s.seed}
+        run.probe_source = {"source": "batchnorm", "seed": s.search.seed}
         run.notes.append("no data: layers are fitted to the input moments their BatchNorms imply (autodac.implied)")
     if not run.candidates:
         detail = "; ".join(f"{name}: {why}" for name, why in run.skipped.items()) or "no Conv1d, Conv2d or Linear layer"
@@ -1099,7 +1087,7 @@ def _reach(run: _Run) -> None:
     if s.flops is not None and reachable > run.target:
         raise BudgetError(
             f"`flops_budget >= {math.ceil(reachable / total * 1e4) / 1e4:.4f}` must hold for this model with "
-            f"methods={list(s.methods)} (the smallest reachable ratio), but got flops_budget={s.flops!r}"
+            f"methods={list(s.fit.methods)} (the smallest reachable ratio), but got flops_budget={s.flops!r}"
         )
     run.original_params = count_params(run.model)
     run.option_params = [_option_params(c) for c in run.candidates]
@@ -1109,7 +1097,7 @@ def _reach(run: _Run) -> None:
     if s.params is not None and smallest > run.params_target:
         raise BudgetError(
             f"`params_budget >= {math.ceil(smallest / run.original_params * 1e4) / 1e4:.4f}` must hold for this model with "
-            f"methods={list(s.methods)} (the smallest reachable ratio), but got params_budget={s.params!r}"
+            f"methods={list(s.fit.methods)} (the smallest reachable ratio), but got params_budget={s.params!r}"
         )
 
 
@@ -1117,11 +1105,11 @@ def _open_search(run: _Run) -> None:
     """Reads storage and study_name; writes the shared search (None without storage), refusing a study made for another search."""
     s = run.settings
     run.shared = open_search(
-        s.storage, s.study_name, run.model, run.probe, run.probe is not None or s.evaluate is not None, pareto=s.pareto, settings={
-            "flops_budget": s.flops, "latency_budget": s.latency, "input_shapes": _input_shapes(run.inputs), "methods": list(s.methods),
-            "exclude": list(s.exclude), "weighting": s.weighting, "fit_to_data": s.fit_to_data, "sequential_fit": s.sequential_fit,
-            "refit_candidates": s.refit_candidates, "profile_size": s.profile_size,
-            "profile_points": s.profile_points, "reestimate_bn": s.reestimate_bn, "evaluate": s.evaluate is not None,
+        s.study.storage, s.study.study_name, run.model, run.probe, run.probe is not None or s.evaluate is not None, pareto=s.search.pareto,
+        settings={
+            "flops_budget": s.flops, "latency_budget": s.latency, "input_shapes": _input_shapes(run.inputs),
+            **fingerprinted(s.groups),  # the options flagged for it in ``autodac.options``
+            "evaluate": s.evaluate is not None,
             **({} if s.params is None else {"params_budget": s.params}),  # studies without one keep the fingerprint they had
             # a study timed in another runtime is another search; eager studies keep the fingerprint they had
             **({} if s.timing_runtime.name == "torch" else {"runtime": s.timing_runtime.name}),
@@ -1156,7 +1144,7 @@ def _allocate(run: _Run) -> None:
     """Reads the scores and capacity (no probe, no evaluate); writes the knapsack's selection, capped at max_layer_error when it can be."""
     s = run.settings
     run.selection = _allocate_capped(
-        run.allocate, run.scores, run.capacity, run.fixed, run.original.total, s.max_layer_error, run.notes,
+        run.allocate, run.scores, run.capacity, run.fixed, run.original.total, s.fit.max_layer_error, run.notes,
         run.timing is None and s.flops is not None, stacklevel=4,
     )
 
@@ -1166,9 +1154,9 @@ def _profile(run: _Run) -> None:
     s = run.settings
     run.runner = _ProbeRunner(run.model, run.probe, s.evaluate)
     if run.runner.held_out is not None:
-        with _stage(f"sensitivity profile (up to {s.profile_points} options a layer)"):
+        with _stage(f"sensitivity profile (up to {s.probe.profile_points} options a layer)"):
             run.profile, run.scores = _profile_scores(
-                run.model, run.candidates, run.runner.held_out, run.factors, s.profile_size, s.profile_points, s.progress, run.shared,
+                run.model, run.candidates, run.runner.held_out, run.factors, s.probe.profile_size, s.probe.profile_points, s.progress, run.shared,
             )
 
 
@@ -1176,7 +1164,7 @@ def _decide_batchnorm(run: _Run) -> None:
     """Reads the runner and scores; writes the original's probe metric and whether the search re-estimates BatchNorm (use_bn)."""
     s, runner = run.settings, run.runner
     run.metrics["probe_original"] = runner.score(run.model)[1]
-    run.can_reestimate = s.reestimate_bn and runner.calibration is not None and has_batchnorm(run.model)
+    run.can_reestimate = s.probe.reestimate_bn and runner.calibration is not None and has_batchnorm(run.model)
 
     def decide_bn() -> bool:  # decide once, on the plain allocation, whether re-estimation helps at all
         first = _build(run.model, run.candidates, run.allocate(run.scores), run.factors, run.timing)
@@ -1194,16 +1182,16 @@ def _search(run: _Run) -> None:
 
     def evaluate_selection(selection: tuple[int, ...]) -> float:
         # a trial that cannot beat the best so far stops early (pareto searches need every value)
-        floor = max(best_so_far) if best_so_far and not s.pareto else None
+        floor = max(best_so_far) if best_so_far and not s.search.pareto else None
         value = run.runner.score(_build(run.model, run.candidates, selection, run.factors, run.timing), reestimate=run.use_bn, floor=floor)[0]
         best_so_far.append(value)
         return value
 
     costed = _costed(run.scores, run.timing)
-    with _stage(f"search ({s.n_trials} trials)"):
+    with _stage(f"search ({s.search.n_trials} trials)"):
         run.refined = refine(
-            costed, run.capacity, evaluate_selection, n_trials=s.n_trials, timeout=s.timeout, seed=s.seed, progress=s.progress,
-            min_budget=minimum_cost(costed) if s.pareto else None, secondary=run.secondary or None,
+            costed, run.capacity, evaluate_selection, n_trials=s.search.n_trials, timeout=s.search.timeout, seed=s.search.seed, progress=s.progress,
+            min_budget=minimum_cost(costed) if s.search.pareto else None, secondary=run.secondary or None,
             study=None if run.shared is None else run.shared.study,
         )
     run.selection = list(run.refined.best.selection)
@@ -1256,14 +1244,14 @@ def _draft_plan(run: _Run) -> None:
 def _refit(run: _Run) -> None:
     """Reads the plan, selection and probe; writes the re-fitted model and plan when the held-out probe prefers them (sequential_fit)."""
     s, selection, candidates = run.settings, run.selection, run.candidates
-    if run.probe is None or not s.sequential_fit or not _selection_factorizes(selection, candidates):
+    if run.probe is None or not s.fit.sequential_fit or not _selection_factorizes(selection, candidates):
         return
     if not _selection_factorizes(selection, candidates, refittable=True):
         run.plan.notes.append("sequential re-fit skipped: every layer the plan changes is a width, already re-fitted to the probe")
         return
     pool = [(run.published, run.decomposed)]
     if run.refined is not None and run.timing is None:  # a latency plan was tuned on the device: it is not swapped
-        for trial in _runners_up(run.refined, candidates, s.refit_candidates - 1):
+        for trial in _runners_up(run.refined, candidates, s.fit.refit_candidates - 1):
             pool.append((trial, _build(run.model, candidates, trial.selection, run.factors)))
     with _stage("sequential re-fit"):
         run.decomposed, run.published = _refit_best(run.model, pool, run.plan, candidates, run.probe, run.runner, run.use_bn, s.progress)
@@ -1292,7 +1280,7 @@ def _final_scores(run: _Run) -> None:
         plan.notes.append(f"probe metric: {runner.metric_name} on {len(runner.held_out) if runner.held_out is not None else 0} held-out probe examples")
     plan.metrics.update(metrics)
     if measured:  # the data-free allocation flags its own (_allocate_capped)
-        _flag_measured_damage(plan, float(s.max_layer_error), runner.metric_name, stacklevel=4)
+        _flag_measured_damage(plan, float(s.fit.max_layer_error), runner.metric_name, stacklevel=4)
 
 
 def _verify(run: _Run) -> None:
@@ -1316,9 +1304,9 @@ def _publish(run: _Run) -> Result:
     """Reads everything before; writes the plan (and its front) to a shared search and returns the Result."""
     s, plan, refined = run.settings, run.plan, run.refined
     logger.info("planned %d of %d layers; FLOPs ratio %.4f", len(plan.factorized), len(plan.layers), plan.flops_ratio)
-    front = [] if not (s.pareto and refined) else [_front_plan(plan, run.candidates, t, run.timing) for t in refined.front]
+    front = [] if not (s.search.pareto and refined) else [_front_plan(plan, run.candidates, t, run.timing) for t in refined.front]
     if run.shared is not None:
-        plan.notes.append(run.shared.note(s.n_trials))
+        plan.notes.append(run.shared.note(s.search.n_trials))
         run.shared.publish(plan, run.published.value, run.published.number, front)
     return Result(
         model=run.decomposed, plan=plan, original_flops=run.original.total, flops=run.flops,
