@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import json
 import os
 import re
@@ -421,23 +420,16 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     data = _load_data(args.data, model) if args.data else None
     kwargs: dict[str, Any] = {"example_inputs": _example_inputs(args, model, data is not None), "data": data,
                               "progress": _progress(args)}
-    if getattr(args, "storage", None) is not None:  # `autodac worker`: the search lives in the study
-        kwargs.update(storage=args.storage, study_name=args.study)
     if args.params_budget is not None:  # budgets as values: FLOPs and parameters together in one list
         kwargs["flops_budget"] = [autodac.Params(args.params_budget)] + ([] if args.flops_budget is None else [autodac.Flops(args.flops_budget)])
     elif args.flops_budget is not None:
         kwargs["flops_budget"] = args.flops_budget
     if args.latency_budget is not None:
         kwargs["latency_budget"] = args.latency_budget
-    # passed only when given: the library's defaults stay the defaults
-    for name in ("methods", "n_trials", "seed", "synthesize", "device", "refit_candidates", "runtime"):
+    for name in ("device", "runtime"):  # passed only when given: the latency budget's own defaults stay the defaults
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
-    if args.no_sequential_fit:
-        kwargs["sequential_fit"] = False
-    if args.exclude:
-        kwargs["exclude"] = tuple(args.exclude)
-    result = autodac.optimize(model, **kwargs)
+    result = autodac.optimize(model, **kwargs, **_given_options(args))
     if args.out:
         result.plan.save(args.out)
     if args.save_model:
@@ -451,7 +443,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         "weights": _weights_source(args),
     }
     if getattr(args, "storage", None) is not None:
-        payload.update(study=args.study, trials=len(result.trials))
+        payload.update(study=args.study_name, trials=len(result.trials))
     text = "\n".join([result.summary(), _weights_source(args), *_metric_lines(result.plan.metrics, result.plan.notes),
                       *([f"wrote {', '.join(written)}"] if written else [])])
     _emit(args, text, payload)
@@ -593,13 +585,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     model = _load_model_from(args)
     data = _load_data(args.data, model)
-    kwargs: dict[str, Any] = {"profile_points": args.points}
-    if args.profile_size is not None:
-        kwargs["profile_size"] = args.profile_size
-    if args.methods is not None:
-        kwargs["methods"] = args.methods
     # the profile is optimize's stages up to its sensitivity profile (check, probe, count, score, profile), and no further
-    run = api._start(model, 1.0, example_inputs=_example_inputs(args, model, True), data=data, progress=_progress(args), **kwargs)
+    run = api._start(model, 1.0, example_inputs=_example_inputs(args, model, True), data=data, progress=_progress(args), **_given_options(args))
     for stage in (api._probe, api._count, api._score, api._profile):
         stage(run)
     profile = run.profile
@@ -717,18 +704,37 @@ def _add_shape(parser: argparse.ArgumentParser, required_text: str) -> None:
                         help=f"input shape FLOPs are counted at, like 1,3,224,224 ({required_text})")
 
 
-def _default(name: str) -> Any:
-    """``autodac.optimize``'s default for ``name``, so the help cannot drift from the library."""
-    from autodac import optimize
+def _add_option(parser: argparse.ArgumentParser, name: str, *flags: str, context: str = "", **kwargs: Any) -> None:
+    """A flag for ``optimize``'s option ``name`` (``--name`` unless ``flags`` are given), stored under that name.
 
-    return inspect.signature(optimize).parameters[name].default
+    Its default and help are the option's own in ``autodac.options``, so neither can drift from the
+    library; ``context`` says when the flag matters on the command line.
+    """
+    from autodac.options import option_fields
+
+    _, option = option_fields()[name]
+    default, text = option.default, option.metadata["help"]
+    if kwargs.get("action") == "store_false":  # a --no-... flag: on by default
+        text = f"do not {text}"
+    elif kwargs.get("action") == "append":  # argparse appends to a copy of the default
+        default = list(default)
+    elif default is not None and not kwargs.get("required"):
+        text += f" (default {','.join(default) if isinstance(default, tuple) else default})"
+    parser.add_argument(*(flags or (f"--{name.replace('_', '-')}",)), dest=name, default=default, help=context + text, **kwargs)
 
 
-def _methods_help() -> str:
-    """The registered factorisations and the default ones, read from the registry and ``optimize``."""
+def _given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of the flags ``_add_option`` made, by option name (as ``autodac.optimize`` takes them)."""
+    from autodac.options import option_fields
+
+    return {name: value for name, value in vars(args).items() if name in option_fields()}
+
+
+def _methods_text() -> str:
+    """The registered factorisations, read from the registry."""
     from autodac.factorize import METHODS
 
-    return f"{','.join(METHODS)} (default {','.join(_default('methods'))})"
+    return f"any of {','.join(METHODS)}: "
 
 
 def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
@@ -740,19 +746,17 @@ def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
                           help="at most this fraction of the parameters (model size), alone or with the others")
     _add_shape(optimize, "required without --data; with --data the first example's shape")
     optimize.add_argument("--data", metavar="FILE", help="probe: .npz with x (inputs) and optional y (labels), or a .pt")
-    optimize.add_argument("--synthesize", type=_positive, metavar="N",
-                          help="no data: plan on N inputs synthesised to match the model's BatchNorm statistics")
+    _add_option(optimize, "synthesize", type=_positive, metavar="N")
     optimize.add_argument("--device", metavar="DEVICE", help="where --latency-budget is timed (default: where the model is; e.g. cuda:0)")
     optimize.add_argument("--runtime", choices=("torch", "onnxruntime"),
                           help="what --latency-budget is timed in: eager torch (default) or onnxruntime (needs autodac[deploy])")
-    optimize.add_argument("--methods", type=_methods, metavar="M[,M...]", help=f"factorisations allowed: {_methods_help()}")
-    optimize.add_argument("--exclude", action="append", metavar="GLOB", help="keep layers matching this name pattern dense (repeatable)")
-    optimize.add_argument("--n-trials", type=_positive, metavar="N", help=f"Optuna trials with --data (default {_default('n_trials')})")
-    optimize.add_argument("--seed", type=int, metavar="S", help=f"search seed (default {_default('seed')})")
-    optimize.add_argument("--no-sequential-fit", action="store_true",
-                          help="with --data/--synthesize: skip re-fitting the chosen layers in execution order (faster on deep nets)")
-    optimize.add_argument("--refit-candidates", type=_positive, metavar="K",
-                          help=f"re-fit the search's K best plans and keep the best (default {_default('refit_candidates')})")
+    _add_option(optimize, "methods", type=_methods, metavar="M[,M...]", context=_methods_text())
+    _add_option(optimize, "exclude", action="append", metavar="GLOB", context="repeatable, one GLOB each: ")
+    _add_option(optimize, "n_trials", type=_positive, metavar="N", context="with --data/--synthesize: ")
+    _add_option(optimize, "seed", type=int, metavar="S")
+    _add_option(optimize, "sequential_fit", "--no-sequential-fit", action="store_false",
+                context="with --data/--synthesize (faster on deep nets): ")
+    _add_option(optimize, "refit_candidates", type=_positive, metavar="K")
     optimize.add_argument("--save-model", metavar="FILE.pt", help=f"also write the decomposed model ({_TORCH_SAVE})")
 
 
@@ -783,8 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "postgresql://user@host/db, or a .journal file), then print the best plan found by every worker so far. "
                     "Every worker must give the same MODEL, budget and probe as the study was made for.",
     )
-    worker.add_argument("--storage", required=True, metavar="URL", help="sqlite:///FILE.db, postgresql://..., or FILE.journal")
-    worker.add_argument("--study", required=True, metavar="NAME", help="the study every worker of this search names")
+    _add_option(worker, "storage", required=True, metavar="URL", context="sqlite:///FILE.db, postgresql://..., or FILE.journal: ")
+    _add_option(worker, "study_name", "--study", required=True, metavar="NAME")
     _add_optimize_options(worker)
     worker.add_argument("--out", metavar="PLAN.json", help="also write the best plan so far")
     worker.set_defaults(run=_cmd_optimize)
@@ -828,10 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(profile)
     profile.add_argument("--data", required=True, metavar="FILE", help="probe: .npz with x (and optional y), or a .pt")
     _add_shape(profile, "default: the first example's shape")
-    profile.add_argument("--points", type=_positive, default=_default("profile_points"), metavar="K",
-                         help=f"options measured per layer (default {_default('profile_points')})")
-    profile.add_argument("--profile-size", type=_positive, metavar="N", help=f"probe examples each measurement runs on (default {_default('profile_size')})")
-    profile.add_argument("--methods", type=_methods, metavar="M[,M...]", help=f"factorisations to measure: {_methods_help()}")
+    _add_option(profile, "profile_points", "--points", type=_positive, metavar="K")
+    _add_option(profile, "profile_size", type=_positive, metavar="N")
+    _add_option(profile, "methods", type=_methods, metavar="M[,M...]", context=_methods_text())
     profile.add_argument("--out", metavar="DIR", help="write DIR/sensitivity.json and the heat map DIR/sensitivity.png")
     profile.set_defaults(run=_cmd_profile)
 

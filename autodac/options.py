@@ -100,7 +100,7 @@ class FitOptions(_Options):
 
     keyword: ClassVar[str] = "fit"
     methods: tuple[str, ...] = _option(
-        DEFAULT_METHODS, "factorisations the planner may choose per layer (names in `autodac.factorize.METHODS`)",
+        DEFAULT_METHODS, "factorisations the planner may choose per layer",
         fingerprint=True, convert=_methods)
     exclude: tuple[str, ...] = _option((), "glob patterns of layer names to keep dense", fingerprint=True, convert=_patterns)
     weighting: str = _option("batchnorm", "weigh output channels by the BatchNorm that follows, or not", WEIGHTINGS, fingerprint=True)
@@ -133,7 +133,7 @@ class SearchOptions(_Options):
     keyword: ClassVar[str] = "search"
     n_trials: int = _option(16, "Optuna trials of the search", at_least(1))
     timeout: float | None = _option(None, "stop the search after this many seconds (None: no limit)")
-    seed: int = _option(0, "seed of the search, the synthesis and data-free fits (seeded runs without timeout are deterministic)")
+    seed: int = _option(0, "seed of the search, the synthesis and data-free fits; seeded runs without timeout repeat exactly")
     pareto: bool = _option(False, "two-objective search (FLOPs and the probe objective); `result.pareto` lists the front",
                            fingerprint=True)
 
@@ -143,8 +143,8 @@ class StudyOptions(_Options):
     """Where a shared search is kept: an Optuna storage and the study every worker names."""
 
     keyword: ClassVar[str] = "study"
-    storage: Any = _option(None, "Optuna storage the search is kept in (URL, .journal file or storage object; None: in memory)")
-    study_name: str | None = _option(None, "the study in `storage` every worker of one search names")
+    storage: Any = _option(None, "the Optuna storage (URL, .journal file or storage object) that keeps the search, instead of memory")
+    study_name: str | None = _option(None, "the name of the search in `storage`, the same for every worker")
 
 
 # In the order a shared search's fingerprint records their flagged fields (that of the studies made before the groups).
