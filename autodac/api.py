@@ -1009,21 +1009,25 @@ def _check(given: dict[str, Any]) -> _Run:
 
 
 def _group(group: type, given: dict[str, Any]):
-    """The ``group`` of options ``optimize`` was given: its flat keywords, or the group itself, refusing the two disagreeing."""
+    """The ``group`` of options ``optimize`` was given: the group, with the options given flat (not at their default) in it.
+
+    An option set in both, to two values other than its default, is refused naming both.
+    """
     flat = group(**{f.name: given[f.name] for f in dataclasses.fields(group)})  # checks the flat values
     grouped = given.get(group.keyword)
     if grouped is None:
         return flat
     if not isinstance(grouped, group):
         raise AutodacError(f"`{group.keyword}` must be an autodac.{group.__name__}, but got {type(grouped).__name__}")
-    for f in dataclasses.fields(group):
-        value, chosen = getattr(flat, f.name), getattr(grouped, f.name)
-        if value != f.default and value != chosen:  # given flat (not the default) and grouped otherwise
+    changed = {f.name: getattr(flat, f.name) for f in dataclasses.fields(group) if getattr(flat, f.name) != f.default}
+    for name, value in changed.items():
+        chosen = getattr(grouped, name)
+        if chosen != value and chosen != group.__dataclass_fields__[name].default:
             raise AutodacError(
-                f"`{f.name}` must be given once, flat or in `{group.keyword}`, but got {f.name}={value!r} and "
-                f"{group.keyword}={group.__name__}({f.name}={chosen!r})"
+                f"`{name}` must be given once, flat or in `{group.keyword}`, but got {name}={value!r} and "
+                f"{group.keyword}={group.__name__}({name}={chosen!r})"
             )
-    return grouped  # every option given flat (not the default) is the group's own value
+    return dataclasses.replace(grouped, **changed)
 
 
 def _probe(run: _Run) -> None:
