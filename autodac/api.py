@@ -854,11 +854,12 @@ def optimize(
     (the same outputs, with ``q_proj``/``k_proj``/``v_proj``/``out_proj`` as Linear candidates);
     ``result.model`` holds it, and ``apply`` swaps it in the same way.
 
-    The options from ``methods`` on come in groups as well, each a frozen dataclass that holds
-    their defaults, rules and help (``autodac.options``; the README's table of options is made
-    from them): ``fit=FitOptions(...)``, ``probe=ProbeOptions(...)``,
-    ``search=SearchOptions(...)``, ``study=StudyOptions(...)``. A group and its options given flat
-    combine; one option given both ways with different values is refused.
+    The options other than the budgets, ``runtime``, ``device``, ``latency_cache``,
+    ``example_inputs``, ``data``, ``evaluate`` and ``progress`` also come in groups, each a frozen
+    dataclass that holds their defaults, rules and help (``autodac.options``; the README's table
+    of options is made from them): ``fit=FitOptions(...)``, ``probe=ProbeOptions(...)``,
+    ``search=SearchOptions(...)``, ``study=StudyOptions(...)``. A group and options given flat
+    combine; one option set both ways to two values other than its default is refused.
     """
     run = _check(dict(locals()))  # the arguments as given (the signature is their one list)
     _probe(run)
