@@ -1020,10 +1020,11 @@ def _group(group: type, given: dict[str, Any]):
         return flat
     if not isinstance(grouped, group):
         raise AutodacError(f"`{group.keyword}` must be an autodac.{group.__name__}, but got {type(grouped).__name__}")
-    changed = {f.name: getattr(flat, f.name) for f in dataclasses.fields(group) if getattr(flat, f.name) != f.default}
+    defaults = {f.name: f.default for f in dataclasses.fields(group)}
+    changed = {name: getattr(flat, name) for name, default in defaults.items() if getattr(flat, name) != default}
     for name, value in changed.items():
         chosen = getattr(grouped, name)
-        if chosen != value and chosen != group.__dataclass_fields__[name].default:
+        if chosen != value and chosen != defaults[name]:
             raise AutodacError(
                 f"`{name}` must be given once, flat or in `{group.keyword}`, but got {name}={value!r} and "
                 f"{group.keyword}={group.__name__}({name}={chosen!r})"
