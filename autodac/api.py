@@ -29,11 +29,12 @@ from autodac._logging import get_logger
 from autodac.attention import unfuse_attention
 from autodac.cost import FlopCount, count_flops, count_params
 from autodac.errors import AutodacError, BudgetError, ModelError, PlanError
-from autodac.batches import Batch, arguments, per_example
+from autodac.batches import Batch, arguments, count, per_example
 from autodac.budgets import Budget, Budgets, gather
 from autodac.factorize import METHODS, get_method
 from autodac.latency import LatencyCache, LatencyTable, describe_device, measure_table, resolve_device, side_by_side
-from autodac.options import DEFAULT_METHODS, GROUPS, FitOptions, ProbeOptions, SearchOptions, StudyOptions, fingerprinted
+from autodac.options import DEFAULT_METHODS, GROUPS, DistillOptions, FitOptions, ProbeOptions, SearchOptions, StudyOptions, fingerprinted
+from autodac.distill import distill as distill_model, replay as replay_distillation
 from autodac.layers import IMPLEMENTATIONS, SUPPORTED_TYPES, build_factorized
 from autodac.runtimes import Runtime, get_runtime
 from autodac.plan import DENSE, LayerChoice, Plan
@@ -796,6 +797,7 @@ def optimize(
     probe: ProbeOptions | None = None,
     search: SearchOptions | None = None,
     study: StudyOptions | None = None,
+    distill: "bool | DistillOptions" = False,
 ) -> Result:
     """Decompose a copy of ``model`` to at most ``flops_budget`` of its fvcore FLOPs and/or ``latency_budget`` of its latency.
 
@@ -877,6 +879,7 @@ def optimize(
     _meet_budgets(run)
     _draft_plan(run)
     _refit(run)
+    _distill(run)
     _final_scores(run)
     _verify(run)
     return _publish(run)
@@ -908,6 +911,7 @@ class _Settings:
     probe: ProbeOptions
     search: SearchOptions
     study: StudyOptions
+    distill: DistillOptions | None  # None: no distillation
 
     @property
     def groups(self) -> tuple[Any, ...]:
@@ -1001,12 +1005,25 @@ def _check(given: dict[str, Any]) -> _Run:
     if groups["probe"].synthesize and data is not None:
         raise AutodacError("`data` and `synthesize` are alternatives (synthesised inputs stand in for missing data), but both were given")
     settings = _Settings(
+        distill=_distill_options(given["distill"], data is not None or bool(groups["probe"].synthesize)),
         budgets=budgets, flops=None if budgets.flops is None else budgets.flops.ratio, latency=latency,
         params=None if budgets.params is None else budgets.params.ratio, timing_device=timing_device, timing_runtime=timing_runtime,
         latency_cache=given["latency_cache"], example_inputs=given["example_inputs"], data=data, evaluate=evaluate,
         progress=given["progress"], **groups,
     )
     return _Run(settings, model)
+
+
+def _distill_options(given: Any, has_probe: bool) -> DistillOptions | None:
+    """``optimize``'s ``distill`` as options (None: off); it trains on the probe, so it needs ``data`` or ``synthesize``."""
+    if given is False or given is None:
+        return None
+    options = DistillOptions() if given is True else given
+    if not isinstance(options, DistillOptions):
+        raise AutodacError(f"`distill` must be True, False or an autodac.DistillOptions, but got {type(given).__name__}")
+    if not has_probe:
+        raise AutodacError("`distill` trains on probe inputs, so it needs `data` or `synthesize=N`, but got neither")
+    return options
 
 
 def _group(group: type, given: dict[str, Any]):
@@ -1261,6 +1278,53 @@ def _refit(run: _Run) -> None:
             pool.append((trial, _build(run.model, candidates, trial.selection, run.factors)))
     with _stage("sequential re-fit"):
         run.decomposed, run.published = _refit_best(run.model, pool, run.plan, candidates, run.probe, run.runner, run.use_bn, s.progress)
+
+
+def _distill(run: _Run) -> None:
+    """Reads the decomposed model, the plan and the runner; writes the distilled model and its record when the held-out probe prefers it (distill)."""
+    s, plan = run.settings, run.plan
+    if s.distill is None or not plan.factorized:
+        return
+    inputs = "probe" if run.runner.held_out is None else "calibration"  # with `evaluate`, the whole probe is the calibration
+    layers = list(plan.factorized)
+    with _stage(f"distillation ({s.distill.epochs} epochs on {count(run.runner.calibration)} probe inputs)"), _progress_bar(
+        s.progress, "autodac: distilling", "step"
+    ) as bar:
+        model, report = distill_model(run.decomposed, run.model, run.runner.calibration, run.runner.score, s.distill, bar, layers)
+    if report.kept:
+        run.decomposed = model
+        plan.distilled = {**s.distill.to_dict(), "epoch": report.best_epoch, "inputs": inputs}
+        run.metrics["probe_before_distillation"] = report.before[1]
+        plan.notes.append(
+            f"distilled from the original for {report.best_epoch} of {s.distill.epochs} epochs (kept: held-out objective "
+            f"{report.epochs[report.best_epoch - 1][0]:.4g} vs {report.before[0]:.4g}, metric {report.epochs[report.best_epoch - 1][1]:.4g} "
+            f"vs {report.before[1]:.4g}); apply(model, plan, data) trains it again"
+        )
+    else:
+        best = max(report.epochs) if report.epochs else report.before
+        plan.notes.append(
+            f"distillation tried and rejected (best held-out objective {best[0]:.4g} vs {report.before[0]:.4g}, metric {best[1]:.4g} vs {report.before[1]:.4g})"
+        )
+
+
+@contextlib.contextmanager
+def _progress_bar(show: bool, description: str, unit: str):
+    """A ``(done, total)`` callback drawing a tqdm bar on a terminal (None when ``show`` is off)."""
+    if not show:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=description, unit=unit, disable=None, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
 
 
 def _final_scores(run: _Run) -> None:
@@ -1692,9 +1756,14 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
     refitted = [name for name, c in plan.factorized.items() if c.fit.startswith("seq+")]
     covariances: dict[str, torch.Tensor] = {}
     moments: dict[str, torch.Tensor] = {}
-    if data is None and plan.probe.get("source") == "synthetic" and (data_fitted or refitted or plan.metrics.get("bn_reestimated")):
+    if data is None and plan.probe.get("source") == "synthetic" and (data_fitted or refitted or plan.metrics.get("bn_reestimated") or plan.distilled):
         data = _replay_synthesis(model, plan)
     needing = data_fitted or refitted
+    if plan.distilled and data is None and plan.probe.get("source") != "synthetic":
+        raise PlanError(
+            "a distilled plan's weights come from training on the probe, so `data` must be given to rebuild them, but got data=None "
+            "(or keep optimize's result.model: autodac.export writes it)"
+        )
     if needing and data is None:
         raise PlanError(
             f"layers fitted to probe data must be rebuilt from the same data, so `data` must be given, "
@@ -1743,6 +1812,10 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
     if refitted:  # replay the sequential re-fit optimize kept, on the same fit inputs, in the same order
         chosen = {name: plan.layers[name] for name in refitted}
         result, _ = refit_in_order(model, result, _refits(chosen, model), fit_examples(replayed))
+    if plan.distilled:  # replay the distillation optimize kept: the same inputs, options and epoch, so the same weights
+        options = DistillOptions(**{k: v for k, v in plan.distilled.items() if k not in ("epoch", "inputs")})
+        inputs = split_probe(replayed)[0] if plan.distilled["inputs"] == "calibration" else replayed.inputs
+        result = replay_distillation(result, model, inputs, options, plan.distilled["epoch"], list(plan.factorized))
     if plan.metrics.get("bn_reestimated") and replayed is not None:  # replay the re-estimation optimize kept
         reestimate_batchnorm(result, split_probe(replayed)[0])
     return result

@@ -429,6 +429,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     for name in ("device", "runtime"):  # passed only when given: the latency budget's own defaults stay the defaults
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
+    if getattr(args, "distill", None) is not None:
+        kwargs["distill"] = autodac.DistillOptions(epochs=args.distill)
     result = autodac.optimize(model, **kwargs, **_given_options(args))
     if args.out:
         result.plan.save(args.out)
@@ -730,6 +732,12 @@ def _given_options(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in vars(args).items() if name in option_fields()}
 
 
+def _distill_default() -> int:
+    from autodac.options import DistillOptions
+
+    return DistillOptions.epochs
+
+
 def _methods_text() -> str:
     """The registered factorisations, read from the registry."""
     from autodac.factorize import METHODS
@@ -757,6 +765,9 @@ def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
     _add_option(optimize, "sequential_fit", "--no-sequential-fit", action="store_false",
                 context="with --data/--synthesize (faster on deep nets): ")
     _add_option(optimize, "refit_candidates", type=_positive, metavar="K")
+    optimize.add_argument("--distill", type=_positive, nargs="?", const=_distill_default(), metavar="EPOCHS",
+                          help="with --data/--synthesize: then train the decomposed model towards the original's outputs on the probe "
+                               f"for EPOCHS epochs (default {_distill_default()}), kept only if the held-out probe improves")
     optimize.add_argument("--save-model", metavar="FILE.pt", help=f"also write the decomposed model ({_TORCH_SAVE})")
 
 

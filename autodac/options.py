@@ -19,7 +19,7 @@ from autodac.factorize import METHODS, get_method
 from autodac.probes import DEFAULT_PROBE_SIZE
 
 __all__ = [
-    "ProbeOptions", "FitOptions", "SearchOptions", "StudyOptions", "GROUPS", "DEFAULT_METHODS", "Rule",
+    "ProbeOptions", "FitOptions", "SearchOptions", "StudyOptions", "DistillOptions", "GROUPS", "DEFAULT_METHODS", "Rule",
     "option_fields", "fingerprinted", "markdown_table",
 ]
 
@@ -55,6 +55,11 @@ POSITIVE_ERROR = Rule("> 0", lambda v: isinstance(v, numbers.Real) and not isins
                       "`{name} > 0` must hold (a relative output error)")
 SYNTHESIS_COUNT = Rule("0 (off) or integer >= 2", lambda v: _is_int(v) and (v == 0 or v >= 2),
                        "`{name}` must be 0 (off) or an integer >= 2 (inputs to synthesise)")
+POSITIVE = Rule("> 0 and finite", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < float("inf"),
+                "`{name}` must be a positive finite number")
+NON_NEGATIVE = Rule(">= 0 and finite", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v < float("inf"),
+                    "`{name}` must be a finite number >= 0")
+INTEGER = Rule("integer", lambda v: _is_int(v), "`{name}` must be an integer")
 WEIGHTINGS = Rule("'batchnorm' or 'none'", lambda v: v in ("batchnorm", "none"), "`{name}` must be 'batchnorm' or 'none'")
 
 
@@ -145,6 +150,26 @@ class StudyOptions(_Options):
     keyword: ClassVar[str] = "study"
     storage: Any = _option(None, "the Optuna storage (URL, .journal file or storage object) that keeps the search, instead of memory")
     study_name: str | None = _option(None, "the name of the search in `storage`, the same for every worker")
+
+
+@dataclass(frozen=True)
+class DistillOptions(_Options):
+    """A short training of the decomposed model towards the original's outputs on the probe (``autodac.distill``), off unless asked.
+
+    Given as ``optimize(..., distill=True)`` (these defaults) or ``distill=DistillOptions(epochs=4)``;
+    its fields are not flat keywords of ``optimize``.
+    """
+
+    keyword: ClassVar[str] = "distill"
+    epochs: int = _option(8, "passes over the probe's calibration half; the best epoch on the held-out half is kept", at_least(1))
+    lr: float = _option(1e-4, "Adam's learning rate at the start (cosine decay to 0)", POSITIVE)
+    batch_size: int = _option(0, "examples a step (0: sized by the input, at most 32)", at_least(0))
+    mixup: float = _option(0.5, "Beta parameter of the pair mixing of inputs (0: the inputs as they are)", NON_NEGATIVE)
+    features: float = _option(1.0, "weight of matching the changed layers' outputs (0: the model's outputs only)", NON_NEGATIVE)
+    seed: int = _option(0, "seed of the batch order and the mixing", INTEGER)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 # In the order a shared search's fingerprint records their flagged fields (that of the studies made before the groups).

@@ -12,7 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from autodac.errors import PlanError
+from autodac.errors import AutodacError, PlanError
+from autodac.options import DistillOptions
 
 __all__ = ["PLAN_VERSION", "READABLE_VERSIONS", "LayerChoice", "Plan", "structure_fingerprint"]
 
@@ -63,7 +64,7 @@ _LAYER_FIELDS = {"method", "rank", "weight_shape", "flops_before", "flops_after"
 _OPTIONAL_LAYER_FIELDS = {"impl", "latency_before", "latency_after", "channels", "sliced"}
 _PLAN_FIELDS = {
     "format", "_version", "budget", "input_shapes", "input_assumed", "original_flops", "flops",
-    "layers", "skipped", "metrics", "notes", "probe", "structure", "runtime",
+    "layers", "skipped", "metrics", "notes", "probe", "structure", "runtime", "distilled",
 }
 
 
@@ -120,6 +121,26 @@ def _check_fit(name: str, fit: Any) -> str:
     return fit
 
 
+def _check_distilled(data: Any) -> dict[str, Any]:
+    """A plan's ``distilled`` record, checked: the distillation options, ``epoch`` (1..epochs) and ``inputs``."""
+    if data is None or data == {}:
+        return {}
+    rule = "a plan's `distilled` must be an object of the distillation options, `epoch` (1..epochs) and `inputs` ('calibration' or 'probe')"
+    if not isinstance(data, dict) or not {"epoch", "inputs"} <= set(data):
+        raise PlanError(f"{rule}, but got {data!r:.200}")
+    options = {k: v for k, v in data.items() if k not in ("epoch", "inputs")}
+    try:
+        settings = DistillOptions(**options)
+    except TypeError:
+        raise PlanError(f"{rule}, but got the fields {sorted(data)}") from None
+    except AutodacError as error:
+        raise PlanError(f"a plan's `distilled` options must be valid: {error}") from None
+    epoch = data["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= settings.epochs or data["inputs"] not in ("calibration", "probe"):
+        raise PlanError(f"{rule}, but got epoch={epoch!r}, inputs={data['inputs']!r}")
+    return {**settings.to_dict(), "epoch": epoch, "inputs": data["inputs"]}
+
+
 def _layer_dict(choice: LayerChoice) -> dict[str, Any]:
     entry = {**asdict(choice), "weight_shape": list(choice.weight_shape)}
     for key in ("channels", "sliced"):  # only width choices carry them; older readers never see them
@@ -148,6 +169,9 @@ class Plan:
     structure: dict[str, Any] | None = None
     # where a latency budget was timed: {"name": "torch" | "onnxruntime", "version": ..., "device": ...}; empty without one
     runtime: dict[str, str] = field(default_factory=dict)
+    # the distillation optimize kept (autodac.distill): its options, the epoch kept and what it trained on
+    # ("calibration": the probe's calibration half; "probe": all of it); empty when there was none
+    distilled: dict[str, Any] = field(default_factory=dict)
 
     @property
     def flops(self) -> int:
@@ -179,6 +203,7 @@ class Plan:
             "probe": dict(self.probe),
             **({} if self.structure is None else {"structure": {"fingerprint": self.structure["fingerprint"], "layers": dict(self.structure["layers"])}}),
             **timed,
+            **({"distilled": dict(self.distilled)} if self.distilled else {}),
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -246,6 +271,7 @@ class Plan:
                 metrics={k: float(v) for k, v in dict(data.get("metrics", {})).items()}, notes=list(data.get("notes", [])),
                 probe=dict(data.get("probe", {})), structure=structure,
                 runtime={str(k): str(v) for k, v in dict(data.get("runtime", {})).items()},
+                distilled=_check_distilled(data.get("distilled")),
             )
         except (TypeError, ValueError) as problem:
             raise PlanError(

@@ -273,3 +273,17 @@ def test_a_params_budget_alone_and_with_flops_is_held_recorded_and_compared(work
 @pytest.mark.parametrize("budget", ["0", "1.5"])
 def test_a_params_budget_out_of_range_is_refused(work: Path, budget: str) -> None:
     _refused(_cli("optimize", "small.pt", "--params-budget", budget, "--input-shape", SHAPE, "--out", "x.json", cwd=work), "budget", budget)
+
+
+def test_optimize_distill_trains_the_plan_and_apply_replays_it(work: Path) -> None:
+    done = _ok(_cli("optimize", "small.pt", "--flops-budget", "0.4", "--data", "unlabelled.pt", "--n-trials", "1", "--distill", "2",
+                    "--out", "distilled.json", "--save-model", "distilled.pt", "--json", "--quiet", cwd=work))
+    notes = json.loads(done.stdout)["notes"]
+    assert any(note.startswith(("distilled from the original for", "distillation tried and rejected")) for note in notes), notes
+    plan = autodac.Plan.load(work / "distilled.json")
+    assert not plan.distilled or plan.distilled["epochs"] == 2
+    _ok(_cli("apply", "small.pt", "distilled.json", "--data", "unlabelled.pt", "--out", "distilled_applied.pt", cwd=work))
+    rebuilt, original = (torch.load(work / f, weights_only=False) for f in ("distilled_applied.pt", "distilled.pt"))
+    assert torch.equal(_outputs(rebuilt), _outputs(original))
+    _refused(_cli("optimize", "small.pt", "--flops-budget", "0.4", "--input-shape", SHAPE, "--distill", "0", "--out", "x.json", cwd=work),
+             "--distill")
