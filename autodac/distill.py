@@ -135,7 +135,7 @@ def _training(model: nn.Module, teacher: nn.Module, inputs: Batch, settings: Dis
               progress: Callable[[int, int], None] | None, layers: Sequence[str] = ()) -> Iterator[float]:
     """Train ``model`` (in place) towards ``teacher`` on ``inputs``, yielding each epoch's mean loss as it ends.
 
-    The schedule (cosine over all ``settings.epochs``), the batch order and the mixing depend only
+    The schedule (a linear warm-up over the first epoch, then cosine over all ``settings.epochs``), the batch order and the mixing depend only
     on ``settings`` and ``inputs``, so stopping after epoch ``k`` gives the same weights whether or
     not later epochs follow: ``replay`` relies on it.
     """
@@ -147,7 +147,10 @@ def _training(model: nn.Module, teacher: nn.Module, inputs: Batch, settings: Dis
     steps_per_epoch = math.ceil(n / batch)
     total = settings.epochs * steps_per_epoch
     optimizer = torch.optim.Adam(params, lr=settings.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    warmup = steps_per_epoch  # a linear warm-up over the first epoch: Adam's first steps move every weight by about lr at once
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    )
     generator = torch.Generator().manual_seed(settings.seed)
     modes = [(module, module.training) for module in (*model.modules(), *teacher.modules())]
     layers = list(layers) if settings.features > 0 else []

@@ -162,7 +162,7 @@ class DistillOptions(_Options):
 
     keyword: ClassVar[str] = "distill"
     epochs: int = _option(8, "passes over the probe's calibration half; the best epoch on the held-out half is kept", at_least(1))
-    lr: float = _option(1e-4, "Adam's learning rate at the start (cosine decay to 0)", POSITIVE)
+    lr: float = _option(3e-5, "Adam's peak learning rate (linear warm-up over the first epoch, cosine decay to 0)", POSITIVE)
     batch_size: int = _option(0, "examples a step (0: sized by the input, at most 32)", at_least(0))
     mixup: float = _option(0.5, "Beta parameter of the pair mixing of inputs (0: the inputs as they are)", NON_NEGATIVE)
     features: float = _option(1.0, "weight of matching the changed layers' outputs (0: the model's outputs only)", NON_NEGATIVE)
