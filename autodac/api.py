@@ -852,6 +852,10 @@ def optimize(
     table of its device, the BatchNorm decision, plans already evaluated) and returns the best
     plan found by all of them; a study made for another model, budget or probe is refused, and
     a trial left running by a killed worker is failed and run again (``autodac.search.storage``).
+    ``distill=True`` (or ``autodac.DistillOptions(...)``; needs ``data`` or ``synthesize``) then trains
+    the decomposed model for a few epochs towards the original's outputs on the probe's calibration
+    half, no labels used, and keeps the best epoch only if the held-out half scores it higher
+    (``autodac.distill``); ``plan.distilled`` records it and ``apply(model, plan, data)`` repeats it.
     Every ``nn.MultiheadAttention`` is planned as ``autodac.attention.UnfusedMultiheadAttention``
     (the same outputs, with ``q_proj``/``k_proj``/``v_proj``/``out_proj`` as Linear candidates);
     ``result.model`` holds it, and ``apply`` swaps it in the same way.

@@ -166,6 +166,10 @@ def child(spec_path: str) -> None:
             "methods": ", ".join(f"{method} {n}" for method, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
             "plan": result.plan.to_dict(),
             "notes": list(result.plan.notes),
+            "probe metric": result.metrics.get("probe"),
+            "probe before distillation": result.metrics.get("probe_before_distillation"),
+            "distilled": (f"epoch {result.plan.distilled['epoch']}/{result.plan.distilled['epochs']}" if result.plan.distilled
+                          else "rejected" if any(n.startswith("distillation tried") for n in result.plan.notes) else None),
         })
         row["fvcore ratio"] = fvcore_flops(result.model, example) / spec["original_flops"]
         original = torch.load(work / "test_outputs.pt")
@@ -279,7 +283,8 @@ def describe(row: dict[str, Any], model_name: str) -> str:
             f"peak {row['peak RSS (GiB)']:.2f} GiB (before {row['rss before (GiB)']:.2f}){error}")
 
 
-TABLE_COLUMNS = ("mode", "budget", "FLOPs ratio", "fvcore ratio", "params ratio", "layers", "methods", "agree (%)", "agree conf (%)",
+TABLE_COLUMNS = ("mode", "budget", "FLOPs ratio", "fvcore ratio", "params ratio", "layers", "methods", "distilled",
+                 "probe metric", "probe before distillation", "agree (%)", "agree conf (%)",
                  f"<= {CENTS:g} cents (%)", f"<= {CENTS:g} cents conf (%)", "optimize s", "peak RSS (GiB)", "rss before (GiB)", "error")
 
 
@@ -290,7 +295,9 @@ def write(out: Path, args: argparse.Namespace, info: dict[str, Any], rows: list[
     is_crepe = args.model == "crepe_full"
     unit = "frames" if is_crepe else "crops"
     header = "\n".join([
-        f"`{args.model}`, pretrained, planned by `autodac.optimize` without fine-tuning (see `benchmarks/bm_imagenet.py`; "
+        f"`{args.model}`, pretrained, planned by `autodac.optimize` "
+        + ("then distilled on the probe (`distill`), no labels " if args.extra_kwargs.get("distill") else "without fine-tuning ")
+        + "(see `benchmarks/bm_imagenet.py`; "
         f"assets from `{assets.SETUP}`). Quality is agreement with the original model on {info['test inputs']} held-out test "
         f"{unit} drawn from {info['test files']} files ({info['test sources']} sources) that share no source with the "
         f"{info['probe files']} probe files ({info['probe sources']} sources) the {info['probe inputs']} probe {unit} came from. "
@@ -300,7 +307,8 @@ def write(out: Path, args: argparse.Namespace, info: dict[str, Any], rows: list[
         + ("bin activation" if is_crepe else "softmax probability") + f" is at least {CONFIDENT}. "
         "`FLOPs ratio` is autodac's, `fvcore ratio` recounted here by fvcore on the returned model. Each row is one "
         "`optimize` call in its own process: `peak RSS` is that process's peak during the call, `rss before` its RSS with "
-        "the model and the inputs loaded; `optimize s` is the call's wall time on a shared machine.",
+        "the model and the inputs loaded; `optimize s` is the call's wall time on a shared machine. `probe metric` is the call's "
+        "own held-out probe agreement (crops of the probe photos), `probe before distillation` the same before that stage.",
         "",
         f"- original: {info['original fvcore FLOPs']:,} fvcore multiply-adds at one input; "
         f"{info['distinct test predictions']} distinct top-1 {'bins' if is_crepe else 'classes'} on the test {unit}",
