@@ -113,6 +113,9 @@ class Result:
                 f"\npredicted (no data): worst layer output error {planned[worst].error:.3f} ({worst}), "
                 f"summed over layers {sum(c.error for c in planned.values()):.3f}"
             )
+        if self.plan.distilled:
+            d, before = self.plan.distilled, self.plan.metrics.get("probe_before_distillation", float("nan"))
+            head += f"\ndistilled on the probe: epoch {d['epoch']} of {d['epochs']} kept (probe metric {before:.4f} before it)"
         flagged = [note for note in self.plan.notes if note.startswith("the plan is predicted to damage")]
         return plan_table(self.plan, tablefmt=tablefmt) + "\n" + head + "".join(f"\nwarning: {note}" for note in flagged)
 

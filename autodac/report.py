@@ -88,12 +88,19 @@ def _runtime_cell(plan: Plan) -> str:
     return f"{plan.runtime.get('name', '?')} {plan.runtime.get('version', '')}".strip()
 
 
+def _distilled_cell(plan: Plan) -> str:
+    if not plan.distilled:
+        return ""
+    return f"epoch {plan.distilled['epoch']} of {plan.distilled['epochs']} (lr {plan.distilled['lr']:g})"
+
+
 def compare(plans: Mapping[str, Plan] | list[Plan], tablefmt: str = "simple") -> str:
     """Plans side by side: a row per layer (method, rank, the layer's FLOPs ratio and, for plans timed
     under a latency budget, its measured latency ratio), then totals.
 
     ``plans`` maps a column title to a plan (a list gets titles ``plan 1``, ``plan 2``...). Totals
-    are the FLOPs ratio, the parameters, the runtime a latency plan was timed on, and every
+    are the FLOPs ratio, the parameters, the runtime a latency plan was timed on, the distillation
+    kept (if any), and every
     measured figure the plans carry (``metrics``).
     """
     if not isinstance(plans, Mapping):
@@ -111,6 +118,8 @@ def compare(plans: Mapping[str, Plan] | list[Plan], tablefmt: str = "simple") ->
         rows.append(["params budget", *(f"{plans[t].budget['params']:g}" if "params" in plans[t].budget else "" for t in titles)])
     if any(plans[t].runtime for t in titles):  # where each latency plan was timed: ratios from different runtimes differ
         rows.append(["timed on", *(_runtime_cell(plans[t]) for t in titles)])
+    if any(plans[t].distilled for t in titles):  # trained weights: the same plan, other quality
+        rows.append(["distilled", *(_distilled_cell(plans[t]) for t in titles)])
     metric_names = list(dict.fromkeys(k for plan in plans.values() for k in plan.metrics))
     for key in metric_names:
         rows.append([key, *(f"{plans[t].metrics[key]:.4f}" if key in plans[t].metrics else "" for t in titles)])

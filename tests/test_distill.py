@@ -211,3 +211,12 @@ def test_distill_needs_a_probe_and_a_valid_value():
         autodac.optimize(model, 0.5, example_inputs=x, distill=True, progress=False)
     with pytest.raises(AutodacError, match=r"`distill` must be True, False or an autodac.DistillOptions, but got int"):
         autodac.optimize(model, 0.5, example_inputs=x, data=[x.repeat(4, 1, 1, 1)], distill=3, progress=False)
+
+
+def test_summary_and_compare_say_which_plan_was_distilled(distilled_run):
+    _, plain, distilled = distilled_run
+    assert "distilled on the probe: epoch" in distilled.summary() and "distilled" not in plain.summary()
+    table = autodac.compare({"plain": plain.plan, "distilled": distilled.plan})
+    row = next(line for line in table.splitlines() if line.startswith("distilled"))
+    assert f"epoch {distilled.plan.distilled['epoch']} of 3" in row
+    assert "distilled" not in autodac.compare([plain.plan, plain.plan])
