@@ -189,8 +189,9 @@ def fingerprinted(groups: Iterable[_Options]) -> dict[str, Any]:
 def markdown_table() -> str:
     """The README's table of options, made from the fields (``tests/test_options.py`` checks the committed one)."""
     lines = ["| option | group | default | must be | in a study's fingerprint | what it does |", "|---|---|---|---|---|---|"]
-    for name, (group, f) in option_fields().items():
+    grouped_only = [(f"`{f.name}` (only in `distill=`)", DistillOptions, f) for f in dataclasses.fields(DistillOptions)]
+    for name, group, f in [(f"`{name}`", group, f) for name, (group, f) in option_fields().items()] + grouped_only:
         rule = f.metadata["rule"].text if f.metadata["rule"] is not None else ""
         fingerprint = "yes" if f.metadata["fingerprint"] else ""
-        lines.append(f"| `{name}` | `{group.__name__}` | `{f.default!r}` | {rule} | {fingerprint} | {f.metadata['help']} |")
+        lines.append(f"| {name} | `{group.__name__}` | `{f.default!r}` | {rule} | {fingerprint} | {f.metadata['help']} |")
     return "\n".join(lines)
