@@ -1300,10 +1300,11 @@ def _distill(run: _Run) -> None:
         model, report = distill_model(run.decomposed, run.model, run.runner.calibration, run.runner.score, s.distill, bar, layers)
     if report.kept:
         run.decomposed = model
-        plan.distilled = {**s.distill.to_dict(), "epoch": report.best_epoch, "inputs": inputs}
+        plan.distilled = {**s.distill.to_dict(), "epoch": report.best_epoch, "accepted": report.accepted, "inputs": inputs}
         run.metrics["probe_before_distillation"] = report.before[1]
         plan.notes.append(
-            f"distilled from the original for {report.best_epoch} of {s.distill.epochs} epochs (kept: held-out objective "
+            f"distilled from the original: epoch {report.best_epoch} of {s.distill.epochs} kept, {report.accepted.count(False)} before it "
+            f"undone with the learning rate divided by 3 (held-out objective "
             f"{report.epochs[report.best_epoch - 1][0]:.4g} vs {report.before[0]:.4g}, metric {report.epochs[report.best_epoch - 1][1]:.4g} "
             f"vs {report.before[1]:.4g}); apply(model, plan, data) trains it again"
         )
@@ -1820,9 +1821,9 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         chosen = {name: plan.layers[name] for name in refitted}
         result, _ = refit_in_order(model, result, _refits(chosen, model), fit_examples(replayed))
     if plan.distilled:  # replay the distillation optimize kept: the same inputs, options and epoch, so the same weights
-        options = DistillOptions(**{k: v for k, v in plan.distilled.items() if k not in ("epoch", "inputs")})
+        options = DistillOptions(**{k: v for k, v in plan.distilled.items() if k not in ("epoch", "accepted", "inputs")})
         inputs = split_probe(replayed)[0] if plan.distilled["inputs"] == "calibration" else replayed.inputs
-        result = replay_distillation(result, model, inputs, options, plan.distilled["epoch"], list(plan.factorized))
+        result = replay_distillation(result, model, inputs, options, plan.distilled["accepted"], list(plan.factorized))
     if plan.metrics.get("bn_reestimated") and replayed is not None:  # replay the re-estimation optimize kept
         reestimate_batchnorm(result, split_probe(replayed)[0])
     return result

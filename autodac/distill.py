@@ -7,8 +7,11 @@ every parameter of the decomposed model to reproduce the original model's output
 probe's calibration inputs, mixed in pairs (``x = l x_i + (1 - l) x_j``, ``l ~ Beta(a, a)``: the
 original labels any input, so the mixtures are free examples and the student does not just
 memorise the probe's few inputs). BatchNorm statistics stay fixed (small batches would make
-them noise) and so does dropout. After each epoch the model is scored on the held-out half;
-the best epoch is kept, and only when it beats the model as it came in.
+them noise) and so does dropout. After each epoch the model is scored on the held-out half: an
+epoch that does not beat every one before is undone and the learning rate divided by three, so
+one starting rate serves networks that need very different ones (ResNet-20 trains well at
+1e-3; EfficientNet-Lite0 loses half its agreement in one epoch at 1e-4). The last accepted
+epoch is kept, and only when it beats the model as it came in.
 
 The loss is the probe objective's own divergence (``autodac.probes.divergence``): KL from the
 original's class scores for outputs with a class dimension, relative squared error otherwise.
@@ -22,7 +25,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -43,12 +46,17 @@ class DistillReport:
 
     before: tuple[float, float]
     epochs: list[tuple[float, float]]
-    best_epoch: int  # 1-based; 0 when no epoch beat the model as it came in
+    accepted: list[bool]  # per epoch up to the one kept (the last accepted); empty when the student was kept
     seconds: float
 
     @property
     def kept(self) -> bool:
-        return self.best_epoch > 0
+        return bool(self.accepted)
+
+    @property
+    def best_epoch(self) -> int:
+        """The epoch kept (1-based); 0 when none was."""
+        return len(self.accepted)
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:
@@ -131,66 +139,103 @@ def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tens
     return torch.stack(terms).mean() if terms else None
 
 
-def _training(model: nn.Module, teacher: nn.Module, inputs: Batch, settings: DistillOptions,
-              progress: Callable[[int, int], None] | None, layers: Sequence[str] = ()) -> Iterator[float]:
-    """Train ``model`` (in place) towards ``teacher`` on ``inputs``, yielding each epoch's mean loss as it ends.
+_BACKOFF = 3.0  # a rejected epoch divides the learning rate by this (a third: two rejections span a decade)
 
-    The schedule (a linear warm-up over the first epoch, then cosine over all ``settings.epochs``), the batch order and the mixing depend only
-    on ``settings`` and ``inputs``, so stopping after epoch ``k`` gives the same weights whether or
-    not later epochs follow: ``replay`` relies on it.
+
+class _Trainer:
+    """Trains ``model`` (in place) towards ``teacher`` on ``inputs`` an epoch at a time; the caller accepts or rejects each.
+
+    The learning rate of a step is ``lr`` times a linear warm-up over the first epoch of each run of
+    accepted epochs, times a cosine decay over all ``settings.epochs``. A rejected epoch is undone:
+    the weights go back to the last accepted ones, Adam starts afresh, and the learning rate is
+    divided by ``_BACKOFF``. Batch order and mixing depend only on ``settings``, ``inputs`` and the
+    decisions, so the same decisions give the same weights: ``replay`` relies on it. Used as a
+    context: every module's mode, the parameters' ``requires_grad`` and torch's global generator
+    are restored on exit.
     """
-    device = next(iter(model.parameters())).device
-    params = [p for p in model.parameters() if p.is_floating_point()]
-    wanted_grad = [p.requires_grad for p in params]
-    n = count(inputs)
-    batch = settings.batch_size or min(32, batch_size_for(per_example(inputs)))
-    steps_per_epoch = math.ceil(n / batch)
-    total = settings.epochs * steps_per_epoch
-    optimizer = torch.optim.Adam(params, lr=settings.lr)
-    warmup = steps_per_epoch  # a linear warm-up over the first epoch: Adam's first steps move every weight by about lr at once
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-    )
-    generator = torch.Generator().manual_seed(settings.seed)
-    modes = [(module, module.training) for module in (*model.modules(), *teacher.modules())]
-    layers = list(layers) if settings.features > 0 else []
-    student_taps, teacher_taps = _Taps(model, layers), _Taps(teacher, layers)
-    with torch.random.fork_rng(devices=[]):  # the Beta draws use torch's global generator: seeded here, restored after
-        torch.manual_seed(settings.seed)
-        try:
-            model.eval()  # BatchNorm statistics and dropout fixed: the batches are small and the probe few
-            teacher.eval()
-            for epoch in range(settings.epochs):
-                for p in params:
-                    p.requires_grad_(True)
-                order = torch.randperm(n, generator=generator)
-                running = 0.0
-                for step in range(steps_per_epoch):
-                    x = _mixed(inputs[order[step * batch : (step + 1) * batch]], generator, settings.mixup)
-                    with torch.no_grad():
-                        target = call(teacher, x, device)
-                    with torch.enable_grad():
-                        loss = output_loss(call(model, x, device), target)
-                        matched = feature_loss(student_taps.take(), teacher_taps.take())
-                        if matched is not None:
-                            loss = loss + settings.features * matched
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                    optimizer.step()
-                    schedule.step()
-                    running += float(loss.detach())
-                    if progress is not None:
-                        progress(epoch * steps_per_epoch + step + 1, total)
-                for p, wanted in zip(params, wanted_grad):
-                    p.requires_grad_(wanted)
-                yield running / steps_per_epoch
-        finally:
-            student_taps.close()
-            teacher_taps.close()
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, inputs: Batch, settings: DistillOptions,
+                 progress: Callable[[int, int], None] | None = None, layers: Sequence[str] = ()) -> None:
+        self.model, self.teacher, self.inputs, self.settings, self.progress = model, teacher, inputs, settings, progress
+        self.layers = list(layers) if settings.features > 0 else []
+        self.device = next(iter(model.parameters())).device
+        self.params = [p for p in model.parameters() if p.is_floating_point()]
+        self.n = count(inputs)
+        self.batch = settings.batch_size or min(32, batch_size_for(per_example(inputs)))
+        self.steps_per_epoch = math.ceil(self.n / self.batch)
+        self.total = settings.epochs * self.steps_per_epoch
+        self.step = 0  # steps taken, rejected ones included: the cosine runs on
+        self.since = 0  # the step the current run of accepted epochs started at: its warm-up counts from there
+        self.scale = 1.0
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.optimizer = torch.optim.Adam(self.params, lr=settings.lr)
+
+    def __enter__(self) -> "_Trainer":
+        self.exit = contextlib.ExitStack()
+        self.exit.enter_context(torch.random.fork_rng(devices=[]))  # the Beta draws use the global generator
+        torch.manual_seed(self.settings.seed)
+        modes = [(module, module.training) for module in (*self.model.modules(), *self.teacher.modules())]
+        wanted = [p.requires_grad for p in self.params]
+        taps = (_Taps(self.model, self.layers), _Taps(self.teacher, self.layers))
+        self.student_taps, self.teacher_taps = taps
+
+        def restore() -> None:
+            for tap in taps:
+                tap.close()
             for module, training in modes:
                 module.training = training
-            for p, wanted in zip(params, wanted_grad):
-                p.requires_grad_(wanted)
+            for p, grad in zip(self.params, wanted):
+                p.requires_grad_(grad)
+
+        self.exit.callback(restore)
+        self.model.eval()  # BatchNorm statistics and dropout fixed: the batches are small and the probe few
+        self.teacher.eval()
+        return self
+
+    def __exit__(self, *error: Any) -> None:
+        self.exit.close()
+
+    def _rate(self) -> float:
+        warm = min(1.0, (self.step - self.since + 1) / self.steps_per_epoch)
+        return self.settings.lr * self.scale * warm * 0.5 * (1 + math.cos(math.pi * min(self.step, self.total) / self.total))
+
+    def epoch(self) -> float:
+        """One pass over the inputs in a fresh order; the mean loss."""
+        for p in self.params:
+            p.requires_grad_(True)
+        order = torch.randperm(self.n, generator=self.generator)
+        running = 0.0
+        for start in range(0, self.n, self.batch):
+            x = _mixed(self.inputs[order[start : start + self.batch]], self.generator, self.settings.mixup)
+            with torch.no_grad():
+                target = call(self.teacher, x, self.device)
+            with torch.enable_grad():
+                loss = output_loss(call(self.model, x, self.device), target)
+                matched = feature_loss(self.student_taps.take(), self.teacher_taps.take())
+                if matched is not None:
+                    loss = loss + self.settings.features * matched
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._rate()
+            self.optimizer.step()
+            self.step += 1
+            running += float(loss.detach())
+            if self.progress is not None:
+                self.progress(self.step, self.total)
+        for p in self.params:
+            p.requires_grad_(False)
+        return running / self.steps_per_epoch
+
+    def accept(self) -> None:
+        self.kept = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def reject(self) -> None:
+        self.model.load_state_dict(self.kept)
+        self.optimizer = torch.optim.Adam(self.params, lr=self.settings.lr)
+        self.scale /= _BACKOFF
+        self.since = self.step
 
 
 def distill(
@@ -204,42 +249,50 @@ def distill(
 ) -> tuple[nn.Module, DistillReport]:
     """A copy of ``student`` trained to match ``teacher`` on ``inputs``, or ``student`` itself if no epoch scored better.
 
-    ``score(model) -> (objective, metric)`` is measured on examples training never sees (the
-    held-out probe); the kept epoch is the one with the highest objective, and it is kept only if
-    its objective is higher and its metric not lower than ``student``'s. ``layers`` names modules (present
-    in both models: the changed layers) whose outputs are matched too, where their shapes agree. ``teacher`` and
+    ``score(model) -> (objective, metric)`` is measured after each epoch on examples training never
+    sees (the held-out probe). An epoch whose objective beats every one before (the student's
+    included) is accepted; any other is undone and the learning rate divided by three, so a rate
+    too high for the network costs an epoch, not the model. The last accepted epoch is kept if its
+    metric is not lower than ``student``'s. ``layers`` names modules (present in both models: the
+    changed layers) whose outputs are matched too, where their shapes agree. ``teacher`` and
     ``student`` are not changed. Deterministic for a fixed seed and thread count.
     """
     start = time.perf_counter()
     before = score(student)
     model = copy.deepcopy(student)
     history: list[tuple[float, float]] = []
-    best: tuple[tuple[float, float], int, dict[str, torch.Tensor] | None] = (before, 0, None)
-    with contextlib.closing(_training(model, teacher, inputs, settings, progress, layers)) as epochs:
-        for epoch, loss in enumerate(epochs, 1):
-            if not math.isfinite(loss):
-                logger.info("distillation epoch %d: the loss is not finite; stopped", epoch)
-                break
-            measured = score(model)
+    accepted: list[bool] = []
+    best = before
+    with _Trainer(model, teacher, inputs, settings, progress, layers) as trainer:
+        for epoch in range(1, settings.epochs + 1):
+            loss = trainer.epoch()
+            measured = score(model) if math.isfinite(loss) else (-math.inf, -math.inf)
             history.append(measured)
-            logger.info("distillation epoch %d/%d: loss %.4g, held-out objective %.4g, metric %.4g", epoch, settings.epochs, loss, *measured)
-            if measured[0] > best[0][0]:
-                best = (measured, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
-    after, epoch, state = best
+            accepted.append(measured[0] > best[0])
+            logger.info("distillation epoch %d/%d: loss %.4g, held-out objective %.4g, metric %.4g (%s)", epoch, settings.epochs, loss,
+                        *measured, "accepted" if accepted[-1] else "undone, learning rate divided by 3")
+            if accepted[-1]:
+                best = measured
+                trainer.accept()
+            else:
+                trainer.reject()
     seconds = time.perf_counter() - start
-    if state is None or not (after[0] > before[0] and after[1] >= before[1]):
-        return student, DistillReport(before, history, 0, seconds)
-    model.load_state_dict(state)
-    return model, DistillReport(before, history, epoch, seconds)
+    if not any(accepted) or best[1] < before[1]:
+        return student, DistillReport(before, history, [], seconds)
+    last = max(i for i, a in enumerate(accepted) if a)
+    return model, DistillReport(before, history, accepted[: last + 1], seconds)
 
 
-def replay(student: nn.Module, teacher: nn.Module, inputs: Batch, settings: DistillOptions, epoch: int, layers: Sequence[str] = ()) -> nn.Module:
-    """A copy of ``student`` trained as ``distill`` trained it, stopped after ``epoch``: the model it kept, rebuilt without scoring."""
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= settings.epochs:
-        raise AutodacError(f"the distillation epoch to replay must be an integer in [1, {settings.epochs}], but got {epoch!r}")
+def replay(student: nn.Module, teacher: nn.Module, inputs: Batch, settings: DistillOptions, accepted: Sequence[bool],
+           layers: Sequence[str] = ()) -> nn.Module:
+    """A copy of ``student`` trained as ``distill`` trained it, taking its decisions ``accepted`` (one per epoch) without scoring."""
+    if not accepted or len(accepted) > settings.epochs or not accepted[-1] or not all(isinstance(a, bool) for a in accepted):
+        raise AutodacError(
+            f"the distillation to replay must be 1 to {settings.epochs} accept/reject decisions ending in an accepted epoch, but got {list(accepted)!r}"
+        )
     model = copy.deepcopy(student)
-    with contextlib.closing(_training(model, teacher, inputs, settings, None, layers)) as epochs:  # closing restores the modes
-        for done, _ in enumerate(epochs, 1):
-            if done == epoch:
-                break
+    with _Trainer(model, teacher, inputs, settings, None, layers) as trainer:
+        for decision in accepted:
+            trainer.epoch()
+            trainer.accept() if decision else trainer.reject()
     return model

@@ -161,8 +161,8 @@ class DistillOptions(_Options):
     """
 
     keyword: ClassVar[str] = "distill"
-    epochs: int = _option(8, "passes over the probe's calibration half; the best epoch on the held-out half is kept", at_least(1))
-    lr: float = _option(3e-5, "Adam's peak learning rate (linear warm-up over the first epoch, cosine decay to 0)", POSITIVE)
+    epochs: int = _option(10, "passes over the probe's calibration half, each kept only if the held-out half scores it best so far", at_least(1))
+    lr: float = _option(3e-4, "Adam's first peak learning rate (warm-up, cosine decay; divided by 3 at each epoch undone)", POSITIVE)
     batch_size: int = _option(0, "examples a step (0: sized by the input, at most 32)", at_least(0))
     mixup: float = _option(0.5, "Beta parameter of the pair mixing of inputs (0: the inputs as they are)", NON_NEGATIVE)
     features: float = _option(1.0, "weight of matching the changed layers' outputs (0: the model's outputs only)", NON_NEGATIVE)

@@ -125,20 +125,22 @@ def _check_distilled(data: Any) -> dict[str, Any]:
     """A plan's ``distilled`` record, checked: the distillation options, ``epoch`` (1..epochs) and ``inputs``."""
     if data is None or data == {}:
         return {}
-    rule = "a plan's `distilled` must be an object of the distillation options, `epoch` (1..epochs) and `inputs` ('calibration' or 'probe')"
-    if not isinstance(data, dict) or not {"epoch", "inputs"} <= set(data):
+    rule = ("a plan's `distilled` must be an object of the distillation options, `epoch` (1..epochs), `accepted` (one true/false per "
+            "epoch up to it, the last true) and `inputs` ('calibration' or 'probe')")
+    if not isinstance(data, dict) or not {"epoch", "accepted", "inputs"} <= set(data):
         raise PlanError(f"{rule}, but got {data!r:.200}")
-    options = {k: v for k, v in data.items() if k not in ("epoch", "inputs")}
+    options = {k: v for k, v in data.items() if k not in ("epoch", "accepted", "inputs")}
     try:
         settings = DistillOptions(**options)
     except TypeError:
         raise PlanError(f"{rule}, but got the fields {sorted(data)}") from None
     except AutodacError as error:
         raise PlanError(f"a plan's `distilled` options must be valid: {error}") from None
-    epoch = data["epoch"]
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= settings.epochs or data["inputs"] not in ("calibration", "probe"):
-        raise PlanError(f"{rule}, but got epoch={epoch!r}, inputs={data['inputs']!r}")
-    return {**settings.to_dict(), "epoch": epoch, "inputs": data["inputs"]}
+    epoch, accepted = data["epoch"], data["accepted"]
+    if (isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= settings.epochs or data["inputs"] not in ("calibration", "probe")
+            or not isinstance(accepted, list) or len(accepted) != epoch or not all(isinstance(a, bool) for a in accepted) or not accepted[-1]):
+        raise PlanError(f"{rule}, but got epoch={epoch!r}, accepted={accepted!r:.100}, inputs={data['inputs']!r}")
+    return {**settings.to_dict(), "epoch": epoch, "accepted": list(accepted), "inputs": data["inputs"]}
 
 
 def _layer_dict(choice: LayerChoice) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import argparse
 import resource
 import time
 
-import torch
 
 import autodac
 from common import load_data, load_net, log, set_threads, test_accuracy, weights_info, write_results

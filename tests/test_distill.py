@@ -52,7 +52,7 @@ def test_distillation_repairs_a_damaged_plan_on_held_out_examples_and_changes_no
     teacher_sum, student_sum = _checksum(teacher), _checksum(student)
     model, report = distill(student, teacher, train, score, DistillOptions(epochs=3, lr=1e-3))
     assert report.kept and model is not student
-    assert report.epochs[report.best_epoch - 1] == max(report.epochs)
+    assert report.epochs[report.best_epoch - 1] == max(report.epochs)  # the last accepted epoch is the best scored
     before, after = score(student), score(model)
     assert after[0] > before[0] + 0.05, (before, after)  # the held-out divergence falls clearly
     assert after[1] >= before[1]
@@ -141,18 +141,32 @@ def test_mixing_uses_one_weight_and_one_partner_for_every_argument_of_an_example
     assert _mixed(image, torch.Generator().manual_seed(0), 0.0) is image
 
 
-def test_replay_rebuilds_the_kept_epoch_exactly_without_scoring(damaged):
+def test_an_epoch_that_scores_worse_is_undone_and_the_rate_divided(damaged):
     from autodac.distill import replay
 
-    teacher, student, train, held_out = damaged
-    settings = DistillOptions(epochs=3, seed=1)
-    scores = iter([(-1.0, 0.5), (-0.9, 0.5), (-0.2, 0.6), (-0.5, 0.7)])  # epoch 2 scores best
+    teacher, student, train, _ = damaged
+    settings = DistillOptions(epochs=4, seed=1)
+    # before, then epochs 1-4: 1 better, 2 worse (undone), 3 best, 4 worse (undone)
+    scores = iter([(-1.0, 0.5), (-0.9, 0.5), (-2.0, 0.1), (-0.2, 0.6), (-0.5, 0.7)])
     model, report = distill(student, teacher, train[:128], lambda m: next(scores), settings)
-    assert report.best_epoch == 2
-    rebuilt = replay(student, teacher, train[:128], settings, 2)
-    assert _same(_checksum(model), _checksum(rebuilt))
-    with pytest.raises(AutodacError, match=r"\[1, 3\].*4"):
-        replay(student, teacher, train[:128], settings, 4)
+    assert report.accepted == [True, False, True] and report.best_epoch == 3
+    rebuilt = replay(student, teacher, train[:128], settings, report.accepted)
+    assert _same(_checksum(model), _checksum(rebuilt))  # the same decisions give the same weights
+    ignoring = replay(student, teacher, train[:128], settings, [True, True, True])
+    assert not _same(_checksum(model), _checksum(ignoring))  # the undone epoch mattered: its decision is part of the record
+    undone = replay(student, teacher, train[:128], settings, [True, False, False, True])
+    assert not _same(_checksum(undone), _checksum(model))
+    for bad in ([], [True, False], [True] * 5, [1, True]):
+        with pytest.raises(AutodacError, match="accept/reject decisions"):
+            replay(student, teacher, train[:128], settings, bad)
+
+
+def test_a_rate_too_high_for_the_network_costs_epochs_not_the_model(damaged):
+    teacher, student, train, held_out = damaged
+    score = _scorer(teacher, held_out)
+    model, report = distill(student, teacher, train, score, DistillOptions(epochs=6, lr=0.1))  # a rate that wrecks this net
+    assert report.accepted[:1] == [False]  # the first epoch at 0.1 is undone ...
+    assert report.kept and score(model)[0] > score(student)[0]  # ... and a divided rate still gets somewhere
 
 
 # ----------------------------------------------------------------------------- through optimize and apply
@@ -174,6 +188,7 @@ def test_optimize_keeps_a_distillation_that_the_held_out_probe_prefers_and_recor
     assert distilled.plan.layers == plain.plan.layers  # the same plan, other weights
     record = distilled.plan.distilled
     assert record["epochs"] == 3 and 1 <= record["epoch"] <= 3 and record["inputs"] == "calibration"
+    assert len(record["accepted"]) == record["epoch"] and record["accepted"][-1]
     assert distilled.metrics["probe"] > plain.metrics["probe"]  # held-out accuracy, 128 images
     assert distilled.metrics["probe_before_distillation"] == pytest.approx(plain.metrics["probe_without_bn_reestimate"])
     assert any(note.startswith("distilled from the original") for note in distilled.plan.notes)
@@ -199,7 +214,8 @@ def test_a_plan_with_a_broken_distillation_record_is_refused(distilled_run):
     _, _, distilled = distilled_run
     good = distilled.plan.to_dict()
     for broken, match in (({**good["distilled"], "epoch": 9}, "epoch=9"), ({**good["distilled"], "lr": -1}, "lr"),
-                          ({"epoch": 1}, "inputs"), ({**good["distilled"], "extra": 1}, "extra")):
+                          ({"epoch": 1}, "inputs"), ({**good["distilled"], "extra": 1}, "extra"),
+                          ({**good["distilled"], "accepted": [False] * good["distilled"]["epoch"]}, "accepted")):
         with pytest.raises(autodac.PlanError, match=match):
             autodac.Plan.from_dict({**good, "distilled": broken})
 
