@@ -33,7 +33,7 @@ from torch import nn
 from autodac.batches import Batch, Inputs, arguments, call, count, per_example
 from autodac.errors import AutodacError, ModelError
 from autodac.options import DistillOptions
-from autodac.probes import batch_size_for
+from autodac.probes import batch_size_for, divergence_tensor
 
 __all__ = ["DistillReport", "distill", "replay", "output_loss", "feature_loss"]
 
@@ -80,15 +80,7 @@ def output_loss(student_out: Any, teacher_out: Any) -> torch.Tensor:
     students, teachers = _tensors(student_out), _tensors(teacher_out)
     if not teachers or len(students) != len(teachers):
         raise ModelError("distillation needs a model whose outputs hold floating tensors (a tensor, or tuples/lists/dicts of them)")
-    total = students[0].new_zeros(())
-    for s, t in zip(students, teachers):
-        s, t = s.float(), t.float()
-        if s.dim() >= 2 and s.shape[1] > 1:
-            log_t, log_s = torch.log_softmax(t, 1), torch.log_softmax(s, 1)
-            total = total + (log_t.exp() * (log_t - log_s)).sum(1).mean()
-        else:
-            total = total + (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
-    return total
+    return sum((divergence_tensor(s.float(), t.float()) for s, t in zip(students, teachers)), students[0].new_zeros(()))
 
 
 def _mixed(inputs: Batch, generator: torch.Generator, alpha: float) -> Batch:

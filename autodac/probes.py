@@ -28,7 +28,7 @@ from autodac.surgery import evaluating
 __all__ = [
     "DEFAULT_PROBE_SIZE", "Probe", "collect_probe", "reconstruction_errors", "batchnorm_weights", "predict", "top1_match",
     "divergence", "reestimate_batchnorm", "has_batchnorm", "input_covariances", "cross_covariances", "split_probe", "fit_examples",
-    "BATCH_ELEMENTS", "batch_size_for", "fast_layout", "MAX_COVARIANCE_BYTES", "patch_size", "covariance_bytes", "covariance_fits",
+    "BATCH_ELEMENTS", "batch_size_for", "divergence_tensor", "fast_layout", "MAX_COVARIANCE_BYTES", "patch_size", "covariance_bytes", "covariance_fits",
 ]
 
 DEFAULT_PROBE_SIZE = 2048
@@ -290,11 +290,16 @@ def divergence(outputs: torch.Tensor, reference: torch.Tensor) -> float:
 
     For outputs that are not class scores (a single channel) it is the relative squared error.
     """
+    return float(divergence_tensor(outputs, reference))
+
+
+def divergence_tensor(outputs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``divergence`` as a 0-d tensor that gradients flow through (distillation trains on it)."""
     if outputs.dim() >= 2 and outputs.shape[1] > 1:
         log_p = torch.log_softmax(reference, 1)
         log_q = torch.log_softmax(outputs, 1)
-        return float((log_p.exp() * (log_p - log_q)).sum(1).mean())
-    return float((outputs - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-12))
+        return (log_p.exp() * (log_p - log_q)).sum(1).mean()
+    return (outputs - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-12)
 
 
 def has_batchnorm(model: nn.Module) -> bool:
