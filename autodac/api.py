@@ -857,7 +857,8 @@ def optimize(
     a trial left running by a killed worker is failed and run again (``autodac.search.storage``).
     ``distill=True`` (or ``autodac.DistillOptions(...)``; needs ``data`` or ``synthesize``) then trains
     the decomposed model for a few epochs towards the original's outputs on the probe's calibration
-    half, no labels used, and keeps the best epoch only if the held-out half scores it higher
+    half, no labels used: an epoch the held-out half does not score best so far is undone and the
+    learning rate divided by 3, and the result is kept only if it beats the model before it
     (``autodac.distill``); ``plan.distilled`` records it and ``apply(model, plan, data)`` repeats it.
     Every ``nn.MultiheadAttention`` is planned as ``autodac.attention.UnfusedMultiheadAttention``
     (the same outputs, with ``q_proj``/``k_proj``/``v_proj``/``out_proj`` as Linear candidates);
