@@ -11,7 +11,9 @@ disjoint by source (a picture at several resolutions counts once), so no test cr
 a photograph the planner saw; ``--probe-crops`` random 224 crops of the probe photos and
 ``--test-crops`` of the test photos, each photo resized to a random short side in [256, 512]
 first. CREPE: random non-silent 1024-sample frames, probe and test from disjoint recordings.
-No labels: quality is agreement with the original model on the test inputs.
+No labels: quality is agreement with the original model on the test inputs. ``--probe-pool wide``
+draws the probe crops from more photographs (the split's probe half plus other packages' photos,
+``imagenet_assets.EXTRA_PHOTO_SOURCES``); the test crops are the same either way.
 
 Each (mode, budget) is ONE ``autodac.optimize`` call in a fresh subprocess, so its peak memory is
 that call's alone (``VmHWM`` reset just before the call, read just after; the RSS before the call,
@@ -191,9 +193,12 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         probe_files, test_files = assets.split_photos(files, args.split_seed)
         source = assets.photo_source
         start = time.perf_counter()
+        example = assets.random_crops(probe_files, 1, EXAMPLE_SEED)  # the split's, whichever the pool: same plans' shapes
+        if args.probe_pool == "wide":  # more probe photos from other packages; the test files stay the split's
+            extra = assets.extra_probe_photo_files()
+            files, probe_files = sorted(files + extra), sorted(probe_files + extra)
         probe = assets.random_crops(probe_files, args.probe_crops, PROBE_SEED) if args.probe_crops else None
         test = assets.random_crops(test_files, args.test_crops, TEST_SEED)
-        example = assets.random_crops(probe_files, 1, EXAMPLE_SEED)
         kind = "224x224 crops"
     else:
         files = assets.audio_files()
@@ -312,6 +317,9 @@ def write(out: Path, args: argparse.Namespace, info: dict[str, Any], rows: list[
         "",
         f"- original: {info['original fvcore FLOPs']:,} fvcore multiply-adds at one input; "
         f"{info['distinct test predictions']} distinct top-1 {'bins' if is_crepe else 'classes'} on the test {unit}",
+        *(["- probe pool `wide`: the split's probe photos plus those of lomiri-wallpapers-16.04/-20.04, opencv-doc and "
+           "python3-sklearn (`imagenet_assets.EXTRA_PHOTO_SOURCES`), used for the probe only; the test photos are the split's"]
+          if args.probe_pool == "wide" else []),
         f"- inputs: {info['files']} files from {info['sources']} sources; split seed {args.split_seed}; probe draw seed "
         f"{PROBE_SEED}, test draw seed {TEST_SEED}, example input: one more probe-file draw (seed {EXAMPLE_SEED}); {info['input']}",
         f"- optimize keyword arguments beyond the mode's: `{json.dumps(args.extra_kwargs)}`; synthetic mode: "
@@ -343,6 +351,9 @@ def main() -> None:
     parser.add_argument("--synthesize", type=int, default=256, help="inputs synthesised in the synthetic mode")
     parser.add_argument("--batch", type=int, default=64, help="probe batch size in the probe mode")
     parser.add_argument("--split-seed", type=int, default=assets.SPLIT_SEED)
+    parser.add_argument("--probe-pool", choices=("split", "wide"), default="split",
+                        help="photos the probe crops come from: the split's probe half, or that plus more photos from other "
+                             "packages (EfficientNet only; the test photos are the split's either way)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None,
                         help="results path without suffix (default: benchmarks/results/imagenet, or imagenet_crepe for crepe_full)")
@@ -352,6 +363,8 @@ def main() -> None:
     args = parser.parse_args()
     if not isinstance(args.extra_kwargs, dict):
         parser.error(f"--extra-kwargs must be a JSON object, but got {args.extra_kwargs!r}")
+    if args.probe_pool == "wide" and args.model != "efficientnet_lite0":
+        parser.error(f"--probe-pool wide adds photographs: it is for efficientnet_lite0, not {args.model}")
     if "probe" not in args.modes:
         args.probe_crops = 0
     out = args.out if args.out is not None else Path(DEFAULT_OUT[args.model])

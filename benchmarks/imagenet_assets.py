@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "ASSETS", "SPLIT_SEED", "PHOTO_SOURCES", "efficientnet_lite0", "crepe_full", "photo_files", "photo_source", "split_photos", "random_crops",
+    "ASSETS", "SPLIT_SEED", "PHOTO_SOURCES", "efficientnet_lite0", "crepe_full", "photo_files", "extra_probe_photo_files",
+    "photo_source", "split_photos", "random_crops",
     "audio_files", "audio_source", "split_audio", "load_audio", "audio_frames", "crepe_cents", "SETUP",
 ]
 
@@ -70,6 +71,35 @@ PHOTO_SOURCES = frozenset({
     "plasma:BytheWater", "plasma:ColdRipple", "plasma:ColorfulCups", "plasma:DarkestHour", "plasma:EveningGlow",
     "plasma:FallenLeaf", "plasma:Grey", "plasma:Kite", "plasma:OneStandsOut", "plasma:Path", "plasma:summer_1am",
 })
+# More photographs, for a wider PROBE only (``extra_probe_photo_files``, ``bm_imagenet.py --probe-pool wide``): the
+# test files stay the split's, so test figures with either pool are on the same crops. Picked by eye as above.
+EXTRA_PHOTO_DIRS = (
+    "usr/share/backgrounds",  # lomiri-wallpapers-16.04 / -20.04 (top level; mate's subfolder is not among the sources below)
+    "usr/share/doc/opencv-doc/examples/data",  # opencv-doc: the samples' test photographs
+    "usr/lib/python3/dist-packages/sklearn/datasets/images",  # python3-sklearn: load_sample_images
+)
+EXTRA_PHOTO_SOURCES = frozenset({
+    # lomiri-wallpapers-16.04, lomiri-wallpapers-20.04
+    "lomiri:Bridge_by_Sander_Klootwijk", "lomiri:Dragonfly_by_Bolly", "lomiri:Picture_0B_by_freespace",
+    "lomiri:Picture_1A_by_freespace", "lomiri:Wine_by_Jakkub_Mede", "lomiri:aitzgorri_by_Aitzol_Berasategi",
+    "lomiri:free_by_Peter_Nerlich", "lomiri:friends_by_Aitzol_Berasategi", "lomiri:greentock_by_Peter_Nerlich",
+    "lomiri:life_by_Aitzol_Berasategi", "lomiri:picosdeeuropa_by_Aitzol_Berasategi", "lomiri:seeding_by_Clements_Engelhardt",
+    "lomiri:sunset_by_Aitzol_Berasategi", "lomiri:Kleiber_by_Lukas_Baubkus", "lomiri:Infinite-Sea_by_Aury88",
+    # opencv-doc (pairs and variants of one scene are one source: see photo_source)
+    "opencv:aero", "opencv:aloe", "opencv:apple", "opencv:baboon", "opencv:basketball", "opencv:board", "opencv:books",
+    "opencv:box_in_scene", "opencv:building", "opencv:butterfly", "opencv:chicky_512", "opencv:ela", "opencv:fruits",
+    "opencv:graf", "opencv:home", "opencv:leuven", "opencv:licenseplate_motion", "opencv:messi5", "opencv:orange",
+    "opencv:rubberwhale", "opencv:squirrel_cls", "opencv:stuff",
+    # python3-sklearn
+    "sklearn:china", "sklearn:flower",
+})
+# opencv-doc files that show one scene: stereo pairs, two frames, an image and its edited copy.
+OPENCV_SCENES = {
+    "aero1": "aero", "aero3": "aero", "aloeL": "aloe", "aloeR": "aloe", "basketball1": "basketball",
+    "basketball2": "basketball", "left": "books", "right": "books", "ela_original": "ela", "ela_modified": "ela",
+    "graf1": "graf", "graf3": "graf", "leuvenA": "leuven", "leuvenB": "leuven", "rubberwhale1": "rubberwhale",
+    "rubberwhale2": "rubberwhale",
+}
 AUDIO_DIRS = (
     "usr/share/sounds/alsa",  # alsa-utils: one speaker saying "Front Left", "Rear Right", ...
     "usr/share/lmms/samples",  # lmms-common: instrument, bass, string, drum recordings
@@ -168,6 +198,12 @@ def _split(files: Sequence[Path], seed: int, source: Callable[[Path], str]) -> t
 def photo_source(path: Path) -> str:
     """Which picture a file shows: files with the same source are one photograph at other sizes or variants."""
     parts = path.parts
+    if "opencv-doc" in parts:
+        return "opencv:" + OPENCV_SCENES.get(path.stem, path.stem)
+    if "sklearn" in parts:
+        return "sklearn:" + path.stem
+    if path.parent.name == "backgrounds":  # lomiri-wallpapers: straight under usr/share/backgrounds
+        return "lomiri:" + path.stem
     if "wallpapers" in parts:  # plasma: <name>/contents/images[_dark]/<WxH>.<ext>
         return "plasma:" + parts[parts.index("wallpapers") + 1]
     stem = re.sub(r"_\d+x\d+$", "", path.stem)  # mate: Elephants.jpg, Elephants_3840x2160.jpg, ...
@@ -188,8 +224,17 @@ def photo_files(root: Path = ASSETS, photos_only: bool = True) -> list[Path]:
 
     ``photos_only`` keeps the photographs (``PHOTO_SOURCES``); False keeps every readable image, renders included.
     """
+    return _images(root, PHOTO_DIRS, PHOTO_SOURCES if photos_only else None)
+
+
+def extra_probe_photo_files(root: Path = ASSETS) -> list[Path]:
+    """The photographs of ``EXTRA_PHOTO_SOURCES``: more probe photos, from sources ``photo_files`` never holds."""
+    return _images(root, EXTRA_PHOTO_DIRS, EXTRA_PHOTO_SOURCES)
+
+
+def _images(root: Path, folders: Sequence[str], sources: "frozenset[str] | None") -> list[Path]:
     found = set()
-    for folder in PHOTO_DIRS:
+    for folder in folders:
         base = root / folder
         if not base.is_dir():
             raise _missing(f"photographs ({base})")
@@ -197,7 +242,7 @@ def photo_files(root: Path = ASSETS, photos_only: bool = True) -> list[Path]:
             if path.suffix.lower() not in PHOTO_SUFFIXES or not path.is_file():
                 continue
             path = path.resolve()
-            if photos_only and photo_source(path) not in PHOTO_SOURCES:
+            if sources is not None and photo_source(path) not in sources:
                 continue
             try:
                 size = _photo_size(path)
@@ -341,6 +386,8 @@ def main() -> None:
     print(f"photos: {len(photos)} files from {len(sources)} sources under {ASSETS} ({len(photo_files(photos_only=False))} images in all)")
     print(f"  split (seed {SPLIT_SEED}): probe {len(probe)} files / {len({photo_source(p) for p in probe})} sources, "
           f"test {len(test)} files / {len({photo_source(p) for p in test})} sources")
+    extra = extra_probe_photo_files()
+    print(f"  more probe photos (--probe-pool wide): {len(extra)} files from {len({photo_source(p) for p in extra})} sources")
     recordings = audio_files()
     probe, test = split_audio(recordings)
     seconds = sum(len(load_audio(p)) for p in recordings) / SAMPLE_RATE

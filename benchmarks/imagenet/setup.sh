@@ -20,7 +20,10 @@
 #    nothing is installed system-wide. Needs root (or a readable apt cache) for `apt-get update`.
 #    photos: python3-skimage (skimage/data: astronaut, chelsea, coffee, ...; the sample images
 #            live in this package, not in python-skimage-doc, which holds only rendered plots),
-#            mate-backgrounds, plasma-workspace-wallpapers
+#            mate-backgrounds, plasma-workspace-wallpapers;
+#            for a wider probe only (bm_imagenet.py --probe-pool wide): lomiri-wallpapers-16.04 and
+#            -20.04 (photographs from Ubuntu's wallpaper contests), opencv-doc (examples/data: the
+#            samples' test photos: fruits, squirrel, butterfly, ...), python3-sklearn (china, flower)
 #    audio:  alsa-utils (/usr/share/sounds/alsa: recorded speech, "Front Left", ...),
 #            lmms-common (/usr/share/lmms/samples: instrument, bass, string, drum recordings),
 #            sonic-pi-samples (/usr/share/sonic-pi/samples: guitar, piano, choir, tabla, loops)
@@ -30,7 +33,8 @@ cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
 PY="$ROOT/.venv/bin/python"
 ASSETS="$ROOT/benchmarks/.assets"
-DEBS=(python3-skimage mate-backgrounds plasma-workspace-wallpapers alsa-utils lmms-common sonic-pi-samples)
+DEBS=(python3-skimage mate-backgrounds plasma-workspace-wallpapers lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 opencv-doc python3-sklearn
+      alsa-utils lmms-common sonic-pi-samples)
 
 if [ ! -x "$PY" ]; then
     echo "no venv at $ROOT/.venv: create it and install autodac first (python -m venv .venv && .venv/bin/pip install -e '.[dev]')" >&2
