@@ -47,7 +47,7 @@ __all__ = [
     "audio_files", "audio_source", "split_audio", "load_audio", "audio_frames", "crepe_cents", "SETUP",
 ]
 
-ASSETS = Path(__file__).resolve().parent / ".assets" / "root"
+ASSETS = (Path(__file__).resolve().parent / ".assets" / "root").resolve()  # files are resolved too: .assets may be a link
 SETUP = "bash benchmarks/imagenet/setup.sh"
 SPLIT_SEED = 0
 MIN_SHORT_SIDE = 256  # photos smaller than this on the short side are skipped (icons, test patterns)
