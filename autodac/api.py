@@ -1548,14 +1548,17 @@ def _meet_latency(budget, capacity, floor, selection, decomposed, timing, plan_a
     the scheduler), so each plan is timed side by side with the original: one that misses is
     re-planned with the overshoot taken off its room, one with more than ``_LATENCY_SLACK``
     to spare is given the slack back, bisecting between the two once both are known.
-    Refuses the budget, with the best ratio measured, when even the fastest plan misses it.
+    When the attempts run out with none meeting it (noisy timings, tables far off), the fastest
+    plan within every other budget is timed and kept if it meets the budget; otherwise the budget
+    is refused with that plan's ratio.
     """
     best = None  # (capacity, selection, model, measurement) of the roomiest plan that met the budget
     missed = None  # the smallest capacity whose plan missed
+    timed = None  # (selection, model, measurement) timed last
     for _ in range(_LATENCY_ATTEMPTS):
         # an all-dense plan is the original itself: ratio 1 by definition, not by a noisy measurement
         measured = measure(decomposed) if any(selection) else (1.0, timing.original, timing.original)
-        ratio = measured[0]
+        ratio, timed = measured[0], (selection, decomposed, measured)
         logger.info("latency plan at %.3f ms of layer time: measured ratio %.4f (budget %.4f)", capacity / 1e6, ratio, budget)
         if ratio <= budget:
             if best is None or capacity > best[0]:
@@ -1577,7 +1580,14 @@ def _meet_latency(budget, capacity, floor, selection, decomposed, timing, plan_a
             continue  # the same plan again: keep tightening
         selection, decomposed = chosen, build(chosen)
     if best is None:
-        _refuse_latency(budget, min(ratio, measure(build(timing.fastest()))[0]), timing)
+        fastest = plan_at(floor)
+        if fastest != timed[0]:  # the attempts ran out before the fastest plan was timed
+            decomposed = build(fastest)
+            timed = (fastest, decomposed, measure(decomposed))
+            logger.info("latency plan at its fastest, %.3f ms of layer time: measured ratio %.4f (budget %.4f)", floor / 1e6, timed[2][0], budget)
+        if timed[2][0] > budget:
+            _refuse_latency(budget, timed[2][0], timing)
+        return timed
     return best[1], best[2], best[3]
 
 

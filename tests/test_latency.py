@@ -141,6 +141,37 @@ def test_an_unreachable_latency_budget_is_refused_with_the_best_measured_ratio(t
         autodac.optimize(model, latency_budget=0.001, example_inputs=INPUT, latency_cache=tmp_path / "c.json", progress=False)
 
 
+def _noisy_search(floor_ratio: float):
+    """``_meet_latency`` where every plan but the fastest measures 0.9 of the original: noise the attempts cannot beat."""
+    from autodac.api import _LATENCY_ATTEMPTS, _meet_latency
+
+    timing = latency_module.LatencyTable(torch.device("cpu"), 1e-3, [[5e-3, 1e-3]], [["dense", "grouped"]])
+    floor, capacity = 1_000_000, 10_000_000  # ns: the tables' overshoot steps cannot reach the floor within the attempts
+    assert capacity - _LATENCY_ATTEMPTS * int(0.3 * 1e-3 * 1e9 * 1.25) > floor
+    timed = []
+
+    def measure(model):
+        timed.append(model)
+        return (floor_ratio if model == [floor] else 0.9, 1e-3, 1e-3)
+
+    def plan_at(room):
+        return [room]
+
+    found = _meet_latency(0.6, capacity, floor, [capacity], [capacity], timing, plan_at=plan_at, build=list, measure=measure)
+    return found, timed
+
+
+def test_a_latency_search_that_runs_out_of_attempts_keeps_the_fastest_plan_when_it_meets_the_budget() -> None:
+    (selection, model, measured), timed = _noisy_search(floor_ratio=0.2)
+    assert selection == model == [1_000_000] and measured[0] == 0.2  # timed once more at the floor, and kept
+    assert timed[-1] == [1_000_000] and timed.count([1_000_000]) == 1
+
+
+def test_a_latency_search_whose_fastest_plan_misses_is_refused_with_that_ratio() -> None:
+    with pytest.raises(BudgetError, match=r"latency_budget >= 0\.700` must hold .* but got latency_budget=0\.6"):
+        _noisy_search(floor_ratio=0.7)
+
+
 @pytest.mark.parametrize("value", [0, -0.5, 1.5, float("nan"), "0.5", True])
 def test_bad_latency_budgets_are_refused(value) -> None:
     with pytest.raises(BudgetError, match="latency_budget"):
