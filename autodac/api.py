@@ -41,7 +41,8 @@ from autodac.plan import DENSE, LayerChoice, Plan
 from autodac import probes as _probes
 from autodac.probes import (
     BATCH_ELEMENTS, DEFAULT_PROBE_SIZE, Probe, _device_of, batchnorm_weights, collect_probe, fit_examples, input_covariances,
-    split_probe, divergence, has_batchnorm, predict, reconstruction_errors, reestimate_batchnorm, top1_match, covariance_bytes, covariance_fits, patch_size,
+    split_probe, divergence, output_kind, has_batchnorm,
+    predict, reconstruction_errors, reestimate_batchnorm, top1_match, covariance_bytes, covariance_fits, patch_size,
 )
 from autodac.report import plan_table
 from autodac.search.knapsack import LayerOptions, Secondary, minimum_cost, pareto_front, solve
@@ -711,6 +712,7 @@ class _ProbeRunner:
         self.evaluate = evaluate
         self.calibration: Batch | None = None
         self.held_out: Probe | None = None
+        self.kind: str | None = None  # how outputs are compared (autodac.probes.output_kind), fixed by the original's
         if probe is not None:
             if evaluate is not None:
                 self.calibration = probe.inputs
@@ -721,6 +723,7 @@ class _ProbeRunner:
             else:
                 self.calibration, self.held_out = split_probe(probe)
                 self.held_out.reference = predict(model, self.held_out.inputs)
+                self.kind = output_kind(self.held_out.reference)
 
     @property
     def metric_name(self) -> str:
@@ -757,12 +760,12 @@ class _ProbeRunner:
                 part = predict(model, inputs[start : start + chunk])
                 parts.append(part)
                 here = part.numel() // part.shape[1]
-                seen += divergence(part, reference[start : start + chunk]) * here
+                seen += divergence(part, reference[start : start + chunk], self.kind) * here
                 if seen / rows > -floor:
                     return -seen / rows, float("nan")
             outputs = torch.cat(parts)
         targets = self.held_out.labels if self.held_out.labels is not None else reference.argmax(1)
-        return -divergence(outputs, reference), top1_match(outputs, targets)
+        return -divergence(outputs, reference, self.kind), top1_match(outputs, targets)
 
 
 def optimize(
@@ -1357,6 +1360,8 @@ def _final_scores(run: _Run) -> None:
                 plan.notes.append("BatchNorm re-estimation tried and rejected (outputs not closer to the original's, or metric lower)")
         metrics["probe_examples"] = float(len(run.probe)) if run.probe is not None else 0.0
         plan.notes.append(f"probe metric: {runner.metric_name} on {len(runner.held_out) if runner.held_out is not None else 0} held-out probe examples")
+        if runner.kind is not None:
+            plan.notes.append(f"probe objective: {_probes.OUTPUT_KINDS[runner.kind]}, from the original's outputs")
     plan.metrics.update(metrics)
     if measured:  # the data-free allocation flags its own (_allocate_capped)
         _flag_measured_damage(plan, float(s.fit.max_layer_error), runner.metric_name, stacklevel=4)
@@ -1658,9 +1663,10 @@ def _profile_scores(
     sample = held_out.subset(slice(0, size))
     logger.info("sensitivity profile on %d probe examples", len(sample))
     reference = predict(model, sample.inputs)
+    kind = output_kind(reference)
 
     def loss(candidate_model: nn.Module) -> float:
-        return divergence(predict(candidate_model, sample.inputs), reference)
+        return divergence(predict(candidate_model, sample.inputs), reference, kind)
 
     rows, fronts = [], []
     for candidate, options in zip(candidates, (_layer_options(c) for c in candidates)):

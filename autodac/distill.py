@@ -13,8 +13,9 @@ one starting rate serves networks that need very different ones (ResNet-20 train
 1e-3; EfficientNet-Lite0 loses half its agreement in one epoch at 1e-4). The last accepted
 epoch is kept, and only when it beats the model as it came in.
 
-The loss is the probe objective's own divergence (``autodac.probes.divergence``): KL from the
-original's class scores for outputs with a class dimension, relative squared error otherwise.
+The loss is the probe objective's own divergence (``autodac.probes.divergence``): the KL from the
+original's outputs that fits what they are (class scores, distributions, independent
+probabilities; ``autodac.probes.output_kind``), relative squared error without a class dimension.
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ def _tensors(out: Any) -> list[torch.Tensor]:
 def output_loss(student_out: Any, teacher_out: Any) -> torch.Tensor:
     """Divergence of the student's outputs from the teacher's, summed over every floating output tensor.
 
-    Class scores (a dimension 1 of more than one entry): KL(teacher || student) of the softmax over
-    dim 1, averaged over the other positions. Anything else: squared error relative to the
-    teacher's energy, so outputs of any scale weigh alike.
+    A dimension 1 of more than one entry: KL(teacher || student) over dim 1 of what the teacher's
+    outputs are (``autodac.probes.output_kind``: a softmax of class scores, distributions as they
+    are, a Bernoulli KL per entry for independent probabilities), averaged over the other
+    positions. Anything else: squared error relative to the teacher's energy, so outputs of any
+    scale weigh alike.
     """
     students, teachers = _tensors(student_out), _tensors(teacher_out)
     if not teachers or len(students) != len(teachers):

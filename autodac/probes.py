@@ -28,7 +28,8 @@ from autodac.surgery import evaluating
 __all__ = [
     "DEFAULT_PROBE_SIZE", "Probe", "collect_probe", "reconstruction_errors", "batchnorm_weights", "predict", "top1_match",
     "divergence", "reestimate_batchnorm", "has_batchnorm", "input_covariances", "cross_covariances", "split_probe", "fit_examples",
-    "BATCH_ELEMENTS", "batch_size_for", "divergence_tensor", "fast_layout", "MAX_COVARIANCE_BYTES", "patch_size", "covariance_bytes", "covariance_fits",
+    "BATCH_ELEMENTS", "batch_size_for", "divergence_tensor", "output_kind", "OUTPUT_KINDS",
+    "fast_layout", "MAX_COVARIANCE_BYTES", "patch_size", "covariance_bytes", "covariance_fits",
 ]
 
 DEFAULT_PROBE_SIZE = 2048
@@ -285,21 +286,57 @@ def top1_match(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     return float((outputs.argmax(1) == targets).float().mean())
 
 
-def divergence(outputs: torch.Tensor, reference: torch.Tensor) -> float:
-    """How far outputs drift from the original's: KL(original || new) over dim 1 for class scores.
+OUTPUT_KINDS = {
+    "scores": "KL of the softmax over dim 1 (class scores, logits)",
+    "distribution": "KL over dim 1 (outputs are already distributions: non-negative, summing to 1)",
+    "probabilities": "Bernoulli KL of each entry (outputs lie in [0, 1] but do not sum to 1: independent probabilities, e.g. a sigmoid)",
+    "values": "relative squared error (no class dimension)",
+}
 
-    For outputs that are not class scores (a single channel) it is the relative squared error.
+
+def output_kind(reference: torch.Tensor) -> str:
+    """Which divergence fits the original's outputs (a key of ``OUTPUT_KINDS``), read off their values.
+
+    A model that ends in a softmax or a sigmoid has already turned its scores into
+    probabilities; a softmax of those would be nearly uniform and barely move when the model
+    does (CREPE's 360 sigmoid pitch bins), so they are compared as the distributions they are.
+    Decided once on the whole reference, so every chunk and every candidate is measured alike.
     """
-    return float(divergence_tensor(outputs, reference))
+    if reference.dim() < 2 or reference.shape[1] < 2:
+        return "values"
+    low, high = float(reference.min()), float(reference.max())
+    if low < 0 or high > 1:
+        return "scores"
+    sums = reference.double().sum(1)
+    return "distribution" if float((sums - 1).abs().max()) <= 1e-3 else "probabilities"
 
 
-def divergence_tensor(outputs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """``divergence`` as a 0-d tensor that gradients flow through (distillation trains on it)."""
-    if outputs.dim() >= 2 and outputs.shape[1] > 1:
+def divergence(outputs: torch.Tensor, reference: torch.Tensor, kind: str | None = None) -> float:
+    """How far outputs drift from the original's: KL(original || new) over dim 1 (see ``output_kind``)."""
+    return float(divergence_tensor(outputs, reference, kind))
+
+
+def divergence_tensor(outputs: torch.Tensor, reference: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+    """``divergence`` as a 0-d tensor that gradients flow through (distillation trains on it).
+
+    ``kind`` (from ``output_kind``) is read off ``reference`` when not given; callers that
+    measure in chunks pass the whole reference's.
+    """
+    kind = output_kind(reference) if kind is None else kind
+    if kind == "values":
+        return (outputs - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-12)
+    if kind == "scores":
         log_p = torch.log_softmax(reference, 1)
         log_q = torch.log_softmax(outputs, 1)
         return (log_p.exp() * (log_p - log_q)).sum(1).mean()
-    return (outputs - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-12)
+    eps = 1e-6  # outputs of a changed model can reach 0 or 1 exactly (float32 sigmoids saturate)
+    p, q = reference.double(), outputs.double().clamp(eps, 1 - eps)
+    if kind == "distribution":
+        return (torch.xlogy(p, p) - p * q.log()).sum(1).mean()
+    if kind == "probabilities":
+        terms = torch.xlogy(p, p) - p * q.log() + torch.xlogy(1 - p, 1 - p) - (1 - p) * (1 - q).log()
+        return terms.sum(1).mean()
+    raise ValueError(f"kind must be one of {sorted(OUTPUT_KINDS)}, but got {kind!r}")
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import autodac
-from autodac.probes import collect_probe, divergence, has_batchnorm, reestimate_batchnorm, top1_match
+from autodac.probes import collect_probe, divergence, has_batchnorm, output_kind, reestimate_batchnorm, top1_match
 from autodac.testing import seeded
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -343,6 +343,43 @@ def test_divergence_is_the_relative_error_for_one_channel() -> None:
     reference = torch.randn(16, 1)
     assert divergence(2 * reference, reference) == pytest.approx(1.0, rel=1e-6)
     assert divergence(torch.zeros(16, 1), reference) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_output_kind_reads_what_the_outputs_are() -> None:
+    logits = torch.randn(16, 10) * 2
+    assert output_kind(logits) == "scores"
+    assert output_kind(torch.softmax(logits, 1)) == "distribution"
+    assert output_kind(torch.sigmoid(logits)) == "probabilities"
+    assert output_kind(torch.softmax(torch.randn(4, 5, 3, 3), 1)) == "distribution"  # per position, over dim 1
+    assert output_kind(torch.rand(16, 1)) == "values"
+
+
+def test_divergence_of_distributions_is_their_kl_divergence() -> None:
+    p, q = torch.softmax(torch.randn(16, 10) * 2, 1), torch.softmax(torch.randn(16, 10) * 2, 1)
+    expected = F.kl_div(q.log(), p, reduction="batchmean")
+    assert divergence(q, p) == pytest.approx(float(expected), rel=1e-5)
+    # the same outputs taken as scores (a softmax of probabilities) hide most of it
+    assert divergence(q, p, "scores") < 0.2 * divergence(q, p)
+
+
+def test_divergence_of_independent_probabilities_is_the_bernoulli_kl() -> None:
+    """A sigmoid head (CREPE's 360 pitch bins): each entry is a probability of its own."""
+    p, q = torch.sigmoid(torch.randn(8, 6) * 2), torch.sigmoid(torch.randn(8, 6) * 2)
+    expected = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum(1).mean()
+    assert divergence(q, p) == pytest.approx(float(expected), rel=1e-5)
+    # a pitch peak moved by two bins is a large change, not the near-zero a softmax of the bins sees
+    peak = torch.full((1, 360), 0.01)
+    moved = peak.clone()
+    peak[0, 100], moved[0, 102] = 0.95, 0.95
+    assert divergence(moved, peak) > 5.0
+    assert divergence(moved, peak, "scores") < 0.01
+    # saturated outputs (exact 0 or 1) stay finite
+    assert np.isfinite(divergence(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.5]]), "probabilities"))
+
+
+def test_divergence_refuses_an_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="kind must be one of"):
+        divergence(torch.rand(4, 3), torch.rand(4, 3), "logits")
 
 
 @pytest.mark.parametrize("agree", [0, 1, 5, 8])

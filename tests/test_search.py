@@ -352,6 +352,17 @@ def _run(kind: str, scale: float = 1.0, reestimate_bn: bool = True, widths: bool
     return model, x, state, modes, result
 
 
+@pytest.mark.parametrize("head, objective", [(nn.Identity(), "KL of the softmax"), (nn.Sigmoid(), "Bernoulli KL"), (nn.Softmax(1), "already distributions")])
+def test_the_search_objective_follows_what_the_outputs_are(head: nn.Module, objective: str) -> None:
+    """Scores, a sigmoid's independent probabilities (CREPE) and a softmax's distributions are each compared as what they are."""
+    model = nn.Sequential(_trained_small_net(), head).eval()
+    _, data = _probe_data(model[0], labeled=False)
+    result = autodac.optimize(model, BUDGET, data=data, **SEARCH)
+    notes = [note for note in result.plan.notes if note.startswith("probe objective: ")]
+    assert len(notes) == 1 and objective in notes[0], result.plan.notes
+    assert all(t.value < 0 for t in result.trials)  # minus a divergence: every changed plan is measurably off the original
+
+
 def _fixed_cost(result: autodac.Result) -> int:
     """FLOPs outside the candidate layers (what no trial can change)."""
     return result.original_flops - sum(c.flops_before for c in result.plan.layers.values())
