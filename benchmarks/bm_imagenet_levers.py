@@ -2,6 +2,7 @@
 
     bash benchmarks/imagenet/setup.sh          # once: the model and the photographs
     python benchmarks/bm_imagenet_levers.py    # 35 minutes on one thread beside another benchmark
+    python benchmarks/bm_imagenet_levers.py --levers fit --out imagenet_levers_fit   # one lever alone
 
 The inputs are ``bm_imagenet.py``'s (same split, same seeds): 1,024 probe crops, 1,000 test crops
 from photographs that share no source with the probe's; quality is top-1 agreement with the
@@ -20,13 +21,20 @@ original on the test crops.
    of its block's hidden width (1152 channels) and the producer of ``_conv_head``'s input (320);
    a module belongs to one unit, and the one with more FLOPs behind it (the head's) wins. Planning
    the hidden width instead (``exclude=["_conv_head"]``), data-free at 0.9 and 0.7.
+3. **More crops, or more ridge, for the width re-fit.** Each narrowed projection is re-fitted by
+   least squares on the input moments of the first ``FIT_EXAMPLES`` (256) calibration crops,
+   with a ridge of ``1e-6`` of the mean input energy. Do moments from all 512 calibration crops,
+   or a ridge of ``1e-3`` to ``1e-1`` (pulling the fit toward the original columns), carry
+   better to the test photos? The probe plans at 0.9 and 0.7 are rebuilt by ``autodac.apply``
+   with the same kept channels and each variant's fit.
 
-Writes ``benchmarks/results/imagenet_levers.md`` and ``.json``.
+Writes ``benchmarks/results/imagenet_levers.md`` and ``.json`` (or ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -41,6 +49,9 @@ import bm_imagenet as bench  # noqa: E402  (same inputs, same seeds)
 import imagenet_assets as assets  # noqa: E402
 
 import autodac  # noqa: E402
+import autodac.api  # noqa: E402
+import autodac.probes  # noqa: E402
+from autodac.factorize.channels import refit_kept  # noqa: E402
 from autodac.probes import FIT_EXAMPLES, _input_of  # noqa: E402
 from autodac.sequential import execution_order  # noqa: E402
 
@@ -103,11 +114,29 @@ def refit_widths_in_order(original, narrowed, names, inputs, with_skip: bool, ba
     return narrowed
 
 
+FIT_VARIANTS = ((FIT_EXAMPLES, 1e-6), (512, 1e-6), (FIT_EXAMPLES, 1e-3), (FIT_EXAMPLES, 1e-2), (FIT_EXAMPLES, 1e-1))
+
+
+@contextlib.contextmanager
+def width_fit(examples: int, damping: float):
+    """Within the block, ``autodac.apply`` re-fits widths on the first ``examples`` calibration inputs with ``damping``."""
+    saved = autodac.probes.FIT_EXAMPLES, autodac.api.refit_kept
+    autodac.probes.FIT_EXAMPLES = examples
+    autodac.api.refit_kept = lambda weight, moments, kept: refit_kept(weight, moments, kept, damping)
+    try:
+        yield
+    finally:
+        autodac.probes.FIT_EXAMPLES, autodac.api.refit_kept = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plan-budget", type=float, default=0.9, help="the probe row of results/imagenet_probe.json to rebuild")
     parser.add_argument("--data-free-budgets", nargs="+", type=float, default=[0.9, 0.7])
+    parser.add_argument("--fit-budgets", nargs="+", type=float, default=[0.9, 0.7], help="probe rows rebuilt with each width-fit variant")
+    parser.add_argument("--levers", nargs="+", choices=["order", "units", "fit"], default=["order", "units", "fit"])
+    parser.add_argument("--out", default="imagenet_levers", help="results name under benchmarks/results")
     args = parser.parse_args()
     bench.set_threads(args.threads)
     from common import write_results
@@ -122,10 +151,10 @@ def main() -> None:
 
     refits = []
     rows = json.loads((HERE / "results" / "imagenet_probe.json").read_text())["rows"]
+    data = [probe[i:i + 64] for i in range(0, len(probe), 64)]
     found = [r for r in rows if r["mode"] == "probe" and r["budget"] == args.plan_budget and "plan" in r]
-    if found:
+    if found and "order" in args.levers:
         plan = autodac.Plan.from_dict(found[0]["plan"])
-        data = [probe[i:i + 64] for i in range(0, len(probe), 64)]
         built = autodac.apply(model, plan, data=data).eval()
         widths = [n for n, c in plan.factorized.items() if c.method == "width"]
         order, _ = execution_order(model, widths, example)
@@ -143,7 +172,7 @@ def main() -> None:
             bench.log(f"{label}: {agree:.1f}%")
 
     units = []
-    for budget in args.data_free_budgets:
+    for budget in args.data_free_budgets if "units" in args.levers else []:
         for exclude, label in (([], "head input (320), the default"), (["_conv_head"], "block 15 hidden (1152)")):
             start = time.perf_counter()
             result = autodac.optimize(model, budget, example_inputs=example, exclude=exclude, progress=False)
@@ -158,8 +187,22 @@ def main() -> None:
         "photographs that share no source with the 1,024 probe crops'; `agree` is top-1 agreement with the original, "
         "`conf` the same on the test crops the original is at least 0.7 sure of."
     )
-    sections = {"width projections re-fitted in execution order": refits, "competing width units, data-free": units}
-    bench.log(f"wrote {write_results('imagenet_levers', sections, header)}")
+    fits = []
+    for budget in args.fit_budgets if "fit" in args.levers else []:
+        plan = autodac.Plan.from_dict(next(r for r in rows if r["mode"] == "probe" and r["budget"] == budget and "plan" in r)["plan"])
+        for examples, damping in FIT_VARIANTS:
+            start = time.perf_counter()
+            with width_fit(examples, damping):
+                built = autodac.apply(model, plan, data=data).eval()
+            agree, conf = agreement(built, test, reference)
+            fits.append({"plan": f"probe {budget}", "fit crops": examples, "ridge": damping, "agree (%)": agree, "agree conf (%)": conf,
+                         "s": time.perf_counter() - start})
+            bench.log(f"probe {budget}, fit on {examples} crops, ridge {damping:g}: {agree:.1f}%")
+
+    titles = {"order": ("width projections re-fitted in execution order", refits), "units": ("competing width units, data-free", units),
+              "fit": ("width re-fit: fit crops and ridge (kept channels as planned)", fits)}
+    sections = dict(titles[lever] for lever in args.levers)
+    bench.log(f"wrote {write_results(args.out, sections, header)}")
 
 
 if __name__ == "__main__":
