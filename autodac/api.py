@@ -42,7 +42,7 @@ from autodac import probes as _probes
 from autodac.probes import (
     BATCH_ELEMENTS, DEFAULT_PROBE_SIZE, Probe, _device_of, batchnorm_weights, collect_probe, fit_examples, input_covariances,
     split_probe, divergence, output_kind, has_batchnorm,
-    predict, reconstruction_errors, reestimate_batchnorm, top1_match, covariance_bytes, covariance_fits, patch_size,
+    predict, reconstruction_errors, reestimate_batchnorm, top1_match, covariance_bytes, covariance_fits, patch_size, blocks_fit,
 )
 from autodac.report import plan_table
 from autodac.search.knapsack import LayerOptions, Secondary, minimum_cost, pareto_front, solve
@@ -54,6 +54,7 @@ from autodac.structure import check_structure, model_structure
 from autodac.surgery import TracedLayer, evaluating, replace_layers, run_model, trace_layers
 from autodac.subclasses import explicit_padding
 from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
+from autodac.factorize.base import covariance_for
 from autodac.factorize.channels import ChannelOrder, order_channels, refit_kept
 from autodac.implied import affected_layers, batchnorm_noise, implied_batch, positions_per_example
 from autodac.widths import Gathered, WidthUnit, collecting_moments, find_width_units, slice_unit
@@ -318,9 +319,10 @@ def _collect(
     covariances: dict[str, torch.Tensor] = {}
     moments: dict[str, torch.Tensor] = {}
     statistics = None
-    fitted = {name: module for name, module in modules.items() if covariance_fits(module)}
-    if len(fitted) < len(modules) and fit_inputs is not None and notes is not None:
-        notes.append(_oversized_note({name: m for name, m in modules.items() if name not in fitted}))
+    fitted = {name: module for name, module in modules.items() if covariance_fits(module) or blocks_fit(module)}
+    oversized = {name: m for name, m in modules.items() if not covariance_fits(m)}
+    if oversized and fit_inputs is not None and notes is not None:
+        notes.append(_oversized_note(oversized))
     if fit_inputs is not None:
         covariances, moments = _statistics(model, fitted, consumers, fit_inputs)
         statistics = "data"
@@ -361,8 +363,14 @@ def _oversized_note(oversized: dict[str, nn.Module]) -> str:
         f"{name} ({patch_size(m)}-wide patches: {covariance_bytes(m) / 2**30:.2f} GiB)" for name, m in list(oversized.items())[:5]
     )
     more = f" and {len(oversized) - 5} more" if len(oversized) > 5 else ""
+    blocks = [name for name, m in oversized.items() if blocks_fit(m)]
+    instead = (
+        f"{len(blocks)} of them ({', '.join(blocks[:5])}{' ...' if len(blocks) > 5 else ''}) fitted by DAC to each input channel's "
+        "own patch covariance (its channel blocks), the rest of their options and the other layers to their weights alone"
+        if blocks else "fitted to their weights alone, not to input statistics"
+    )
     return (
-        f"{len(oversized)} layer(s) fitted to their weights alone, not to input statistics, nor re-fitted in order: "
+        f"{len(oversized)} layer(s) not re-fitted in order and {instead}: "
         f"an input covariance must be within {_probes.MAX_COVARIANCE_BYTES / 2**20:.0f} MiB "
         f"(autodac.probes.MAX_COVARIANCE_BYTES), but {shown}{more}"
     )
@@ -527,8 +535,9 @@ def _statistics(model: nn.Module, layers: dict[str, nn.Module], consumers: dict[
     """
     if not layers and not consumers:
         return {}, {}
+    batch = _probes.batch_size_for(per_example(inputs), _probes._COVARIANCE_BATCH)  # moments are subsampled per batch: one batching for both
     with collecting_moments(consumers) as collected:
-        covariances = input_covariances(model, layers, inputs) if layers else (predict(model, inputs), {})[1]
+        covariances = input_covariances(model, layers, inputs, batch) if layers else (predict(model, inputs, batch), {})[1]
     return covariances, collected()
 
 
@@ -623,7 +632,10 @@ class _Factors:
             return Gathered(kept, narrowed)
         key = (name, method)
         if key not in self.cache:
-            self.cache[key] = get_method(method).decompose(self.modules[name].weight, self.out_weights[name], self.input_covs[name])
+            factorization = get_method(method)
+            self.cache[key] = factorization.decompose(
+                self.modules[name].weight, self.out_weights[name], covariance_for(factorization, self.input_covs[name])
+            )
         return build_factorized(self.modules[name], method, rank, self.cache[key], impl)
 
 
@@ -1732,6 +1744,10 @@ def _families(candidate: _Candidate) -> dict[str, np.ndarray]:
     for i, option in enumerate(candidate.options[1:], start=1):
         method = option[0]
         family = WIDTH if method == WIDTH else PRODUCER if method.startswith(PRODUCER) else "own"
+        owner = candidate.producer if family == PRODUCER else candidate
+        covariance = owner.input_cov if owner is not None and family != WIDTH else None
+        if covariance is not None and covariance_for(get_method(method.removeprefix(PRODUCER)), covariance) is None:
+            family += " (weights)"  # channel blocks the method cannot use: its errors are on the weights' scale
         families.setdefault(family, []).append(i)
     return {family: np.asarray(indices, dtype=np.int64) for family, indices in families.items()}
 
@@ -1829,7 +1845,8 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
             if out_weights is not None or input_cov is not None:
                 if choice.method not in METHODS:
                     raise AutodacError(f"`method` must be one of {sorted(METHODS)}, but got method={choice.method!r}")
-                decomposition = get_method(choice.method).decompose(module.weight, out_weights, input_cov)
+                factorization = get_method(choice.method)
+                decomposition = factorization.decompose(module.weight, out_weights, covariance_for(factorization, input_cov))
             replacements[name] = build_factorized(module, choice.method, choice.rank, decomposition, choice.impl)
         except AutodacError as error:
             raise PlanError(f"layer {name!r}: {error}") from None

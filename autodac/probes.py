@@ -9,6 +9,7 @@ only when the probe metric, measured on probe images the re-estimation did not s
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import warnings
@@ -22,14 +23,15 @@ from torch import nn
 from autodac.batches import Batch, Inputs, call, concat, count, fast_layout, per_example
 from autodac.errors import AutodacError, ModelError
 from autodac.factorize import get_method
+from autodac.factorize.base import covariance_for
 from autodac.subclasses import explicit_padding
 from autodac.surgery import evaluating
 
 __all__ = [
     "DEFAULT_PROBE_SIZE", "Probe", "collect_probe", "reconstruction_errors", "batchnorm_weights", "predict", "top1_match",
     "divergence", "reestimate_batchnorm", "has_batchnorm", "input_covariances", "cross_covariances", "split_probe", "fit_examples",
-    "BATCH_ELEMENTS", "batch_size_for", "divergence_tensor", "output_kind", "OUTPUT_KINDS",
-    "fast_layout", "MAX_COVARIANCE_BYTES", "patch_size", "covariance_bytes", "covariance_fits",
+    "BATCH_ELEMENTS", "ACTIVATION_ELEMENTS", "batch_size_for", "divergence_tensor", "output_kind", "OUTPUT_KINDS",
+    "fast_layout", "MAX_COVARIANCE_BYTES", "patch_size", "covariance_bytes", "covariance_fits", "blocks_bytes", "blocks_fit",
 ]
 
 DEFAULT_PROBE_SIZE = 2048
@@ -55,8 +57,9 @@ That is ``CK <= 5792``: every 3x3 conv over up to 643 channels (the 3x3 convs ov
 VGG and ResNet: 4608, 170 MB), every 1x1 conv and Linear over up to 5792 features (ResNet-50's
 2048, VGG's 4096). Larger patches (VGG's 25088-wide first classifier: 5 GB; a depthwise conv's
 unfolded 1152x5x5 patches: 6.6 GB) would cost more memory than the rest of the search, and
-``O(CK^3)`` time, for one layer, so such a layer is fitted to its weights alone and not re-fitted
-in order (``covariance_fits``). A layer's fit holds a few matrices its covariance's size at
+``O(CK^3)`` time, for one layer, so such a layer is not re-fitted in order (``covariance_fits``)
+and is fitted to its channel blocks where they fit (``blocks_fit``: DAC, the one method that needs
+no more), to its weights alone otherwise. A layer's fit holds a few matrices its covariance's size at
 once (its damped copy and Cholesky factor; the sequential re-fit: the cross and input
 covariances and the solve's copy), so one layer's fit peaks at about five times this limit,
 and the covariances of all candidate layers are held together through the search.
@@ -72,7 +75,8 @@ def reconstruction_errors(
     the layer's weight energy that truncation discards. ``out_weights`` weighs each output
     channel's share (see ``batchnorm_weights``).
     """
-    return get_method(method).errors(module.weight, out_weights, input_cov).cpu().numpy()
+    factorization = get_method(method)
+    return factorization.errors(module.weight, out_weights, covariance_for(factorization, input_cov)).cpu().numpy()
 
 
 def batchnorm_weights(norm: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -252,24 +256,70 @@ def batch_size_for(example_shape: Sequence[int], most: int = _BATCH) -> int:
     return max(1, min(most, BATCH_ELEMENTS // max(1, math.prod(example_shape))))
 
 
+ACTIVATION_ELEMENTS = 2**26
+"""The most elements the largest single layer output of one batch of ``predict`` may hold: 67 M (256 MiB in float32).
+
+Batches sized by their inputs alone (``BATCH_ELEMENTS``) suit networks whose layer outputs are a
+few times their input; CREPE turns a 1,024-sample frame into 1,024 channels of 1,024 samples, and
+a DAC factorisation of its second conv into ``C r`` = 30,720 channels (31 MB a frame): 256 frames
+of that held 8.9 GiB. So ``predict`` also measures the largest output of one example and sizes
+its batches to keep that within this bound; smaller outputs leave the batches as they were.
+"""
+
+
+@contextlib.contextmanager
+def _largest_output_of(model: nn.Module):
+    """Within the block, ``largest[0]`` is the most elements any module of ``model`` has output."""
+    largest = [0]
+
+    def measure(_module, _args, output):
+        if isinstance(output, torch.Tensor):
+            largest[0] = max(largest[0], output.numel())
+
+    handles = [m.register_forward_hook(measure) for m in model.modules()]
+    try:
+        yield largest
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _activation_batch(batch_size: int, largest: int) -> int:
+    """``batch_size`` lowered as far as keeps a batch's largest layer output within ``ACTIVATION_ELEMENTS``."""
+    return max(1, min(batch_size, ACTIVATION_ELEMENTS // max(1, largest)))
+
+
 def predict(model: nn.Module, inputs: Batch, batch_size: int | None = None) -> torch.Tensor:
     """The model's outputs on ``inputs`` in eval mode, batched, on the model's device, returned on CPU.
 
-    Batches hold ``batch_size`` examples, by default as many as ``batch_size_for`` allows; the
-    outputs do not depend on it.
+    Batches hold ``batch_size`` examples, by default as many as ``batch_size_for`` allows and as
+    keep the largest layer output of a batch within ``ACTIVATION_ELEMENTS``, measured on the first
+    example, which then runs alone (so every hook still sees each example once); the outputs do
+    not depend on it.
     """
     device = _device_of(model)
-    batch_size = batch_size_for(per_example(inputs)) if batch_size is None else batch_size
-    outs = []
+    outs: list[torch.Tensor] = []
+
+    def run(batch: Batch) -> None:
+        out = call(model, batch, device)
+        if not isinstance(out, torch.Tensor):
+            raise ModelError(
+                f"the built-in probe metric needs a model that returns one tensor, but it returned {type(out).__name__}; "
+                "pass evaluate=callable for other outputs"
+            )
+        outs.append(out.float().cpu())
+
+    start = 0
     with evaluating(model):
-        for start in range(0, count(inputs), batch_size):
-            out = call(model, inputs[start : start + batch_size], device)
-            if not isinstance(out, torch.Tensor):
-                raise ModelError(
-                    f"the built-in probe metric needs a model that returns one tensor, but it returned {type(out).__name__}; "
-                    "pass evaluate=callable for other outputs"
-                )
-            outs.append(out.float().cpu())
+        if batch_size is None:
+            batch_size = batch_size_for(per_example(inputs))
+            if batch_size > 1 and count(inputs) > 1:
+                with _largest_output_of(model) as largest:
+                    run(inputs[0:1])
+                start = 1
+                batch_size = _activation_batch(batch_size, largest[0])
+        for first in range(start, count(inputs), batch_size):
+            run(inputs[first : first + batch_size])
     return torch.cat(outs)
 
 
@@ -350,14 +400,21 @@ def reestimate_batchnorm(model: nn.Module, inputs: Batch, batch_size: int | None
     ``inputs``, pooled exactly across batches (torch's cumulative average with momentum
     ``None`` weights a short last batch like a full one and drops the spread between batch
     means); the rest of the model stays in eval mode, so dropout and the like are not switched on.
-    Batches hold ``batch_size`` examples (default: ``batch_size_for``); a BatchNorm's input depends
-    on it only through the BatchNorms before it, which normalise each batch by its own statistics.
+    Batches hold ``batch_size`` examples (default: ``batch_size_for``, and no more than keep the
+    largest layer output of a batch within ``ACTIVATION_ELEMENTS``, as in ``predict``); a
+    BatchNorm's input depends on it only through the BatchNorms before it, which normalise each
+    batch by its own statistics.
     """
-    batch_size = batch_size_for(per_example(inputs)) if batch_size is None else batch_size
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return model
     device = _device_of(model)
+    if batch_size is None:
+        batch_size = batch_size_for(per_example(inputs))
+        if batch_size > 1 and count(inputs) > 1:  # measured before the statistics' hooks go on
+            with _largest_output_of(model) as largest, evaluating(model):
+                call(model, inputs[0:1], device)
+            batch_size = _activation_batch(batch_size, largest[0])
     momenta = [(m, m.momentum) for m in norms]
     pooled: dict[nn.Module, tuple[int, torch.Tensor, torch.Tensor]] = {}  # count, mean, sum of squared deviations
 
@@ -427,6 +484,32 @@ def _patches(module: nn.Module, x: torch.Tensor, max_positions: int, generator: 
     return rows.float()
 
 
+_BLOCK_CHUNK_ELEMENTS = 2**24  # patch entries unfolded at once for channel blocks (64 MiB in float32)
+
+
+def _channel_blocks(module: nn.Module, x: torch.Tensor, max_positions: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """``(sum over positions of p_c p_c^T for every input channel c, positions)``: ``C x K x K`` float32.
+
+    The same ``max_positions`` positions (drawn by ``generator``) serve every channel, and the
+    channels are unfolded a few at a time, so memory stays at ``_BLOCK_CHUNK_ELEMENTS`` whatever
+    the layer's width: the full patch rows of such a layer are what does not fit.
+    """
+    if x.dim() == len(module.kernel_size) + 1:
+        x = x.unsqueeze(0)
+    first = _patch_rows(module, x[:, :1])  # positions x K
+    positions, taps = first.shape
+    keep = torch.randperm(positions, generator=generator)[:max_positions] if positions > max_positions else None
+    used = positions if keep is None else len(keep)
+    channels = x.shape[1]
+    step = max(1, _BLOCK_CHUNK_ELEMENTS // max(1, positions * taps))
+    blocks = torch.empty(channels, taps, taps)
+    for start in range(0, channels, step):
+        rows = _patch_rows(module, x[:, start : start + step])
+        rows = (rows if keep is None else rows[keep]).float().reshape(used, -1, taps).transpose(0, 1)  # c x P x K
+        blocks[start : start + rows.shape[0]] = rows.transpose(1, 2) @ rows
+    return blocks, used
+
+
 def _patch_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Every row the layer multiplies by its weight on input ``x``: ``positions x (C*K)``."""
     if isinstance(module, nn.Linear):
@@ -464,14 +547,39 @@ def covariance_bytes(module: nn.Module) -> int:
 
 
 def covariance_fits(module: nn.Module) -> bool:
-    """Whether the layer's input covariance is within ``MAX_COVARIANCE_BYTES`` (else it gets no data-aware fit)."""
+    """Whether the layer's input covariance is within ``MAX_COVARIANCE_BYTES`` (else at most its channel blocks, ``blocks_fit``)."""
     return covariance_bytes(module) <= MAX_COVARIANCE_BYTES
+
+
+def blocks_bytes(module: nn.Module) -> int:
+    """Bytes of the layer's float64 channel blocks: ``C`` covariances ``K x K``, one per input channel's own kernel taps."""
+    if isinstance(module, nn.Linear):
+        return 8 * int(module.in_features)
+    taps = math.prod(module.kernel_size)
+    return 8 * int(module.in_channels) * taps * taps
+
+
+def blocks_fit(module: nn.Module) -> bool:
+    """Whether a conv whose full covariance is over the limit can still be fitted to its channel blocks.
+
+    DAC factors each input channel's kernel slice on its own, so its data-aware fit needs only the
+    covariance of each channel's own taps (``C K^2`` entries, not ``(C K)^2``): CREPE's
+    ``1024 x 64`` conv has a 32 GiB covariance and 32 MiB of channel blocks. Only convs with more
+    than one tap (a linear layer's blocks would be single variances no method uses).
+    """
+    return (
+        not isinstance(module, nn.Linear) and math.prod(module.kernel_size) > 1
+        and not covariance_fits(module) and blocks_bytes(module) <= MAX_COVARIANCE_BYTES
+    )
 
 
 def input_covariances(
     model: nn.Module, layers: dict[str, nn.Module], inputs: Batch, batch_size: int | None = None, max_positions: int = 4096
 ) -> dict[str, torch.Tensor]:
     """``E[p p^T]`` of each layer's input patches ``p`` on ``inputs`` (float64, ``CK x CK``, channel-major).
+
+    A layer whose full covariance is over ``MAX_COVARIANCE_BYTES`` gets its channel blocks
+    instead (``C x K x K``: the covariance of each input channel's own taps, ``blocks_fit``).
 
     This is what a data-aware fit weighs the factorisation by: the error of the layer's output
     on these inputs rather than the error of its weight. At most ``max_positions`` patches per
@@ -491,9 +599,14 @@ def input_covariances(
 
     def hook(name: str):
         def collect(module, args, _output):
-            rows = _patches(module, args[0].detach().cpu(), max_positions, generators[name])
-            _accumulate(sums, name, rows.T @ rows)  # float32 product, float64 sum
-            counts[name] += rows.shape[0]
+            x = args[0].detach().cpu()
+            if covariance_fits(module):
+                rows = _patches(module, x, max_positions, generators[name])
+                product, positions = rows.T @ rows, rows.shape[0]  # float32 product, float64 sum
+            else:
+                product, positions = _channel_blocks(module, x, max_positions, generators[name])
+            _accumulate(sums, name, product)
+            counts[name] += positions
 
         return collect
 

@@ -4,6 +4,7 @@ falls back to the plain fit with a note, and batches sized by their input rather
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ import autodac
 import autodac.api
 import autodac.probes
 import autodac.sequential
+from autodac.factorize import get_method
 from autodac.probes import (
     BATCH_ELEMENTS, batch_size_for, covariance_bytes, covariance_fits, cross_covariances, input_covariances, patch_size, predict,
     reestimate_batchnorm,
@@ -101,13 +103,21 @@ def test_default_batches_follow_the_input_size(monkeypatch: pytest.MonkeyPatch) 
     x = torch.randn(10, 3, 8, 8)
     monkeypatch.setattr(autodac.probes, "BATCH_ELEMENTS", 4 * 3 * 8 * 8)
     predict(model, x)
-    assert seen == [4, 4, 2]
+    assert seen == [1, 4, 4, 1]  # the first example alone (its largest layer output measured), then batches of 4
     seen.clear()
     reestimate_batchnorm(model, x)
-    assert seen == [4, 4, 2]
+    assert seen == [1, 4, 4, 2]  # one example measured before the statistics' own passes
     seen.clear()
     input_covariances(model, {"conv2": model.conv2}, x)
     assert seen == [4, 4, 2]
+    # and no batch's largest layer output (conv1's: 8 x 8 x 8 = 512 elements an example) beyond ACTIVATION_ELEMENTS
+    monkeypatch.setattr(autodac.probes, "ACTIVATION_ELEMENTS", 2 * 512)
+    seen.clear()
+    reestimate_batchnorm(model, x)
+    assert seen == [1, 2, 2, 2, 2, 2]
+    seen.clear()
+    predict(model, x)
+    assert seen == [1, 2, 2, 2, 2, 1]
 
 
 def test_covariances_are_the_same_for_any_batch_size() -> None:
@@ -185,11 +195,13 @@ def test_apply_and_the_refit_ask_only_for_the_layers_they_rebuild(monkeypatch: p
 
 
 def test_a_layer_over_the_covariance_limit_falls_back_to_the_plain_fit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``conv2`` (72-wide patches: 41,472 bytes) is over a 10,000-byte limit: no covariance, no data fit, no re-fit,
-    a note naming it; the other layers keep their data fits and ``apply`` rebuilds the same model."""
+    """``conv2`` (72-wide patches: 41,472 bytes) is over a 10,000-byte limit and its channel blocks are taken as over too:
+    no covariance, no data fit, no re-fit, a note naming it; the other layers keep their data fits and ``apply`` rebuilds
+    the same model."""
     model = SmallConvNet(seed=0).eval()
     data = _data()
     monkeypatch.setattr(autodac.probes, "MAX_COVARIANCE_BYTES", 10_000)
+    monkeypatch.setattr(autodac.api, "blocks_fit", lambda module: False)
     covariances = _spy(monkeypatch, autodac.api, "input_covariances")
     crosses = _spy(monkeypatch, autodac.sequential, "cross_covariances")
     result = autodac.optimize(model, 0.5, data=data, exclude=("fc",), **FACTORISE)
@@ -206,6 +218,30 @@ def test_a_layer_over_the_covariance_limit_falls_back_to_the_plain_fit(monkeypat
     torch.testing.assert_close(predict(applied, x), predict(result.model, x))
 
 
+def test_a_layer_whose_channel_blocks_fit_gets_a_dac_data_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a 10,000-byte limit ``conv2``'s full covariance (41,472 bytes) is over and its channel blocks (5,184) within:
+    they are collected instead, DAC fits to them, the note says so, and ``apply`` rebuilds the same model from them."""
+    model = SmallConvNet(seed=0).eval()
+    data = _data()
+    monkeypatch.setattr(autodac.probes, "MAX_COVARIANCE_BYTES", 10_000)
+    covariances = _spy(monkeypatch, autodac.api, "input_covariances")
+    crosses = _spy(monkeypatch, autodac.sequential, "cross_covariances")
+    result = autodac.optimize(model, 0.5, data=data, exclude=("fc",), methods=("dac",), **FACTORISE)
+    plan = result.plan
+    assert "conv2" in set().union(*covariances) and "conv2" not in set().union(*crosses)
+    assert plan.layers["conv2"].method == "dac", "the test needs conv2 factorised by DAC to show its fit"
+    assert plan.layers["conv2"].fit.startswith("data")
+    note = next(n for n in plan.notes if "MAX_COVARIANCE_BYTES" in n)
+    assert "1 of them (conv2) fitted by DAC to each input channel's own patch covariance" in note
+    applied = autodac.apply(SmallConvNet(seed=0).eval(), autodac.Plan.from_json(plan.to_json()), data=data)
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(predict(applied, x), predict(result.model, x))
+    # the blocks fit is the full fit: DAC reads no more of the covariance than each channel's own block
+    monkeypatch.setattr(autodac.probes, "MAX_COVARIANCE_BYTES", 2**28)
+    full = autodac.apply(SmallConvNet(seed=0).eval(), autodac.Plan.from_json(plan.to_json()), data=data)
+    torch.testing.assert_close(predict(full, x), predict(result.model, x), rtol=1e-4, atol=1e-5)
+
+
 def test_no_note_when_every_layer_fits() -> None:
     result = autodac.optimize(SmallConvNet(seed=0).eval(), 0.5, data=_data(), sequential_fit=False, **SEARCH)
     assert not any("MAX_COVARIANCE_BYTES" in n for n in result.plan.notes)
@@ -218,3 +254,61 @@ def test_synthesis_joins_a_last_batch_of_one_to_the_one_before(count: int, expec
     model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
     assert synthesize_inputs(model, torch.zeros(1, 3, 4, 4), count, steps=1, progress=False).shape[0] == count
     assert seen == expected
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(6, 4, 3, padding=1, stride=2), nn.Conv1d(5, 3, 7, padding=3), nn.Conv2d(4, 4, (5, 1), dilation=2)],
+                         ids=["2d", "1d", "dilated"])
+def test_channel_blocks_are_the_diagonal_blocks_of_the_full_covariance(monkeypatch: pytest.MonkeyPatch, conv: nn.Module) -> None:
+    """Unfolded a channel or two at a time (a tiny chunk), from the same positions: exactly the full covariance's own blocks."""
+    torch.manual_seed(0)
+    x = torch.randn(3, conv.in_channels, *([12] * (conv.weight.dim() - 2)))
+    full = input_covariances(conv, {"": conv}, x, max_positions=10**6)[""]
+    monkeypatch.setattr(autodac.probes, "MAX_COVARIANCE_BYTES", autodac.probes.blocks_bytes(conv))
+    monkeypatch.setattr(autodac.probes, "_BLOCK_CHUNK_ELEMENTS", 1)
+    assert autodac.probes.blocks_fit(conv) and not autodac.probes.covariance_fits(conv)
+    blocks = input_covariances(conv, {"": conv}, x, max_positions=10**6)[""]
+    c, k = conv.in_channels, math.prod(conv.kernel_size)
+    assert blocks.shape == (c, k, k)
+    expected = full.reshape(c, k, c, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    torch.testing.assert_close(blocks, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_only_dac_fits_to_channel_blocks_and_its_fit_is_the_full_ones() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(8, 5, 3, 3)
+    rows = torch.randn(400, 45) @ torch.randn(45, 45)  # correlated patches
+    full = (rows.T @ rows / 400).double()
+    blocks = full.reshape(5, 9, 5, 9).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+    dac, lowrank = get_method("dac"), get_method("lowrank")
+    torch.testing.assert_close(dac.errors(weight, None, blocks), dac.errors(weight, None, full))
+    torch.testing.assert_close(dac.truncate(dac.decompose(weight, None, blocks), 3).first, dac.truncate(dac.decompose(weight, None, full), 3).first)
+    assert not torch.allclose(dac.errors(weight, None, blocks), dac.errors(weight))  # the data moved the fit
+    torch.testing.assert_close(lowrank.errors(weight, None, blocks), lowrank.errors(weight))  # cannot use blocks: a weight fit
+
+
+class _Widening(nn.Module):
+    """A 1x1 conv to 64 channels (64x its input) and back: the largest output is 64 elements a pixel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide, self.narrow = nn.Conv2d(1, 64, 1), nn.Conv2d(64, 1, 1)
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        return self.narrow(self.wide(x)).flatten(1)
+
+
+def test_predict_keeps_the_largest_output_of_a_batch_within_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inputs of 16 elements, a 64x wider layer: at most ``ACTIVATION_ELEMENTS`` // 1024 examples a batch, same outputs."""
+    model = seeded(_Widening(), 0).eval()
+    x = torch.randn(100, 1, 4, 4)
+    whole = predict(model, x, batch_size=100)
+    monkeypatch.setattr(autodac.probes, "ACTIVATION_ELEMENTS", 10 * 64 * 16)
+    model.batches.clear()
+    torch.testing.assert_close(predict(model, x), whole)
+    assert model.batches[0] == 1 and max(model.batches[1:]) == 10 and sum(model.batches) == 100  # one measured, then batches of 10
+    monkeypatch.setattr(autodac.probes, "ACTIVATION_ELEMENTS", 2**26)
+    model.batches.clear()
+    predict(model, x)
+    assert model.batches == [1, 99]  # a small network's batches are sized by their inputs

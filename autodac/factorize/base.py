@@ -24,7 +24,7 @@ from torch import nn
 
 __all__ = [
     "Geometry", "Decomposition", "Factors", "Factorization", "BaseFactorization", "svd_dtype", "tail_energy", "out_scale", "full_svd", "singular_values",
-    "cholesky_factor", "SVDFactorization", "conv_type",
+    "cholesky_factor", "SVDFactorization", "conv_type", "covariance_for",
 ]
 
 
@@ -185,23 +185,38 @@ class SVDFactorization(BaseFactorization):
     """
 
     name: str
+    uses_channel_blocks: bool = False  # whether ``_matrix`` can take a ``C x K x K`` input covariance of channel blocks
 
     def _matrix(self, weight, out_weights, input_cov):  # pragma: no cover - every method overrides it
         raise NotImplementedError
+
+    def usable_covariance(self, input_cov: torch.Tensor | None) -> torch.Tensor | None:
+        return covariance_for(self, input_cov)
 
     def truncate(self, d: Decomposition, rank: int) -> Factors:  # pragma: no cover
         raise NotImplementedError
 
     def errors(self, weight, out_weights=None, input_cov=None) -> torch.Tensor:
-        matrix, _, _ = self._matrix(weight, out_weights, input_cov)
+        matrix, _, _ = self._matrix(weight, out_weights, self.usable_covariance(input_cov))
         return tail_energy(singular_values(matrix), matrix.pow(2).sum())
 
     def decompose(self, weight, out_weights=None, input_cov=None) -> Decomposition:
-        matrix, scale, factor = self._matrix(weight, out_weights, input_cov)
+        matrix, scale, factor = self._matrix(weight, out_weights, self.usable_covariance(input_cov))
         return full_svd(matrix, weight, scale, factor)
 
     def factors(self, weight: torch.Tensor, rank: int) -> Factors:
         return self.truncate(self.decompose(weight), rank)
+
+
+def covariance_for(method: object, input_cov: torch.Tensor | None) -> torch.Tensor | None:
+    """``input_cov`` if ``method`` can fit to it, else None (a fit to the weights alone).
+
+    A full ``CK x CK`` covariance suits every method; channel blocks (``C x K x K``, a layer whose
+    full covariance is too large) only a method that declares ``uses_channel_blocks`` (DAC).
+    """
+    if input_cov is not None and input_cov.dim() == 3 and not getattr(method, "uses_channel_blocks", False):
+        return None
+    return input_cov
 
 
 def _prod(values: tuple[int, ...]) -> int:

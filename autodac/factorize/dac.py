@@ -25,6 +25,7 @@ class DAC(SVDFactorization):
     part_names = ("depthwise", "pointwise")
     implementations = ("grouped", "split")
     color = "#1f77b4"
+    uses_channel_blocks = True
 
     def applies_to(self, weight_shape: tuple[int, ...]) -> bool:
         return len(weight_shape) >= 3 and _prod(weight_shape[2:]) > 1
@@ -43,7 +44,10 @@ class DAC(SVDFactorization):
         factor = None
         if input_cov is not None:  # each input channel's own K x K block: DAC mixes no channels before the pointwise
             k = slices.shape[-1]
-            blocks = input_cov.double().reshape(c, k, c, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+            if input_cov.dim() == 3:  # given as the blocks alone (a layer whose full covariance is too large)
+                blocks = input_cov.double()
+            else:
+                blocks = input_cov.double().reshape(c, k, c, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
             factor = cholesky_factor(blocks).to(dtype)
             slices = slices @ factor
         return slices, scale, factor
