@@ -34,7 +34,7 @@ from torch import nn
 from autodac.batches import Batch, Inputs, arguments, call, count, per_example
 from autodac.errors import AutodacError, ModelError
 from autodac.options import DistillOptions
-from autodac.probes import batch_size_for, divergence_tensor
+from autodac.probes import activation_batch_size, batch_size_for, divergence_tensor
 
 __all__ = ["DistillReport", "distill", "replay", "output_loss", "feature_loss"]
 
@@ -156,7 +156,8 @@ class _Trainer:
         self.device = next(iter(model.parameters())).device
         self.params = [p for p in model.parameters() if p.is_floating_point()]
         self.n = count(inputs)
-        self.batch = settings.batch_size or min(32, batch_size_for(per_example(inputs)))
+        # at most 32, as the inputs allow, and as the student's largest layer output allows (its backward keeps them all)
+        self.batch = settings.batch_size or activation_batch_size(model, inputs, min(32, batch_size_for(per_example(inputs))))
         self.steps_per_epoch = math.ceil(self.n / self.batch)
         self.total = settings.epochs * self.steps_per_epoch
         self.step = 0  # steps taken, rejected ones included: the cosine runs on

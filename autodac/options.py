@@ -163,7 +163,7 @@ class DistillOptions(_Options):
     keyword: ClassVar[str] = "distill"
     epochs: int = _option(10, "passes over the probe's calibration half, each kept only if the held-out half scores it best so far", at_least(1))
     lr: float = _option(3e-4, "Adam's first peak learning rate (warm-up, cosine decay; divided by 3 at each epoch undone)", POSITIVE)
-    batch_size: int = _option(0, "examples a step (0: sized by the input, at most 32)", at_least(0))
+    batch_size: int = _option(0, "examples a step (0: at most 32, fewer for large inputs or layer outputs)", at_least(0))
     mixup: float = _option(0.5, "Beta parameter of the pair mixing of inputs (0: the inputs as they are)", NON_NEGATIVE)
     features: float = _option(1.0, "weight of matching the changed layers' outputs (0: the model's outputs only)", NON_NEGATIVE)
     seed: int = _option(0, "seed of the batch order and the mixing", INTEGER)

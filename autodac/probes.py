@@ -30,7 +30,7 @@ from autodac.surgery import evaluating
 __all__ = [
     "DEFAULT_PROBE_SIZE", "Probe", "collect_probe", "reconstruction_errors", "batchnorm_weights", "predict", "top1_match",
     "divergence", "reestimate_batchnorm", "has_batchnorm", "input_covariances", "cross_covariances", "split_probe", "fit_examples",
-    "BATCH_ELEMENTS", "ACTIVATION_ELEMENTS", "batch_size_for", "divergence_tensor", "output_kind", "OUTPUT_KINDS",
+    "BATCH_ELEMENTS", "ACTIVATION_ELEMENTS", "activation_batch_size", "batch_size_for", "divergence_tensor", "output_kind", "OUTPUT_KINDS",
     "fast_layout", "MAX_COVARIANCE_BYTES", "patch_size", "covariance_bytes", "covariance_fits", "blocks_bytes", "blocks_fit",
 ]
 
@@ -289,6 +289,19 @@ def _activation_batch(batch_size: int, largest: int) -> int:
     return max(1, min(batch_size, ACTIVATION_ELEMENTS // max(1, largest)))
 
 
+def activation_batch_size(model: nn.Module, inputs: Batch, batch_size: int) -> int:
+    """``batch_size``, lowered as far as keeps the largest layer output of a batch of ``inputs`` within ``ACTIVATION_ELEMENTS``.
+
+    Measured by one eval pass of ``model`` on the first example (for callers whose own passes
+    cannot include it: their hooks, or training, come after).
+    """
+    if batch_size <= 1 or count(inputs) < 1:
+        return batch_size
+    with _largest_output_of(model) as largest, evaluating(model):
+        call(model, inputs[0:1], _device_of(model))
+    return _activation_batch(batch_size, largest[0])
+
+
 def predict(model: nn.Module, inputs: Batch, batch_size: int | None = None) -> torch.Tensor:
     """The model's outputs on ``inputs`` in eval mode, batched, on the model's device, returned on CPU.
 
@@ -411,10 +424,8 @@ def reestimate_batchnorm(model: nn.Module, inputs: Batch, batch_size: int | None
     device = _device_of(model)
     if batch_size is None:
         batch_size = batch_size_for(per_example(inputs))
-        if batch_size > 1 and count(inputs) > 1:  # measured before the statistics' hooks go on
-            with _largest_output_of(model) as largest, evaluating(model):
-                call(model, inputs[0:1], device)
-            batch_size = _activation_batch(batch_size, largest[0])
+        if count(inputs) > 1:  # measured before the statistics' hooks go on
+            batch_size = activation_batch_size(model, inputs, batch_size)
     momenta = [(m, m.momentum) for m in norms]
     pooled: dict[nn.Module, tuple[int, torch.Tensor, torch.Tensor]] = {}  # count, mean, sum of squared deviations
 

@@ -236,3 +236,16 @@ def test_summary_and_compare_say_which_plan_was_distilled(distilled_run):
     row = next(line for line in table.splitlines() if line.startswith("distilled"))
     assert f"epoch {distilled.plan.distilled['epoch']} of 3" in row
     assert "distilled" not in autodac.compare([plain.plan, plain.plan])
+
+
+def test_the_default_batch_keeps_the_students_largest_layer_output_within_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backward keeps every layer output of a step: SmallConvNet's largest is 512 elements an 8x8 example."""
+    import autodac.probes
+    from autodac.distill import _Trainer
+    from autodac.testing import SmallConvNet
+
+    student, teacher, inputs = SmallConvNet(seed=0), SmallConvNet(seed=0), torch.randn(64, 3, 8, 8)
+    assert _Trainer(student, teacher, inputs, DistillOptions()).batch == 32
+    monkeypatch.setattr(autodac.probes, "ACTIVATION_ELEMENTS", 4 * 512)
+    assert _Trainer(student, teacher, inputs, DistillOptions()).batch == 4
+    assert _Trainer(student, teacher, inputs, DistillOptions(batch_size=16)).batch == 16  # asked for: as given
