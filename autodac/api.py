@@ -1675,7 +1675,7 @@ def _profile_scores(
     sample = held_out.subset(slice(0, size))
     logger.info("sensitivity profile on %d probe examples", len(sample))
     reference = predict(model, sample.inputs)
-    kind = output_kind(reference)
+    kind = output_kind(held_out.reference if held_out.reference is not None else reference)  # as the search's, on the whole held-out half
 
     def loss(candidate_model: nn.Module) -> float:
         return divergence(predict(candidate_model, sample.inputs), reference, kind)
