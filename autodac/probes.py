@@ -260,10 +260,11 @@ ACTIVATION_ELEMENTS = 2**26
 """The most elements the largest single layer output of one batch of ``predict`` may hold: 67 M (256 MiB in float32).
 
 Batches sized by their inputs alone (``BATCH_ELEMENTS``) suit networks whose layer outputs are a
-few times their input; CREPE turns a 1,024-sample frame into 1,024 channels of 1,024 samples, and
-a DAC factorisation of its second conv into ``C r`` = 30,720 channels (31 MB a frame): 256 frames
-of that held 8.9 GiB. So ``predict`` also measures the largest output of one example and sizes
-its batches to keep that within this bound; smaller outputs leave the batches as they were.
+few times their input; CREPE's first conv turns a 1,024-sample frame into 1,024 channels of 256
+samples, and a DAC factorisation of its second conv makes ``C r`` = 30,720 channels of 128 (16 MB
+a frame at rank 30), 256 frames to a batch. So ``predict`` (and BatchNorm re-estimation, and
+distillation's steps) also measure the largest output of one example and size their batches to
+keep a batch's within this bound; networks with smaller outputs keep their batches.
 """
 
 
