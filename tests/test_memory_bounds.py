@@ -7,6 +7,7 @@ import copy
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,9 +17,10 @@ import autodac.api
 import autodac.probes
 import autodac.sequential
 from autodac.factorize import get_method
+from autodac.factorize.base import covariance_for
 from autodac.probes import (
     BATCH_ELEMENTS, batch_size_for, covariance_bytes, covariance_fits, cross_covariances, input_covariances, patch_size, predict,
-    reestimate_batchnorm,
+    reconstruction_errors, reestimate_batchnorm,
 )
 from autodac.synthesis import synthesize_inputs
 from autodac.testing import SmallConvNet, seeded
@@ -283,7 +285,13 @@ def test_only_dac_fits_to_channel_blocks_and_its_fit_is_the_full_ones() -> None:
     torch.testing.assert_close(dac.errors(weight, None, blocks), dac.errors(weight, None, full))
     torch.testing.assert_close(dac.truncate(dac.decompose(weight, None, blocks), 3).first, dac.truncate(dac.decompose(weight, None, full), 3).first)
     assert not torch.allclose(dac.errors(weight, None, blocks), dac.errors(weight))  # the data moved the fit
-    torch.testing.assert_close(lowrank.errors(weight, None, blocks), lowrank.errors(weight))  # cannot use blocks: a weight fit
+    # lowrank cannot use blocks: the library hands it none, so its fit is the weights'
+    assert covariance_for(lowrank, blocks) is None and covariance_for(dac, blocks) is blocks and covariance_for(lowrank, full) is full
+    conv = nn.Conv2d(5, 8, 3)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+    np.testing.assert_array_equal(reconstruction_errors(conv, "lowrank", None, blocks), reconstruction_errors(conv, "lowrank"))
+    assert not np.array_equal(reconstruction_errors(conv, "dac", None, blocks), reconstruction_errors(conv, "dac"))
 
 
 class _Widening(nn.Module):

@@ -190,18 +190,15 @@ class SVDFactorization(BaseFactorization):
     def _matrix(self, weight, out_weights, input_cov):  # pragma: no cover - every method overrides it
         raise NotImplementedError
 
-    def usable_covariance(self, input_cov: torch.Tensor | None) -> torch.Tensor | None:
-        return covariance_for(self, input_cov)
-
     def truncate(self, d: Decomposition, rank: int) -> Factors:  # pragma: no cover
         raise NotImplementedError
 
     def errors(self, weight, out_weights=None, input_cov=None) -> torch.Tensor:
-        matrix, _, _ = self._matrix(weight, out_weights, self.usable_covariance(input_cov))
+        matrix, _, _ = self._matrix(weight, out_weights, input_cov)
         return tail_energy(singular_values(matrix), matrix.pow(2).sum())
 
     def decompose(self, weight, out_weights=None, input_cov=None) -> Decomposition:
-        matrix, scale, factor = self._matrix(weight, out_weights, self.usable_covariance(input_cov))
+        matrix, scale, factor = self._matrix(weight, out_weights, input_cov)
         return full_svd(matrix, weight, scale, factor)
 
     def factors(self, weight: torch.Tensor, rank: int) -> Factors:
