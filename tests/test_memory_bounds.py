@@ -244,6 +244,25 @@ def test_a_layer_whose_channel_blocks_fit_gets_a_dac_data_fit(monkeypatch: pytes
     torch.testing.assert_close(predict(full, x), predict(result.model, x), rtol=1e-4, atol=1e-5)
 
 
+def test_methods_that_cannot_read_channel_blocks_get_their_own_loss_curve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blocks layer's DAC errors are on the data's scale and its low-rank errors on the weights': the profile measures
+    each family on its own curve, so neither borrows the other's losses. A layer with a full covariance keeps one curve."""
+    monkeypatch.setattr(autodac.probes, "MAX_COVARIANCE_BYTES", 10_000)  # conv2's blocks fit, its full covariance does not
+    seen: dict[str, dict[str, set[str]]] = {}
+    real = autodac.api._families
+
+    def spy(candidate: Any) -> dict[str, np.ndarray]:
+        families = real(candidate)
+        seen[candidate.layer.name] = {f: {candidate.options[i][0] for i in idx} for f, idx in families.items()}
+        return families
+
+    monkeypatch.setattr(autodac.api, "_families", spy)
+    result = autodac.optimize(SmallConvNet(seed=0).eval(), 0.5, data=_data(), exclude=("fc",), methods=("dac", "lowrank"), **FACTORISE)
+    assert seen["conv2"] == {"own": {"dac"}, "own (weights)": {"lowrank"}}
+    assert seen["conv1"] == {"own": {"dac", "lowrank"}}
+    assert {method for method, _rank in result.profile.losses["conv2"]} == {"dac", "lowrank"}, "each curve needs its own measured point"
+
+
 def test_no_note_when_every_layer_fits() -> None:
     result = autodac.optimize(SmallConvNet(seed=0).eval(), 0.5, data=_data(), sequential_fit=False, **SEARCH)
     assert not any("MAX_COVARIANCE_BYTES" in n for n in result.plan.notes)
