@@ -41,8 +41,8 @@ from autodac.plan import DENSE, LayerChoice, Plan
 from autodac import probes as _probes
 from autodac.probes import (
     BATCH_ELEMENTS, DEFAULT_PROBE_SIZE, Probe, _device_of, batchnorm_weights, collect_probe, fit_examples, input_covariances,
-    split_probe, divergence, output_kind, has_batchnorm,
-    predict, reconstruction_errors, reestimate_batchnorm, top1_match, covariance_bytes, covariance_fits, patch_size, blocks_fit,
+    split_probe, divergence, divergence_share, check_output_kind, output_kind, probe_metric, metric_name, has_batchnorm,
+    predict, reconstruction_errors, reestimate_batchnorm, covariance_bytes, covariance_fits, patch_size, blocks_fit,
 )
 from autodac.report import plan_table
 from autodac.search.knapsack import LayerOptions, Secondary, minimum_cost, pareto_front, solve
@@ -713,18 +713,19 @@ class _ProbeRunner:
     """Scores a candidate model on the probe, with or without BatchNorm re-estimation.
 
     Two figures per model from one pass over the held-out half: the *objective* the search
-    maximises (minus the KL divergence from the original's outputs: smooth and label-free, so a
-    1k-image probe ranks plans without the noise of top-1 counts) and the *metric* reported to
-    the user (top-1 accuracy with labels, top-1 agreement without). ``evaluate`` replaces both.
+    maximises (minus the divergence from the original's outputs that fits what they are, ``kind``:
+    smooth and label-free, so a 1k-image probe ranks plans without the noise of top-1 counts) and
+    the *metric* reported to the user (top-1 accuracy with labels, top-1 agreement without, R^2
+    for values). ``evaluate`` replaces both.
     Re-estimation uses the calibration half, so a correction that only fits the images it saw
     cannot look like an improvement.
     """
 
-    def __init__(self, model: nn.Module, probe: Probe | None, evaluate: Callable[[nn.Module], float] | None) -> None:
+    def __init__(self, model: nn.Module, probe: Probe | None, evaluate: Callable[[nn.Module], float] | None, kind: str = "auto") -> None:
         self.evaluate = evaluate
         self.calibration: Batch | None = None
         self.held_out: Probe | None = None
-        self.kind: str | None = None  # how outputs are compared (autodac.probes.output_kind), fixed by the original's
+        self.kind: str | None = None  # how outputs are compared (autodac.probes.output_kind): as asked, or read off the original's
         if probe is not None:
             if evaluate is not None:
                 self.calibration = probe.inputs
@@ -735,13 +736,14 @@ class _ProbeRunner:
             else:
                 self.calibration, self.held_out = split_probe(probe)
                 self.held_out.reference = predict(model, self.held_out.inputs)
-                self.kind = output_kind(self.held_out.reference)
+                check_output_kind(kind, self.held_out.reference)
+                self.kind = output_kind(self.held_out.reference, self.held_out.inputs) if kind == "auto" else kind
 
     @property
     def metric_name(self) -> str:
         if self.evaluate is not None:
             return "evaluate(model)"
-        return "top-1 accuracy" if self.held_out.labels is not None else "top-1 agreement with the original"
+        return metric_name(self.held_out.labels is not None, self.kind)
 
     def score(self, model: nn.Module, reestimate: bool = False, floor: float | None = None) -> tuple[float, float]:
         """``(objective, metric)`` of ``model`` (re-estimated on a copy first when asked).
@@ -763,21 +765,19 @@ class _ProbeRunner:
         reference = self.held_out.reference
         inputs = self.held_out.inputs
         chunk = max(1, BATCH_ELEMENTS // max(1, math.prod(per_example(inputs))))
-        if floor is None or chunk >= len(inputs) or reference.dim() < 2 or reference.shape[1] < 2:
+        if floor is None or chunk >= len(inputs) or reference.dim() < 2:
             outputs = predict(model, inputs)
         else:
             parts, seen = [], 0.0
-            rows = reference.numel() // reference.shape[1]
+            rows, energy = reference.numel() // reference.shape[1], float(reference.double().pow(2).sum())
             for start in range(0, len(inputs), chunk):
                 part = predict(model, inputs[start : start + chunk])
                 parts.append(part)
-                here = part.numel() // part.shape[1]
-                seen += divergence(part, reference[start : start + chunk], self.kind) * here
-                if seen / rows > -floor:
-                    return -seen / rows, float("nan")
+                seen += divergence_share(part, reference[start : start + chunk], self.kind, rows, energy)
+                if seen > -floor:
+                    return -seen, float("nan")
             outputs = torch.cat(parts)
-        targets = self.held_out.labels if self.held_out.labels is not None else reference.argmax(1)
-        return -divergence(outputs, reference, self.kind), top1_match(outputs, targets)
+        return -divergence(outputs, reference, self.kind), probe_metric(outputs, reference, self.held_out.labels, self.kind)
 
 
 def optimize(
@@ -802,6 +802,7 @@ def optimize(
     profile_size: int = ProbeOptions.profile_size,
     profile_points: int = ProbeOptions.profile_points,
     reestimate_bn: bool = ProbeOptions.reestimate_bn,
+    output_kind: str = ProbeOptions.output_kind,
     n_trials: int = SearchOptions.n_trials,
     timeout: float | None = SearchOptions.timeout,
     seed: int = SearchOptions.seed,
@@ -835,7 +836,8 @@ def optimize(
     sensitivity is measured on ``profile_size`` probe examples at ``profile_points`` options (the
     rest read off its loss-versus-error curve), the knapsack runs on it, and
     Optuna refines the allocation for ``n_trials`` trials (or ``timeout`` seconds) on the probe
-    metric: top-1 accuracy with labels, agreement with the original without, or
+    metric: top-1 accuracy with labels, agreement with the original without (R^2 against the
+    original's outputs for values: ``output_kind``, read off the outputs unless given), or
     ``evaluate(model) -> float`` (higher is better) when given. With no data at all,
     ``synthesize=N`` makes an unlabeled probe of ``N`` inputs whose BatchNorm statistics match
     the model's stored ones (``autodac.synthesize_inputs``; needs BatchNorm layers) and plans on
@@ -1157,6 +1159,7 @@ def _open_search(run: _Run) -> None:
             **fingerprinted(s.groups),  # the options flagged for it in ``autodac.options``
             "evaluate": s.evaluate is not None,
             **({} if s.params is None else {"params_budget": s.params}),  # studies without one keep the fingerprint they had
+            **({} if s.probe.output_kind == "auto" else {"output_kind": s.probe.output_kind}),  # auto: as before the option
             # a study timed in another runtime is another search; eager studies keep the fingerprint they had
             **({} if s.timing_runtime.name == "torch" else {"runtime": s.timing_runtime.name}),
         },
@@ -1198,11 +1201,12 @@ def _allocate(run: _Run) -> None:
 def _profile(run: _Run) -> None:
     """Reads the probe (or evaluate) and candidates; writes the probe runner and, with a held-out probe, the profile and its scores."""
     s = run.settings
-    run.runner = _ProbeRunner(run.model, run.probe, s.evaluate)
+    run.runner = _ProbeRunner(run.model, run.probe, s.evaluate, s.probe.output_kind)
     if run.runner.held_out is not None:
         with _stage(f"sensitivity profile (up to {s.probe.profile_points} options a layer)"):
             run.profile, run.scores = _profile_scores(
-                run.model, run.candidates, run.runner.held_out, run.factors, s.probe.profile_size, s.probe.profile_points, s.progress, run.shared,
+                run.model, run.candidates, run.runner.held_out, run.runner.kind, run.factors, s.probe.profile_size, s.probe.profile_points,
+                s.progress, run.shared,
             )
 
 
@@ -1313,10 +1317,11 @@ def _distill(run: _Run) -> None:
     with _stage(f"distillation ({s.distill.epochs} epochs on {count(run.runner.calibration)} probe inputs)"), _progress_bar(
         s.progress, "autodac: distilling", "step"
     ) as bar:
-        model, report = distill_model(run.decomposed, run.model, run.runner.calibration, run.runner.score, s.distill, bar, layers)
+        model, report = distill_model(run.decomposed, run.model, run.runner.calibration, run.runner.score, s.distill, bar, layers, run.runner.kind)
     if report.kept:
         run.decomposed = model
-        plan.distilled = {**s.distill.to_dict(), "epoch": report.best_epoch, "accepted": report.accepted, "inputs": inputs}
+        plan.distilled = {**s.distill.to_dict(), "epoch": report.best_epoch, "accepted": report.accepted, "inputs": inputs,
+                          "output_kind": run.runner.kind}  # None with `evaluate`: each batch's read off the teacher's outputs
         run.metrics["probe_before_distillation"] = report.before[1]
         plan.notes.append(
             f"distilled from the original: epoch {report.best_epoch} of {s.distill.epochs} kept, {report.accepted.count(False)} before it "
@@ -1373,7 +1378,8 @@ def _final_scores(run: _Run) -> None:
         metrics["probe_examples"] = float(len(run.probe)) if run.probe is not None else 0.0
         plan.notes.append(f"probe metric: {runner.metric_name} on {len(runner.held_out) if runner.held_out is not None else 0} held-out probe examples")
         if runner.kind is not None:
-            plan.notes.append(f"probe objective: {_probes.OUTPUT_KINDS[runner.kind]}, from the original's outputs")
+            how = "as output_kind says" if s.probe.output_kind != "auto" else "read off the original's outputs"
+            plan.notes.append(f"probe objective: {_probes.OUTPUT_KINDS[runner.kind]}, {how}")
     plan.metrics.update(metrics)
     if measured:  # the data-free allocation flags its own (_allocate_capped)
         _flag_measured_damage(plan, float(s.fit.max_layer_error), runner.metric_name, stacklevel=4)
@@ -1662,7 +1668,8 @@ def _front_plan(template: Plan, candidates: list[_Candidate], trial: Trial, timi
 
 
 def _profile_scores(
-    model, candidates, held_out: Probe, factors: _Factors, size: int, points: int, progress: bool, shared: SharedSearch | None = None
+    model, candidates, held_out: Probe, kind: str, factors: _Factors, size: int, points: int, progress: bool,
+    shared: SharedSearch | None = None,
 ):
     """Measure each layer's probe loss at a few options and read every other option off that curve.
 
@@ -1674,8 +1681,7 @@ def _profile_scores(
     size = min(size, _profile_examples(model, held_out.inputs[:1]))
     sample = held_out.subset(slice(0, size))
     logger.info("sensitivity profile on %d probe examples", len(sample))
-    reference = predict(model, sample.inputs)
-    kind = output_kind(held_out.reference if held_out.reference is not None else reference)  # as the search's, on the whole held-out half
+    reference = predict(model, sample.inputs)  # compared as the search compares them (``kind``: decided on the whole held-out half)
 
     def loss(candidate_model: nn.Module) -> float:
         return divergence(predict(candidate_model, sample.inputs), reference, kind)
@@ -1855,9 +1861,10 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         chosen = {name: plan.layers[name] for name in refitted}
         result, _ = refit_in_order(model, result, _refits(chosen, model), fit_examples(replayed))
     if plan.distilled:  # replay the distillation optimize kept: the same inputs, options and epoch, so the same weights
-        options = DistillOptions(**{k: v for k, v in plan.distilled.items() if k not in ("epoch", "accepted", "inputs")})
+        options = DistillOptions(**{k: v for k, v in plan.distilled.items() if k not in ("epoch", "accepted", "inputs", "output_kind")})
         inputs = split_probe(replayed)[0] if plan.distilled["inputs"] == "calibration" else replayed.inputs
-        result = replay_distillation(result, model, inputs, options, plan.distilled["accepted"], list(plan.factorized))
+        result = replay_distillation(result, model, inputs, options, plan.distilled["accepted"], list(plan.factorized),
+                                     plan.distilled.get("output_kind"))  # plans from before it was recorded: read per batch, as then
     if plan.metrics.get("bn_reestimated") and replayed is not None:  # replay the re-estimation optimize kept
         reestimate_batchnorm(result, split_probe(replayed)[0])
     return result

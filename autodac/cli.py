@@ -738,6 +738,12 @@ def _distill_default() -> int:
     return DistillOptions.epochs
 
 
+def _output_kinds() -> tuple[str, ...]:
+    from autodac.probes import OUTPUT_KIND_CHOICES
+
+    return OUTPUT_KIND_CHOICES
+
+
 def _methods_text() -> str:
     """The registered factorisations, read from the registry."""
     from autodac.factorize import METHODS
@@ -765,6 +771,7 @@ def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
     _add_option(optimize, "sequential_fit", "--no-sequential-fit", action="store_false",
                 context="with --data/--synthesize (faster on deep nets): ")
     _add_option(optimize, "refit_candidates", type=_positive, metavar="K")
+    _add_option(optimize, "output_kind", choices=_output_kinds(), context="with --data/--synthesize: ")
     optimize.add_argument("--distill", type=_positive, nargs="?", const=_distill_default(), metavar="EPOCHS",
                           help="with --data/--synthesize: then train the decomposed model towards the original's outputs on the probe "
                                f"for EPOCHS epochs (default {_distill_default()}), kept only if the held-out probe improves")
@@ -839,13 +846,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     profile = commands.add_parser("profile", parents=[common], help="per-layer sensitivity sweep (table and heat map)",
                                   description="Each layer alone factorised at a few options along its cost/error front; "
-                                              "the KL divergence of the outputs from the original's on the probe.")
+                                              "the divergence of the outputs from the original's on the probe, as the search measures it.")
     _add_model(profile)
     profile.add_argument("--data", required=True, metavar="FILE", help="probe: .npz with x (and optional y), or a .pt")
     _add_shape(profile, "default: the first example's shape")
     _add_option(profile, "profile_points", "--points", type=_positive, metavar="K")
     _add_option(profile, "profile_size", type=_positive, metavar="N")
     _add_option(profile, "methods", type=_methods, metavar="M[,M...]", context=_methods_text())
+    _add_option(profile, "output_kind", choices=_output_kinds())
     profile.add_argument("--out", metavar="DIR", help="write DIR/sensitivity.json and the heat map DIR/sensitivity.png")
     profile.set_defaults(run=_cmd_profile)
 

@@ -71,19 +71,20 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def output_loss(student_out: Any, teacher_out: Any) -> torch.Tensor:
+def output_loss(student_out: Any, teacher_out: Any, kind: str | None = None) -> torch.Tensor:
     """Divergence of the student's outputs from the teacher's, summed over every floating output tensor.
 
     A dimension 1 of more than one entry: KL(teacher || student) over dim 1 of what the teacher's
     outputs are (``autodac.probes.output_kind``: a softmax of class scores, distributions as they
     are, a Bernoulli KL per entry for independent probabilities), averaged over the other
     positions. Anything else: squared error relative to the teacher's energy, so outputs of any
-    scale weigh alike.
+    scale weigh alike. ``kind`` (a key of ``autodac.probes.OUTPUT_KINDS``, as the probe decided it for
+    the whole held-out half) applies to every output tensor; None reads each one's off the teacher's batch.
     """
     students, teachers = _tensors(student_out), _tensors(teacher_out)
     if not teachers or len(students) != len(teachers):
         raise ModelError("distillation needs a model whose outputs hold floating tensors (a tensor, or tuples/lists/dicts of them)")
-    return sum((divergence_tensor(s.float(), t.float()) for s, t in zip(students, teachers)), students[0].new_zeros(()))
+    return sum((divergence_tensor(s.float(), t.float(), kind) for s, t in zip(students, teachers)), students[0].new_zeros(()))
 
 
 def _mixed(inputs: Batch, generator: torch.Generator, alpha: float) -> Batch:
@@ -150,8 +151,9 @@ class _Trainer:
     """
 
     def __init__(self, model: nn.Module, teacher: nn.Module, inputs: Batch, settings: DistillOptions,
-                 progress: Callable[[int, int], None] | None = None, layers: Sequence[str] = ()) -> None:
+                 progress: Callable[[int, int], None] | None = None, layers: Sequence[str] = (), kind: str | None = None) -> None:
         self.model, self.teacher, self.inputs, self.settings, self.progress = model, teacher, inputs, settings, progress
+        self.kind = kind
         self.layers = list(layers) if settings.features > 0 else []
         self.device = next(iter(model.parameters())).device
         self.params = [p for p in model.parameters() if p.is_floating_point()]
@@ -207,7 +209,7 @@ class _Trainer:
             with torch.no_grad():
                 target = call(self.teacher, x, self.device)
             with torch.enable_grad():
-                loss = output_loss(call(self.model, x, self.device), target)
+                loss = output_loss(call(self.model, x, self.device), target, self.kind)
                 matched = feature_loss(self.student_taps.take(), self.teacher_taps.take())
                 if matched is not None:
                     loss = loss + self.settings.features * matched
@@ -242,6 +244,7 @@ def distill(
     settings: DistillOptions = DistillOptions(),
     progress: Callable[[int, int], None] | None = None,
     layers: Sequence[str] = (),
+    kind: str | None = None,
 ) -> tuple[nn.Module, DistillReport]:
     """A copy of ``student`` trained to match ``teacher`` on ``inputs``, or ``student`` itself if no epoch scored better.
 
@@ -250,7 +253,8 @@ def distill(
     included) is accepted; any other is undone and the learning rate divided by three, so a rate
     too high for the network costs an epoch, not the model. The last accepted epoch is kept if its
     metric is not lower than ``student``'s. ``layers`` names modules (present in both models: the
-    changed layers) whose outputs are matched too, where their shapes agree. ``teacher`` and
+    changed layers) whose outputs are matched too, where their shapes agree; ``kind`` is how outputs
+    are compared (``output_loss``). ``teacher`` and
     ``student`` are not changed. Deterministic for a fixed seed and thread count.
     """
     start = time.perf_counter()
@@ -259,7 +263,7 @@ def distill(
     history: list[tuple[float, float]] = []
     accepted: list[bool] = []
     best = before
-    with _Trainer(model, teacher, inputs, settings, progress, layers) as trainer:
+    with _Trainer(model, teacher, inputs, settings, progress, layers, kind) as trainer:
         for epoch in range(1, settings.epochs + 1):
             loss = trainer.epoch()
             measured = score(model) if math.isfinite(loss) else (-math.inf, -math.inf)
@@ -280,14 +284,14 @@ def distill(
 
 
 def replay(student: nn.Module, teacher: nn.Module, inputs: Batch, settings: DistillOptions, accepted: Sequence[bool],
-           layers: Sequence[str] = ()) -> nn.Module:
+           layers: Sequence[str] = (), kind: str | None = None) -> nn.Module:
     """A copy of ``student`` trained as ``distill`` trained it, taking its decisions ``accepted`` (one per epoch) without scoring."""
     if not accepted or len(accepted) > settings.epochs or not accepted[-1] or not all(isinstance(a, bool) for a in accepted):
         raise AutodacError(
             f"the distillation to replay must be 1 to {settings.epochs} accept/reject decisions ending in an accepted epoch, but got {list(accepted)!r}"
         )
     model = copy.deepcopy(student)
-    with _Trainer(model, teacher, inputs, settings, None, layers) as trainer:
+    with _Trainer(model, teacher, inputs, settings, None, layers, kind) as trainer:
         for decision in accepted:
             trainer.epoch()
             trainer.accept() if decision else trainer.reject()

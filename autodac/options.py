@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar, Iterable
 
 from autodac.errors import AutodacError
 from autodac.factorize import METHODS, get_method
-from autodac.probes import DEFAULT_PROBE_SIZE
+from autodac.probes import DEFAULT_PROBE_SIZE, OUTPUT_KIND_CHOICES
 
 __all__ = [
     "ProbeOptions", "FitOptions", "SearchOptions", "StudyOptions", "DistillOptions", "GROUPS", "DEFAULT_METHODS", "Rule",
@@ -60,6 +60,8 @@ POSITIVE = Rule("> 0 and finite", lambda v: isinstance(v, numbers.Real) and not 
 NON_NEGATIVE = Rule(">= 0 and finite", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v < float("inf"),
                     "`{name}` must be a finite number >= 0")
 INTEGER = Rule("integer", lambda v: _is_int(v), "`{name}` must be an integer")
+OUTPUT_KIND = Rule(" or ".join(repr(k) for k in OUTPUT_KIND_CHOICES), lambda v: v in OUTPUT_KIND_CHOICES,
+                   "`{name}` must be one of " + ", ".join(repr(k) for k in OUTPUT_KIND_CHOICES))
 WEIGHTINGS = Rule("'batchnorm' or 'none'", lambda v: v in ("batchnorm", "none"), "`{name}` must be 'batchnorm' or 'none'")
 
 
@@ -129,6 +131,10 @@ class ProbeOptions(_Options):
     synthesize: int = _option(0, "without data: plan on N inputs synthesised to match the model's BatchNorm statistics", SYNTHESIS_COUNT)
     reestimate_bn: bool = _option(
         True, "re-estimate BatchNorm statistics on the probe, kept only when held-out examples say it helps", fingerprint=True)
+    output_kind: str = _option(
+        "auto", "what the model's outputs are, so the probe compares them fittingly: 'auto' reads it off them; 'scores' "
+        "(softmax KL, top-1), 'distribution', 'probabilities' (Bernoulli KL) or 'values' (squared error, R^2); "
+        "in a study's fingerprint when not 'auto'", OUTPUT_KIND)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 from autodac.errors import AutodacError, PlanError
 from autodac.options import DistillOptions
+from autodac.probes import OUTPUT_KINDS
 
 __all__ = ["PLAN_VERSION", "READABLE_VERSIONS", "LayerChoice", "Plan", "structure_fingerprint"]
 
@@ -122,14 +123,15 @@ def _check_fit(name: str, fit: Any) -> str:
 
 
 def _check_distilled(data: Any) -> dict[str, Any]:
-    """A plan's ``distilled`` record, checked: the distillation options, ``epoch`` (1..epochs) and ``inputs``."""
+    """A plan's ``distilled`` record, checked: the distillation options, ``epoch`` (1..epochs), ``inputs`` and ``output_kind``."""
     if data is None or data == {}:
         return {}
     rule = ("a plan's `distilled` must be an object of the distillation options, `epoch` (1..epochs), `accepted` (one true/false per "
-            "epoch up to it, the last true) and `inputs` ('calibration' or 'probe')")
+            "epoch up to it, the last true), `inputs` ('calibration' or 'probe') and optionally `output_kind` (how outputs were "
+            f"compared: one of {sorted(OUTPUT_KINDS)}, or null)")
     if not isinstance(data, dict) or not {"epoch", "accepted", "inputs"} <= set(data):
         raise PlanError(f"{rule}, but got {data!r:.200}")
-    options = {k: v for k, v in data.items() if k not in ("epoch", "accepted", "inputs")}
+    options = {k: v for k, v in data.items() if k not in ("epoch", "accepted", "inputs", "output_kind")}
     try:
         settings = DistillOptions(**options)
     except TypeError:
@@ -140,7 +142,11 @@ def _check_distilled(data: Any) -> dict[str, Any]:
     if (isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= settings.epochs or data["inputs"] not in ("calibration", "probe")
             or not isinstance(accepted, list) or len(accepted) != epoch or not all(isinstance(a, bool) for a in accepted) or not accepted[-1]):
         raise PlanError(f"{rule}, but got epoch={epoch!r}, accepted={accepted!r:.100}, inputs={data['inputs']!r}")
-    return {**settings.to_dict(), "epoch": epoch, "accepted": list(accepted), "inputs": data["inputs"]}
+    kind = data.get("output_kind")
+    if kind is not None and kind not in OUTPUT_KINDS:
+        raise PlanError(f"{rule}, but got output_kind={kind!r}")
+    return {**settings.to_dict(), "epoch": epoch, "accepted": list(accepted), "inputs": data["inputs"],
+            **({} if "output_kind" not in data else {"output_kind": kind})}  # plans from before it was recorded read back as they were
 
 
 def _layer_dict(choice: LayerChoice) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autodac.batches import Batch, Inputs, call, concat, count, fast_layout, per_example
+from autodac.batches import Batch, Inputs, arguments, call, concat, count, fast_layout, per_example
 from autodac.errors import AutodacError, ModelError
 from autodac.factorize import get_method
 from autodac.factorize.base import covariance_for
@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_PROBE_SIZE", "Probe", "collect_probe", "reconstruction_errors", "batchnorm_weights", "predict", "top1_match",
     "divergence", "reestimate_batchnorm", "has_batchnorm", "input_covariances", "cross_covariances", "split_probe", "fit_examples",
     "BATCH_ELEMENTS", "ACTIVATION_ELEMENTS", "activation_batch_size", "batch_size_for", "divergence_tensor", "output_kind", "OUTPUT_KINDS",
+    "OUTPUT_KIND_CHOICES", "check_output_kind", "r_squared", "probe_metric", "metric_name", "divergence_share",
     "fast_layout", "MAX_COVARIANCE_BYTES", "patch_size", "covariance_bytes", "covariance_fits", "blocks_bytes", "blocks_fit",
 ]
 
@@ -354,25 +355,96 @@ OUTPUT_KINDS = {
     "scores": "KL of the softmax over dim 1 (class scores, logits)",
     "distribution": "KL over dim 1 (outputs are already distributions: non-negative, summing to 1)",
     "probabilities": "Bernoulli KL of each entry (outputs lie in [0, 1] but do not sum to 1: independent probabilities, e.g. a sigmoid)",
-    "values": "relative squared error (no class dimension)",
+    "values": "relative squared error (values: no class dimension, or laid out like an input)",
 }
+OUTPUT_KIND_CHOICES = ("auto", *OUTPUT_KINDS)  # what ``optimize(output_kind=...)`` takes: "auto" reads it off the outputs
 
 
-def output_kind(reference: torch.Tensor) -> str:
-    """Which divergence fits the original's outputs (a key of ``OUTPUT_KINDS``), read off their values.
+def _laid_out_like_an_input(reference: torch.Tensor, inputs: Batch | None) -> bool:
+    """Whether the outputs have an input's channels over at least its positions (image to image: restoration, super-resolution)."""
+    if inputs is None or reference.dim() < 3:
+        return False
+    return any(
+        x.is_floating_point() and x.dim() == reference.dim() and x.shape[1] == reference.shape[1]
+        and all(o >= i for o, i in zip(reference.shape[2:], x.shape[2:]))
+        for x in arguments(inputs)
+    )
+
+
+def output_kind(reference: torch.Tensor, inputs: Batch | None = None) -> str:
+    """Which divergence fits the original's outputs (a key of ``OUTPUT_KINDS``), read off their values and layout.
 
     A model that ends in a softmax or a sigmoid has already turned its scores into
     probabilities; a softmax of those would be nearly uniform and barely move when the model
     does (CREPE's 360 sigmoid pitch bins), so they are compared as the distributions they are.
-    Decided once on the whole reference, so every chunk and every candidate is measured alike.
+    Outputs with one entry per position, or laid out like one of ``inputs`` (the same channels
+    over the same or more positions: a denoiser's or an upscaler's image), are values: a softmax
+    over an image's colour channels would not see its brightness change. Decided once on the
+    whole reference, so every chunk and every candidate is measured alike; ``optimize(output_kind=...)``
+    overrides it (a segmenter with as many classes as its input has channels reads as values).
     """
-    if reference.dim() < 2 or reference.shape[1] < 2:
+    if reference.dim() < 2 or reference.shape[1] < 2 or _laid_out_like_an_input(reference, inputs):
         return "values"
     low, high = float(reference.min()), float(reference.max())
     if low < 0 or high > 1:
         return "scores"
     sums = reference.double().sum(1)
     return "distribution" if float((sums - 1).abs().max()) <= 1e-3 else "probabilities"
+
+
+def check_output_kind(kind: str, reference: torch.Tensor) -> None:
+    """Refuse an ``output_kind`` the original's outputs cannot be compared by (named with their shape or range)."""
+    if kind in ("auto", "values"):
+        return
+    if reference.dim() < 2 or reference.shape[1] < 2:
+        raise AutodacError(
+            f"output_kind={kind!r} compares outputs over a class dimension (dim 1, at least 2 entries), but the model's outputs "
+            f"have shape {tuple(reference.shape)}: use 'values'"
+        )
+    low, high = float(reference.min()), float(reference.max())
+    if kind != "scores" and (low < 0 or high > 1):
+        raise AutodacError(
+            f"output_kind={kind!r} needs outputs in [0, 1] (probabilities), but the original's range over [{low:.4g}, {high:.4g}]: "
+            "use 'scores' for logits or 'values'"
+        )
+
+
+def r_squared(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    """``1 - |outputs - reference|^2 / |reference - mean|^2``: how much of the original's variation the outputs reproduce.
+
+    The mean is taken per entry of dim 1 (each output channel) over everything else, so an
+    image's brightness or a regression target's offset is not counted as reproduced variation.
+    1 for the original itself; 0 for outputs no closer than each channel's mean.
+    """
+    outputs, reference = outputs.double(), reference.double()
+    dims = [d for d in range(reference.dim()) if d != 1] if reference.dim() > 1 else [0]
+    spread = (reference - reference.mean(dims, keepdim=True)).pow(2).sum()
+    return float(1 - (outputs - reference).pow(2).sum() / spread.clamp_min(1e-300))
+
+
+def probe_metric(outputs: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None, kind: str) -> float:
+    """The metric reported to the user: top-1 accuracy with labels, else top-1 agreement with the original, or R^2 for values."""
+    if labels is not None:
+        return top1_match(outputs, labels)
+    return r_squared(outputs, reference) if kind == "values" else top1_match(outputs, reference.argmax(1))
+
+
+def metric_name(labelled: bool, kind: str | None) -> str:
+    """What ``probe_metric`` measures, in words."""
+    if labelled:
+        return "top-1 accuracy"
+    return "R^2 of the outputs against the original's" if kind == "values" else "top-1 agreement with the original"
+
+
+def divergence_share(outputs: torch.Tensor, reference: torch.Tensor, kind: str, rows: int, energy: float) -> float:
+    """What one chunk of examples adds to the whole probe's ``divergence``: a non-negative part, so partial sums are lower bounds.
+
+    ``rows`` is the whole reference's number of positions (its entries over dim 1), ``energy``
+    its squared sum (read only for values, whose divergence is relative to the whole's energy).
+    """
+    if kind == "values":
+        return float((outputs - reference).double().pow(2).sum()) / max(energy, 1e-300)
+    return divergence(outputs, reference, kind) * (outputs.numel() // outputs.shape[1]) / rows
 
 
 def divergence(outputs: torch.Tensor, reference: torch.Tensor, kind: str | None = None) -> float:

@@ -188,6 +188,7 @@ def test_optimize_keeps_a_distillation_that_the_held_out_probe_prefers_and_recor
     assert distilled.plan.layers == plain.plan.layers  # the same plan, other weights
     record = distilled.plan.distilled
     assert record["epochs"] == 3 and 1 <= record["epoch"] <= 3 and record["inputs"] == "calibration"
+    assert record["output_kind"] == "scores"  # what the probe compared (class scores), so apply trains on the same loss
     assert len(record["accepted"]) == record["epoch"] and record["accepted"][-1]
     assert distilled.metrics["probe"] > plain.metrics["probe"]  # held-out accuracy, 128 images
     assert distilled.metrics["probe_before_distillation"] == pytest.approx(plain.metrics["probe_without_bn_reestimate"])
@@ -215,9 +216,36 @@ def test_a_plan_with_a_broken_distillation_record_is_refused(distilled_run):
     good = distilled.plan.to_dict()
     for broken, match in (({**good["distilled"], "epoch": 9}, "epoch=9"), ({**good["distilled"], "lr": -1}, "lr"),
                           ({"epoch": 1}, "inputs"), ({**good["distilled"], "extra": 1}, "extra"),
-                          ({**good["distilled"], "accepted": [False] * good["distilled"]["epoch"]}, "accepted")):
+                          ({**good["distilled"], "accepted": [False] * good["distilled"]["epoch"]}, "accepted"),
+                          ({**good["distilled"], "output_kind": "logits"}, "output_kind='logits'")):
         with pytest.raises(autodac.PlanError, match=match):
             autodac.Plan.from_dict({**good, "distilled": broken})
+
+
+def test_a_distillation_record_from_before_output_kind_reads_back_as_it_was(distilled_run):
+    _, _, distilled = distilled_run
+    old = distilled.plan.to_dict()
+    old["distilled"] = {k: v for k, v in old["distilled"].items() if k != "output_kind"}
+    assert "output_kind" not in autodac.Plan.from_dict(old).distilled
+
+
+def test_distillation_compares_outputs_as_the_probe_decided(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Told the outputs are values, every training batch's loss is their squared error, not a kind read off the batch."""
+    import autodac.distill
+
+    kinds: list[str | None] = []
+    real = autodac.distill.divergence_tensor
+
+    def spy(student: torch.Tensor, teacher: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        kinds.append(kind)
+        return real(student, teacher, kind)
+
+    monkeypatch.setattr(autodac.distill, "divergence_tensor", spy)
+    x, _ = fashion_mnist_slice("train")
+    result = autodac.optimize(pretrained("resnet20"), 0.3, data=[x[:64]], output_kind="values", distill=DistillOptions(epochs=1),
+                              n_trials=1, profile_size=16, profile_points=2, sequential_fit=False, progress=False)
+    assert kinds and set(kinds) == {"values"}
+    assert any("probe metric: R^2" in note for note in result.plan.notes)
 
 
 def test_distill_needs_a_probe_and_a_valid_value():

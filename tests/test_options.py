@@ -55,7 +55,7 @@ def test_the_cli_defaults_are_the_dataclass_defaults() -> None:
                 assert args[name] == default, (command, name)
                 seen.add(name)
     assert seen == {"synthesize", "methods", "exclude", "n_trials", "seed", "sequential_fit", "refit_candidates",
-                    "profile_points", "profile_size"}
+                    "profile_points", "profile_size", "output_kind"}
 
 
 def test_the_cli_help_is_the_option_help() -> None:
@@ -226,3 +226,8 @@ def test_the_readme_table_of_options_is_the_one_the_options_make() -> None:
     assert committed == markdown_table(), "regenerate the README's table with autodac.options.markdown_table()"
     for name in option_fields():
         assert f"| `{name}` |" in committed
+
+
+def test_a_study_records_output_kind_only_when_it_is_not_read_off_the_outputs(monkeypatch) -> None:
+    assert "output_kind" not in _fingerprint(monkeypatch)  # studies made before the option keep their fingerprint
+    assert _fingerprint(monkeypatch, output_kind="values")["output_kind"] == "values"

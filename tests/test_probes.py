@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections import defaultdict
 from typing import Any, Iterator
 
@@ -13,7 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import autodac
-from autodac.probes import collect_probe, divergence, has_batchnorm, output_kind, reestimate_batchnorm, top1_match
+from autodac.batches import Inputs
+from autodac.probes import (
+    check_output_kind, collect_probe, divergence, has_batchnorm, output_kind, r_squared, reestimate_batchnorm, top1_match,
+)
 from autodac.testing import seeded
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -401,3 +405,58 @@ def test_top1_match_over_positions() -> None:
 def test_top1_match_needs_a_class_dimension() -> None:
     with pytest.raises(autodac.ModelError, match=r"class dimension.*\(8,\)"):
         top1_match(torch.randn(8), torch.zeros(8, dtype=torch.long))
+
+
+def test_outputs_laid_out_like_an_input_are_values_whatever_their_range() -> None:
+    """A denoiser's or an upscaler's image is values (a softmax over its colour channels cannot see brightness);
+    a segmenter's class scores (other channels than the input's) stay scores."""
+    x = torch.randn(4, 3, 8, 8)
+    assert output_kind(x * 5, x) == "values"
+    assert output_kind(torch.rand(4, 3, 16, 16), x) == "values"  # an upscaler's [0, 1] image is not independent probabilities
+    assert output_kind(torch.randn(4, 5, 8, 8) * 3, x) == "scores"
+    assert output_kind(torch.randn(4, 3, 4, 4) * 3, x) == "scores"  # fewer positions than the input: a map of scores
+    assert output_kind(x * 5, Inputs((torch.randn(4, 6, 8, 8), x))) == "values"  # any of several inputs
+
+
+def test_r_squared_is_the_share_of_the_originals_variation_reproduced() -> None:
+    torch.manual_seed(0)
+    reference = torch.randn(8, 3, 5, 5) + torch.tensor([4.0, -2.0, 0.5]).reshape(1, 3, 1, 1)
+    assert r_squared(reference, reference) == pytest.approx(1.0)
+    channel_means = reference.mean((0, 2, 3), keepdim=True).expand_as(reference)
+    assert r_squared(channel_means, reference) == pytest.approx(0.0, abs=1e-12)
+    brighter = reference + 0.5  # what a softmax over the channels does not see
+    assert divergence(brighter, reference, "scores") == pytest.approx(0.0, abs=1e-6)
+    assert r_squared(brighter, reference) < 0.9 and divergence(brighter, reference, "values") > 1e-3
+
+
+def test_a_forced_output_kind_the_outputs_cannot_have_is_refused() -> None:
+    assert check_output_kind("values", torch.randn(4, 1)) is None and check_output_kind("scores", torch.randn(4, 3)) is None
+    with pytest.raises(autodac.AutodacError, match=r"output_kind='scores' compares outputs over a class dimension .* shape \(4, 1\)"):
+        check_output_kind("scores", torch.randn(4, 1))
+    with pytest.raises(autodac.AutodacError, match=r"output_kind='probabilities' needs outputs in \[0, 1\] .* range over \[-"):
+        check_output_kind("probabilities", torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("kind", ["values", "scores"])
+def test_a_stopped_score_is_a_lower_bound_on_the_whole_divergence(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Chunk by chunk, the part summed so far never exceeds the whole probe's divergence, for squared errors too."""
+    import autodac.api as api
+    from autodac.probes import Probe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1)).eval()
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed[0].weight.mul_(0.9)
+        changed[0].bias.add_(0.2)  # the same error on every example, large against the quiet first chunk's own outputs
+    x = torch.randn(64, 3, 6, 6) * torch.where(torch.arange(64) < 4, 0.01, 10.0).reshape(64, 1, 1, 1)
+    runner = api._ProbeRunner(model, Probe(x, None), None, kind)
+    whole = runner.score(changed)[0]
+    monkeypatch.setattr(api, "BATCH_ELEMENTS", 3 * 6 * 6 * 4)  # chunks of 4 examples
+    for floor in (whole * 0.25, whole * 0.9, whole * 1.1):
+        bound, metric = runner.score(changed, floor=floor)
+        if math.isnan(metric):  # stopped: what it claims is no better than it is, and worse than the floor
+            assert whole - 1e-6 * abs(whole) <= bound < floor
+        else:
+            assert bound == pytest.approx(whole)
+    assert math.isnan(runner.score(changed, floor=whole * 0.25)[1]), "a floor 4x better than the model must stop it"

@@ -594,3 +594,43 @@ def test_no_trial_leaves_the_budget(prefers: str) -> None:
     assert all(t.cost + _fixed_cost(result) <= target for t in result.trials)
     assert seen[0] == result.original_flops and all(flops <= target for flops in seen[1:])
     assert count_flops(result.model, (x,)).total == result.flops <= target
+
+
+class _Denoiser(nn.Module):
+    """An image-to-image net: its input plus a correction (a denoiser's shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_an_image_to_image_model_is_searched_on_squared_error_and_reported_as_r_squared() -> None:
+    """Not a softmax over its colour channels, not the top-1 channel per pixel: the error of the image, and its R^2."""
+    from autodac.probes import r_squared
+
+    model = seeded(_Denoiser(), 0).eval()
+    x = torch.randn(48, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    result = autodac.optimize(model, 0.4, data=[x], **SEARCH)
+    notes = " ".join(result.plan.notes)
+    assert "probe objective: relative squared error" in notes and "probe metric: R^2 of the outputs" in notes
+    held_out = x[1::2]
+    assert result.metrics["probe_original"] == pytest.approx(1.0)
+    assert result.metrics["probe"] == pytest.approx(r_squared(predict(result.model, held_out), predict(model, held_out)), abs=1e-6)
+    assert result.metrics["probe"] < 1.0 and all(t.value < 0 for t in result.trials)
+
+
+def test_output_kind_overrides_what_the_outputs_look_like_and_refuses_what_they_cannot_be() -> None:
+    model = _trained_small_net()
+    _, data = _probe_data(model, labeled=False)
+    state = _state(model)
+    result = autodac.optimize(model, BUDGET, data=data, output_kind="values", **SEARCH)
+    assert any(n.startswith("probe objective: relative squared error") for n in result.plan.notes)
+    assert any(n.startswith("probe metric: R^2") for n in result.plan.notes)
+    with pytest.raises(autodac.AutodacError, match=r"output_kind='distribution' needs outputs in \[0, 1\].*range over \["):
+        autodac.optimize(model, BUDGET, data=data, output_kind="distribution", **SEARCH)
+    with pytest.raises(autodac.AutodacError, match=r"`output_kind` must be one of 'auto', 'scores', .*but got output_kind='logits'"):
+        autodac.optimize(model, BUDGET, data=data, output_kind="logits", **SEARCH)
+    assert _same_state(_state(model), state)
