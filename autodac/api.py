@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autodac._logging import get_logger
+from autodac._logging import get_logger, peak_memory_bytes
 from autodac.attention import unfuse_attention
 from autodac.cost import FlopCount, count_flops, count_params
 from autodac.errors import AutodacError, BudgetError, ModelError, PlanError
@@ -130,11 +130,16 @@ class Result:
 
 @contextlib.contextmanager
 def _stage(name: str):
-    """Log how long one stage of ``optimize`` took (INFO), so a long call says where its time went."""
-    start = time.perf_counter()
+    """Log how long one stage of ``optimize`` took and the process's peak memory after it (INFO): a long or large call says
+    where its time went, and the stage after which the peak rose is the one that set it."""
+    start, before = time.perf_counter(), peak_memory_bytes()
     logger.info("%s ...", name)
     yield
-    logger.info("%s: %.1f s", name, time.perf_counter() - start)
+    after = peak_memory_bytes()
+    memory = "" if after is None else f", process peak {after / 2**30:.2f} GiB" + (
+        f" (+{(after - before) / 2**30:.2f} GiB in this stage)" if before is not None and after - before >= 2**30 // 100 else "")
+    logger.info("%s: %.1f s%s", name, time.perf_counter() - start, memory)
+
 
 
 def _default_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:

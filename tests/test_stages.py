@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 import warnings
 
 import pytest
@@ -96,3 +98,28 @@ def test_the_stages_up_to_the_profile_measure_what_optimize_measures() -> None:
     whole = autodac.optimize(SmallConvNet(), 1.0, n_trials=1, reestimate_bn=False, **options).profile
     assert run.profile.samples == whole.samples and run.profile.losses == whole.losses
     assert run.refined is None and run.plan is None  # nothing after the profile ran
+
+
+def test_each_stage_logs_its_time_and_the_peak_memory_after_it(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage after which the process's peak rose is named with the rise, so a large call says where its memory went."""
+    peaks = iter([1 << 30, 1 << 30, 1 << 30, 3 << 30])  # the first stage keeps the peak, the second raises it by 2 GiB
+    monkeypatch.setattr(api, "peak_memory_bytes", lambda: next(peaks))
+    with caplog.at_level(logging.INFO, logger="autodac"):
+        with api._stage("first"):
+            pass
+        with api._stage("second"):
+            pass
+    lines = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(r"first: \d+\.\d s, process peak 1\.00 GiB", lines[1]), lines
+    assert re.fullmatch(r"second: \d+\.\d s, process peak 3\.00 GiB \(\+2\.00 GiB in this stage\)", lines[3]), lines
+
+
+def test_the_peak_memory_is_read_and_never_falls() -> None:
+    from autodac._logging import peak_memory_bytes
+
+    first = peak_memory_bytes()
+    if first is None:
+        pytest.skip("this platform reports no peak memory")
+    block = torch.ones(64, 1 << 20)  # 256 MiB resident now
+    second = peak_memory_bytes()
+    assert 0 < first <= second and second >= block.numel() * block.element_size()
