@@ -20,7 +20,8 @@ that call's alone (``VmHWM`` reset just before the call, read just after; the RS
 model and probe inputs loaded, is given beside it). Modes: ``data-free`` (no data),
 ``synthetic`` (``synthesize=N``), ``probe`` (``data=`` batches of the probe inputs, no labels).
 A call that raises is a row too, with the error's first line. Writes ``<out>.md`` and ``<out>.json``
-after every row (an interrupted run keeps what it measured), and logs each row to stderr.
+after every row (an interrupted run keeps what it measured), and logs each row to stderr, with the
+child's autodac stage lines (each stage's time and the peak memory after it: which stage set the peak).
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ def child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     set_threads(spec["threads"])
     import autodac
+
+    autodac.set_verbosity("INFO")  # each stage's time and the peak memory after it, on stderr: where a row's time and memory went
 
     work = Path(spec["work"])
     model = load_model(spec["model"])
