@@ -743,6 +743,7 @@ class _ProbeRunner:
                 self.held_out.reference = predict(model, self.held_out.inputs)
                 check_output_kind(kind, self.held_out.reference)
                 self.kind = output_kind(self.held_out.reference, self.held_out.inputs) if kind == "auto" else kind
+                self.energy = float(self.held_out.reference.double().pow(2).sum())  # what a squared error is relative to
 
     @property
     def metric_name(self) -> str:
@@ -774,11 +775,11 @@ class _ProbeRunner:
             outputs = predict(model, inputs)
         else:
             parts, seen = [], 0.0
-            rows, energy = reference.numel() // reference.shape[1], float(reference.double().pow(2).sum())
+            rows = reference.numel() // reference.shape[1]
             for start in range(0, len(inputs), chunk):
                 part = predict(model, inputs[start : start + chunk])
                 parts.append(part)
-                seen += divergence_share(part, reference[start : start + chunk], self.kind, rows, energy)
+                seen += divergence_share(part, reference[start : start + chunk], self.kind, rows, self.energy)
                 if seen > -floor:
                     return -seen, float("nan")
             outputs = torch.cat(parts)
