@@ -1686,12 +1686,6 @@ def _profile_scores(
     """
     size = min(size, _profile_examples(model, held_out.inputs[:1]))
     sample = held_out.subset(slice(0, size))
-    logger.info("sensitivity profile on %d probe examples", len(sample))
-    reference = predict(model, sample.inputs)  # compared as the search compares them (``kind``: decided on the whole held-out half)
-
-    def loss(candidate_model: nn.Module) -> float:
-        return divergence(predict(candidate_model, sample.inputs), reference, kind)
-
     rows, fronts = [], []
     for candidate, options in zip(candidates, (_layer_options(c) for c in candidates)):
         chosen_by_family = []
@@ -1708,6 +1702,19 @@ def _profile_scores(
         fronts.append(chosen_by_family)
     position = _positions(candidates)
     rows = sorted(_merge_rows(rows), key=lambda row: position.get(row[0], 1 << 30))  # the profile lists layers in model order
+    # one batch size for every pass, bounded by the interior of every option measured: the layer under
+    # test runs as its replacement's bound forward, which no hook sees, and the prefix replay needs
+    # every pass batched alike
+    batch = _probes.activation_batch_size(
+        model, sample.inputs, _probes.batch_size_for(per_example(sample.inputs)),
+        {module: _built(factors, name, options) for name, module, options in rows},
+    )
+    logger.info("sensitivity profile on %d probe examples, batches of %d", len(sample), batch)
+    reference = predict(model, sample.inputs, batch)  # compared as the search compares them (``kind``: decided on the whole held-out half)
+
+    def loss(candidate_model: nn.Module) -> float:
+        return divergence(predict(candidate_model, sample.inputs, batch), reference, kind)
+
     measure = functools.partial(measure_profile, model, rows, factors.build, loss, len(sample), progress, _PROFILE_BYTES)
     profile = measure() if shared is None else shared.profile(measure)
     scores = []
@@ -1767,6 +1774,11 @@ def _families(candidate: _Candidate) -> dict[str, np.ndarray]:
 def _measured_key(option: tuple) -> tuple[str, int]:
     """How the profile names an option: a producer's factorisation under the producer's own name and method."""
     return option[0].removeprefix(PRODUCER), option[1]
+
+
+def _built(factors: _Factors, name: str, options: list[tuple[str, int]]) -> Iterable[nn.Module]:
+    """Each option's replacement of layer ``name``, built one at a time."""
+    return (factors.build(name, method, rank) for method, rank in options)
 
 
 def _merge_rows(rows: list[tuple[str, nn.Module, list]]) -> list[tuple[str, nn.Module, list]]:

@@ -14,7 +14,7 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -291,17 +291,42 @@ def _activation_batch(batch_size: int, largest: int) -> int:
     return max(1, min(batch_size, ACTIVATION_ELEMENTS // max(1, largest)))
 
 
-def activation_batch_size(model: nn.Module, inputs: Batch, batch_size: int) -> int:
+def activation_batch_size(
+    model: nn.Module, inputs: Batch, batch_size: int, stand_ins: Mapping[nn.Module, Iterable[nn.Module]] | None = None,
+) -> int:
     """``batch_size``, lowered as far as keeps the largest layer output of a batch of ``inputs`` within ``ACTIVATION_ELEMENTS``.
 
     Measured by one eval pass of ``model`` on the first example (for callers whose own passes
-    cannot include it: their hooks, or training, come after).
+    cannot include it: their hooks, or training, come after). ``stand_ins`` maps modules of
+    ``model`` to modules that later passes run in their place without registering them (so no
+    hook on ``model`` would see inside them): each stand-in, taken one at a time, runs once on
+    the input its module got, and its own layer outputs count too.
     """
     if batch_size <= 1 or count(inputs) < 1:
         return batch_size
-    with _largest_output_of(model) as largest, evaluating(model):
-        call(model, inputs[0:1], _device_of(model))
-    return _activation_batch(batch_size, largest[0])
+    stand_ins = stand_ins or {}
+    seen: dict[nn.Module, tuple[tuple, dict]] = {}
+
+    def capture(module, args, kwargs):
+        seen.setdefault(module, (args, kwargs))
+
+    handles = [module.register_forward_pre_hook(capture, with_kwargs=True) for module in stand_ins]
+    try:
+        with _largest_output_of(model) as largest, evaluating(model):
+            call(model, inputs[0:1], _device_of(model))
+    finally:
+        for handle in handles:
+            handle.remove()
+    most = largest[0]
+    for module, replacements in stand_ins.items():
+        if module not in seen:  # not run on this example: nothing to measure it by
+            continue
+        args, kwargs = seen[module]
+        for replacement in replacements:
+            with _largest_output_of(replacement) as inside, evaluating(replacement):
+                replacement(*args, **kwargs)
+            most = max(most, inside[0])
+    return _activation_batch(batch_size, most)
 
 
 def predict(model: nn.Module, inputs: Batch, batch_size: int | None = None) -> torch.Tensor:

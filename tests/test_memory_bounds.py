@@ -339,3 +339,45 @@ def test_predict_keeps_the_largest_output_of_a_batch_within_its_bound(monkeypatc
     model.batches.clear()
     predict(model, x)
     assert model.batches == [1, 99]  # a small network's batches are sized by their inputs
+
+
+class _WidensWhenFactorised(nn.Module):
+    """A 5x5 conv of 8 channels at 8x8 (512 elements an example) whose DAC at rank r makes ``8 r`` channels inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 5, padding=2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(torch.relu(self.stem(x)))).mean((2, 3)))
+
+
+def test_the_profile_bounds_the_interior_of_the_layer_under_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No layer output of any pass, inside a factorised replacement too, exceeds ``ACTIVATION_ELEMENTS``.
+
+    The profile runs the layer under test as its replacement's bound ``forward``, which no hook on
+    the model sees; its batches must still be sized by that replacement's interior (a DAC at rank 8
+    here: 64 channels at 8x8, eight times the original's largest output).
+    """
+    model = seeded(_WidensWhenFactorised(), 0).eval()
+    data = [torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    bound = 4 * 64 * 64  # four examples of the widest replacement, 32 of the original
+    monkeypatch.setattr(autodac.probes, "ACTIVATION_ELEMENTS", bound)
+    largest = [0]
+    build = autodac.api.build_factorized
+
+    def watched(*args: Any, **kwargs: Any) -> nn.Module:
+        layer = build(*args, **kwargs)
+        for module in layer.modules():
+            module.register_forward_hook(lambda _m, _a, out: largest.__setitem__(0, max(largest[0], out.numel())))
+        return layer
+
+    monkeypatch.setattr(autodac.api, "build_factorized", watched)
+    result = autodac.optimize(
+        model, 0.6, data=data, methods=("dac",), exclude=["stem", "head"], probe_size=128, profile_size=64, n_trials=2,
+        progress=False, seed=0,
+    )
+    assert result.plan.layers["conv"].method == "dac"
+    assert 0 < largest[0] <= bound
