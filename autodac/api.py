@@ -1707,7 +1707,7 @@ def _profile_scores(
     # every pass batched alike
     batch = _probes.activation_batch_size(
         model, sample.inputs, _probes.batch_size_for(per_example(sample.inputs)),
-        {module: _built(factors, name, options) for name, module, options in rows},
+        _stand_ins(factors, rows),
     )
     logger.info("sensitivity profile on %d probe examples, batches of %d", len(sample), batch)
     reference = predict(model, sample.inputs, batch)  # compared as the search compares them (``kind``: decided on the whole held-out half)
@@ -1776,9 +1776,15 @@ def _measured_key(option: tuple) -> tuple[str, int]:
     return option[0].removeprefix(PRODUCER), option[1]
 
 
-def _built(factors: _Factors, name: str, options: list[tuple[str, int]]) -> Iterable[nn.Module]:
-    """Each option's replacement of layer ``name``, built one at a time."""
-    return (factors.build(name, method, rank) for method, rank in options)
+def _stand_ins(factors: _Factors, rows: list[tuple[str, nn.Module, list]]) -> dict[nn.Module, Iterable[nn.Module]]:
+    """Each profile row's module and its options' replacements, built one at a time (a module under two names: both rows')."""
+    def built(name: str, options: list[tuple[str, int]]) -> Iterable[nn.Module]:
+        return (factors.build(name, method, rank) for method, rank in options)
+
+    stand_ins: dict[nn.Module, Iterable[nn.Module]] = {}
+    for name, module, options in rows:
+        stand_ins[module] = itertools.chain(stand_ins.get(module, ()), built(name, options))
+    return stand_ins
 
 
 def _merge_rows(rows: list[tuple[str, nn.Module, list]]) -> list[tuple[str, nn.Module, list]]:
