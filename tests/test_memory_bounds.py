@@ -381,3 +381,15 @@ def test_the_profile_bounds_the_interior_of_the_layer_under_test(monkeypatch: py
     )
     assert result.plan.layers["conv"].method == "dac"
     assert 0 < largest[0] <= bound
+
+
+def test_stand_ins_count_only_where_their_module_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in is run on the input its module got; one for a module the model never calls changes nothing."""
+    model = seeded(_Widening(), 0).eval()
+    x = torch.randn(100, 1, 4, 4)
+    monkeypatch.setattr(autodac.probes, "ACTIVATION_ELEMENTS", 10 * 64 * 16)
+    assert autodac.probes.activation_batch_size(model, x, 50) == 10  # the model's own 64-channel layer
+    wider = nn.Sequential(nn.Conv2d(64, 256, 1), nn.Conv2d(256, 1, 1))
+    assert autodac.probes.activation_batch_size(model, x, 50, {model.narrow: [wider]}) == 2  # 256 x 16 an example inside
+    unused = nn.Conv2d(1, 1, 1)
+    assert autodac.probes.activation_batch_size(model, x, 50, {unused: [wider]}) == 10
