@@ -634,3 +634,29 @@ def test_output_kind_overrides_what_the_outputs_look_like_and_refuses_what_they_
     with pytest.raises(autodac.AutodacError, match=r"`output_kind` must be one of 'auto', 'scores', .*but got output_kind='logits'"):
         autodac.optimize(model, BUDGET, data=data, output_kind="logits", **SEARCH)
     assert _same_state(_state(model), state)
+
+
+@pytest.mark.parametrize("pareto", [False, True])
+def test_a_shared_search_adds_the_plain_allocation_finished_instead_of_queueing_it(
+    pareto: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+) -> None:
+    """An SQLite storage has no row locks, so two workers can pop one queued trial and the second fails telling it.
+
+    The shared search must therefore queue nothing: the plain allocation is added as a finished trial.
+    """
+    import optuna
+
+    def refuse(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("a shared search queued a trial")
+
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", refuse)
+    layers, budget = _instance(0)
+    directions = ["maximize", "minimize"] if pareto else ["maximize"]
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/search.db", directions=directions)
+    value = ADVERSARIES[next(iter(ADVERSARIES))](layers)
+    minimum = min(sum(int(o.costs.min()) for o in layers), budget) if pareto else None
+    result = refine(layers, budget, value, n_trials=4, seed=0, study=study, min_budget=minimum)
+    first = study.trials[0]
+    assert len(study.trials) == 4 and all(t.state.name == "COMPLETE" for t in study.trials)
+    assert tuple(first.user_attrs["selection"]) == tuple(solve(layers, budget)) == result.trials[0].selection
+    assert all(v == 1.0 for k, v in first.params.items() if k.startswith("w"))

@@ -109,6 +109,19 @@ def refine(
         trials.append(Trial(trial.number, value, cost, selection, tuple(float(w) for w in weights)))
         return value if min_budget is None else (value, float(cost))
 
+    def add_plain(params: dict[str, float]) -> None:
+        """The plain allocation (every weight 1, the whole budget) as a finished trial of the shared study."""
+        selection = tuple(solve(layers, budget, secondary=secondary))
+        value = seen[selection] = float(evaluate(selection))
+        cost = int(sum(int(o.costs[s]) for o, s in zip(layers, selection)))
+        distributions = {f"w{i}": optuna.distributions.FloatDistribution(1.0 / spread, spread, log=True) for i in range(len(layers))}
+        if min_budget is not None:
+            distributions["budget"] = optuna.distributions.FloatDistribution(0.0, 1.0)
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=distributions, values=[value] if min_budget is None else [value, float(cost)],
+            user_attrs={"selection": list(selection), "reused": False},
+        ))
+
     optuna_logger = logging.getLogger("optuna")
     previous = optuna_logger.level
     optuna_logger.setLevel(logging.WARNING)
@@ -121,7 +134,10 @@ def refine(
             worker_seed = int(np.random.SeedSequence([seed, os.getpid(), len(study.get_trials(deepcopy=False))]).generate_state(1)[0])
             study.sampler = stamping_sampler(seed=worker_seed, n_startup_trials=startup, constant_liar=True)
             if not study.get_trials(deepcopy=False):
-                study.enqueue_trial(first)
+                # added finished, not queued: two processes can pop one queued trial from an SQLite
+                # storage (no row locks), and the second then fails telling a finished trial
+                add_plain(first)
+                n_trials -= 1
         else:
             sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
             if min_budget is None:
@@ -129,7 +145,8 @@ def refine(
             else:
                 study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
             study.enqueue_trial(first)
-        study.optimize(objective, n_trials=n_trials, timeout=timeout, show_progress_bar=progress and sys.stderr.isatty())
+        if n_trials > 0:
+            study.optimize(objective, n_trials=n_trials, timeout=timeout, show_progress_bar=progress and sys.stderr.isatty())
         if shared:
             fail_dead_trials(study)
             trials = _study_trials(study, layers)
