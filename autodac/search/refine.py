@@ -76,7 +76,7 @@ def refine(
 
     With ``study`` (an Optuna study in a storage other workers share) the ``n_trials`` are added
     to it: a plan any worker has already evaluated is read back (user attribute ``reused``), the
-    plain allocation is queued only by the first worker, and ``trials``, ``best`` and ``front``
+    plain allocation is evaluated and added (finished) only by the first worker, and ``trials``, ``best`` and ``front``
     cover every finished trial of the study. The sampler is seeded from ``seed`` and this
     process, so that workers started together do not propose the same trials.
     """
