@@ -439,12 +439,20 @@ def r_squared(outputs: torch.Tensor, reference: torch.Tensor) -> float:
 
     The mean is taken per entry of dim 1 (each output channel) over everything else, so an
     image's brightness or a regression target's offset is not counted as reproduced variation.
-    1 for the original itself; 0 for outputs no closer than each channel's mean.
+    1 for the original itself; 0 for outputs no closer than each channel's mean. Where the
+    original's outputs do not vary (a spread below 1e-12 of their energy) R^2 is undefined, and the
+    error is taken relative to their energy instead (``1 - |outputs - reference|^2 / |reference|^2``,
+    the scale the probe's divergence uses); all-zero outputs give 1 when matched exactly, else 0.
     """
     outputs, reference = outputs.double(), reference.double()
     dims = [d for d in range(reference.dim()) if d != 1] if reference.dim() > 1 else [0]
-    spread = (reference - reference.mean(dims, keepdim=True)).pow(2).sum()
-    return float(1 - (outputs - reference).pow(2).sum() / spread.clamp_min(1e-300))
+    spread = float((reference - reference.mean(dims, keepdim=True)).pow(2).sum())
+    energy = float(reference.pow(2).sum())
+    error = float((outputs - reference).pow(2).sum())
+    scale = spread if spread > 1e-12 * energy else energy
+    if scale <= 0:
+        return 1.0 if error == 0 else 0.0
+    return 1 - error / scale
 
 
 def probe_metric(outputs: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None, kind: str) -> float:

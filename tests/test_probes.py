@@ -429,6 +429,16 @@ def test_r_squared_is_the_share_of_the_originals_variation_reproduced() -> None:
     assert r_squared(brighter, reference) < 0.9 and divergence(brighter, reference, "values") > 1e-3
 
 
+def test_r_squared_of_an_original_that_does_not_vary_falls_back_to_the_error_relative_to_its_energy() -> None:
+    constant = torch.full((6, 2, 4, 4), 3.0)
+    assert r_squared(constant, constant) == 1.0
+    off = constant * 1.1  # 10% off everywhere: 1% of the energy
+    assert r_squared(off, constant) == pytest.approx(0.99)
+    assert math.isfinite(r_squared(off + torch.randn(off.shape), constant))
+    zeros = torch.zeros(6, 2, 4, 4)
+    assert r_squared(zeros, zeros) == 1.0 and r_squared(zeros + 1e-3, zeros) == 0.0
+
+
 def test_a_forced_output_kind_the_outputs_cannot_have_is_refused() -> None:
     assert check_output_kind("values", torch.randn(4, 1)) is None and check_output_kind("scores", torch.randn(4, 3)) is None
     with pytest.raises(autodac.AutodacError, match=r"output_kind='scores' compares outputs over a class dimension .* shape \(4, 1\)"):
