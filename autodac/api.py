@@ -42,7 +42,7 @@ from autodac import probes as _probes
 from autodac.probes import (
     BATCH_ELEMENTS, DEFAULT_PROBE_SIZE, Probe, _device_of, batchnorm_weights, collect_probe, fit_examples, input_covariances,
     split_probe, divergence, divergence_share, check_output_kind, output_kind, probe_metric, metric_name, has_batchnorm,
-    predict, reconstruction_errors, reestimate_batchnorm, covariance_bytes, covariance_fits, patch_size, blocks_fit,
+    predict, run_through, reconstruction_errors, reestimate_batchnorm, covariance_bytes, covariance_fits, patch_size, blocks_fit,
 )
 from autodac.report import plan_table
 from autodac.search.knapsack import LayerOptions, Secondary, minimum_cost, pareto_front, solve
@@ -542,7 +542,7 @@ def _statistics(model: nn.Module, layers: dict[str, nn.Module], consumers: dict[
         return {}, {}
     batch = _probes.batch_size_for(per_example(inputs), _probes._COVARIANCE_BATCH)  # moments are subsampled per batch: one batching for both
     with collecting_moments(consumers) as collected:
-        covariances = input_covariances(model, layers, inputs, batch) if layers else (predict(model, inputs, batch), {})[1]
+        covariances = input_covariances(model, layers, inputs, batch) if layers else (run_through(model, inputs, batch), {})[1]
     return covariances, collected()
 
 
@@ -1749,7 +1749,7 @@ def _profile_examples(model: nn.Module, example: Batch) -> int:
 
     handles = [m.register_forward_hook(count) for m in leaves]
     try:
-        predict(model, example)
+        run_through(model, example)
     finally:
         for handle in handles:
             handle.remove()

@@ -14,7 +14,7 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from autodac.subclasses import explicit_padding
 from autodac.surgery import evaluating
 
 __all__ = [
-    "DEFAULT_PROBE_SIZE", "Probe", "collect_probe", "reconstruction_errors", "batchnorm_weights", "predict", "top1_match",
+    "DEFAULT_PROBE_SIZE", "Probe", "collect_probe", "reconstruction_errors", "batchnorm_weights", "predict", "run_through", "top1_match",
     "divergence", "reestimate_batchnorm", "has_batchnorm", "input_covariances", "cross_covariances", "split_probe", "fit_examples",
     "BATCH_ELEMENTS", "ACTIVATION_ELEMENTS", "activation_batch_size", "batch_size_for", "divergence_tensor", "output_kind", "OUTPUT_KINDS",
     "OUTPUT_KIND_CHOICES", "check_output_kind", "r_squared", "probe_metric", "metric_name", "divergence_share",
@@ -337,11 +337,9 @@ def predict(model: nn.Module, inputs: Batch, batch_size: int | None = None) -> t
     example, which then runs alone (so every hook still sees each example once); the outputs do
     not depend on it.
     """
-    device = _device_of(model)
     outs: list[torch.Tensor] = []
 
-    def run(batch: Batch) -> None:
-        out = call(model, batch, device)
+    def keep(out: Any) -> None:
         if not isinstance(out, torch.Tensor):
             raise ModelError(
                 f"the built-in probe metric needs a model that returns one tensor, but it returned {type(out).__name__}; "
@@ -349,18 +347,31 @@ def predict(model: nn.Module, inputs: Batch, batch_size: int | None = None) -> t
             )
         outs.append(out.float().cpu())
 
+    _run_batches(model, inputs, batch_size, keep)
+    return torch.cat(outs)
+
+
+def run_through(model: nn.Module, inputs: Batch, batch_size: int | None = None) -> None:
+    """One eval pass of ``model`` over ``inputs``, batched as ``predict`` batches them, outputs dropped.
+
+    For passes whose hooks collect what they need: the model may return anything (a tuple, a dict).
+    """
+    _run_batches(model, inputs, batch_size, lambda _out: None)
+
+
+def _run_batches(model: nn.Module, inputs: Batch, batch_size: int | None, keep: Callable[[Any], None]) -> None:
+    device = _device_of(model)
     start = 0
     with evaluating(model):
         if batch_size is None:
             batch_size = batch_size_for(per_example(inputs))
             if batch_size > 1 and count(inputs) > 1:
                 with _largest_output_of(model) as largest:
-                    run(inputs[0:1])
+                    keep(call(model, inputs[0:1], device))
                 start = 1
                 batch_size = _activation_batch(batch_size, largest[0])
         for first in range(start, count(inputs), batch_size):
-            run(inputs[first : first + batch_size])
-    return torch.cat(outs)
+            keep(call(model, inputs[first : first + batch_size], device))
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -730,7 +741,7 @@ def input_covariances(
     for name, module in layers.items():
         handles.append(module.register_forward_hook(hook(name)))
     try:
-        predict(model, inputs, batch_size)
+        run_through(model, inputs, batch_size)
     finally:
         for handle in handles:
             handle.remove()

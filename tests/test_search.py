@@ -532,6 +532,39 @@ def test_evaluate_is_the_metric(with_data: bool) -> None:
     assert result.flops <= math.floor(BUDGET * result.original_flops)
 
 
+class _DictOutputs(nn.Module):
+    """Class scores and an auxiliary map, returned in a dict: the built-in metric cannot read it, ``evaluate`` can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.fc, self.aux = nn.Conv2d(16, 32, 3, padding=1), nn.Linear(32, 10), nn.Conv2d(32, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return {"logits": self.fc(h.mean((2, 3))), "aux": torch.sigmoid(self.aux(h))}
+
+
+@pytest.mark.parametrize("source", ["data", "synthesize"])
+def test_a_model_returning_a_dict_is_planned_on_data_with_evaluate(source: str) -> None:
+    torch.manual_seed(0)
+    model = _DictOutputs().eval()
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    reference = model(x)["logits"]
+    state = _state(model)
+
+    def evaluate(candidate: nn.Module) -> float:
+        with torch.no_grad():
+            return -float((candidate(x)["logits"] - reference).pow(2).mean())
+
+    kwargs = {"data": [x]} if source == "data" else {"synthesize": 8, "example_inputs": x[:1]}
+    result = autodac.optimize(model, BUDGET, evaluate=evaluate, **{**SEARCH, "n_trials": 2}, **kwargs)
+    assert result.metrics["probe"] == evaluate(result.model) and set(result.model(x)) == {"logits", "aux"}
+    assert result.plan.layers and _same_state(_state(model), state)
+    with pytest.raises(autodac.AutodacError, match="returns one tensor, but it returned dict; pass evaluate="):
+        autodac.optimize(model, BUDGET, **{**SEARCH, "n_trials": 2}, **kwargs)
+
+
 @pytest.mark.parametrize(
     "value",
     [None, "0.9", float("nan"), float("inf"), True, torch.tensor(0.5), [0.5]],
