@@ -221,7 +221,11 @@ def trace_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[Trac
 
 
 def replace_layers(model: nn.Module, replacements: Mapping[str, nn.Module]) -> nn.Module:
-    """A deep copy of ``model`` with each named submodule swapped for its replacement."""
+    """A deep copy of ``model`` with each named submodule swapped for its replacement.
+
+    A module registered under several names (``self.a = self.b = conv``) is swapped under every
+    one of them: it is one layer, and leaving an alias behind would run the old layer there.
+    """
     result = copy.deepcopy(model)
     for name in replacements:
         try:
@@ -230,8 +234,13 @@ def replace_layers(model: nn.Module, replacements: Mapping[str, nn.Module]) -> n
             raise AutodacError(f"every replaced layer must exist in the model, but {name!r} does not") from None
     if "" in replacements:  # the model is the layer itself (a bare Conv/Linear): it has no parent to set it on
         return replacements[""]
+    aliases: dict[int, list[str]] = {}
+    for name, module in result.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
+    targets = {name: result.get_submodule(name) for name in replacements}
     for name, new in replacements.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = result.get_submodule(parent_name) if parent_name else result
-        setattr(parent, child, new)
+        for alias in aliases.get(id(targets[name]), [name]):
+            parent_name, _, child = alias.rpartition(".")
+            parent = result.get_submodule(parent_name) if parent_name else result
+            setattr(parent, child, new)
     return result

@@ -215,6 +215,35 @@ def test_tiny_models(factory: Callable[[], nn.Module], shape: tuple[int, ...], b
         assert cut_by_width or layers["fc1"].method == "lowrank", result.summary()
 
 
+class _AliasedConvNet(nn.Module):
+    """One conv registered under two names (``self.a = self.b = conv``), each name called once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        shared = nn.Conv2d(16, 16, 3, padding=1)
+        self.stem, self.a, self.b, self.fc = nn.Conv2d(3, 16, 3, padding=1), shared, shared, nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b(torch.relu(self.a(torch.relu(self.stem(x))))))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("with_data", [False, True], ids=["data-free", "data"])
+def test_a_layer_registered_under_two_names_is_replaced_under_both(with_data: bool) -> None:
+    model = _AliasedConvNet().eval()
+    x = torch.randn(1, 3, 16, 16)
+    before = _state(model)
+    kwargs = {"data": [torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))], "n_trials": 2} if with_data else {}
+    result = autodac.optimize(model, 0.5, example_inputs=x, progress=False, **kwargs)
+    assert "a" in result.plan.layers and result.model.a is result.model.b and not isinstance(result.model.b, nn.Conv2d)
+    assert count_flops(result.model, (x,)).total == result.flops <= math.floor(0.5 * count_flops(model, (x,)).total)
+    assert model.a is model.b and isinstance(model.b, nn.Conv2d)
+    _assert_same_state(model, before)
+    rebuilt = autodac.apply(model, result.plan, kwargs.get("data"))
+    assert torch.equal(rebuilt(x), result.model(x))
+
+
 def test_grouped_and_depthwise_convs_are_skipped_with_a_reason() -> None:
     result = autodac.optimize(GroupedConvNet(), 0.8, example_inputs=torch.randn(1, 4, 6, 6), progress=False)
     assert set(result.plan.skipped) == {"grouped", "depthwise"}
