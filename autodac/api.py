@@ -230,6 +230,8 @@ def _skip_reason(layer: TracedLayer, methods: Sequence[str], excluded: bool) -> 
     module = layer.module
     if excluded:
         return "excluded by the caller"
+    if layer.unsupported is not None:
+        return f"{layer.unsupported} is not a layer type autodac factorises (Conv1d, Conv2d, Linear)"
     if layer.functional is not None:
         return f"used through a functional call ({layer.functional}), cannot be replaced"
     if layer.geometry is None:
@@ -1131,6 +1133,22 @@ def _score(run: _Run) -> None:
     run.factors = _Factors(run.candidates, run.model)
 
 
+def _skipped_share(run: _Run, most: int = 3) -> str:
+    """The skipped layers that hold the most FLOPs, with their share and reason: why a budget is out of reach."""
+    by_module, total = run.original.by_module, run.original.total
+    held = []
+    for name, why in run.skipped.items():
+        flops = by_module.get(name, by_module.get(name.rpartition(".")[0], 0)) if name else total
+        if flops > 0:
+            held.append((flops, name, why))
+    if not held:
+        return ""
+    held.sort(key=lambda item: (-item[0], item[1]))
+    listed = "; ".join(f"{name} ({flops / total:.0%} of the FLOPs): {why}" for flops, name, why in held[:most])
+    more = f"; and {len(held) - most} more" if len(held) > most else ""
+    return f". Left as they are: {listed}{more}"
+
+
 def _reach(run: _Run) -> None:
     """Reads the count and candidates; writes FLOPs and parameter targets and fixed parts, refusing a budget no plan reaches."""
     s, total = run.settings, run.original.total
@@ -1141,7 +1159,7 @@ def _reach(run: _Run) -> None:
     if s.flops is not None and reachable > run.target:
         raise BudgetError(
             f"`flops_budget >= {math.ceil(reachable / total * 1e4) / 1e4:.4f}` must hold for this model with "
-            f"methods={list(s.fit.methods)} (the smallest reachable ratio), but got flops_budget={s.flops!r}"
+            f"methods={list(s.fit.methods)} (the smallest reachable ratio), but got flops_budget={s.flops!r}{_skipped_share(run)}"
         )
     run.original_params = count_params(run.model)
     run.option_params = [_option_params(c) for c in run.candidates]

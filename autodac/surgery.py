@@ -39,7 +39,11 @@ class TracedLayer:
     geometry: Geometry | None  # None when the layer never ran as a module
     followed_by: str | None = None  # dotted name of the BatchNorm that consumes its output, if any
     functional: str | None = None
+    unsupported: str | None = None  # the type of a torch layer autodac does not factorise (Conv3d, ConvTranspose2d, ...) that ran
 
+
+# torch layers with a weight matrix that are not candidates: reported by type when they run, not as functional calls.
+_UNSUPPORTED_TYPES = (nn.modules.conv._ConvNd, nn.Bilinear)
 
 # Calls that read a weight matrix: a Parameter passed to one of them outside its module's forward is a functional layer.
 _WEIGHT_CALLS = frozenset({
@@ -213,9 +217,16 @@ def trace_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[Trac
             )
         traced.append(TracedLayer(name, module, geometry, consumers.get(name), uses.uses.get(id(module.weight))))
     owned = {id(module.weight) for module in candidates.values()}
+    unsupported: set[str] = set()
     for name, parameter in model.named_parameters():
         if id(parameter) in uses.uses and id(parameter) not in owned:
-            owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            owner_name = name.rpartition(".")[0]
+            owner = model.get_submodule(owner_name) if owner_name else model
+            if isinstance(owner, _UNSUPPORTED_TYPES) and name.rpartition(".")[2] == "weight":
+                if owner_name not in unsupported:  # torch's own layer, run by its own forward: named as the layer, not as a call
+                    unsupported.add(owner_name)
+                    traced.append(TracedLayer(owner_name, owner, None, None, unsupported=type(owner).__name__))
+                continue
             traced.append(TracedLayer(name, owner, None, None, uses.uses[id(parameter)]))
     return traced
 

@@ -252,6 +252,30 @@ def test_grouped_and_depthwise_convs_are_skipped_with_a_reason() -> None:
     assert isinstance(result.model.grouped, nn.Conv2d) and isinstance(result.model.depthwise, nn.Conv2d)
 
 
+class _VolumeNet(nn.Module):
+    """A 3-D conv net with a transposed conv and a small Linear head: only the Linear is a candidate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv3d(1, 8, 3, padding=1), nn.Conv3d(8, 16, 3, padding=1, stride=2)
+        self.up, self.fc = nn.ConvTranspose3d(16, 16, 2, stride=2), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.up(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        return self.fc(x.mean((2, 3, 4)))
+
+
+def test_torch_layers_autodac_does_not_factorise_are_named_by_type_and_blamed_for_an_unreachable_budget() -> None:
+    model, x = _VolumeNet().eval(), torch.randn(1, 1, 4, 8, 8)
+    result = autodac.optimize(model, 1.0, example_inputs=x, progress=False)
+    assert set(result.plan.skipped) >= {"c1", "c2", "up"}
+    assert result.plan.skipped["c1"] == "Conv3d is not a layer type autodac factorises (Conv1d, Conv2d, Linear)"
+    assert result.plan.skipped["up"].startswith("ConvTranspose3d is not")
+    with pytest.raises(autodac.BudgetError, match=r"but got flops_budget=0.5\. Left as they are: c2 \(48% of the FLOPs\): Conv3d is not"):
+        autodac.optimize(model, 0.5, example_inputs=x, progress=False)
+
+
 def test_exclude_keeps_layers_dense() -> None:
     result = autodac.optimize(SmallConvNet(), 0.7, example_inputs=torch.randn(2, 3, 8, 8), exclude=("conv[13]",), progress=False)
     assert set(result.plan.skipped) == {"conv1", "conv3"}
