@@ -183,6 +183,37 @@ def _check_materialised(model: nn.Module) -> None:
         )
 
 
+def _check_finite(model: nn.Module) -> None:
+    """Refuse a model with NaN or infinite parameters or BatchNorm statistics: every spectrum and fit of it would be too.
+
+    Other buffers may hold infinities by design (an additive attention mask of -inf) and are not read.
+    """
+    tensors = list(model.named_parameters())
+    tensors += [
+        (f"{name}.{key}" if name else key, buffer) for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) for key, buffer in module.named_buffers(recurse=False)
+        if buffer is not None and buffer.is_floating_point()
+    ]
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.detach()).all()):
+            bad = int((~torch.isfinite(tensor.detach())).sum())
+            raise ModelError(
+                f"the model's parameters and BatchNorm statistics must be finite, but {name!r} holds {bad} NaN or infinite "
+                f"values of {tensor.numel()}"
+            )
+
+
+def _check_label_range(labels: torch.Tensor | None, reference: torch.Tensor) -> None:
+    """Refuse class labels the model's outputs cannot name (top-1 accuracy would be 0 for them, whatever the plan)."""
+    if labels is None or not labels.numel() or reference.dim() < 2:
+        return
+    classes, top = reference.shape[1], int(labels.max())
+    if top >= classes:
+        raise AutodacError(
+            f"class labels must be below the {classes} classes the model's outputs score (dim 1), but `data` holds label {top}"
+        )
+
+
 def _check_probe_shape(probe: Probe | None, inputs: tuple[Any, ...], given: bool) -> None:
     """Refuse a probe whose examples have another shape than ``example_inputs``: FLOPs would be
     counted and the plan made at one shape while its quality is measured at another."""
@@ -744,6 +775,7 @@ class _ProbeRunner:
                 self.calibration, self.held_out = split_probe(probe)
                 self.held_out.reference = predict(model, self.held_out.inputs)
                 check_output_kind(kind, self.held_out.reference)
+                _check_label_range(probe.labels, self.held_out.reference)
                 self.kind = output_kind(self.held_out.reference, self.held_out.inputs) if kind == "auto" else kind
                 self.energy = float(self.held_out.reference.double().pow(2).sum())  # what a squared error is relative to
 
@@ -1019,6 +1051,7 @@ def _check(given: dict[str, Any]) -> _Run:
     if not isinstance(model, nn.Module):
         raise ModelError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
     _check_materialised(model)
+    _check_finite(model)
     model = unfuse_attention(model)  # a copy whose attention projections are Linear modules (the caller's is untouched)
     device, runtime = given["device"], given["runtime"]
     budgets = gather(given["flops_budget"], latency_budget=given["latency_budget"], device=device, runtime=runtime)

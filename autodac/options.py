@@ -59,7 +59,9 @@ POSITIVE = Rule("> 0 and finite", lambda v: isinstance(v, numbers.Real) and not 
                 "`{name}` must be a positive finite number")
 NON_NEGATIVE = Rule(">= 0 and finite", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v < float("inf"),
                     "`{name}` must be a finite number >= 0")
-INTEGER = Rule("integer", lambda v: _is_int(v), "`{name}` must be an integer")
+SEED = Rule("integer from 0 to 2**32 - 1", lambda v: _is_int(v) and 0 <= v < 2**32,
+            "`{name}` must be an integer from 0 to 2**32 - 1 (what Optuna's and NumPy's generators take)")
+OPTIONAL_POSITIVE = Rule("None or > 0", lambda v: v is None or POSITIVE.holds(v), "`{name}` must be None or a positive finite number")
 OUTPUT_KIND = Rule(" or ".join(repr(k) for k in OUTPUT_KIND_CHOICES), lambda v: v in OUTPUT_KIND_CHOICES,
                    "`{name}` must be one of " + ", ".join(repr(k) for k in OUTPUT_KIND_CHOICES))
 WEIGHTINGS = Rule("'batchnorm' or 'none'", lambda v: v in ("batchnorm", "none"), "`{name}` must be 'batchnorm' or 'none'")
@@ -143,8 +145,8 @@ class SearchOptions(_Options):
 
     keyword: ClassVar[str] = "search"
     n_trials: int = _option(16, "Optuna trials of the search", at_least(1))
-    timeout: float | None = _option(None, "stop the search after this many seconds (None: no limit)")
-    seed: int = _option(0, "seed of the search, the synthesis and data-free fits; seeded runs without timeout repeat exactly")
+    timeout: float | None = _option(None, "stop the search after this many seconds (None: no limit)", OPTIONAL_POSITIVE)
+    seed: int = _option(0, "seed of the search, the synthesis and data-free fits; seeded runs without timeout repeat exactly", SEED)
     pareto: bool = _option(False, "two-objective search (FLOPs and the probe objective); `result.pareto` lists the front",
                            fingerprint=True)
 
@@ -172,7 +174,7 @@ class DistillOptions(_Options):
     batch_size: int = _option(0, "examples a step (0: at most 32, fewer for large inputs or layer outputs)", at_least(0))
     mixup: float = _option(0.5, "Beta parameter of the pair mixing of inputs (0: the inputs as they are)", NON_NEGATIVE)
     features: float = _option(1.0, "weight of matching the changed layers' outputs (0: the model's outputs only)", NON_NEGATIVE)
-    seed: int = _option(0, "seed of the batch order and the mixing", INTEGER)
+    seed: int = _option(0, "seed of the batch order and the mixing", SEED)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -189,6 +189,10 @@ def collect_probe(data: Iterable[Any], max_samples: int = DEFAULT_PROBE_SIZE) ->
                 f"every batch of `data` must hold inputs N x ... of one shape, but batch {position} has inputs of shape "
                 f"{_shapes(x)}" + (f" and batch 0 {_shapes(xs[0])}" if xs else "")
             )
+        for part in arguments(x):
+            if isinstance(part, torch.Tensor) and part.is_floating_point() and not bool(torch.isfinite(part).all()):
+                bad = int((~torch.isfinite(part)).sum())
+                raise AutodacError(f"the inputs in `data` must be finite, but batch {position} holds {bad} NaN or infinite values")
         n = count(x)
         if y is not None and y.dim() > 2 and y.shape[0] == n and isinstance(x, torch.Tensor):
             raise AutodacError(
@@ -232,6 +236,8 @@ def _class_labels(n: int, y: torch.Tensor | None, position: int, ignored: list[i
             f"{tuple(y.shape)}"
         )
     if not y.is_floating_point():
+        if y.numel() and int(y.min()) < 0:
+            raise AutodacError(f"class labels must be >= 0 (class indices), but batch {position} of `data` holds {int(y.min())}")
         return y
     if y.dim() == 1 and bool(torch.isfinite(y).all()) and bool((y >= 0).all()) and bool((y == y.round()).all()):
         raise AutodacError(

@@ -374,8 +374,18 @@ def test_inputs_the_model_cannot_run() -> None:
         ({"example_inputs": {"x": 1}}, autodac.ModelError, "but got dict"),
         ({"methods": ("tucker",)}, autodac.AutodacError, "method='tucker'"),
         ({"methods": ()}, autodac.AutodacError, r"methods=\(\)"),
+        ({"seed": "a"}, autodac.AutodacError, r"`seed` must be an integer from 0 to 2\*\*32 - 1 .*, but got seed='a'"),
+        ({"seed": -1}, autodac.AutodacError, r"but got seed=-1"),
+        ({"timeout": 0}, autodac.AutodacError, r"`timeout` must be None or a positive finite number, but got timeout=0"),
+        ({"data": [torch.full((4, 3, 8, 8), float("nan"))]}, autodac.AutodacError,
+         r"the inputs in `data` must be finite, but batch 0 holds 768 NaN or infinite values"),
+        ({"data": [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, -100, 2]))]}, autodac.AutodacError,
+         r"class labels must be >= 0 \(class indices\), but batch 0 of `data` holds -100"),
+        ({"data": [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 5, 2]))]}, autodac.AutodacError,
+         r"class labels must be below the 5 classes the model's outputs score \(dim 1\), but `data` holds label 5"),
     ],
-    ids=["empty-inputs", "dict-inputs", "unknown-method", "no-methods"],
+    ids=["empty-inputs", "dict-inputs", "unknown-method", "no-methods", "seed-str", "seed-negative", "timeout-zero",
+         "nan-data", "negative-labels", "labels-beyond-classes"],
 )
 def test_other_bad_arguments(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
     model = SmallConvNet()
@@ -384,6 +394,16 @@ def test_other_bad_arguments(kwargs: dict[str, Any], error: type[Exception], mes
     with pytest.raises(error, match=message):
         autodac.optimize(model, 0.5, progress=False, **kwargs)
     _assert_same_state(model, before)
+
+
+@pytest.mark.parametrize("where", ["weight", "running_var"])
+def test_a_model_with_nan_weights_or_statistics_is_refused_naming_them(where: str) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    with torch.no_grad():
+        (model[3].weight if where == "weight" else model[1].running_var)[0] = float("nan")
+    name = "3.weight" if where == "weight" else "1.running_var"
+    with pytest.raises(autodac.ModelError, match=f"must be finite, but '{re.escape(name)}' holds"):
+        autodac.optimize(model, 0.5, example_inputs=torch.randn(1, 3, 8, 8), progress=False)
 
 
 def test_not_a_model() -> None:
