@@ -231,11 +231,24 @@ def trace_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[Trac
     return traced
 
 
+def _in_layout_of(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` with its 4-D weights channels-last when ``old``'s weight is (and that differs from contiguous)."""
+    weight = getattr(old, "weight", None)
+    if (
+        isinstance(weight, torch.Tensor) and weight.dim() == 4 and not weight.is_contiguous()
+        and weight.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return new.to(memory_format=torch.channels_last)
+    return new
+
+
 def replace_layers(model: nn.Module, replacements: Mapping[str, nn.Module]) -> nn.Module:
     """A deep copy of ``model`` with each named submodule swapped for its replacement.
 
     A module registered under several names (``self.a = self.b = conv``) is swapped under every
-    one of them: it is one layer, and leaving an alias behind would run the old layer there.
+    one of them: it is one layer, and leaving an alias behind would run the old layer there. A
+    replacement for a conv whose weight is channels-last is made channels-last too, so a model
+    kept in that layout for speed does not convert its activations back and forth.
     """
     result = copy.deepcopy(model)
     for name in replacements:
@@ -250,6 +263,7 @@ def replace_layers(model: nn.Module, replacements: Mapping[str, nn.Module]) -> n
         aliases.setdefault(id(module), []).append(name)
     targets = {name: result.get_submodule(name) for name in replacements}
     for name, new in replacements.items():
+        new = _in_layout_of(targets[name], new)
         for alias in aliases.get(id(targets[name]), [name]):
             parent_name, _, child = alias.rpartition(".")
             parent = result.get_submodule(parent_name) if parent_name else result

@@ -244,6 +244,18 @@ def test_a_layer_registered_under_two_names_is_replaced_under_both(with_data: bo
     assert torch.equal(rebuilt(x), result.model(x))
 
 
+def test_a_channels_last_model_gets_channels_last_replacements() -> None:
+    model = SmallConvNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    fast = autodac.optimize(model.to(memory_format=torch.channels_last), 0.5, example_inputs=x, progress=False).model
+    plain = autodac.optimize(SmallConvNet().eval(), 0.5, example_inputs=x, progress=False).model
+    weights = {n: p for n, p in fast.named_parameters() if p.dim() == 4 and n.split(".")[0] in ("conv1", "conv2")}
+    assert any("." in n.split(".", 1)[1] for n in weights)  # a factorised layer among them
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights.values())
+    assert not all(p.is_contiguous(memory_format=torch.channels_last) for n, p in plain.named_parameters() if n in weights)
+    assert torch.allclose(fast(x), plain(x), atol=1e-5)
+
+
 def test_grouped_and_depthwise_convs_are_skipped_with_a_reason() -> None:
     result = autodac.optimize(GroupedConvNet(), 0.8, example_inputs=torch.randn(1, 4, 6, 6), progress=False)
     assert set(result.plan.skipped) == {"grouped", "depthwise"}
