@@ -16,6 +16,7 @@ import inspect
 import itertools
 import math
 import numbers
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -214,8 +215,8 @@ def _check_label_range(labels: torch.Tensor | None, reference: torch.Tensor) -> 
         )
 
 
-def _check_probe_shape(probe: Probe | None, inputs: tuple[Any, ...], given: bool) -> None:
-    """Refuse a probe whose examples have another shape than ``example_inputs``: FLOPs would be
+def _check_probe_shape(probe: Probe | None, inputs: tuple[Any, ...], given: bool, what: str = "example_inputs") -> None:
+    """Refuse a probe whose examples have another shape than ``example_inputs`` (``what`` names them): FLOPs would be
     counted and the plan made at one shape while its quality is measured at another."""
     if probe is None or not given or not all(isinstance(x, torch.Tensor) for x in inputs):
         return
@@ -224,8 +225,8 @@ def _check_probe_shape(probe: Probe | None, inputs: tuple[Any, ...], given: bool
     if example != probed:
         show = (lambda shapes: shapes[0]) if len(example) == 1 and len(probed) == 1 else (lambda shapes: shapes)
         raise AutodacError(
-            f"the examples in `data` must have the shape of `example_inputs` (FLOPs are counted and the plan made at "
-            f"example_inputs, quality measured on data), but data has examples of shape {show(probed)} and example_inputs has "
+            f"the examples in `data` must have the shape of `{what}` (FLOPs are counted and the plan made at "
+            f"{what}, quality measured on data), but data has examples of shape {show(probed)} and {what} has "
             f"shape {show([tuple(x.shape) for x in inputs])} (examples of shape {show(example)})"
         )
 
@@ -1064,6 +1065,7 @@ def _check(given: dict[str, Any]) -> _Run:
         raise AutodacError(f"`runtime` is where latency_budget is timed, so it needs latency_budget, but got runtime={runtime!r} and latency_budget=None")
     if timing_device is not None:
         timing_runtime.check(timing_device)
+    _check_latency_cache(given["latency_cache"])
     groups = {group.keyword: _group(group, given) for group in GROUPS}  # each group checks its options
     evaluate, data = given["evaluate"], given["data"]
     if evaluate is not None and not callable(evaluate):
@@ -1078,6 +1080,16 @@ def _check(given: dict[str, Any]) -> _Run:
         progress=given["progress"], **groups,
     )
     return _Run(settings, model)
+
+
+def _check_latency_cache(cache: Any) -> None:
+    """``latency_cache`` is True (the per-user file), False or None (in memory), or the path of a file (not a folder)."""
+    if isinstance(cache, bool) or cache is None:
+        return
+    if not isinstance(cache, (str, os.PathLike)):
+        raise AutodacError(f"`latency_cache` must be True, False, None or a file path, but got {type(cache).__name__} {cache!r}")
+    if os.path.isdir(cache):
+        raise AutodacError(f"`latency_cache` must be the path of a file (the timings are written there), but {str(cache)!r} is a folder")
 
 
 def _distill_options(given: Any, has_probe: bool) -> DistillOptions | None:
@@ -1873,6 +1885,8 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
     _check_materialised(model)
     model = unfuse_attention(model)  # as optimize does: plans name the unfused projections (``attn.q_proj``)
     _check_plan_fits(model, plan)
+    example = _plan_example(model, plan)
+    _check_widths(model, plan, example)
     data_fitted = [name for name, c in plan.factorized.items() if c.fit.removeprefix("seq+").startswith("data")]
     implied = [name for name, c in plan.factorized.items() if c.fit.removeprefix("seq+").startswith("implied")]
     refitted = [name for name, c in plan.factorized.items() if c.fit.startswith("seq+")]
@@ -1893,6 +1907,8 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         )
     examples = int(plan.metrics.get("probe_examples", DEFAULT_PROBE_SIZE))
     replayed = collect_probe(data, max(2, examples)) if data is not None else None  # once: `data` may be a one-shot iterator
+    if replayed is not None and plan.input_shapes:  # the plan was made and fitted at its input shapes: the data must have them
+        _check_probe_shape(replayed, tuple(torch.empty(shape, device="meta") for shape in plan.input_shapes), True, "plan.input_shapes")
     if data_fitted:
         modules = {name: model.get_submodule(name) for name in data_fitted}  # checked by _check_plan_fits
         widths = {n: m for n, m in modules.items() if plan.layers[n].method == WIDTH}
@@ -1942,7 +1958,23 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
                                      plan.distilled.get("output_kind"))  # plans from before it was recorded: read per batch, as then
     if plan.metrics.get("bn_reestimated") and replayed is not None:  # replay the re-estimation optimize kept
         reestimate_batchnorm(result, split_probe(replayed)[0])
+    _check_runs(result, example)
     return result
+
+
+def _plan_example(model: nn.Module, plan: Plan) -> tuple[Any, ...] | None:
+    """Zeros of the plan's input shapes, on the model's device and in its dtype; None when the plan records none
+    or the model itself cannot run on them (inputs that are not floats, token ids say: nothing to check with)."""
+    if not plan.input_shapes:
+        return None
+    weight = next(iter(model.parameters()), None)
+    options = {} if weight is None else {"device": weight.device, "dtype": weight.dtype}
+    example = tuple(torch.zeros(shape, **options) for shape in plan.input_shapes)
+    try:
+        run_model(model, example)
+    except ModelError:
+        return None
+    return example
 
 
 def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
@@ -1950,11 +1982,13 @@ def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
     (checked in plan order, before any statistic is collected: the first misfit is the one named); first of all,
     the model must be the one the plan was made for, when the plan records it (``autodac.structure``)."""
     check_structure(model, plan)
-    for name, choice in plan.factorized.items():
+    for name in plan.layers:
         try:
-            module = model.get_submodule(name)
+            model.get_submodule(name)
         except AttributeError:
             raise PlanError(f"the plan's layer {name!r} must exist in the model, but it does not") from None
+    for name, choice in plan.factorized.items():
+        module = model.get_submodule(name)
         if not isinstance(module, SUPPORTED_TYPES):
             raise PlanError(f"the plan's layer {name!r} must be a Conv1d, Conv2d or Linear, but it is a {type(module).__name__}")
         if tuple(module.weight.shape) != tuple(choice.weight_shape):
@@ -1962,6 +1996,62 @@ def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
                 f"layer {name!r} must have the weight shape the plan was made for, {tuple(choice.weight_shape)}, "
                 f"but it has {tuple(module.weight.shape)}"
             )
+
+
+def _check_widths(model: nn.Module, plan: Plan, example: tuple[Any, ...] | None) -> None:
+    """Every width choice slices a chain the planner itself would have found: a ``1x1`` conv or Linear consumer fed
+    channel by channel from the producer through the layers the plan lists, sharing no module with another choice.
+
+    Proven on the model as ``optimize`` proves it (``autodac.widths.find_width_units``), on ``example`` when one is
+    known; without one only the consumer's kind and the overlaps are checked.
+    """
+    widths = {name: c for name, c in plan.factorized.items() if c.method == WIDTH}
+    if not widths:
+        return
+    claimed: dict[str, str] = {name: name for name in plan.factorized}
+    for name, choice in widths.items():
+        consumer = model.get_submodule(name)
+        if not isinstance(consumer, nn.Linear) and not (
+            isinstance(consumer, (nn.Conv1d, nn.Conv2d)) and consumer.groups == 1 and all(k == 1 for k in consumer.kernel_size)
+        ):
+            raise PlanError(
+                f"layer {name!r}: a width choice's layer must be a 1x1 conv or a Linear (it reads its kept channels as they "
+                f"are), but it is {type(consumer).__name__} with weight shape {tuple(consumer.weight.shape)}"
+            )
+        for member in choice.sliced:
+            if member in claimed and claimed[member] != name:
+                other = claimed[member]
+                raise PlanError(
+                    f"layer {name!r}: a width may slice only layers no other choice changes, but {member!r} "
+                    f"is also {'factorised' if other == member else f'sliced by the width of {other!r}'}"
+                )
+            claimed[member] = name
+    if example is None:
+        return
+    found = find_width_units(model, example, list(widths))
+    for name, choice in widths.items():
+        unit = found.get(name)
+        expected = None if unit is None else [unit.producer, *unit.chain]
+        if list(choice.sliced) != expected:
+            rule = "no chain that can be sliced feeds it" if unit is None else f"its chain is {expected}"
+            raise PlanError(
+                f"layer {name!r}: a width must slice the chain that feeds the layer channel by channel, but the plan lists "
+                f"{list(choice.sliced)} and {rule} in this model"
+            )
+
+
+def _check_runs(model: nn.Module, example: tuple[Any, ...] | None) -> None:
+    """The rebuilt model runs on the plan's inputs: a plan that passed every other check cannot return a model that fails."""
+    if example is None:
+        return
+    try:
+        run_model(model, example)
+    except ModelError as error:  # a mismatch no earlier rule caught: name it instead of returning a broken model
+        cause = error.__cause__ or error
+        raise PlanError(
+            f"the plan must give a model that runs on its inputs {[tuple(x.shape) for x in example if isinstance(x, torch.Tensor)]}, "
+            f"but the rebuilt model fails: {type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}"
+        ) from cause
 
 
 def _replay_width(model: nn.Module, name: str, choice: LayerChoice, moments: torch.Tensor | None) -> dict[str, nn.Module]:

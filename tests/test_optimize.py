@@ -389,6 +389,8 @@ def test_inputs_the_model_cannot_run() -> None:
         ({"seed": "a"}, autodac.AutodacError, r"`seed` must be an integer from 0 to 2\*\*32 - 1 .*, but got seed='a'"),
         ({"seed": -1}, autodac.AutodacError, r"but got seed=-1"),
         ({"timeout": 0}, autodac.AutodacError, r"`timeout` must be None or a positive finite number, but got timeout=0"),
+        ({"latency_cache": 5}, autodac.AutodacError, r"`latency_cache` must be True, False, None or a file path, but got int 5"),
+        ({"latency_cache": "."}, autodac.AutodacError, r"`latency_cache` must be the path of a file .* but '\.' is a folder"),
         ({"data": [torch.full((4, 3, 8, 8), float("nan"))]}, autodac.AutodacError,
          r"the inputs in `data` must be finite, but batch 0 holds 768 NaN or infinite values"),
         ({"data": [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, -100, 2]))]}, autodac.AutodacError,
@@ -396,7 +398,7 @@ def test_inputs_the_model_cannot_run() -> None:
         ({"data": [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 5, 2]))]}, autodac.AutodacError,
          r"class labels must be below the 5 classes the model's outputs score \(dim 1\), but `data` holds label 5"),
     ],
-    ids=["empty-inputs", "dict-inputs", "unknown-method", "no-methods", "seed-str", "seed-negative", "timeout-zero",
+    ids=["empty-inputs", "dict-inputs", "unknown-method", "no-methods", "seed-str", "seed-negative", "timeout-zero", "cache-int", "cache-folder",
          "nan-data", "negative-labels", "labels-beyond-classes"],
 )
 def test_other_bad_arguments(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
@@ -416,6 +418,19 @@ def test_a_model_with_nan_weights_or_statistics_is_refused_naming_them(where: st
     name = "3.weight" if where == "weight" else "1.running_var"
     with pytest.raises(autodac.ModelError, match=f"must be finite, but '{re.escape(name)}' holds"):
         autodac.optimize(model, 0.5, example_inputs=torch.randn(1, 3, 8, 8), progress=False)
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 16, 16), (8, 1, 8, 8)], ids=["other-size", "other-channels"])
+def test_apply_refuses_data_of_another_shape_than_the_plan_was_made_at(shape: tuple[int, ...]) -> None:
+    data = [torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))]
+    model = SmallConvNet()
+    result = autodac.optimize(model, 0.5, data=data, n_trials=1, progress=False)
+    with pytest.raises(autodac.AutodacError, match=re.escape(
+        f"the examples in `data` must have the shape of `plan.input_shapes` (FLOPs are counted and the plan made at plan.input_shapes, "
+        f"quality measured on data), but data has examples of shape {shape[1:]} and plan.input_shapes has shape (1, 3, 8, 8)"
+    )):
+        autodac.apply(model, result.plan, data=[torch.randn(shape)])
+    assert torch.equal(autodac.apply(model, result.plan, data=data)(data[0]), result.model(data[0]))
 
 
 def test_not_a_model() -> None:

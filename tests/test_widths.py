@@ -220,3 +220,70 @@ def test_implied_moments_stop_at_a_spatial_pooling() -> None:
     for name, choice in result.plan.layers.items():
         if choice.method == "width":
             assert choice.fit.startswith("implied") == (name in implied), (name, choice.fit)
+
+
+def _width_plan() -> tuple[nn.Module, torch.Tensor, dict]:
+    """SmallConvNet at 0.5, data-free: conv1 factorised, conv3's width slicing conv2 and bn2 (checked)."""
+    model, x = SmallConvNet().eval(), torch.randn(1, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = autodac.optimize(model, 0.5, example_inputs=x, progress=False).plan.to_dict()
+    assert plan["layers"]["conv3"]["method"] == "width" and plan["layers"]["conv3"]["sliced"] == ["conv2", "bn2"]
+    assert plan["layers"]["conv1"]["method"] != "dense"
+    return model, x, plan
+
+
+def _as_width(plan: dict, **changes) -> dict:
+    return {**plan["layers"]["conv3"], "fit": "plain", **changes}
+
+
+def _width_on_a_3x3(plan: dict) -> None:
+    """conv3's width moved onto conv2 (a 3x3 conv fed by conv1 and bn1)."""
+    width = _as_width(plan, weight_shape=[16, 8, 3, 3], rank=4, channels=[0, 1, 2, 3], sliced=["conv1", "bn1"])
+    del plan["layers"]["conv3"]
+    plan["layers"]["conv2"] = width
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda p: p["layers"]["conv3"].update(fit="plain", sliced=["conv2"]),
+         r"layer 'conv3': a width must slice the chain that feeds the layer channel by channel, but the plan lists \['conv2'\] "
+         r"and its chain is \['conv2', 'bn2'\] in this model"),
+        (lambda p: p["layers"].__setitem__("conv2", {**p["layers"]["conv1"], "weight_shape": [16, 8, 3, 3], "fit": "plain"}),
+         r"layer 'conv3': a width may slice only layers no other choice changes, but 'conv2' is also factorised"),
+        (_width_on_a_3x3,
+         r"layer 'conv2': a width choice's layer must be a 1x1 conv or a Linear .* but it is Conv2d with weight shape \(16, 8, 3, 3\)"),
+        (lambda p: p["layers"].__setitem__("fc", _as_width(p, weight_shape=[5, 16], rank=4, channels=[0, 1, 2, 3], sliced=["conv3"])),
+         r"layer 'fc': a width may slice only layers no other choice changes, but 'conv3' is also factorised"),
+        (lambda p: p["layers"].__setitem__("ghost", {**p["layers"]["conv1"], "method": "dense"}),
+         r"the plan's layer 'ghost' must exist in the model, but it does not"),
+    ],
+    ids=["chain-without-its-batchnorm", "producer-also-factorised", "width-on-a-3x3", "width-slicing-a-factorised-layer", "dense-ghost"],
+)
+def test_apply_refuses_a_width_the_model_cannot_take_instead_of_returning_a_model_that_fails(edit, message) -> None:
+    from autodac.plan import Plan
+
+    model, x, plan = _width_plan()
+    edited = {**plan, "layers": {k: dict(v) for k, v in plan["layers"].items()}}
+    edit(edited)
+    edited["flops"] = edited["original_flops"] - sum(c["flops_before"] - c["flops_after"] for c in edited["layers"].values())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(autodac.PlanError, match=message):
+        autodac.apply(model, Plan.from_dict(edited))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(autodac.apply(model, Plan.from_dict(plan))(x), autodac.apply(model, Plan.from_dict(plan))(x))
+
+
+def test_apply_refuses_a_plan_whose_rebuilt_model_does_not_run(monkeypatch) -> None:
+    """The last guard: whatever slipped past the rules, a model that fails on the plan's inputs is not returned."""
+    import autodac.api as api
+    from autodac.plan import Plan
+
+    model, x, plan = _width_plan()
+    monkeypatch.setattr(api, "_check_widths", lambda *args: None)  # let a broken chain through the earlier rule
+    broken = {**plan, "layers": {k: dict(v) for k, v in plan["layers"].items()}}
+    broken["layers"]["conv3"].update(fit="plain", sliced=["conv2"])
+    with pytest.raises(autodac.PlanError, match=r"the plan must give a model that runs on its inputs \[\(1, 3, 16, 16\)\], but the rebuilt "
+                                                r"model fails: RuntimeError: running_mean should contain"):
+        autodac.apply(model, Plan.from_dict(broken))
