@@ -354,11 +354,28 @@ def _dtype_of(model):
     return torch.float32
 
 
-def _example_inputs(args: argparse.Namespace, model, has_data: bool):
+def _input_tensor(shape: tuple[int, ...], dtype, generator=None):
+    """Zeros (or, given ``generator``, seeded random values) of ``--input-shape``, refused on one line when they cannot be allocated."""
     import torch
 
+    try:
+        if generator is None:
+            return torch.zeros(shape, dtype=dtype)
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+    except (RuntimeError, MemoryError, OverflowError) as error:  # torch's allocator refuses with a RuntimeError
+        count = 1
+        for size in shape:
+            count *= size
+        raise CLIError(
+            f"`--input-shape` must give an input tensor that fits in memory, but {','.join(map(str, shape))} is {count:,} "
+            f"values ({count * dtype.itemsize / 2**30:,.1f} GiB of {str(dtype).removeprefix('torch.')}) and allocating it failed: "
+            f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+        ) from None
+
+
+def _example_inputs(args: argparse.Namespace, model, has_data: bool):
     if args.input_shape is not None:
-        return torch.zeros(args.input_shape, dtype=_dtype_of(model))
+        return _input_tensor(args.input_shape, _dtype_of(model))
     if not has_data:
         raise CLIError("`--input-shape` (like 1,3,224,224) must be given when `--data` is not: FLOPs are counted at that shape")
     return None  # optimize counts FLOPs on the first probe example
@@ -374,12 +391,22 @@ def _load_plan(path_text: str):
 
 
 def _check_writable(what: str, path_text: str | None) -> None:
-    """Refuse an output path whose folder does not exist before any long work, not after it."""
+    """Refuse an output file path that is a folder, or whose folder does not exist, before any long work, not after it."""
     if path_text is None:
         return
-    folder = Path(path_text).parent
+    path = Path(path_text)
+    if path.is_dir():
+        raise CLIError(f"{what} must be a file path, not a folder, but {path_text!r} is a folder")
+    folder = path.parent
     if not folder.is_dir():
-        raise CLIError(f"{what} must be a path in an existing folder, but {str(folder)!r} does not exist")
+        found = "is a file" if folder.exists() else "does not exist"
+        raise CLIError(f"{what} must be a path in an existing folder, but {str(folder)!r} {found}")
+
+
+def _check_folder(what: str, path_text: str | None) -> None:
+    """Refuse an output folder that is an existing file before any long work (the folder itself is made when missing)."""
+    if path_text is not None and Path(path_text).exists() and not Path(path_text).is_dir():
+        raise CLIError(f"{what} must be a folder (made if missing), but {path_text!r} is a file")
 
 
 def _titles(paths: Sequence[str]) -> list[str]:
@@ -455,8 +482,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 def _cmd_apply(args: argparse.Namespace) -> int:
     import autodac
 
-    plan = _load_plan(args.plan)
     _check_writable("`--out`", args.out)
+    plan = _load_plan(args.plan)
     model = _load_model_from(args)
     data = _load_data(args.data, model) if args.data else None
     decomposed = autodac.apply(model, plan, data=data)
@@ -486,8 +513,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     import autodac
 
-    plan = _load_plan(args.plan) if args.plan else None
     _check_writable("`--out`", args.out)
+    plan = _load_plan(args.plan) if args.plan else None
     model = _load_model_from(args)
     if plan is not None:
         model = autodac.apply(model, plan, data=_load_data(args.data, model) if args.data else None)
@@ -497,7 +524,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if not shapes:
         raise CLIError("`--input-shape` (like 1,3,224,224) must be given when there is no PLAN: the file is checked on inputs of that shape")
     generator = torch.Generator().manual_seed(0)
-    inputs = tuple(torch.randn(*shape, generator=generator, dtype=_dtype_of(model)) for shape in shapes)
+    inputs = tuple(_input_tensor(tuple(shape), _dtype_of(model), generator) for shape in shapes)
     exported = autodac.export(model, args.out, format=args.format, example_inputs=inputs)
     payload = {"file": str(exported.path), "format": exported.format, "plan": args.plan, "input_shapes": [list(s) for s in shapes],
                "max_difference": exported.max_difference, "allowed": exported.allowed}
@@ -585,6 +612,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     from autodac import api
 
+    _check_folder("`--out`", args.out)
     model = _load_model_from(args)
     data = _load_data(args.data, model)
     # the profile is optimize's stages up to its sensitivity profile (check, probe, count, score, profile), and no further
@@ -659,6 +687,7 @@ def _report_markdown(titles: Sequence[str], paths: Sequence[str], plans: Mapping
 def _cmd_report(args: argparse.Namespace) -> int:
     from autodac import plots
 
+    _check_folder("`--out`", args.out)
     loaded = [_load_plan(p) for p in args.plans]
     titles = _titles(args.plans)
     plans = dict(zip(titles, loaded))
@@ -701,9 +730,8 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
                         help='keyword arguments for a package.module:factory MODEL, as a JSON object, like \'{"num_classes": 10}\'')
 
 
-def _add_shape(parser: argparse.ArgumentParser, required_text: str) -> None:
-    parser.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
-                        help=f"input shape FLOPs are counted at, like 1,3,224,224 ({required_text})")
+def _add_shape(parser: argparse.ArgumentParser, required_text: str, what: str = "input shape FLOPs are counted at") -> None:
+    parser.add_argument("--input-shape", type=_shape, metavar="N,C,H,W", help=f"{what}, like 1,3,224,224 ({required_text})")
 
 
 def _add_option(parser: argparse.ArgumentParser, name: str, *flags: str, context: str = "", **kwargs: Any) -> None:
@@ -832,7 +860,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pt (plain torch pickle), torchscript, pt2 (torch.export), onnx (needs autodac[deploy])")
     export.add_argument("--out", required=True, metavar="FILE", help="where to write it")
     export.add_argument("--data", metavar="FILE", help="the probe the plan was made with (plans fitted to data)")
-    _add_shape(export, "default: the plan's input shape")
+    _add_shape(export, "required without PLAN; default: the plan's input shape",
+               what="input shape the exported file is checked on (random inputs, the same for the model and the file)")
     export.set_defaults(run=_cmd_export)
 
     compare = commands.add_parser("compare", parents=[common], help="plans side by side, a row per layer",

@@ -32,6 +32,7 @@ from autodac._logging import get_logger
 from autodac.errors import AutodacError, ModelError
 from autodac.layers import FactorizedLayer, SplitDepthwise, plain_layer, traced
 from autodac.runtimes import onnx_bytes, onnx_feeds, onnx_session, require_onnx
+from autodac.surgery import run_model
 
 __all__ = ["export", "plain_torch", "Exported", "FORMATS", "DEFAULT_TOLERANCE"]
 
@@ -174,6 +175,20 @@ def _example_inputs(source: Any, model: nn.Module, example_inputs: Any) -> tuple
     raise AutodacError("`example_inputs` must be given to export a bare model (a Result carries its plan's), but got example_inputs=None")
 
 
+def _check_path(path: Any) -> Path:
+    """``path`` as a Path, refused before any work unless it names a file (not a folder) in an existing folder."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise AutodacError(f"`path` must be a file path (str or os.PathLike), but got path={path!r}")
+    path = Path(path)
+    if path.is_dir():
+        raise AutodacError(f"`path` must name a file, not a folder, but got path={str(path)!r}, which is a folder")
+    folder = path.parent
+    if not folder.is_dir():
+        found = "is a file" if folder.exists() else "does not exist"
+        raise AutodacError(f"`path` must be in an existing folder, but got path={str(path)!r}, whose folder {str(folder)!r} {found}")
+    return path
+
+
 def export(
     result_or_model: Any, path: str | Path, *, format: str, example_inputs: Any = None, tolerance: float = DEFAULT_TOLERANCE,
 ) -> Exported:
@@ -183,6 +198,8 @@ def export(
     inputs of its plan's ``input_shapes``, else ``example_inputs``, which a bare model needs)
     and refuses the export unless ``max |exported - model| <= tolerance * max(1, max |model|)``
     over every output. The model is exported in eval mode from a copy; the caller's is not changed.
+    ``path`` must name a file in an existing folder (checked before any work); inputs the model
+    cannot take raise ``ModelError`` naming their shapes.
     """
     model = getattr(result_or_model, "model", result_or_model)
     if not isinstance(model, nn.Module):
@@ -191,14 +208,14 @@ def export(
         raise AutodacError(f"`format` must be one of {list(FORMATS)}, but got format={format!r}")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
         raise AutodacError(f"`tolerance > 0` must hold (a bound relative to the output's scale), but got tolerance={tolerance!r}")
-    path = Path(path)
+    path = _check_path(path)
     model = copy.deepcopy(model).eval()
     inputs = _example_inputs(result_or_model, model, example_inputs)
     # written beside ``path`` and moved there only once checked: a refused export leaves no file behind
     staged = path.with_name(f".{path.stem}.autodac-unchecked{path.suffix}")
     try:
         with torch.no_grad():
-            expected = _flat(model(*inputs))
+            expected = _flat(run_model(model, inputs))  # inputs the model cannot take: a ModelError naming their shapes
             run = _WRITERS[format](model, inputs, staged)
             got = _flat(run())
         if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Iterable, Mapping
 
-from tabulate import tabulate
+from tabulate import TableFormat, tabulate, tabulate_formats
 
 from autodac.errors import AutodacError
 from autodac.plan import Plan
@@ -12,8 +12,17 @@ from autodac.plan import Plan
 __all__ = ["plan_table", "compare", "layer_names", "sliced_by"]
 
 
+def _check_tablefmt(tablefmt: Any) -> None:
+    """Refuse a table format tabulate does not know (tabulate itself falls back to ``simple`` without a word)."""
+    if not isinstance(tablefmt, TableFormat) and not (isinstance(tablefmt, str) and tablefmt in tabulate_formats):
+        raise AutodacError(f"`tablefmt` must be one of tabulate's formats {list(tabulate_formats)}, but got tablefmt={tablefmt!r}")
+
+
 def plan_table(plan: Plan, tablefmt: str = "simple") -> str:
     """One row per candidate layer: shape, method, rank, FLOPs before/after and the predicted error."""
+    if not isinstance(plan, Plan):
+        raise AutodacError(f"`plan` must be an autodac.Plan, but got {type(plan).__name__}")
+    _check_tablefmt(tablefmt)
     timed = any(c.latency_before is not None for c in plan.layers.values())
     rows = []
     for name, choice in plan.layers.items():
@@ -94,19 +103,39 @@ def _distilled_cell(plan: Plan) -> str:
     return f"epoch {plan.distilled['epoch']} of {plan.distilled['epochs']} (lr {plan.distilled['lr']:g})"
 
 
+def _titled(plans: Any) -> dict[Any, Plan]:
+    """``plans`` as ``{title: plan}``, or a refusal naming what was given instead of a mapping or list of plans."""
+    rule = "`plans` must be a non-empty mapping of titles to autodac.Plan, or a list of them"
+    if isinstance(plans, Plan):  # one plan is not a comparison: say how to get one anyway
+        raise AutodacError(f"{rule}, but got a single Plan; pass [plan] for a one-column table (or use plan_table(plan))")
+    if isinstance(plans, Mapping):
+        titled, where = dict(plans), {title: f"plans[{title!r}]" for title in plans}
+    elif isinstance(plans, Iterable) and not isinstance(plans, (str, bytes)):
+        listed = list(plans)
+        titled = {f"plan {i + 1}": plan for i, plan in enumerate(listed)}
+        where = {f"plan {i + 1}": f"plans[{i}]" for i in range(len(listed))}
+    else:
+        raise AutodacError(f"{rule}, but got {type(plans).__name__}: {plans!r:.80}")
+    if not titled:
+        raise AutodacError(f"{rule}, but got an empty {type(plans).__name__}")
+    for title, plan in titled.items():
+        if not isinstance(plan, Plan):
+            raise AutodacError(f"{rule}, but {where[title]} is {type(plan).__name__}, not a Plan")
+    return titled
+
+
 def compare(plans: Mapping[str, Plan] | list[Plan], tablefmt: str = "simple") -> str:
     """Plans side by side: a row per layer (method, rank, the layer's FLOPs ratio and, for plans timed
     under a latency budget, its measured latency ratio), then totals.
 
-    ``plans`` maps a column title to a plan (a list gets titles ``plan 1``, ``plan 2``...). Totals
+    ``plans`` maps a column title to a plan (a list gets titles ``plan 1``, ``plan 2``...;
+    a single plan is refused: pass ``[plan]``). ``tablefmt`` is one of ``tabulate.tabulate_formats``. Totals
     are the FLOPs ratio, the parameters, the runtime a latency plan was timed on, the distillation
     kept (if any), and every
     measured figure the plans carry (``metrics``).
     """
-    if not isinstance(plans, Mapping):
-        plans = {f"plan {i + 1}": plan for i, plan in enumerate(plans)}
-    if not plans or not all(isinstance(p, Plan) for p in plans.values()):
-        raise AutodacError(f"`plans` must be a non-empty mapping or list of autodac.Plan, but got {plans!r}")
+    plans = _titled(plans)
+    _check_tablefmt(tablefmt)
     titles = list(plans)
     layers = layer_names(list(plans.values()))
     rows = [[name, *(_cell(plans[t], name) for t in titles)] for name in layers]

@@ -287,3 +287,86 @@ def test_optimize_distill_trains_the_plan_and_apply_replays_it(work: Path) -> No
     assert torch.equal(_outputs(rebuilt), _outputs(original))
     _refused(_cli("optimize", "small.pt", "--flops-budget", "0.4", "--input-shape", SHAPE, "--distill", "0", "--out", "x.json", cwd=work),
              "--distill")
+
+
+# ----------------------------------------------------------------------------- sweep: shapes, output paths, help, compare
+
+HUGE = "1,3,10000000,10000000"  # 1.2 PB of float32: no machine allocates it
+
+
+@pytest.mark.parametrize("command", ["optimize", "export"])
+def test_an_input_shape_too_large_to_allocate_is_refused_naming_it(work: Path, tmp_path: Path, command: str) -> None:
+    budget = ["--flops-budget", "0.5"] if command == "optimize" else ["--format", "pt"]
+    line = _refused(_cli(command, "small.pt", *budget, "--input-shape", HUGE, "--out", str(tmp_path / "x.out"), cwd=work),
+                    "`--input-shape`", HUGE, "fits in memory")
+    assert "Traceback" not in line and list(tmp_path.iterdir()) == []
+
+
+def test_export_on_an_input_shape_the_model_cannot_take_is_refused_naming_it(work: Path, data_free: dict, tmp_path: Path) -> None:
+    line = _refused(_cli("export", "small.pt", "free.json", "--format", "pt", "--out", str(tmp_path / "m.pt"),
+                         "--input-shape", "1,1,8,8", cwd=work), "the model must run on its example inputs", "(1, 1, 8, 8)")
+    assert "3 channels" in line and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [
+    ["optimize", "small.pt", "--flops-budget", "0.5", "--input-shape", SHAPE, "--out", "{folder}"],
+    ["optimize", "small.pt", "--flops-budget", "0.5", "--input-shape", SHAPE, "--out", "x.json", "--save-model", "{folder}"],
+    ["worker", "--storage", "sqlite:///never.db", "--study", "s", "small.pt", "--flops-budget", "0.5", "--input-shape", SHAPE,
+     "--out", "{folder}"],
+    ["apply", "small.pt", "free.json", "--out", "{folder}"],
+    ["export", "small.pt", "free.json", "--format", "pt", "--out", "{folder}"],
+], ids=["optimize", "save-model", "worker", "apply", "export"])
+def test_an_output_file_that_is_a_folder_is_refused_before_any_work(work: Path, data_free: dict, tmp_path: Path,
+                                                                   command: list[str]) -> None:
+    folder = str(tmp_path)
+    argv = [folder if a == "{folder}" else a for a in command]
+    option = "`--save-model`" if "--save-model" in argv else "`--out`"
+    _refused(_cli(*argv, cwd=work), option, "must be a file path, not a folder", repr(folder))
+    # before any work: with a MODEL that cannot even be loaded, the output path is still what is refused
+    argv = ["no_such_model.pt" if a == "small.pt" else a for a in argv]
+    _refused(_cli(*argv, cwd=work), option, "is a folder")
+    assert not (work / "never.db").exists() and not (work / "x.json").exists()
+
+
+@pytest.mark.parametrize("command", [["profile", "no_such_model.pt", "--data", "unlabelled.pt"], ["report", "free.json"]])
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(work: Path, data_free: dict, command: list[str]) -> None:
+    _refused(_cli(*command, "--out", "free.json", cwd=work), "`--out` must be a folder", "'free.json' is a file")
+
+
+def test_export_help_says_the_input_shape_is_where_the_file_is_checked(work: Path) -> None:
+    text = " ".join(_ok(_cli("export", "--help", cwd=work)).stdout.split())
+    assert "input shape the exported file is checked on" in text and "FLOPs are counted at" not in text
+    assert "FLOPs are counted at" in " ".join(_ok(_cli("optimize", "--help", cwd=work)).stdout.split())
+
+
+def test_compare_refuses_what_is_not_plans_naming_the_rule_and_the_value(work: Path, data_free: dict) -> None:
+    plan = autodac.Plan.load(work / "free.json")
+    rule = r"`plans` must be a non-empty mapping of titles to autodac.Plan, or a list of them"
+    with pytest.raises(autodac.AutodacError, match=rule + ", but got NoneType: None"):
+        autodac.compare(None)
+    with pytest.raises(autodac.AutodacError, match=rule + r", but got a single Plan; pass \[plan\]"):
+        autodac.compare(plan)  # the docstring promises a mapping or a list: one plan is refused, with the way round
+    with pytest.raises(autodac.AutodacError, match=rule + ", but got an empty list$"):
+        autodac.compare([])
+    with pytest.raises(autodac.AutodacError, match=rule + ", but got an empty dict$"):
+        autodac.compare({})
+    with pytest.raises(autodac.AutodacError, match=rule + r", but plans\[1\] is str, not a Plan"):
+        autodac.compare([plan, "free.json"])
+    with pytest.raises(autodac.AutodacError, match=rule + r", but plans\['b'\] is NoneType, not a Plan"):
+        autodac.compare({"a": plan, "b": None})
+    assert autodac.compare([plan]).splitlines()[0].split() == ["layer", "plan", "1"]  # a one-plan list is a one-column table
+
+
+@pytest.mark.parametrize("tablefmt", ["no_such_format", None, "GitHub"])
+def test_compare_and_plan_table_refuse_a_table_format_tabulate_does_not_know(work: Path, data_free: dict, tablefmt) -> None:
+    from tabulate import tabulate_formats
+
+    from autodac.report import plan_table
+
+    plan = autodac.Plan.load(work / "free.json")
+    message = rf"`tablefmt` must be one of tabulate's formats \[.*'github'.*\], but got tablefmt={tablefmt!r}"
+    with pytest.raises(autodac.AutodacError, match=message):
+        autodac.compare([plan], tablefmt=tablefmt)
+    with pytest.raises(autodac.AutodacError, match=message):
+        plan_table(plan, tablefmt=tablefmt)
+    assert all(autodac.compare([plan], tablefmt=f) for f in tabulate_formats)  # every format tabulate names is taken

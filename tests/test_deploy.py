@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -259,3 +260,40 @@ def test_export_checks_a_cuda_model_on_the_gpu(resnet20_results, tmp_path: Path,
     result = dataclasses.replace(resnet20_results["split"], model=copy.deepcopy(resnet20_results["split"].model).cuda(), example_inputs=None)
     exported = autodac.export(result, tmp_path / f"m.{fmt}", format=fmt)
     assert exported.max_difference <= 1e-4
+
+
+def _counted_model() -> tuple[nn.Module, list[int]]:
+    """SmallConvNet and a list that grows by one on every forward pass of it (or of a copy of it)."""
+    from autodac.testing import SmallConvNet
+
+    calls: list[int] = []
+    model = SmallConvNet()
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return model, calls
+
+
+def test_export_on_inputs_the_model_cannot_take_raises_a_model_error_naming_the_shapes(tmp_path: Path) -> None:
+    model, _ = _counted_model()
+    with pytest.raises(autodac.ModelError, match=r"the model must run on its example inputs, but calling it on inputs of shape "
+                                                 r"\[\(1, 1, 16, 16\)\] raised RuntimeError: .*3 channels") as error:
+        autodac.export(model, tmp_path / "m.pt2", format="pt2", example_inputs=torch.randn(1, 1, 16, 16))
+    assert isinstance(error.value.__cause__, RuntimeError)  # the model's own error is kept as the cause
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["pt", "pt2"])
+def test_export_refuses_a_path_it_cannot_write_before_any_work(tmp_path: Path, fmt: str) -> None:
+    model, calls = _counted_model()
+    x = torch.randn(1, 3, 16, 16)
+    missing = tmp_path / "no_such_folder" / f"m.{fmt}"
+    with pytest.raises(AutodacError, match=rf"`path` must be in an existing folder, but got path={re.escape(repr(str(missing)))}, "
+                                           rf"whose folder {re.escape(repr(str(missing.parent)))} does not exist"):
+        autodac.export(model, missing, format=fmt, example_inputs=x)
+    with pytest.raises(AutodacError, match=rf"`path` must name a file, not a folder, but got path={re.escape(repr(str(tmp_path)))}, which is a folder"):
+        autodac.export(model, tmp_path, format=fmt, example_inputs=x)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(AutodacError, match=r"whose folder '.*a_file' is a file"):
+        autodac.export(model, tmp_path / "a_file" / f"m.{fmt}", format=fmt, example_inputs=x)
+    with pytest.raises(AutodacError, match=r"`path` must be a file path \(str or os.PathLike\), but got path=None"):
+        autodac.export(model, None, format=fmt, example_inputs=x)
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # refused before the model ran
