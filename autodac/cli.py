@@ -384,10 +384,7 @@ def _example_inputs(args: argparse.Namespace, model, has_data: bool):
 def _load_plan(path_text: str):
     from autodac.plan import Plan
 
-    try:
-        return Plan.load(_existing("PLAN", path_text))
-    except UnicodeDecodeError:
-        raise CLIError(f"PLAN must be a plan JSON written by `autodac optimize`, but {path_text!r} is not text") from None
+    return Plan.load(_existing("PLAN", path_text))  # a file that is not a plan: a PlanError naming it
 
 
 def _check_writable(what: str, path_text: str | None) -> None:

@@ -12,7 +12,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from autodac.errors import AutodacError, PlanError
+from autodac.budgets import KINDS as BUDGET_KINDS
+from autodac.budgets import check_ratio
+from autodac.errors import AutodacError, BudgetError, PlanError
 from autodac.options import DistillOptions
 from autodac.probes import OUTPUT_KINDS
 
@@ -22,6 +24,7 @@ __all__ = ["PLAN_VERSION", "READABLE_VERSIONS", "LayerChoice", "Plan", "structur
 PLAN_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # a version-1 plan loads with structure=None: apply replays it unchecked
 DENSE = "dense"
+WIDTH = "width"  # a block's hidden width planned as the consumer's rank: the only method with `channels` and `sliced`
 
 
 @dataclass(frozen=True)
@@ -103,12 +106,69 @@ def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _optional_ints(name: str, field_name: str, value: Any) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
-        raise PlanError(f"layer {name!r}: `{field_name}` must be a list of channel indices (ints >= 0), but got {value!r}")
-    return tuple(value)
+def _check_width(name: str, entry: dict[str, Any]) -> tuple[tuple[int, ...] | None, tuple[str, ...] | None]:
+    """A layer's ``channels`` and ``sliced``: present on a width choice, absent on every other.
+
+    A width keeps ``rank`` distinct input channels of its layer (indices below ``weight_shape[1]``,
+    in keep order) and slices the modules named in ``sliced`` (the producer first) with them.
+    """
+    method, channels, sliced = entry["method"], entry.get("channels"), entry.get("sliced")
+    if method != WIDTH:
+        if channels is not None or sliced is not None:
+            raise PlanError(
+                f"layer {name!r}: `channels` and `sliced` belong to width choices only, but got method={method!r} "
+                f"with channels={channels!r:.100} and sliced={sliced!r:.100}"
+            )
+        return None, None
+    rule = f"layer {name!r}: a width choice's `channels` must be a list of distinct channel indices (ints >= 0)"
+    if not isinstance(channels, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in channels):
+        raise PlanError(f"{rule}, but got channels={channels!r:.200}")
+    negative = [c for c in channels if c < 0]
+    if negative:
+        raise PlanError(f"{rule}, but got channels={channels!r:.200} ({negative[0]} is negative)")
+    repeated = sorted({c for c in channels if channels.count(c) > 1})
+    if repeated:
+        raise PlanError(f"{rule}, but got channels={channels!r:.200} ({repeated[0]} is repeated)")
+    shape = entry["weight_shape"]
+    if isinstance(shape, list) and len(shape) >= 2 and isinstance(shape[1], int) and not isinstance(shape[1], bool):
+        beyond = [c for c in channels if c >= shape[1]]
+        if beyond:
+            raise PlanError(
+                f"layer {name!r}: a width choice's `channels` must be below the layer's input width weight_shape[1]={shape[1]}, "
+                f"but got channel {beyond[0]} in channels={channels!r:.200}"
+            )
+    if entry["rank"] != len(channels):
+        raise PlanError(
+            f"layer {name!r}: a width choice's `rank` must equal len(channels)={len(channels)} (the channels it keeps), "
+            f"but got rank={entry['rank']!r}"
+        )
+    if (not isinstance(sliced, list) or not sliced or not all(isinstance(m, str) and m for m in sliced)
+            or len(set(sliced)) != len(sliced)):
+        raise PlanError(
+            f"layer {name!r}: a width choice's `sliced` must be a non-empty list of distinct module names (strings, "
+            f"the producer first), but got sliced={sliced!r:.200}"
+        )
+    return tuple(channels), tuple(sliced)
+
+
+def _flops_count(field_name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int when it is a whole number (an integral float counts) of at least ``minimum``; a PlanError otherwise."""
+    whole = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+    if not whole or value < minimum:
+        kind = "a positive" if minimum == 1 else "a non-negative"
+        raise PlanError(f"a plan's `{field_name}` must be {kind} integer (multiply-adds), but got {field_name}={value!r}")
+    return int(value)
+
+
+def _check_budget(data: Any) -> dict[str, float]:
+    """A plan's ``budget``: ``{kind: ratio}`` as ``optimize`` records it, each kind a budget's and each ratio in (0, 1]."""
+    kinds = [kind.kind for kind in BUDGET_KINDS]
+    if not isinstance(data, dict) or not set(data) <= set(kinds):
+        raise PlanError(f"a plan's `budget` must be an object {{kind: ratio}} with kinds among {kinds}, but got budget={data!r:.200}")
+    try:
+        return {kind: check_ratio(f"budget[{kind!r}]", ratio) for kind, ratio in data.items()}
+    except BudgetError as error:
+        raise PlanError(f"a plan's {error}") from None
 
 
 def _check_fit(name: str, fit: Any) -> str:
@@ -224,9 +284,14 @@ class Plan:
         version = data.get("_version")
         if isinstance(version, bool) or not isinstance(version, int) or version not in READABLE_VERSIONS:
             raise PlanError(f"this autodac reads plan versions {list(READABLE_VERSIONS)}, but got _version={version!r}")
-        unknown = set(data) - (_PLAN_FIELDS if version >= 2 else _PLAN_FIELDS - {"structure"})
+        unknown = set(data) - _PLAN_FIELDS
         if unknown:
             raise PlanError(f"a plan may only hold the fields {sorted(_PLAN_FIELDS)}, but got {sorted(unknown)}")
+        if version < 2 and "structure" in data:
+            raise PlanError(
+                f"a version-{version} plan may only hold the fields {sorted(_PLAN_FIELDS - {'structure'})} (`structure` came with "
+                f"version 2), but got _version={version} with a `structure`"
+            )
         layers_data = data.get("layers")
         if not isinstance(layers_data, dict):
             raise PlanError("a plan's `layers` must be an object keyed by dotted module name")
@@ -244,6 +309,7 @@ class Plan:
                 )
             if entry["method"] != DENSE and rank < 1:
                 raise PlanError(f"layer {name!r}: `rank >= 1` must hold for a factorised layer, but got rank={rank!r}")
+            channels, sliced = _check_width(name, entry)
             try:  # a malformed field is a PlanError naming the layer, never a bare TypeError/ValueError
                 error = float(entry["error"])
                 if not math.isfinite(error):
@@ -255,17 +321,26 @@ class Plan:
                     fit=_check_fit(name, entry["fit"]), impl=str(entry.get("impl", "")),
                     latency_before=_optional_float(entry.get("latency_before")),
                     latency_after=_optional_float(entry.get("latency_after")),
-                    channels=_optional_ints(name, "channels", entry.get("channels")),
-                    sliced=None if entry.get("sliced") is None else tuple(str(v) for v in entry["sliced"]),
+                    channels=channels, sliced=sliced,
                 )
             except (TypeError, ValueError) as problem:
                 if isinstance(problem, PlanError):
                     raise
                 raise PlanError(f"layer {name!r}: every field must have its type (numbers, a list of ints), but {problem}") from None
-        try:
-            original = int(data["original_flops"])
-        except (KeyError, TypeError, ValueError):
-            raise PlanError(f"a plan needs an integer `original_flops`, but got {data.get('original_flops')!r}") from None
+        original = _flops_count("original_flops", data.get("original_flops"), minimum=1)
+        if "flops" in data:  # written for readers; what the layers imply is the figure, and the two must agree
+            implied = original - sum(c.flops_before - c.flops_after for c in layers.values())
+            if _flops_count("flops", data["flops"], minimum=0) != implied:
+                raise PlanError(
+                    f"a plan's `flops` must be what its layers imply, original_flops - their savings = {implied}, "
+                    f"but got flops={data['flops']!r} (was the plan edited by hand?)"
+                )
+        if not isinstance(data.get("input_assumed", False), bool):
+            raise PlanError(f"a plan's `input_assumed` must be true or false, but got input_assumed={data['input_assumed']!r}")
+        notes = data.get("notes", [])
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise PlanError(f"a plan's `notes` must be a list of strings, but got notes={notes!r:.200}")
+        budget = _check_budget(data.get("budget", {}))
         try:
             input_shapes = [list(map(int, s)) for s in data.get("input_shapes", [])]
         except (TypeError, ValueError) as problem:
@@ -273,26 +348,28 @@ class Plan:
         structure = _check_structure(data.get("structure"), input_shapes)
         try:
             return cls(
-                layers=layers, original_flops=original, budget={k: float(v) for k, v in dict(data.get("budget", {})).items()},
-                input_shapes=input_shapes,
-                input_assumed=bool(data.get("input_assumed", False)), skipped=dict(data.get("skipped", {})),
-                metrics={k: float(v) for k, v in dict(data.get("metrics", {})).items()}, notes=list(data.get("notes", [])),
+                layers=layers, original_flops=original, budget=budget, input_shapes=input_shapes,
+                input_assumed=data.get("input_assumed", False), skipped=dict(data.get("skipped", {})),
+                metrics={k: float(v) for k, v in dict(data.get("metrics", {})).items()}, notes=list(notes),
                 probe=dict(data.get("probe", {})), structure=structure,
                 runtime={str(k): str(v) for k, v in dict(data.get("runtime", {})).items()},
                 distilled=_check_distilled(data.get("distilled")),
             )
         except (TypeError, ValueError) as problem:
             raise PlanError(
-                f"a plan's `budget`, `metrics` (objects of numbers), `input_shapes` (lists of ints), `skipped`, `probe`, `runtime` (objects) "
-                f"and `notes` (a list) must have those types, but {problem}"
+                f"a plan's `metrics` (an object of numbers), `skipped`, `probe` and `runtime` (objects) must have those types, but {problem}"
             ) from None
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise PlanError(f"a plan's JSON must be given as a str, but got {type(text).__name__}")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise PlanError(f"a plan must be valid JSON, but parsing failed: {error}") from None
+        except UnicodeDecodeError as error:  # bytes that are not text
+            raise PlanError(f"a plan's JSON must be UTF-8 text, but decoding failed: {error}") from None
         return cls.from_dict(data)
 
     def save(self, path) -> None:
@@ -301,5 +378,17 @@ class Plan:
 
     @classmethod
     def load(cls, path) -> "Plan":
-        with open(path, encoding="utf-8") as handle:
-            return cls.from_json(handle.read())
+        """The plan saved at ``path``; a PlanError naming the path when it is missing, unreadable, not text or not a plan."""
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except FileNotFoundError:
+            raise PlanError(f"a plan file must exist, but got path={str(path)!r}, which does not") from None
+        except UnicodeDecodeError as error:
+            raise PlanError(f"a plan file must be UTF-8 JSON text, but got path={str(path)!r}, which is not ({error.reason} at byte {error.start})") from None
+        except (OSError, TypeError) as error:  # a folder, no permission, a path that is no path
+            raise PlanError(f"a plan file must be readable, but got path={str(path)!r}: {error}") from None
+        try:
+            return cls.from_json(text)
+        except PlanError as error:
+            raise PlanError(f"plan file {str(path)!r}: {error}") from None

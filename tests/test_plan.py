@@ -204,6 +204,15 @@ def _set_top(field: str, value: Any) -> Callable[[dict], None]:
     return change
 
 
+def _set_width(field: str, value: Any) -> Callable[[dict], None]:
+    def change(data: dict) -> None:
+        entry = data["layers"]["conv3"]
+        assert entry["method"] == "width" and entry["rank"] == 8 and entry["weight_shape"][1] == 16  # what the cases assume
+        entry[field] = value
+
+    return change
+
+
 LOAD_REFUSALS = {
     "version 3": (_set_top("_version", 3), r"plan versions \[1, 2\], but got _version=3"),
     "version a string": (_set_top("_version", "2"), r"_version='2'"),
@@ -216,14 +225,51 @@ LOAD_REFUSALS = {
     "rank bool": (_set("rank", True), r"layer 'conv1': `rank` must be an integer.*rank=True \(bool\)"),
     "missing field": (lambda d: d["layers"]["conv1"].pop("weight_shape"), r"layer 'conv1' must have the fields"),
     "layers not an object": (_set_top("layers", []), r"`layers` must be an object"),
-    "bad original_flops": (_set_top("original_flops", "many"), r"integer `original_flops`.*'many'"),
+    "bad original_flops": (_set_top("original_flops", "many"), r"`original_flops` must be a positive integer.*original_flops='many'"),
+    "original_flops zero": (_set_top("original_flops", 0), r"`original_flops` must be a positive integer.*original_flops=0$"),
+    "original_flops negative": (_set_top("original_flops", -1), r"`original_flops` must be a positive integer.*original_flops=-1$"),
+    "original_flops fraction": (_set_top("original_flops", 12.7), r"`original_flops` must be a positive integer.*original_flops=12\.7$"),
+    "original_flops bool": (_set_top("original_flops", True), r"`original_flops` must be a positive integer.*original_flops=True$"),
+    "flops not what the layers imply": (_set_top("flops", 1), r"`flops` must be what its layers imply, original_flops - their savings = \d+, but got flops=1 "),
+    "flops negative": (_set_top("flops", -5), r"`flops` must be a non-negative integer.*flops=-5$"),
+    "flops a fraction": (_set_top("flops", 0.5), r"`flops` must be a non-negative integer.*flops=0\.5$"),
+    "version 1 with structure": (
+        _set_top("_version", 1),
+        r"a version-1 plan may only hold the fields \[(?![^\]]*'structure')[^\]]*\] \(`structure` came with version 2\), but got _version=1",
+    ),
+    "sliced a string": (_set_width("sliced", "conv2"), r"layer 'conv3': a width choice's `sliced` must be a non-empty list of distinct module names.*='conv2'"),
+    "sliced empty": (_set_width("sliced", []), r"layer 'conv3': a width choice's `sliced` must be a non-empty list.*sliced=\[\]"),
+    "sliced not names": (_set_width("sliced", [1, 2]), r"layer 'conv3': a width choice's `sliced` must be.*sliced=\[1, 2\]"),
+    "sliced missing": (lambda d: d["layers"]["conv3"].pop("sliced"), r"layer 'conv3': a width choice's `sliced` must be.*sliced=None"),
+    "channels missing": (lambda d: d["layers"]["conv3"].pop("channels"), r"layer 'conv3': a width choice's `channels` must be a list.*channels=None"),
+    "channel negative": (_set_width("channels", [-1, *range(1, 8)]), r"layer 'conv3': .*`channels` must be a list of distinct channel.*\(-1 is negative\)"),
+    "channel repeated": (_set_width("channels", [*range(7), 3]), r"layer 'conv3': .*`channels` must be a list of distinct channel indices.*\(3 is repeated\)"),
+    "channel beyond the layer": (
+        _set_width("channels", [*range(7), 99]), r"layer 'conv3': .*below the layer's input width weight_shape\[1\]=16, but got channel 99",
+    ),
+    "width rank not len(channels)": (_set_width("rank", 17), r"layer 'conv3': a width choice's `rank` must equal len\(channels\)=8.*rank=17$"),
+    "channels on a dense layer": (
+        lambda d: d["layers"]["fc"].update(channels=[0], sliced=["conv3"]), r"layer 'fc': `channels` and `sliced` belong to width choices only.*method='dense'",
+    ),
+    "input_assumed a word": (_set_top("input_assumed", "no"), r"`input_assumed` must be true or false, but got input_assumed='no'$"),
+    "input_assumed a number": (_set_top("input_assumed", 1), r"`input_assumed` must be true or false, but got input_assumed=1$"),
+    "notes a string": (_set_top("notes", "abc"), r"`notes` must be a list of strings, but got notes='abc'$"),
+    "notes not strings": (_set_top("notes", ["ok", 3]), r"`notes` must be a list of strings, but got notes=\['ok', 3\]$"),
+    "budget an unknown kind": (
+        _set_top("budget", {"flops": 0.5, "bogus": 1}),
+        r"`budget` must be an object \{kind: ratio\} with kinds among \['flops', 'latency', 'params'\].*'bogus'",
+    ),
+    "budget ratio negative": (_set_top("budget", {"flops": -3}), r"`0 < budget\['flops'\] <= 1` must hold, but got budget\['flops'\]=-3"),
+    "budget ratio above 1": (_set_top("budget", {"params": 1.5}), r"`0 < budget\['params'\] <= 1` must hold, but got budget\['params'\]=1\.5"),
+    "budget ratio a word": (_set_top("budget", {"latency": "fast"}), r"`budget\['latency'\]` must be a real number.*budget\['latency'\]='fast'"),
+    "budget ratio a bool": (_set_top("budget", {"flops": True}), r"`budget\['flops'\]` must be a real number.*budget\['flops'\]=True"),
     "error not finite": (_set("error", float("inf")), r"layer 'conv1'.*`error` must be finite"),
     "error null": (_set("error", None), r"layer 'conv1': every field must have its type"),
     "weight_shape a number": (_set("weight_shape", 5), r"layer 'conv1': every field must have its type"),
     "flops a word": (_set("flops_before", "many"), r"layer 'conv1': every field must have its type"),
-    "budget a list": (_set_top("budget", [1]), r"`budget`.*must have those types"),
+    "budget a list": (_set_top("budget", [1]), r"`budget` must be an object \{kind: ratio\}.*budget=\[1\]"),
     "metrics not numbers": (_set_top("metrics", {"accuracy": "high"}), r"`metrics`.*must have those types"),
-    "notes a number": (_set_top("notes", 5), r"`notes`.*must have those types"),
+    "notes a number": (_set_top("notes", 5), r"`notes` must be a list of strings, but got notes=5$"),
 }
 
 
@@ -239,6 +285,42 @@ def test_loading_refuses_a_malformed_plan(case: str) -> None:
 def test_loading_refuses_invalid_json(text: str) -> None:
     with pytest.raises(autodac.PlanError, match="JSON|format='autodac.plan'"):
         autodac.Plan.from_json(text)
+
+
+def test_loading_accepts_what_optimize_writes_and_old_readers_wrote() -> None:
+    """The rules refuse nothing a plan ever held: no `flops` (a plan built by hand), an empty budget, an integral float."""
+    _, _, result = _optimized("small_conv")
+    data = json.loads(result.plan.to_json())
+    del data["flops"]
+    data.update(budget={}, original_flops=float(data["original_flops"]))
+    loaded = autodac.Plan.from_dict(data)
+    assert loaded.original_flops == result.plan.original_flops and isinstance(loaded.original_flops, int)
+    assert loaded.budget == {} and loaded.layers == result.plan.layers
+
+
+@pytest.mark.parametrize("given", [None, 5, {"format": "autodac.plan"}])
+def test_from_json_refuses_what_is_not_text(given: Any) -> None:
+    with pytest.raises(autodac.PlanError, match=rf"a plan's JSON must be given as a str, but got {type(given).__name__}$"):
+        autodac.Plan.from_json(given)
+    with pytest.raises(autodac.PlanError, match=r"must be UTF-8 text"):
+        autodac.Plan.from_json(b'{"format": "\xff"}')
+
+
+def test_load_refuses_a_file_that_is_not_a_plan_naming_it(tmp_path) -> None:
+    missing, folder, binary, broken = tmp_path / "missing.json", tmp_path / "folder", tmp_path / "bad.bin", tmp_path / "broken.json"
+    folder.mkdir()
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    broken.write_text('{"format": "autodac.plan", "_version": 9}')
+    for path, message in [
+        (missing, "a plan file must exist, but got path='.*missing.json', which does not"),
+        (folder, "a plan file must be readable, but got path='.*folder'"),
+        (binary, r"a plan file must be UTF-8 JSON text, but got path='.*bad\.bin', which is not \(invalid start byte at byte 0\)"),
+        (broken, r"plan file '.*broken\.json': this autodac reads plan versions \[1, 2\], but got _version=9"),
+    ]:
+        with pytest.raises(autodac.PlanError, match=message):
+            autodac.Plan.load(path)
+        with pytest.raises(autodac.PlanError, match=message):
+            autodac.Plan.load(str(path))
 
 
 def test_apply_refuses_non_plans_and_non_models() -> None:
