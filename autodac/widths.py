@@ -230,6 +230,34 @@ def _proves_private(model, inputs, producer, consumer, clean_out, clean_in, seed
     return a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
 
 
+def _proves_channelwise(model, inputs, producer, consumer, clean_in, channels: int, seed: int = 0) -> bool:
+    """Noise on a random half of the producer's channels leaves the consumer's other input channels as they were.
+
+    Catches what slicing cannot: an op between the two that mixes channels yet takes any number of
+    them in any order (a parameter-free norm over channels, ``x / |x|``), whose every kept channel
+    would change when one is dropped.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    moved = torch.randperm(channels, generator=generator)[: max(1, channels // 2)]
+    mask = torch.zeros(channels, dtype=torch.bool)
+    mask[moved] = True
+
+    def some(out):
+        scale = out.detach().abs().mean().clamp_min(1e-3)
+        noise = torch.randn(out.shape, generator=generator).to(out) * scale
+        shape = [1] * out.dim()
+        shape[1 if out.dim() > 1 and not isinstance(producer, nn.Linear) else -1] = channels
+        return noise * mask.to(out.device).reshape(shape).to(out.dtype)
+
+    _, moved_in = _output_of(model, inputs, producer, noise=some, restore=(consumer, None))
+    if moved_in is None or moved_in.shape != clean_in.shape:
+        return False
+    axis = -1 if isinstance(consumer, nn.Linear) else 1
+    still = (~mask).nonzero().flatten().to(clean_in.device)
+    a, b = moved_in.index_select(axis, still), clean_in.index_select(axis, still)
+    return bool(torch.allclose(a, b, rtol=1e-6, atol=1e-6 * float(clean_in.abs().max().clamp_min(1e-12))))
+
+
 def _slices_cleanly(model: nn.Module, inputs: tuple[Any, ...], unit: WidthUnit, clean: torch.Tensor) -> bool:
     """Slicing proven on the model itself: every channel kept in a shuffled order gives the same outputs,
     and one channel fewer still runs to outputs of the same shapes.
@@ -307,6 +335,8 @@ def find_width_units(model: nn.Module, inputs: tuple[Any, ...], consumers: Seque
                 continue
             clean_out, clean_in = _output_of(model, inputs, producer, restore=(consumer, None))
             if clean_in is None or _flat(clean_out) is None or not _proves_private(model, inputs, producer, consumer, clean_out, clean_in):
+                continue
+            if not _proves_channelwise(model, inputs, producer, consumer, clean_in.detach().clone(), channels):
                 continue
             chain = tuple(names[m] for m in between if _has_state(m))
             unit = WidthUnit(name, names[producer], chain, channels)

@@ -99,6 +99,32 @@ def test_a_channel_mixing_op_in_between_is_not_a_unit() -> None:
     assert find_width_units(model, (torch.randn(2, 4, 8, 8),), ["project"]) == {}
 
 
+@pytest.mark.parametrize("norm", ["pixel", "normalize", "layer_norm"])
+def test_a_parameter_free_norm_over_channels_in_between_is_not_a_unit(norm: str) -> None:
+    """Such a norm takes any number of channels in any order, so slicing runs cleanly; but it mixes them:
+    dropping one channel changes every kept one, which the width's re-fit assumes it does not."""
+
+    class Normed(nn.Module):
+        def __init__(self, normed: bool) -> None:
+            super().__init__()
+            self.normed = normed
+            self.expand, self.bn, self.project = nn.Conv2d(4, 12, 1), nn.BatchNorm2d(12), nn.Conv2d(12, 4, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.expand(x)))
+            if self.normed and norm == "pixel":
+                h = h / torch.sqrt(h.pow(2).mean(1, keepdim=True) + 1e-3)
+            elif self.normed and norm == "normalize":
+                h = torch.nn.functional.normalize(h, dim=1)
+            elif self.normed:
+                h = torch.nn.functional.layer_norm(h.movedim(1, -1), (h.shape[1],)).movedim(-1, 1)
+            return self.project(h)
+
+    x = (torch.randn(2, 4, 8, 8),)
+    assert set(find_width_units(Normed(False).eval(), x, ["project"])) == {"project"}  # the same block without the norm is one
+    assert find_width_units(Normed(True).eval(), x, ["project"]) == {}
+
+
 def test_sliced_unit_costs_what_the_plan_says_and_is_exact_at_full_width() -> None:
     model = InvertedResidualNet().eval()
     x = torch.randn(2, 3, 32, 32)
