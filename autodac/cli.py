@@ -389,15 +389,11 @@ def _load_plan(path_text: str):
 
 def _check_writable(what: str, path_text: str | None) -> None:
     """Refuse an output file path that is a folder, or whose folder does not exist, before any long work, not after it."""
-    if path_text is None:
-        return
-    path = Path(path_text)
-    if path.is_dir():
-        raise CLIError(f"{what} must be a file path, not a folder, but {path_text!r} is a folder")
-    folder = path.parent
-    if not folder.is_dir():
-        found = "is a file" if folder.exists() else "does not exist"
-        raise CLIError(f"{what} must be a path in an existing folder, but {str(folder)!r} {found}")
+    from autodac.deploy import unwritable
+
+    problem = None if path_text is None else unwritable(Path(path_text))
+    if problem is not None:
+        raise CLIError(f"{what} {problem[0]}, but got {path_text!r}, {problem[1]}")
 
 
 def _check_folder(what: str, path_text: str | None) -> None:

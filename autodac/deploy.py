@@ -175,17 +175,24 @@ def _example_inputs(source: Any, model: nn.Module, example_inputs: Any) -> tuple
     raise AutodacError("`example_inputs` must be given to export a bare model (a Result carries its plan's), but got example_inputs=None")
 
 
+def unwritable(path: Path) -> tuple[str, str] | None:
+    """Why a file cannot be written at ``path``, as ``(rule, what is wrong)``; None when it can (as far as the folders tell)."""
+    if path.is_dir():
+        return "must name a file, not a folder", "which is a folder"
+    folder = path.parent
+    if not folder.is_dir():
+        return "must be in an existing folder", f"whose folder {str(folder)!r} {'is a file' if folder.exists() else 'does not exist'}"
+    return None
+
+
 def _check_path(path: Any) -> Path:
     """``path`` as a Path, refused before any work unless it names a file (not a folder) in an existing folder."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise AutodacError(f"`path` must be a file path (str or os.PathLike), but got path={path!r}")
     path = Path(path)
-    if path.is_dir():
-        raise AutodacError(f"`path` must name a file, not a folder, but got path={str(path)!r}, which is a folder")
-    folder = path.parent
-    if not folder.is_dir():
-        found = "is a file" if folder.exists() else "does not exist"
-        raise AutodacError(f"`path` must be in an existing folder, but got path={str(path)!r}, whose folder {str(folder)!r} {found}")
+    problem = unwritable(path)
+    if problem is not None:
+        raise AutodacError(f"`path` {problem[0]}, but got path={str(path)!r}, {problem[1]}")
     return path
 
 

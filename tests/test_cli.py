@@ -321,7 +321,7 @@ def test_an_output_file_that_is_a_folder_is_refused_before_any_work(work: Path, 
     folder = str(tmp_path)
     argv = [folder if a == "{folder}" else a for a in command]
     option = "`--save-model`" if "--save-model" in argv else "`--out`"
-    _refused(_cli(*argv, cwd=work), option, "must be a file path, not a folder", repr(folder))
+    _refused(_cli(*argv, cwd=work), option, "must name a file, not a folder", repr(folder))
     # before any work: with a MODEL that cannot even be loaded, the output path is still what is refused
     argv = ["no_such_model.pt" if a == "small.pt" else a for a in argv]
     _refused(_cli(*argv, cwd=work), option, "is a folder")
