@@ -319,12 +319,10 @@ def test_export_on_an_input_shape_the_model_cannot_take_is_refused_naming_it(wor
 def test_an_output_file_that_is_a_folder_is_refused_before_any_work(work: Path, data_free: dict, tmp_path: Path,
                                                                    command: list[str]) -> None:
     folder = str(tmp_path)
-    argv = [folder if a == "{folder}" else a for a in command]
-    option = "`--save-model`" if "--save-model" in argv else "`--out`"
-    _refused(_cli(*argv, cwd=work), option, "must name a file, not a folder", repr(folder))
     # before any work: with a MODEL that cannot even be loaded, the output path is still what is refused
-    argv = ["no_such_model.pt" if a == "small.pt" else a for a in argv]
-    _refused(_cli(*argv, cwd=work), option, "is a folder")
+    argv = ["no_such_model.pt" if a == "small.pt" else folder if a == "{folder}" else a for a in command]
+    option = "`--save-model`" if "--save-model" in argv else "`--out`"
+    _refused(_cli(*argv, cwd=work), option, "must name a file, not a folder", repr(folder), "is a folder")
     assert not (work / "never.db").exists() and not (work / "x.json").exists()
 
 
