@@ -58,7 +58,7 @@ from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_input
 from autodac.factorize.base import covariance_for
 from autodac.factorize.channels import ChannelOrder, order_channels, refit_kept
 from autodac.implied import affected_layers, batchnorm_noise, implied_batch, positions_per_example
-from autodac.widths import Gathered, WidthUnit, collecting_moments, find_width_units, slice_unit
+from autodac.widths import Gathered, WidthUnit, collecting_moments, consumable, find_width_units, slice_unit
 
 __all__ = ["optimize", "apply", "decompose_conv", "Result", "DEFAULT_METHODS"]
 
@@ -2011,9 +2011,7 @@ def _check_widths(model: nn.Module, plan: Plan, example: tuple[Any, ...] | None)
     claimed: dict[str, str] = {name: name for name in plan.factorized}
     for name, choice in widths.items():
         consumer = model.get_submodule(name)
-        if not isinstance(consumer, nn.Linear) and not (
-            isinstance(consumer, (nn.Conv1d, nn.Conv2d)) and consumer.groups == 1 and all(k == 1 for k in consumer.kernel_size)
-        ):
+        if not consumable(consumer):
             raise PlanError(
                 f"layer {name!r}: a width choice's layer must be a 1x1 conv or a Linear (it reads its kept channels as they "
                 f"are), but it is {type(consumer).__name__} with weight shape {tuple(consumer.weight.shape)}"

@@ -30,7 +30,7 @@ from torch import nn
 from autodac.batches import Batch, call, count
 from autodac.surgery import evaluating
 
-__all__ = ["WidthUnit", "find_width_units", "collecting_moments", "input_moments", "slice_unit", "Gathered"]
+__all__ = ["WidthUnit", "find_width_units", "consumable", "collecting_moments", "input_moments", "slice_unit", "Gathered"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
 
@@ -73,7 +73,8 @@ def _producible(module: nn.Module, channels: int) -> bool:
     return isinstance(module, _CONVS) and module.groups == 1 and module.out_channels == channels and not getattr(module, "transposed", False)
 
 
-def _consumable(module: nn.Module) -> bool:
+def consumable(module: nn.Module) -> bool:
+    """A layer that can consume a width: a Linear, or an ungrouped, untransposed ``1x1`` conv (it reads each input channel as it is)."""
     if isinstance(module, nn.Linear):
         return True
     return isinstance(module, _CONVS) and module.groups == 1 and all(k == 1 for k in module.kernel_size) and not module.transposed
@@ -242,19 +243,24 @@ def _proves_channelwise(model, inputs, producer, consumer, clean_in, channels: i
     mask = torch.zeros(channels, dtype=torch.bool)
     mask[moved] = True
 
+    def axis(module: nn.Module, tensor: torch.Tensor) -> int:  # the channel axis, batched or not
+        return -1 if isinstance(module, nn.Linear) else tensor.dim() - len(module.kernel_size) - 1
+
     def some(out):
         scale = out.detach().abs().mean().clamp_min(1e-3)
         noise = torch.randn(out.shape, generator=generator).to(out) * scale
         shape = [1] * out.dim()
-        shape[1 if out.dim() > 1 and not isinstance(producer, nn.Linear) else -1] = channels
+        shape[axis(producer, out)] = channels
         return noise * mask.to(out.device).reshape(shape).to(out.dtype)
 
-    _, moved_in = _output_of(model, inputs, producer, noise=some, restore=(consumer, None))
+    try:
+        _, moved_in = _output_of(model, inputs, producer, noise=some, restore=(consumer, None))
+    except Exception:  # a layout the proof cannot perturb: not proven, so not a unit
+        return False
     if moved_in is None or moved_in.shape != clean_in.shape:
         return False
-    axis = -1 if isinstance(consumer, nn.Linear) else 1
     still = (~mask).nonzero().flatten().to(clean_in.device)
-    a, b = moved_in.index_select(axis, still), clean_in.index_select(axis, still)
+    a, b = (t.index_select(axis(consumer, clean_in), still) for t in (moved_in, clean_in))
     return bool(torch.allclose(a, b, rtol=1e-6, atol=1e-6 * float(clean_in.abs().max().clamp_min(1e-12))))
 
 
@@ -320,7 +326,7 @@ def find_width_units(model: nn.Module, inputs: tuple[Any, ...], consumers: Seque
     try:
         for name in consumers:
             consumer = model.get_submodule(name)
-            if not _consumable(consumer):
+            if not consumable(consumer):
                 continue
             found = _walk_back(leaves, calls, consumer)
             if found is None:
