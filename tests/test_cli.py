@@ -1,8 +1,9 @@
-"""The ``autodac`` command line, driven as users drive it: a fresh interpreter per command.
+"""The ``autodac`` command line, driven as users drive it: arguments, files, exit codes, both streams.
 
-Tiny models from ``autodac.testing`` saved with ``torch.save`` keep each command to about the
-cost of importing torch. Every refusal must exit non-zero with exactly one line on stderr,
-``autodac: error: ...``, and no traceback. One thread per process (the machine is shared).
+Commands run through ``autodac.cli.main`` in this process (``tests/cli_runs.py``); the first test
+checks that a fresh interpreter, as users start it, prints the same. Tiny models from
+``autodac.testing`` saved with ``torch.save`` keep each command cheap. Every refusal must exit
+non-zero with exactly one line on stderr, ``autodac: error: ...``, and no traceback.
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ def with_data(work: Path) -> dict:
     done = _ok(_cli("optimize", "small.pt", "--flops-budget", "0.6", "--data", "probe.npz", "--n-trials", "2",
                     "--out", "probe_plan.json", "--save-model", "probe_model.pt", "--json", "--quiet", cwd=work))
     return json.loads(done.stdout)
+
+
+def test_the_command_runs_in_a_fresh_interpreter(work: Path, data_free: dict) -> None:
+    """``python -m autodac.cli`` as users start it prints what the in-process runs print, for work done and for a refusal."""
+    refusal = ("optimize", "small.pt", "--flops-budget", "2", "--input-shape", SHAPE, "--out", "x.json")
+    for args in (("compare", "free.json", "free.json", "--format", "json"), refusal):
+        here = _cli(*args, cwd=work) if args[0] != "compare" else _ok(_cli(*args, cwd=work))
+        fresh = _cli(*args, cwd=work, fresh=True)
+        assert (fresh.returncode, fresh.stdout, fresh.stderr) == (here.returncode, here.stdout, here.stderr)
+    _refused(fresh, "flops_budget")
 
 
 def _outputs(model: torch.nn.Module) -> torch.Tensor:
