@@ -81,7 +81,7 @@ def consumable(module: nn.Module) -> bool:
 
 
 def _record(model: nn.Module, inputs: tuple[Any, ...]):
-    """One pass: every leaf call in order as ``(module, id(first input), id(output))``, tensors kept alive."""
+    """One pass: every leaf call in order as ``(module, id(first input), id(output))``, tensors kept alive, and the output."""
     leaves = _leaves(model)
     calls: list[tuple[nn.Module, int, int]] = []
     alive: list[Any] = []
@@ -96,11 +96,24 @@ def _record(model: nn.Module, inputs: tuple[Any, ...]):
         handles.append(module.register_forward_hook(hook))
     try:
         with evaluating(model):
-            model(*inputs)
+            output = model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return leaves, calls, alive
+    return leaves, calls, alive, output
+
+
+class _Reached(BaseException):
+    """Ends a pass at the consumer when only its input is wanted (a BaseException: a model's ``except Exception`` lets it by)."""
+
+
+def _pass(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
+    """The model's output in eval mode, or None when a hook ended the pass at the consumer."""
+    try:
+        with evaluating(model):
+            return model(*inputs)
+    except _Reached:
+        return None
 
 
 def _walk_back(leaves, calls, consumer: nn.Module) -> tuple[nn.Module, list[nn.Module]] | None:
@@ -138,8 +151,12 @@ def _walk_back(leaves, calls, consumer: nn.Module) -> tuple[nn.Module, list[nn.M
         return None
 
 
-def _output_of(model, inputs, module, noise=None, restore=None):
-    """Model output, with ``noise(output)`` added at ``module`` and the consumer's input replaced by ``restore``."""
+def _output_of(model, inputs, module, noise=None, restore=None, stop: bool = False):
+    """Model output, with ``noise(output)`` added at ``module`` and the consumer's input replaced by ``restore``.
+
+    With ``stop`` the pass ends at the consumer (the output is then None): only its input was wanted,
+    and the rest of a 224 px network is most of the pass.
+    """
     captured = {}
     handles = []
     if noise is not None:
@@ -149,14 +166,15 @@ def _output_of(model, inputs, module, noise=None, restore=None):
 
         def grab_or_restore(m, args):
             captured["input"] = args[0]
+            if stop:
+                raise _Reached
             if value is not None:
                 return (value,) + tuple(args[1:])
             return None
 
         handles.append(consumer.register_forward_pre_hook(grab_or_restore))
     try:
-        with evaluating(model):
-            out = model(*inputs)
+        out = _pass(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -197,9 +215,13 @@ def _between(model, inputs, calls, producer, consumer, channels: int) -> list[nn
             handles.append(producer.register_forward_hook(
                 lambda m, a, out: out + torch.randn(out.shape, generator=generator).to(out) * out.detach().abs().mean().clamp_min(1e-3)
             ))
+
+        def reached(m, args):
+            raise _Reached  # everything wanted ran before the consumer
+
+        handles.append(consumer.register_forward_pre_hook(reached))
         try:
-            with evaluating(model):
-                model(*inputs)
+            _pass(model, inputs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -217,7 +239,7 @@ def _between(model, inputs, calls, producer, consumer, channels: int) -> list[nn
     return chain
 
 
-def _proves_private(model, inputs, producer, consumer, clean_out, clean_in, seed: int = 0) -> bool:
+def _proves_private(model, inputs, producer, consumer, clean: torch.Tensor, clean_in, seed: int = 0) -> bool:
     """Noise on every producer channel changes nothing once the consumer's own input is restored:
     no other path reads the chain (channel correspondence is left to ``_slices_cleanly``)."""
     generator = torch.Generator().manual_seed(seed)
@@ -227,7 +249,7 @@ def _proves_private(model, inputs, producer, consumer, clean_out, clean_in, seed
         return torch.randn(out.shape, generator=generator).to(out) * scale
 
     restored_out, _ = _output_of(model, inputs, producer, noise=every, restore=(consumer, clean_in))
-    a, b = _flat(restored_out), _flat(clean_out)
+    a, b = _flat(restored_out), clean
     return a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
 
 
@@ -254,7 +276,7 @@ def _proves_channelwise(model, inputs, producer, consumer, clean_in, channels: i
         return noise * mask.to(out.device).reshape(shape).to(out.dtype)
 
     try:
-        _, moved_in = _output_of(model, inputs, producer, noise=some, restore=(consumer, None))
+        _, moved_in = _output_of(model, inputs, producer, noise=some, restore=(consumer, None), stop=True)
     except Exception:  # a layout the proof cannot perturb: not proven, so not a unit
         return False
     if moved_in is None or moved_in.shape != clean_in.shape:
@@ -320,7 +342,8 @@ def find_width_units(model: nn.Module, inputs: tuple[Any, ...], consumers: Seque
         torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
         for x in inputs
     )
-    leaves, calls, alive = _record(model, inputs)
+    leaves, calls, alive, clean_out = _record(model, inputs)  # the output no proof perturbs, shared by every consumer's
+    clean = _flat(clean_out)
     names = {m: n for n, m in model.named_modules()}
     units: dict[str, WidthUnit] = {}
     try:
@@ -339,14 +362,14 @@ def find_width_units(model: nn.Module, inputs: tuple[Any, ...], consumers: Seque
                     continue
             if channels < 2:
                 continue
-            clean_out, clean_in = _output_of(model, inputs, producer, restore=(consumer, None))
-            if clean_in is None or _flat(clean_out) is None or not _proves_private(model, inputs, producer, consumer, clean_out, clean_in):
+            _, clean_in = _output_of(model, inputs, producer, restore=(consumer, None), stop=True)
+            if clean_in is None or clean is None or not _proves_private(model, inputs, producer, consumer, clean, clean_in):
                 continue
             if not _proves_channelwise(model, inputs, producer, consumer, clean_in.detach().clone(), channels):
                 continue
             chain = tuple(names[m] for m in between if _has_state(m))
             unit = WidthUnit(name, names[producer], chain, channels)
-            if _slices_cleanly(model, inputs, unit, _flat(clean_out)):
+            if _slices_cleanly(model, inputs, unit, clean):
                 units[name] = unit
     finally:
         alive.clear()
