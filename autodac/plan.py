@@ -151,13 +151,41 @@ def _check_width(name: str, entry: dict[str, Any]) -> tuple[tuple[int, ...] | No
     return tuple(channels), tuple(sliced)
 
 
+def _is_whole(value: Any, minimum: int) -> bool:
+    """A whole number (an integral float counts, a bool or a string does not) of at least ``minimum``."""
+    whole = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+    return whole and value >= minimum
+
+
 def _flops_count(field_name: str, value: Any, minimum: int) -> int:
     """``value`` as an int when it is a whole number (an integral float counts) of at least ``minimum``; a PlanError otherwise."""
-    whole = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
-    if not whole or value < minimum:
+    if not _is_whole(value, minimum):
         kind = "a positive" if minimum == 1 else "a non-negative"
         raise PlanError(f"a plan's `{field_name}` must be {kind} integer (multiply-adds), but got {field_name}={value!r}")
     return int(value)
+
+
+def _layer_counts(name: str, entry: dict) -> dict[str, Any]:
+    """A layer's ``weight_shape`` (positive whole numbers) and FLOPs/parameter counts (non-negative), as ints; a PlanError naming
+    the field otherwise (``int()`` would have read ``"12"`` or ``3.7`` as a count)."""
+    counts = {}
+    for field_name in ("flops_before", "flops_after", "params_before", "params_after"):
+        value = entry[field_name]
+        if not _is_whole(value, 0):
+            raise PlanError(f"layer {name!r}: `{field_name}` must be a non-negative integer, but got {field_name}={value!r:.100}")
+        counts[field_name] = int(value)
+    shape = entry["weight_shape"]
+    if not isinstance(shape, (list, tuple)) or not shape or not all(_is_whole(v, 1) for v in shape):
+        raise PlanError(f"layer {name!r}: `weight_shape` must be a non-empty list of positive integers, but got weight_shape={shape!r:.100}")
+    counts["weight_shape"] = tuple(int(v) for v in shape)
+    return counts
+
+
+def _input_shapes(shapes: Any) -> list[list[int]]:
+    """A plan's ``input_shapes``: a list of shapes, each a list of positive whole numbers."""
+    if not isinstance(shapes, (list, tuple)) or not all(isinstance(s, (list, tuple)) and all(_is_whole(v, 1) for v in s) for s in shapes):
+        raise PlanError(f"a plan's `input_shapes` must be a list of shapes, each a list of positive integers, but got input_shapes={shapes!r:.200}")
+    return [[int(v) for v in s] for s in shapes]
 
 
 def _check_budget(data: Any) -> dict[str, float]:
@@ -315,9 +343,7 @@ class Plan:
                 if not math.isfinite(error):
                     raise PlanError(f"layer {name!r}: `error` must be finite, but got {error!r}")
                 layers[name] = LayerChoice(
-                    method=str(entry["method"]), rank=rank, weight_shape=tuple(int(v) for v in entry["weight_shape"]),
-                    flops_before=int(entry["flops_before"]), flops_after=int(entry["flops_after"]),
-                    params_before=int(entry["params_before"]), params_after=int(entry["params_after"]), error=error,
+                    method=str(entry["method"]), rank=rank, **_layer_counts(name, entry), error=error,
                     fit=_check_fit(name, entry["fit"]), impl=str(entry.get("impl", "")),
                     latency_before=_optional_float(entry.get("latency_before")),
                     latency_after=_optional_float(entry.get("latency_after")),
@@ -341,10 +367,7 @@ class Plan:
         if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
             raise PlanError(f"a plan's `notes` must be a list of strings, but got notes={notes!r:.200}")
         budget = _check_budget(data.get("budget", {}))
-        try:
-            input_shapes = [list(map(int, s)) for s in data.get("input_shapes", [])]
-        except (TypeError, ValueError) as problem:
-            raise PlanError(f"a plan's `input_shapes` must be lists of ints, but {problem}") from None
+        input_shapes = _input_shapes(data.get("input_shapes", []))
         structure = _check_structure(data.get("structure"), input_shapes)
         try:
             return cls(
