@@ -92,8 +92,25 @@ def fvcore_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
         return int(analysis.total())
 
 
-def quality(model_name: str, original: torch.Tensor, compressed: torch.Tensor) -> dict[str, Any]:
-    """Agreement of ``compressed`` with ``original`` outputs, in %, on all test inputs and on the confident ones."""
+def clustered_interval(hits: torch.Tensor, groups: list[str], repeats: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval (in %) of the mean of ``hits`` by a bootstrap that resamples whole ``groups`` (photographs, recordings).
+
+    Crops of one photograph agree or disagree together, so resampling crops one by one would
+    understate how much the figure depends on which photographs the test happened to hold.
+    """
+    names = sorted(set(groups))
+    index = torch.tensor([names.index(g) for g in groups])
+    sums = torch.zeros(len(names)).index_add_(0, index, hits.float())
+    counts = torch.zeros(len(names)).index_add_(0, index, torch.ones(len(groups)))
+    picks = torch.randint(len(names), (repeats, len(names)), generator=torch.Generator().manual_seed(seed))
+    means = 100.0 * sums[picks].sum(1) / counts[picks].sum(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
+    return low, high
+
+
+def quality(model_name: str, original: torch.Tensor, compressed: torch.Tensor, groups: list[str] | None = None) -> dict[str, Any]:
+    """Agreement of ``compressed`` with ``original`` outputs, in %, on all test inputs and on the confident ones
+    (with a 95% interval by photograph when each input's ``groups`` is known)."""
     if model_name == "crepe_full":
         confidence = original.max(1).values
     else:
@@ -109,6 +126,9 @@ def quality(model_name: str, original: torch.Tensor, compressed: torch.Tensor) -
         return 100.0 * mask.float().mean().item()
 
     row = {"agree (%)": pct(agree), "agree conf (%)": pct(agree, confident)}
+    if groups is not None and len(set(groups)) > 1:
+        low, high = clustered_interval(agree, groups)
+        row["agree 95% interval"] = f"{low:.1f}-{high:.1f}"
     if model_name == "crepe_full":
         close = (assets.crepe_cents(original) - assets.crepe_cents(compressed)).abs() <= CENTS
         row[f"<= {CENTS:g} cents (%)"] = pct(close)
@@ -179,7 +199,9 @@ def child(spec_path: str) -> None:
         row["fvcore ratio"] = fvcore_flops(result.model, example) / spec["original_flops"]
         original = torch.load(work / "test_outputs.pt")
         test = torch.load(work / "test.pt")
-        row.update(quality(spec["model"], original, outputs(result.model, test)))
+        sources = work / "test_sources.json"
+        groups = json.loads(sources.read_text()) if sources.exists() else None
+        row.update(quality(spec["model"], original, outputs(result.model, test), groups))
     except Exception as error:
         row.update({"error": f"measuring the result: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}",
                     "traceback": traceback.format_exc()})
@@ -201,7 +223,8 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             extra = assets.extra_probe_photo_files()
             files, probe_files = sorted(files + extra), sorted(probe_files + extra)
         probe = assets.random_crops(probe_files, args.probe_crops, PROBE_SEED) if args.probe_crops else None
-        test = assets.random_crops(test_files, args.test_crops, TEST_SEED)
+        drawn: list[Path] = []
+        test = assets.random_crops(test_files, args.test_crops, TEST_SEED, drawn=drawn)
         kind = "224x224 crops"
     else:
         files = assets.audio_files()
@@ -209,7 +232,8 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         source = assets.audio_source
         start = time.perf_counter()
         probe = assets.audio_frames(probe_files, args.probe_crops, PROBE_SEED) if args.probe_crops else None
-        test = assets.audio_frames(test_files, args.test_crops, TEST_SEED)
+        drawn = []
+        test = assets.audio_frames(test_files, args.test_crops, TEST_SEED, drawn=drawn)
         example = assets.audio_frames(probe_files, 1, EXAMPLE_SEED)
         kind = "1024-sample frames"
     log(f"{args.model}: {len(files)} files; probe {len(probe_files)} files, test {len(test_files)} files; "
@@ -221,6 +245,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if probe is not None:
         torch.save(probe, work / "probe.pt")
     torch.save(test, work / "test.pt")
+    (work / "test_sources.json").write_text(json.dumps([source(path) for path in drawn]))
     start = time.perf_counter()
     original = outputs(model, test)
     torch.save(original, work / "test_outputs.pt")
@@ -287,12 +312,13 @@ def describe(row: dict[str, Any], model_name: str) -> str:
     pitch = f", within {CENTS:g} cents {pct(cents + ' (%)')} (conf {pct(cents + ' conf (%)')})" if model_name == "crepe_full" else ""
     error = f"; ERROR {row['error']}" if row.get("error") else ""
     return (f"FLOPs {row['FLOPs ratio']:.4f} (fvcore {row.get('fvcore ratio', math.nan):.4f}), {row['layers']} layers "
-            f"[{row['methods']}], agree {pct('agree (%)')} (conf {pct('agree conf (%)')}){pitch}; {row['optimize s']:.0f} s, "
+            f"[{row['methods']}], agree {pct('agree (%)')} [{row.get('agree 95% interval', 'n/a')}] (conf {pct('agree conf (%)')}){pitch}; "
+            f"{row['optimize s']:.0f} s, "
             f"peak {row['peak RSS (GiB)']:.2f} GiB (before {row['rss before (GiB)']:.2f}){error}")
 
 
 TABLE_COLUMNS = ("mode", "budget", "FLOPs ratio", "fvcore ratio", "params ratio", "layers", "methods", "distilled",
-                 "probe metric", "probe before distillation", "agree (%)", "agree conf (%)",
+                 "probe metric", "probe before distillation", "agree (%)", "agree 95% interval", "agree conf (%)",
                  f"<= {CENTS:g} cents (%)", f"<= {CENTS:g} cents conf (%)", "optimize s", "peak RSS (GiB)", "rss before (GiB)", "error")
 
 
@@ -311,6 +337,8 @@ def write(out: Path, args: argparse.Namespace, info: dict[str, Any], rows: list[
         f"{info['probe files']} probe files ({info['probe sources']} sources) the {info['probe inputs']} probe {unit} came from. "
         + ("`agree`: same top pitch bin (20 cents wide); `<= 40 cents`: CREPE's local weighted-average pitch within 40 cents "
            "of the original's; " if is_crepe else "`agree`: same top-1 ImageNet class; ")
+        + f"`agree 95% interval`: a bootstrap over whole test {'recordings' if is_crepe else 'photographs'} (their {unit} resampled "
+        "together, 2,000 draws), how much the figure owes to which ones the test holds; "
         + f"`conf`: only the {info['confident test inputs']} test {unit} where the original's top "
         + ("bin activation" if is_crepe else "softmax probability") + f" is at least {CONFIDENT}. "
         "`FLOPs ratio` is autodac's, `fvcore ratio` recounted here by fvcore on the returned model. Each row is one "

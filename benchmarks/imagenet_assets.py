@@ -272,8 +272,11 @@ def _photo_512(path: Path) -> "np.ndarray":
         return np.asarray(image)
 
 
-def random_crops(files: Sequence[Path], count: int, seed: int, size: int = 224, scale: tuple[int, int] = (256, 512)) -> torch.Tensor:
+def random_crops(
+    files: Sequence[Path], count: int, seed: int, size: int = 224, scale: tuple[int, int] = (256, 512), drawn: "list[Path] | None" = None
+) -> torch.Tensor:
     """``count x 3 x size x size`` float crops scaled by ``(x - 127) / 128``; deterministic for ``seed`` and ``files``.
+    ``drawn``, when given, gets each crop's file appended (to group crops by photograph).
 
     Each crop: a file drawn uniformly, resized so its short side is a uniform draw from ``scale``
     (ImageNet-like object scales: the validation recipe resizes to 256), then a uniform random
@@ -287,6 +290,8 @@ def random_crops(files: Sequence[Path], count: int, seed: int, size: int = 224, 
     out = torch.empty(count, 3, size, size)
     for i in range(count):
         path = files[rng.randrange(len(files))]
+        if drawn is not None:
+            drawn.append(path)
         short = rng.randint(max(scale[0], size), scale[1])
         image = Image.fromarray(_photo_512(path))
         factor = short / min(image.size)
@@ -360,9 +365,10 @@ def _frame_starts(path: Path) -> "np.ndarray":
     return (torch.nonzero(loud).flatten() * HOP).numpy()
 
 
-def audio_frames(files: Sequence[Path], count: int, seed: int) -> torch.Tensor:
+def audio_frames(files: Sequence[Path], count: int, seed: int, drawn: "list[Path] | None" = None) -> torch.Tensor:
     """``count x 1024`` CREPE inputs, deterministic for ``seed`` and ``files``: a file drawn uniformly, then one of its
-    non-silent 10 ms-hop frames uniformly; each frame mean-centred and divided by its std as ``torchcrepe.preprocess`` does."""
+    non-silent 10 ms-hop frames uniformly; each frame mean-centred and divided by its std as ``torchcrepe.preprocess`` does.
+    ``drawn``, when given, gets each frame's file appended (to group frames by recording)."""
     usable = [path for path in files if len(_frame_starts(path))]
     if not usable:
         raise ValueError("no audio file with a non-silent frame")
@@ -370,6 +376,8 @@ def audio_frames(files: Sequence[Path], count: int, seed: int) -> torch.Tensor:
     out = torch.empty(count, WINDOW)
     for i in range(count):
         path = usable[rng.randrange(len(usable))]
+        if drawn is not None:
+            drawn.append(path)
         starts = _frame_starts(path)
         start = int(starts[rng.randrange(len(starts))])
         audio = torch.nn.functional.pad(load_audio(path), (WINDOW // 2, WINDOW // 2))
