@@ -52,7 +52,7 @@ from autodac.search.sensitivity import SensitivityProfile, loss_curve, measure_p
 from autodac.search.storage import SharedSearch, open_search
 from autodac.sequential import Refit, refit_in_order
 from autodac.structure import check_structure, model_structure
-from autodac.surgery import TracedLayer, evaluating, replace_layers, run_model, trace_layers
+from autodac.surgery import TracedLayer, evaluating, own_hooks, replace_layers, run_model, trace_layers
 from autodac.subclasses import explicit_padding
 from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
 from autodac.factorize.base import covariance_for
@@ -170,12 +170,48 @@ def _check_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...
     )
 
 
+def _check_runs_on_data(model: nn.Module, first: tuple[Any, ...]) -> None:
+    """The model runs on ``data``'s first example: inputs of a dtype it cannot take are refused here, naming both dtypes,
+    not from inside the first probe stage."""
+    try:
+        with evaluating(model):
+            model(*first)
+    except Exception as error:
+        seen = ", ".join(f"{str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+                         for x in first)
+        weight = next(model.parameters(), None)
+        held = "" if weight is None else f"; the model's weights are {str(weight.dtype).removeprefix('torch.')}"
+        raise ModelError(
+            f"the model must run on `data`'s inputs, but on the first example ({seen}{held}) it raised {type(error).__name__}: {error}"
+        ) from error
+
+
 def _input_shapes(inputs: tuple[Any, ...]) -> list[list[int]]:
     return [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
 
 
 def _check_materialised(model: nn.Module) -> None:
-    """Refuse a model whose weights hold no values (on the ``meta`` device): nothing can be factorised or counted."""
+    """Refuse a model whose weights hold no values (on the ``meta`` device, or lazy modules never run), or whose layers
+    are hidden from module surgery and from fvcore (a ``torch.compile`` wrapper, TorchScript modules)."""
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise ModelError(
+            "the model must be a plain nn.Module, but got a torch.compile wrapper (OptimizedModule), whose graph hides its "
+            "layers: pass model._orig_mod, and compile the result"
+        )
+    scripted = [name or "(the model)" for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if scripted:
+        raise ModelError(
+            f"the model's layers must be Python modules, but {len(scripted)} are TorchScript ({', '.join(scripted[:3])}"
+            f"{' ...' if len(scripted) > 3 else ''}), which hides their layers from autodac and from fvcore's tracer: "
+            "build them from their Python classes (load a state dict into them)"
+        )
+    lazy = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+            if isinstance(tensor, nn.parameter.UninitializedTensorMixin)]
+    if lazy:
+        raise ModelError(
+            f"the model's weights must hold values to be factorised, but {len(lazy)} parameters and buffers are uninitialised "
+            f"(lazy modules, e.g. {lazy[0]!r}); run the model once on an input to initialise them first"
+        )
     empty = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()) if tensor.is_meta]
     if empty:
         raise ModelError(
@@ -227,7 +263,8 @@ def _check_probe_shape(probe: Probe | None, inputs: tuple[Any, ...], given: bool
         raise AutodacError(
             f"the examples in `data` must have the shape of `{what}` (FLOPs are counted and the plan made at "
             f"{what}, quality measured on data), but data has examples of shape {show(probed)} and {what} has "
-            f"shape {show([tuple(x.shape) for x in inputs])} (examples of shape {show(example)})"
+            f"shape {show([tuple(x.shape) for x in inputs])}, read as a batch of {inputs[0].shape[0] if inputs[0].dim() else 1} "
+            f"example(s) of shape {show(example)} (the first dimension of {what} is the batch)"
         )
 
 
@@ -258,16 +295,23 @@ class _Candidate:
         return self.options[0][2]
 
 
+_HOOKED = "has hooks of its own (register_forward_hook, ...), which its replacement would not run: remove them to let autodac change it"
+
+
 def _skip_reason(layer: TracedLayer, methods: Sequence[str], excluded: bool) -> str | None:
     module = layer.module
     if excluded:
         return "excluded by the caller"
     if layer.unsupported is not None:
         return f"{layer.unsupported} is not a layer type autodac factorises (Conv1d, Conv2d, Linear)"
+    if layer.shares_with is not None:
+        return f"shares a parameter with {layer.shares_with!r} (tied weights): replacing one would untie them"
     if layer.functional is not None:
         return f"used through a functional call ({layer.functional}), cannot be replaced"
     if layer.geometry is None:
         return "not run on the example inputs"
+    if own_hooks(module):
+        return _HOOKED
     if getattr(module, "groups", 1) != 1:
         return f"grouped conv (groups={module.groups}); factorising it cannot save FLOPs"
     if getattr(module, "transposed", False):
@@ -422,6 +466,7 @@ def _width_units(model, inputs, live: list[TracedLayer], by_module: dict[str, in
     found = find_width_units(model, inputs, [t.name for t in live])
     # a producer the caller excluded (or that cannot be reproduced) is not sliced either; costs exactly linear in width
     found = {n: u for n, u in found.items() if u.producer in names and _unit_flops(u, by_module) % u.channels == 0}
+    found = {n: u for n, u in found.items() if not any(own_hooks(model.get_submodule(m)) for m in u.chain)}  # sliced copies would drop them
 
     def behind(unit: WidthUnit) -> int:
         return _unit_flops(unit, by_module)
@@ -1136,6 +1181,8 @@ def _probe(run: _Run) -> None:
         example_inputs = arguments(probe.inputs[:1].to(_device_of(model)))
     inputs, assumed = _check_inputs(model, example_inputs)
     _check_probe_shape(probe, inputs, s.example_inputs is not None)
+    if probe is not None:
+        _check_runs_on_data(model, arguments(probe.inputs[:1].to(_device_of(model))))
     if assumed:
         note = f"no example_inputs given; assumed one input of shape {_input_shapes(inputs)[0]} (pass example_inputs to plan for your shape)"
         warnings.warn(f"autodac: {note}", UserWarning, stacklevel=3)
@@ -1149,6 +1196,8 @@ def _probe(run: _Run) -> None:
         probe = Probe(synthesize_inputs(model, inputs[0], s.probe.synthesize, seed=s.search.seed, progress=s.progress), None)
         run.probe_source = {"source": "synthetic", "examples": s.probe.synthesize, "steps": SYNTHESIS_STEPS, "seed": s.search.seed}
         run.notes.append(f"no data: the probe is {s.probe.synthesize} inputs synthesised to match the model's BatchNorm statistics")
+    if probe is not None and s.evaluate is not None:  # the runner calibrates on every probe input: apply must, too
+        run.probe_source["calibration"] = "all"
     run.probe, run.inputs, run.assumed = probe, inputs, assumed
 
 
@@ -1445,7 +1494,10 @@ def _final_scores(run: _Run) -> None:
             else:
                 plan.notes.append("BatchNorm re-estimation tried and rejected (outputs not closer to the original's, or metric lower)")
         metrics["probe_examples"] = float(len(run.probe)) if run.probe is not None else 0.0
-        plan.notes.append(f"probe metric: {runner.metric_name} on {len(runner.held_out) if runner.held_out is not None else 0} held-out probe examples")
+        plan.notes.append(
+            f"probe metric: {runner.metric_name} on {len(runner.held_out)} held-out probe examples" if runner.held_out is not None
+            else f"probe metric: {runner.metric_name}, the caller's own measure (every probe example calibrates)"
+        )
         if runner.kind is not None:
             how = "as output_kind says" if s.probe.output_kind != "auto" else "read off the original's outputs"
             plan.notes.append(f"probe objective: {_probes.OUTPUT_KINDS[runner.kind]}, {how}")
@@ -1892,7 +1944,13 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
     refitted = [name for name, c in plan.factorized.items() if c.fit.startswith("seq+")]
     covariances: dict[str, torch.Tensor] = {}
     moments: dict[str, torch.Tensor] = {}
-    if data is None and plan.probe.get("source") == "synthetic" and (data_fitted or refitted or plan.metrics.get("bn_reestimated") or plan.distilled):
+    synthetic_fit = plan.probe.get("source") == "synthetic" and (data_fitted or refitted or plan.metrics.get("bn_reestimated") or plan.distilled)
+    if synthetic_fit and data is not None:
+        raise PlanError(
+            f"a plan made with synthesize={plan.probe.get('examples')} is rebuilt from the inputs its recorded recipe synthesises "
+            "(what it was fitted to), so `data` must be None, but data was given: other inputs would give another model"
+        )
+    if data is None and synthetic_fit:
         data = _replay_synthesis(model, plan)
     needing = data_fitted or refitted
     if plan.distilled and data is None and plan.probe.get("source") != "synthetic":
@@ -1909,6 +1967,8 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
     replayed = collect_probe(data, max(2, examples)) if data is not None else None  # once: `data` may be a one-shot iterator
     if replayed is not None and plan.input_shapes:  # the plan was made and fitted at its input shapes: the data must have them
         _check_probe_shape(replayed, tuple(torch.empty(shape, device="meta") for shape in plan.input_shapes), True, "plan.input_shapes")
+    if replayed is not None:
+        _check_runs_on_data(model, arguments(replayed.inputs[:1].to(_device_of(model))))
     if data_fitted:
         modules = {name: model.get_submodule(name) for name in data_fitted}  # checked by _check_plan_fits
         widths = {n: m for n, m in modules.items() if plan.layers[n].method == WIDTH}
@@ -1943,6 +2003,8 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
                 if choice.method not in METHODS:
                     raise AutodacError(f"`method` must be one of {sorted(METHODS)}, but got method={choice.method!r}")
                 factorization = get_method(choice.method)
+                if getattr(module, "groups", 1) != 1 or not factorization.applies_to(tuple(module.weight.shape)):
+                    build_factorized(module, choice.method, choice.rank, None, choice.impl)  # refuses, naming why, before any fit
                 decomposition = factorization.decompose(module.weight, out_weights, covariance_for(factorization, input_cov))
             replacements[name] = build_factorized(module, choice.method, choice.rank, decomposition, choice.impl)
         except AutodacError as error:
@@ -1957,7 +2019,7 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         result = replay_distillation(result, model, inputs, options, plan.distilled["accepted"], list(plan.factorized),
                                      plan.distilled.get("output_kind"))  # plans from before it was recorded: read per batch, as then
     if plan.metrics.get("bn_reestimated") and replayed is not None:  # replay the re-estimation optimize kept
-        reestimate_batchnorm(result, split_probe(replayed)[0])
+        reestimate_batchnorm(result, replayed.inputs if plan.probe.get("calibration") == "all" else split_probe(replayed)[0])
     _check_runs(result, example)
     return result
 
@@ -1977,6 +2039,13 @@ def _plan_example(model: nn.Module, plan: Plan) -> tuple[Any, ...] | None:
     return example
 
 
+def _submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
     """Every planned layer exists, is a Conv1d/Conv2d/Linear and has the weight shape the plan was made for
     (checked in plan order, before any statistic is collected: the first misfit is the one named); first of all,
@@ -1991,6 +2060,12 @@ def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
         module = model.get_submodule(name)
         if not isinstance(module, SUPPORTED_TYPES):
             raise PlanError(f"the plan's layer {name!r} must be a Conv1d, Conv2d or Linear, but it is a {type(module).__name__}")
+        hooked = [m for m in (name, *(choice.sliced or ())) if own_hooks(_submodule_or_none(model, m) or nn.Module())]
+        if hooked:
+            raise PlanError(
+                f"the modules a plan changes must have no hooks of their own (register_forward_hook, ...: their replacements would "
+                f"not run them), but {hooked[0]!r} has {own_hooks(model.get_submodule(hooked[0]))}; remove them to apply the plan"
+            )
         if tuple(module.weight.shape) != tuple(choice.weight_shape):
             raise PlanError(
                 f"layer {name!r} must have the weight shape the plan was made for, {tuple(choice.weight_shape)}, "

@@ -15,9 +15,10 @@ of attention run through them are not counted, in the original and the decompose
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -43,12 +44,29 @@ def _conv_mode_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     return conv_flop_count(get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0]), transposed=False)
 
 
+@contextlib.contextmanager
+def _hooks_kept(model: nn.Module) -> Iterator[None]:
+    """Within the block, hooks added to ``model``'s modules are removed on the way out: fvcore's tracer adds a
+    scope hook pair to every module and leaves them behind when tracing raises (on the caller's model, they would
+    fire on every later call)."""
+    hook_dicts = ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                  "_forward_pre_hooks_with_kwargs")
+    before = {(m, d): set(getattr(m, d, {})) for m in model.modules() for d in hook_dicts}
+    try:
+        yield
+    finally:
+        for (module, d), keys in before.items():
+            table = getattr(module, d, None)
+            for key in [k for k in (table or {}) if k not in keys]:
+                del table[key]
+
+
 def count_flops(model: nn.Module, example_inputs: tuple[Any, ...]) -> FlopCount:
     """Trace ``model`` once with fvcore (in eval mode, no grad, fused attention off) and return its multiply-add counts."""
     from fvcore.nn import FlopCountAnalysis
 
     try:
-        with evaluating(model), unfused_attention(), warnings.catch_warnings():
+        with _hooks_kept(model), evaluating(model), unfused_attention(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             analysis = FlopCountAnalysis(model, example_inputs)
             analysis.set_op_handle("aten::_convolution_mode", _conv_mode_flop_jit)

@@ -156,6 +156,23 @@ def _write_onnx(model: nn.Module, inputs: tuple[Any, ...], path: Path) -> Callab
 _WRITERS = {"pt": _write_pt, "torchscript": _write_torchscript, "pt2": _write_pt2, "onnx": _write_onnx}
 
 
+def _written_and_run(format: str, model: nn.Module, inputs: tuple[Any, ...], staged: Path) -> Any:
+    """The outputs of the ``format`` file written for ``model``, loaded back and run on ``inputs``; what the exporter,
+    the loader or the runtime cannot take (a parametrized layer in a pickle, float64 in onnxruntime, a dict output
+    traced to TorchScript) is an AutodacError naming the format and the other formats to try."""
+    try:
+        return _WRITERS[format](model, inputs, staged)()
+    except AutodacError:
+        raise
+    except Exception as error:  # noqa: BLE001 - torch.jit, torch.export, the pickler and onnxruntime raise their own kinds
+        others = [f for f in FORMATS if f != format]
+        reason = " ".join(str(error).split())[:400]
+        raise ModelError(
+            f"the model must be written as {format} and run from the file, but that raised {type(error).__name__}: {reason}; "
+            f"another format ({', '.join(others)}) may take it"
+        ) from error
+
+
 def _device(model: nn.Module) -> torch.device:
     parameter = next(iter(model.parameters()), None)
     return parameter.device if parameter is not None else torch.device("cpu")
@@ -223,8 +240,7 @@ def export(
     try:
         with torch.no_grad():
             expected = _flat(run_model(model, inputs))  # inputs the model cannot take: a ModelError naming their shapes
-            run = _WRITERS[format](model, inputs, staged)
-            got = _flat(run())
+            got = _flat(_written_and_run(format, model, inputs, staged))
         if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
             raise AutodacError(
                 f"the {format} file must give the model's outputs, but it gave shapes {[tuple(g.shape) for g in got]} "

@@ -43,7 +43,18 @@ class Rule:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # NumPy's integers too (stored as int)
+
+
+def _plain_number(value: Any) -> Any:
+    """NumPy's scalars as Python's ``int``/``float`` (what plans, studies and JSON take); anything else as it is."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def at_least(low: int) -> Rule:
@@ -101,6 +112,8 @@ class _Options:
                 object.__setattr__(self, f.name, value)
             if f.metadata["rule"] is not None:
                 f.metadata["rule"].check(f.name, value)
+                if _plain_number(value) is not value:
+                    object.__setattr__(self, f.name, _plain_number(value))
 
 
 @dataclass(frozen=True)

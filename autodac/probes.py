@@ -147,6 +147,12 @@ def _batch_parts(batch: Any, position: int) -> tuple[Batch, Any]:
                     f"shapes {[tuple(t.shape) for t in first]}"
                 )
             return Inputs(tuple(first)), y
+        if isinstance(first, (tuple, list)) and first:
+            others = sorted({type(t).__name__ for t in first if not isinstance(t, torch.Tensor)})
+            raise AutodacError(
+                f"the inputs of a batch of `data` must all be tensors (batched along their first dimension; a model's non-tensor "
+                f"arguments cannot be batched: bind them in a wrapper module), but batch {position} holds {', '.join(others)}"
+            )
     raise AutodacError(
         f"each batch of `data` must be a tensor x, a tuple (x, y), or for a model of several inputs ((x0, x1, ...), y) "
         f"or ((x0, x1, ...),), but batch {position} is {type(batch).__name__}"

@@ -21,7 +21,7 @@ from autodac.errors import AutodacError, ModelError
 from autodac.factorize import Geometry
 from autodac.layers import SUPPORTED_TYPES, FactorizedLayer
 
-__all__ = ["TracedLayer", "trace_layers", "replace_layers", "run_model", "evaluating", "unfused_attention"]
+__all__ = ["TracedLayer", "trace_layers", "replace_layers", "run_model", "evaluating", "unfused_attention", "own_hooks"]
 
 
 @dataclass
@@ -40,6 +40,7 @@ class TracedLayer:
     followed_by: str | None = None  # dotted name of the BatchNorm that consumes its output, if any
     functional: str | None = None
     unsupported: str | None = None  # the type of a torch layer autodac does not factorise (Conv3d, ConvTranspose2d, ...) that ran
+    shares_with: str | None = None  # another module holding one of its parameters (tied weights): replacing one unties them
 
 
 # torch layers with a weight matrix that are not candidates: reported by type when they run, not as functional calls.
@@ -205,6 +206,10 @@ def trace_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[Trac
         keep_alive.clear()
 
     traced = []
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}  # id of a parameter -> every (name, module) holding it
+    for holder_name, holder in model.named_modules(remove_duplicate=False):
+        for parameter in holder.parameters(recurse=False):
+            holders.setdefault(id(parameter), []).append((holder_name, holder))
     for name, module in candidates.items():
         geometry = None
         if calls[name]:
@@ -215,7 +220,8 @@ def trace_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[Trac
                 kernel_size=tuple(int(k) for k in weight.shape[2:]),
                 calls=tuple(calls[name]),
             )
-        traced.append(TracedLayer(name, module, geometry, consumers.get(name), uses.uses.get(id(module.weight))))
+        tied = next((other for p in module.parameters(recurse=False) for other, holder in holders.get(id(p), []) if holder is not module), None)
+        traced.append(TracedLayer(name, module, geometry, consumers.get(name), uses.uses.get(id(module.weight)), shares_with=tied))
     owned = {id(module.weight) for module in candidates.values()}
     unsupported: set[str] = set()
     for name, parameter in model.named_parameters():
@@ -229,6 +235,12 @@ def trace_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[Trac
                 continue
             traced.append(TracedLayer(name, owner, None, None, uses.uses[id(parameter)]))
     return traced
+
+
+def own_hooks(module: nn.Module) -> int:
+    """How many forward, pre-forward and backward hooks are registered on ``module`` itself: a replacement would not run them."""
+    tables = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+    return sum(len(getattr(module, table, None) or {}) for table in tables)
 
 
 def _in_layout_of(old: nn.Module, new: nn.Module) -> nn.Module:

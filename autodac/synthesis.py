@@ -11,6 +11,8 @@ The model is run in eval mode and is not changed.
 
 from __future__ import annotations
 
+import copy
+
 from typing import Any
 
 import torch
@@ -68,6 +70,9 @@ def statistics_mismatch(model: nn.Module, inputs: torch.Tensor) -> float:
     return float(sum(terms) / max(len(terms), 1))
 
 
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
 def synthesize_inputs(
     model: nn.Module,
     example_inputs: torch.Tensor,
@@ -104,6 +109,10 @@ def synthesize_inputs(
         )
     shape = tuple(example_inputs.shape[1:])
     options = {"device": example_inputs.device, "dtype": example_inputs.dtype}
+    if example_inputs.dtype in _REDUCED or any(p.dtype in _REDUCED for p in model.parameters()):
+        # half-precision activations and BatchNorm moments overflow under Adam (inputs turned to NaN): optimise in float32
+        model, options["dtype"] = copy.deepcopy(model).float(), torch.float32
+        norms = _norms(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     batch = max(2, batch_size_for(shape))  # a bound on memory, and batch statistics need more than one input
     sizes = [min(batch, count - start) for start in range(0, count, batch)]
@@ -138,4 +147,4 @@ def synthesize_inputs(
             handle.remove()
         if bar is not None:
             bar.close()
-    return torch.cat(batches)
+    return torch.cat(batches).to(example_inputs.dtype)
