@@ -1275,6 +1275,8 @@ def _open_search(run: _Run) -> None:
         settings={
             "flops_budget": s.flops, "latency_budget": s.latency, "input_shapes": _input_shapes(run.inputs),
             **fingerprinted(s.groups),  # the options flagged for it in ``autodac.options``
+            "methods": tuple(m for m in METHODS if m in s.fit.methods),  # a set: naming them in another order is the same search
+            **({} if s.fit.widths else {"widths": False}),  # other options, another shared profile; studies with widths keep theirs
             "evaluate": s.evaluate is not None,
             **({} if s.params is None else {"params_budget": s.params}),  # studies without one keep the fingerprint they had
             **({} if s.probe.output_kind == "auto" else {"output_kind": s.probe.output_kind}),  # auto: as before the option

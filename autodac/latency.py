@@ -45,6 +45,8 @@ def resolve_device(device: Any, model: nn.Module) -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
         raise AutodacError(f"`device` must name a torch device such as 'cpu' or 'cuda:0', but got device={device!r}") from None
+    if resolved.type not in ("cpu", "cuda"):  # meta runs nothing, mps/xpu have no synchronisation here: no honest timing
+        raise AutodacError(f"latency is timed on a 'cpu' or 'cuda' device, but got device={device!r} (a {resolved.type!r} device)")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise AutodacError(f"`device` must be available on this machine, but got device={device!r} and CUDA is not available")
     return resolved

@@ -132,7 +132,7 @@ class FitOptions(_Options):
     refit_candidates: int = _option(
         1, "re-fit the search's K best plans and keep the best on held-out probe examples", at_least(1), fingerprint=True)
     max_layer_error: float = _option(0.5, "cap on a layer's predicted relative output error, when the budget allows", POSITIVE_ERROR)
-    widths: bool = _option(True, "also offer narrower hidden widths (channel chains) as options")
+    widths: bool = _option(True, "also offer narrower hidden widths (channel chains) as options; in a study's fingerprint when off")
 
 
 @dataclass(frozen=True)

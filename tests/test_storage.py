@@ -219,6 +219,32 @@ def test_a_worker_made_for_something_else_is_refused(started: dict[str, Any], ch
     assert len(_finished(_study(started["url"], started["name"]))) == len(first.trials)  # nothing was added
 
 
+def test_a_file_that_is_not_a_journal_is_refused_naming_the_line(tmp_path: Path) -> None:
+    journal = tmp_path / "search.journal"
+    journal.write_text('{"op_code": 0}\nthis is not an optuna journal\n')
+    with pytest.raises(autodac.AutodacError, match=r"must hold an Optuna journal .* but line 2 of .* is b'this is not an optuna journal'"):
+        shared_storage.open_storage(str(journal))
+
+
+def test_reading_plans_from_a_storage_that_does_not_exist_creates_nothing(tmp_path: Path) -> None:
+    for storage, name in ((f"sqlite:///{tmp_path}/typo.db", "typo.db"), (str(tmp_path / "typo.journal"), "typo.journal")):
+        with pytest.raises(autodac.AutodacError, match=rf"a storage to read plans from must exist, but '.*{name}' does not"):
+            shared_storage.study_plans(storage, "s")
+    assert not list(tmp_path.iterdir())
+
+
+def test_widths_off_is_another_search_and_the_order_of_methods_is_not(started: dict[str, Any]) -> None:
+    """A worker without widths would read a profile measured over other options (it crashed on a missing key); the
+    methods are a set (the same plans in any order)."""
+    options: dict[str, Any] = {"data": started["data"], "n_trials": 1, "progress": False, "storage": started["url"],
+                               "study_name": started["name"]}
+    with pytest.raises(autodac.AutodacError, match=r"but widths differs: the study has widths at its default \(not recorded\), "
+                                                   r"this call widths=False"):
+        autodac.optimize(started["model"], BUDGET, widths=False, **options)
+    joined = autodac.optimize(started["model"], BUDGET, methods=("lowrank", "spatial", "dac"), **options)
+    assert len(joined.trials) == len(started["first"].trials) + 1
+
+
 def test_the_command_line_worker_is_refused_on_one_line(started: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
     code = main(["worker", "--storage", started["url"], "--study", started["name"], started["model_file"], "--flops-budget", "0.3",
                  "--data", started["probe_file"], "--quiet"])

@@ -115,6 +115,25 @@ def _heartbeat_journal(path: Path, heartbeat_interval: int, grace_period: int):
     return HeartbeatJournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path), grace_period=_LOCK_GRACE)))
 
 
+def _check_journal(path: Path) -> None:
+    """A journal file that exists holds one JSON object per line (the last may be half written by a worker still writing):
+    anything else is named here, not as a JSONDecodeError from deep in Optuna when the first trial is written."""
+    if not path.is_file():
+        return
+    with open(path, "rb") as handle:
+        lines = handle.read().split(b"\n")
+    for number, line in enumerate(lines[:-1], 1):  # after the last newline: a record being written, as Optuna allows
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise AutodacError(
+                f"a journal file must hold an Optuna journal (one JSON record per line, as autodac writes it), but line {number} "
+                f"of {str(path)!r} is {line[:60]!r}"
+            )
+
+
 def open_storage(storage: Any, *, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_period: int = GRACE_PERIOD):
     """The Optuna storage ``storage`` names, with heartbeats so a dead worker's trial is failed and retried.
 
@@ -136,6 +155,7 @@ def open_storage(storage: Any, *, heartbeat_interval: int = HEARTBEAT_INTERVAL, 
             )
         if not path.parent.is_dir():
             raise AutodacError(f"a journal file must be in an existing folder, but {str(path.parent)!r} does not exist")
+        _check_journal(path)
         return _heartbeat_journal(path, heartbeat_interval, grace_period)
     if not isinstance(storage, str):
         raise AutodacError(f"`storage` must be a URL, a journal file path or an Optuna storage, but got {type(storage).__name__}")
@@ -318,6 +338,11 @@ def fingerprint(model: nn.Module, probe_tensors: list[torch.Tensor | None], sett
 # ----------------------------------------------------------------------------- the shared search
 
 
+def _shown(record: Mapping[str, Any], field: str) -> str:
+    """``field=value`` as a fingerprint holds it; a field it does not record was at its default there."""
+    return f"{field}={record[field]!r}" if field in record else f"{field} at its default (not recorded)"
+
+
 class SharedSearch:
     """One study in a storage: the fingerprint check, the pieces all workers share, the published plans."""
 
@@ -348,7 +373,7 @@ class SharedSearch:
             if stored.get(field) != record.get(field):
                 raise AutodacError(
                     f"every worker of study {self.name!r} must plan for what the study was made for, but {field} differs: "
-                    f"the study has {field}={stored.get(field)!r}, this call {field}={record.get(field)!r} "
+                    f"the study has {_shown(stored, field)}, this call {_shown(record, field)} "
                     f"(a study holds one search: give another study_name for another model, budget or probe)"
                 )
 
@@ -431,12 +456,31 @@ def open_search(
     return SharedSearch(storage, study_name, record, ["maximize", "minimize"] if pareto else ["maximize"])
 
 
+def _missing_file(storage: Any) -> str | None:
+    """The file a journal path or an SQLite URL names, when it does not exist; None otherwise (servers, storage objects)."""
+    if isinstance(storage, os.PathLike) or (isinstance(storage, str) and "://" not in storage):
+        return None if Path(storage).exists() else str(storage)
+    if isinstance(storage, str) and storage.startswith("sqlite"):
+        from sqlalchemy.engine import make_url
+
+        try:
+            database = make_url(storage).database
+        except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot read: open_storage names it
+            return None
+        if database and database != ":memory:" and not database.startswith("file:") and not Path(database).exists():
+            return database
+    return None
+
+
 def study_plans(storage: Any, study_name: str, front: bool = False) -> dict[str, Any]:
     """The plans published in study ``study_name``: ``{name: best plan}`` (and ``{name/front-k: plan}`` with ``front``)."""
     import optuna
 
     from autodac.plan import Plan
 
+    missing = _missing_file(storage)
+    if missing is not None:  # reading must not create an empty database or journal where a path was mistyped
+        raise AutodacError(f"a storage to read plans from must exist, but {missing!r} does not")
     opened = open_storage(storage)
     try:
         study = optuna.load_study(study_name=study_name, storage=opened)
