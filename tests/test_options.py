@@ -180,6 +180,9 @@ OLD_FINGERPRINTS = [
         "version": 1, "flops_budget": 0.5, "latency_budget": None, "input_shapes": [[1, 3, 8, 8]], "methods": ["dac", "lowrank"],
         "exclude": ["conv1*"], "weighting": "none", "fit_to_data": False, "sequential_fit": False, "refit_candidates": 2,
         "profile_size": 8, "profile_points": 2, "reestimate_bn": False, "evaluate": False, "params_budget": 0.6, "pareto": True,
+        # since 0.1.0's third sweep: widths off is recorded (a study made with it off before cannot tell, and a worker with
+        # widths on read its profile and failed); studies with widths on, the default, keep their fingerprint
+        "widths": False,
     }),
 ]
 
