@@ -2041,32 +2041,24 @@ def _plan_example(model: nn.Module, plan: Plan) -> tuple[Any, ...] | None:
     return example
 
 
-def _submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
 def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
     """Every planned layer exists, is a Conv1d/Conv2d/Linear and has the weight shape the plan was made for
     (checked in plan order, before any statistic is collected: the first misfit is the one named); first of all,
     the model must be the one the plan was made for, when the plan records it (``autodac.structure``)."""
     check_structure(model, plan)
+    modules = dict(model.named_modules(remove_duplicate=False))
     for name in plan.layers:
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise PlanError(f"the plan's layer {name!r} must exist in the model, but it does not") from None
+        if name not in modules:
+            raise PlanError(f"the plan's layer {name!r} must exist in the model, but it does not")
     for name, choice in plan.factorized.items():
-        module = model.get_submodule(name)
+        module = modules[name]
         if not isinstance(module, SUPPORTED_TYPES):
             raise PlanError(f"the plan's layer {name!r} must be a Conv1d, Conv2d or Linear, but it is a {type(module).__name__}")
-        hooked = [m for m in (name, *(choice.sliced or ())) if own_hooks(_submodule_or_none(model, m) or nn.Module())]
-        if hooked:
+        hooked = [(m, own_hooks(modules[m])) for m in (name, *(choice.sliced or ())) if m in modules and own_hooks(modules[m])]
+        if hooked:  # a sliced module the model lacks is _check_widths' to name
             raise PlanError(
                 f"the modules a plan changes must have no hooks of their own (register_forward_hook, ...: their replacements would "
-                f"not run them), but {hooked[0]!r} has {own_hooks(model.get_submodule(hooked[0]))}; remove them to apply the plan"
+                f"not run them), but {hooked[0][0]!r} has {hooked[0][1]}; remove them to apply the plan"
             )
         if tuple(module.weight.shape) != tuple(choice.weight_shape):
             raise PlanError(

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from autodac.errors import ModelError
-from autodac.surgery import evaluating, unfused_attention
+from autodac.surgery import HOOK_FLAG_TABLES, HOOK_TABLES, evaluating, unfused_attention
 
 __all__ = ["FlopCount", "count_flops", "count_params"]
 
@@ -49,8 +49,7 @@ def _hooks_kept(model: nn.Module) -> Iterator[None]:
     """Within the block, hooks added to ``model``'s modules are removed on the way out: fvcore's tracer adds a
     scope hook pair to every module and leaves them behind when tracing raises (on the caller's model, they would
     fire on every later call)."""
-    hook_dicts = ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                  "_forward_pre_hooks_with_kwargs")
+    hook_dicts = HOOK_TABLES + HOOK_FLAG_TABLES
     before = {(m, d): set(getattr(m, d, {})) for m in model.modules() for d in hook_dicts}
     try:
         yield

@@ -237,10 +237,14 @@ def trace_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[Trac
     return traced
 
 
+# The tables torch keeps a module's own hooks in (the ``*_with_kwargs``/``*_always_called`` ones are flags keyed like them).
+HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+HOOK_FLAG_TABLES = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
 def own_hooks(module: nn.Module) -> int:
     """How many forward, pre-forward and backward hooks are registered on ``module`` itself: a replacement would not run them."""
-    tables = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-    return sum(len(getattr(module, table, None) or {}) for table in tables)
+    return sum(len(getattr(module, table, None) or {}) for table in HOOK_TABLES)
 
 
 def _in_layout_of(old: nn.Module, new: nn.Module) -> nn.Module:
