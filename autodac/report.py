@@ -103,6 +103,12 @@ def _distilled_cell(plan: Plan) -> str:
     return f"epoch {plan.distilled['epoch']} of {plan.distilled['epochs']} (lr {plan.distilled['lr']:g})"
 
 
+def _model_cell(plan: Plan) -> str:
+    """The model a plan was made for, short: its structure fingerprint's first 12 digits (``?`` when it has none)."""
+    fingerprint = (plan.structure or {}).get("fingerprint")
+    return fingerprint.split(":")[-1][:12] if fingerprint else "?"
+
+
 def _titled(plans: Any) -> dict[Any, Plan]:
     """``plans`` as ``{title: plan}``, or a refusal naming what was given instead of a mapping or list of plans."""
     rule = "`plans` must be a non-empty mapping of titles to autodac.Plan, or a list of them"
@@ -128,6 +134,10 @@ def compare(plans: Mapping[str, Plan] | list[Plan], tablefmt: str = "simple") ->
     """Plans side by side: a row per layer (method, rank, the layer's FLOPs ratio and, for plans timed
     under a latency budget, its measured latency ratio), then totals.
 
+    Plans made for different models (or input shapes) are not refused, but the table then opens
+    with each one's structure fingerprint and input shapes, so rows of layers that share a name
+    across models are not read as one layer.
+
     ``plans`` maps a column title to a plan (a list gets titles ``plan 1``, ``plan 2``...;
     a single plan is refused: pass ``[plan]``). ``tablefmt`` is one of ``tabulate.tabulate_formats``. Totals
     are the FLOPs ratio, the parameters, the runtime a latency plan was timed on, the distillation
@@ -138,7 +148,11 @@ def compare(plans: Mapping[str, Plan] | list[Plan], tablefmt: str = "simple") ->
     _check_tablefmt(tablefmt)
     titles = list(plans)
     layers = layer_names(list(plans.values()))
-    rows = [[name, *(_cell(plans[t], name) for t in titles)] for name in layers]
+    rows = []
+    if len({_model_cell(plans[t]) for t in titles}) > 1:  # plans of other models (or inputs): say so before their layers mix
+        rows.append(["model (structure)", *(_model_cell(plans[t]) for t in titles)])
+        rows.append(["input shapes", *(" ".join("x".join(map(str, s)) for s in plans[t].input_shapes) for t in titles)])
+    rows += [[name, *(_cell(plans[t], name) for t in titles)] for name in layers]
     rows.append(["FLOPs ratio", *(f"{plans[t].flops_ratio:.4f}" for t in titles)])
     rows.append(["FLOPs", *(f"{plans[t].flops:,}" for t in titles)])
     params = {t: sum(c.params_after - c.params_before for c in plans[t].layers.values()) for t in titles}

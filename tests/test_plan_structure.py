@@ -130,3 +130,19 @@ def test_a_version_1_plan_loads_and_applies_unchecked_with_a_note(caplog: pytest
     wrong = autodac.apply(tiny_resnet34(), old)
     real = count_flops(wrong, (X,)).total / count_flops(tiny_resnet34(), (X,)).total
     assert old.flops_ratio <= 0.5 < 0.7 < real
+
+
+@functools.lru_cache(maxsize=None)
+def _resnet34_plan() -> autodac.Result:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return autodac.optimize(tiny_resnet34(), 0.5, example_inputs=X, progress=False)
+
+
+def test_compare_names_each_model_when_the_plans_are_for_different_ones() -> None:
+    small, large = _resnet18_plan().plan, _resnet34_plan().plan
+    rows = {line.split()[0]: line.split()[1:] for line in autodac.compare({"r18": small, "r34": large}).splitlines()[2:]}
+    fingerprints = [small.structure["fingerprint"].split(":")[-1][:12], large.structure["fingerprint"].split(":")[-1][:12]]
+    assert fingerprints[0] != fingerprints[1] and rows["model"] == ["(structure)", *fingerprints]
+    same = autodac.compare({"a": small, "b": small}).splitlines()
+    assert not any(line.startswith(("model", "input")) for line in same)  # one model: no such rows
