@@ -91,7 +91,8 @@ def gather(given: Any = None, *, latency_budget: Any = None, device: Any = None,
     ``given`` is None, a ratio (a FLOPs budget, as ``flops_budget=`` always was), a budget value
     or a list of them; ``latency_budget`` with ``device`` and ``runtime`` is the latency
     shorthand. Two budgets of one kind, an empty list and anything else are refused, as is a
-    ``Latency`` value whose device or runtime disagrees with ``device=`` / ``runtime=``.
+    ``Latency`` value whose device or runtime disagrees with ``device=`` / ``runtime=``, and
+    ``device=`` / ``runtime=`` with no latency budget to time (they would do nothing).
     """
     if isinstance(given, (list, tuple)):
         if not given:
@@ -117,6 +118,11 @@ def gather(given: Any = None, *, latency_budget: Any = None, device: Any = None,
         values.append(Latency(check_ratio("latency_budget", latency_budget), device=device, runtime=runtime))
     elif device is not None or runtime != "torch":  # optimize's device/runtime apply to a Latency value given without them
         values = [_timed_on(v, device, runtime) if isinstance(v, Latency) else v for v in values]
+    if (device is not None or runtime != "torch") and not any(isinstance(v, Latency) for v in values):
+        raise BudgetError(  # they would be ignored: the search itself runs where the model is
+            f"`device` and `runtime` say where a latency budget is timed, so they need one (latency_budget= or autodac.Latency), "
+            f"but got device={device!r}, runtime={runtime!r} and no latency budget; move the model itself to run the search elsewhere"
+        )
     chosen: dict[str, Budget] = {}
     for value in values:
         if value.kind in chosen:

@@ -72,6 +72,16 @@ def test_a_latency_value_and_device_that_disagree_are_refused() -> None:
         gather(autodac.Latency(0.7, device="cpu"), device="cuda:0")
 
 
+@pytest.mark.parametrize("where", [{"device": "cuda:0"}, {"runtime": "onnxruntime"}])
+def test_a_device_or_runtime_without_a_latency_budget_is_refused_not_ignored(where) -> None:
+    model = SmallConvNet()
+    before = _state(model)
+    with pytest.raises(autodac.BudgetError, match=r"`device` and `runtime` say where a latency budget is timed.*no latency budget"):
+        autodac.optimize(model, 0.5, example_inputs=torch.randn(1, 3, 8, 8), progress=False, **where)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert gather(autodac.Latency(0.7), **where).latency is not None  # with one, they time it
+
+
 def test_flops_as_a_value_plans_as_the_shorthand() -> None:
     x = torch.randn(1, 3, 8, 8)
     by_value = autodac.optimize(SmallConvNet(), autodac.Flops(0.5), example_inputs=x, progress=False).plan
