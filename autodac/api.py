@@ -242,12 +242,19 @@ def _check_finite(model: nn.Module) -> None:
 
 def _check_label_range(labels: torch.Tensor | None, reference: torch.Tensor) -> None:
     """Refuse class labels the model's outputs cannot name (top-1 accuracy would be 0 for them, whatever the plan)."""
-    if labels is None or not labels.numel() or reference.dim() < 2:
+    if labels is None or not labels.numel():
         return
+    regression = "regression targets are not scored: pass batches of x alone (the metric is then agreement with the original)"
+    if reference.dim() < 2:
+        raise AutodacError(
+            f"class labels need outputs with a class dimension (N x classes ...), but the model's outputs have shape "
+            f"(N,) (here {tuple(reference.shape)}); {regression}"
+        )
     classes, top = reference.shape[1], int(labels.max())
     if top >= classes:
         raise AutodacError(
             f"class labels must be below the {classes} classes the model's outputs score (dim 1), but `data` holds label {top}"
+            + (f"; {regression}" if classes == 1 else "")
         )
 
 

@@ -203,8 +203,9 @@ def collect_probe(data: Iterable[Any], max_samples: int = DEFAULT_PROBE_SIZE) ->
         if y is not None and y.dim() > 2 and y.shape[0] == n and isinstance(x, torch.Tensor):
             raise AutodacError(
                 f"the second element of a batch of `data` must be labels (one integer class per example, shape ({n},)), but batch "
-                f"{position} has a {y.dtype} tensor of shape {tuple(y.shape)}; a model of several inputs takes batches "
-                "((x0, x1, ...), y) or ((x0, x1, ...),)"
+                f"{position} has a {y.dtype} tensor of shape {tuple(y.shape)}; a target the model is not scored on (an image, a "
+                "mask) is left out: pass batches of x alone (the metric is then agreement with the original); a model of several "
+                "inputs takes batches ((x0, x1, ...), y) or ((x0, x1, ...),)"
             )
         y = _class_labels(n, y, position, ignored)
         if labelled is None:
@@ -228,7 +229,8 @@ def _class_labels(n: int, y: torch.Tensor | None, position: int, ignored: list[i
     ``ignored``) for float targets that are clearly not; an error for anything in between.
 
     The rule: labels must hold one entry per input (``y.shape[0] == n``, the batch's examples), else ``AutodacError``.
-    Integer labels are class indices (the metric is top-1 accuracy). Float labels that are whole
+    Integer labels are class indices (the metric is top-1 accuracy), shape ``(n,)`` only: ``(n, 1)``
+    would broadcast against the predictions, and multi-hot ``(n, k)`` is not one class. Float labels that are whole
     numbers >= 0 look like class indices stored as floats: refused, since reading them either way
     could be wrong (pass ``y.long()``). Other float targets (soft labels ``N x C``, regression
     targets) are not class labels: ignored with a warning, and the metric is top-1 agreement with
@@ -242,13 +244,22 @@ def _class_labels(n: int, y: torch.Tensor | None, position: int, ignored: list[i
             f"{tuple(y.shape)}"
         )
     if not y.is_floating_point():
+        if y.dim() != 1:  # (N, 1) would broadcast against (N,) predictions into an N x N table: every accuracy wrong
+            how = "pass y.reshape(-1)" if y[0].numel() == 1 else (
+                "multi-hot or per-position targets are not scored: pass batches of x alone (the metric is then agreement with "
+                "the original)")
+            raise AutodacError(
+                f"class labels must be one integer class per example, shape ({n},), but batch {position} of `data` has integer "
+                f"labels of shape {tuple(y.shape)}; {how}"
+            )
         if y.numel() and int(y.min()) < 0:
             raise AutodacError(f"class labels must be >= 0 (class indices), but batch {position} of `data` holds {int(y.min())}")
         return y
     if y.dim() == 1 and bool(torch.isfinite(y).all()) and bool((y >= 0).all()) and bool((y == y.round()).all()):
         raise AutodacError(
             f"class labels must be an integer tensor (pass y.long()), but batch {position} of `data` has float labels "
-            f"(dtype {y.dtype}) holding whole numbers, e.g. {y[:3].tolist()}"
+            f"(dtype {y.dtype}) holding whole numbers, e.g. {y[:3].tolist()}; regression targets are not scored: pass batches "
+            "of x alone (the metric is then agreement with the original)"
         )
     if not ignored:
         warnings.warn(

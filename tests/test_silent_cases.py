@@ -45,6 +45,44 @@ def test_labels_of_another_length_are_refused_by_optimize() -> None:
         autodac.optimize(SmallConvNet(), 0.5, data=[(X, torch.zeros(63, dtype=torch.long))], progress=False)
 
 
+@pytest.mark.parametrize("labels, rule", [
+    (torch.zeros(64, 1, dtype=torch.long), r"shape \(64,\), but batch 0 .* labels of shape \(64, 1\); pass y\.reshape\(-1\)"),
+    (torch.zeros(64, 5, dtype=torch.long), r"labels of shape \(64, 5\); multi-hot .* pass batches of x alone"),
+])
+def test_integer_labels_of_more_than_one_dimension_are_refused_before_any_work(labels, rule) -> None:
+    # (N, 1) labels broadcast against (N,) predictions into an N x N table: every accuracy was ~1/classes, silently
+    with pytest.raises(autodac.AutodacError, match=rule):
+        autodac.optimize(SmallConvNet(), 0.5, data=[(X, labels)], progress=False)
+
+
+class _Scalar(torch.nn.Module):
+    """A regressor of one value per example, shape (N,): no class dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = SmallConvNet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).sum(1)
+
+
+@pytest.mark.parametrize("model, rule", [
+    (_Scalar, r"class labels need outputs with a class dimension .* shape \(N,\) .*; regression targets are not scored: pass batches of x alone"),
+    (lambda: torch.nn.Sequential(SmallConvNet(), torch.nn.Linear(5, 1)), r"below the 1 classes .*; regression targets are not scored"),
+])
+def test_whole_number_regression_targets_are_told_the_way_out_not_sent_round(model, rule) -> None:
+    counts = torch.randint(0, 3, (64,))
+    with pytest.raises(autodac.AutodacError, match=r"pass y\.long\(\).*regression targets are not scored: pass batches of x alone"):
+        autodac.optimize(model(), 0.5, data=[(X, counts.float())], progress=False)
+    with pytest.raises(autodac.AutodacError, match=rule):  # and y.long(), as that says, is refused with the same way out
+        autodac.optimize(model(), 0.5, data=[(X, counts)], progress=False)
+
+
+def test_a_dense_target_is_refused_with_the_way_to_leave_it_out() -> None:
+    with pytest.raises(autodac.AutodacError, match=r"shape \(64, 3, 8, 8\); a target the model is not scored on \(an image, a mask\) is left out"):
+        autodac.optimize(SmallConvNet(), 0.5, data=[(X, X.clone())], progress=False)
+
+
 def test_soft_targets_are_ignored_with_a_warning_and_the_metric_says_agreement() -> None:
     soft = torch.softmax(torch.randn(64, 5), 1)
     with pytest.warns(UserWarning, match="not class labels"):
