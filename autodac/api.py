@@ -162,12 +162,17 @@ def _check_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...
         inputs = _default_inputs(model)
         return inputs, True
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), False
-    if isinstance(example_inputs, (tuple, list)) and example_inputs:
-        return tuple(example_inputs), False
-    raise ModelError(
-        f"`example_inputs` must be a tensor or a non-empty tuple of model arguments, but got {type(example_inputs).__name__}"
-    )
+        inputs = (example_inputs,)
+    elif isinstance(example_inputs, (tuple, list)) and example_inputs:
+        inputs = tuple(example_inputs)
+    else:
+        raise ModelError(
+            f"`example_inputs` must be a tensor or a non-empty tuple of model arguments, but got {type(example_inputs).__name__}"
+        )
+    empty = [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 0]
+    if empty:  # every cost would count 0 and the width proofs would reduce over nothing
+        raise ModelError(f"`example_inputs` must hold at least one example (batch dimension >= 1), but got a tensor of shape {empty[0]}")
+    return inputs, False
 
 
 def _check_runs_on_data(model: nn.Module, first: tuple[Any, ...]) -> None:
@@ -378,6 +383,26 @@ def _candidate_options(
     return options
 
 
+def _excluded_layers(names: Sequence[str], patterns: Sequence[str]) -> set[str]:
+    """The layers ``patterns`` exclude: a glob matches a layer's name or the name of a module holding it (``layer2``
+    excludes ``layer2.0.conv1``). A pattern that matches nothing is refused: a misspelt exclusion would go unnoticed."""
+    def holders(name: str) -> list[str]:
+        parts = name.split(".")
+        return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+    matched: set[str] = set()
+    for pattern in patterns:
+        hits = {name for name in names if any(fnmatch.fnmatchcase(held, pattern) for held in holders(name))}
+        if not hits:
+            shown = ", ".join(repr(n) for n in names[:6]) + (" ..." if len(names) > 6 else "")
+            raise AutodacError(
+                f"each `exclude` pattern must match a Conv/Linear layer of the model (by its name or a module holding it), "
+                f"but {pattern!r} matches none of its {len(names)}: {shown}"
+            )
+        matched |= hits
+    return matched
+
+
 def _collect(
     model, inputs, methods, exclude, progress, weighting="batchnorm", fit_inputs: Batch | None = None,
     implied_seed: int | None = None, by_module: dict[str, int] | None = None, notes: list[str] | None = None,
@@ -392,10 +417,11 @@ def _collect(
     fitted to its weights alone, with a note appended to ``notes``.
     """
     traced = trace_layers(model, inputs)
+    matched = _excluded_layers([layer.name for layer in traced], exclude)
     skipped: dict[str, str] = {}
     live: list[TracedLayer] = []
     for layer in traced:
-        excluded = any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in exclude)
+        excluded = layer.name in matched
         reason = _skip_reason(layer, methods, excluded)
         if reason is None:
             live.append(layer)
@@ -922,7 +948,7 @@ def optimize(
     ``example_inputs`` (a tensor or tuple of arguments; if omitted, the first probe example is
     used, or a 224x224 image batch of one is assumed with a warning). ``methods`` restricts the
     factorisations the planner may choose per layer; ``exclude`` lists glob patterns of layer
-    names to keep dense.
+    names to keep dense (a pattern naming a module keeps every layer in it; one that matches nothing is refused).
 
     Without ``data`` the ranks come from an exact knapsack on reconstruction error. With
     ``data`` (batches ``x`` or ``(x, y)``; at most ``probe_size`` examples are used) each layer's

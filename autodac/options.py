@@ -124,7 +124,10 @@ class FitOptions(_Options):
     methods: tuple[str, ...] = _option(
         DEFAULT_METHODS, "factorisations the planner may choose per layer",
         fingerprint=True, convert=_methods)
-    exclude: tuple[str, ...] = _option((), "glob patterns of layer names to keep dense", fingerprint=True, convert=_patterns)
+    exclude: tuple[str, ...] = _option(
+        (), "glob patterns of layer names, or of modules holding them, to keep dense (one matching no layer is refused)",
+        fingerprint=True, convert=_patterns,
+    )
     weighting: str = _option("batchnorm", "weigh output channels by the BatchNorm that follows, or not", WEIGHTINGS, fingerprint=True)
     fit_to_data: bool = _option(True, "fit each layer to its probe inputs' covariance (output error, not weight error)", fingerprint=True)
     sequential_fit: bool = _option(

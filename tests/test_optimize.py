@@ -296,6 +296,17 @@ def test_exclude_keeps_layers_dense() -> None:
     assert isinstance(result.model.conv1, nn.Conv2d) and isinstance(result.model.conv3, nn.Conv2d)
 
 
+def test_exclude_by_a_module_name_keeps_every_layer_in_it_and_a_pattern_that_matches_nothing_is_refused() -> None:
+    model = zoo.resnet20()
+    x = torch.randn(1, 1, 28, 28)
+    result = autodac.optimize(model, 0.7, example_inputs=x, exclude=["layers.3"], progress=False)
+    inside = {name for name, m in model.named_modules() if name.startswith("layers.3.") and isinstance(m, nn.Conv2d)}
+    assert inside and all(result.plan.skipped.get(name) == "excluded by the caller" for name in inside)
+    assert not any(name.startswith("layers.3.") for name in result.plan.layers)
+    with pytest.raises(autodac.AutodacError, match=r"each `exclude` pattern must match a Conv/Linear layer .* but 'layer9' matches none of its"):
+        autodac.optimize(model, 0.7, example_inputs=x, exclude=["layers.3", "layer9"], progress=False)
+
+
 def test_missing_example_inputs_warns_and_is_recorded() -> None:
     model = SmallConvNet()
     with pytest.warns(UserWarning, match="no example_inputs given; assumed one input of shape \\[1, 3, 224, 224\\]"):

@@ -141,3 +141,9 @@ def test_a_mild_plan_made_with_data_is_not_warned() -> None:
         result = autodac.optimize(SmallConvNet(), 0.95, data=[X], n_trials=1, progress=False)
     assert sum(c.error for c in result.plan.factorized.values()) <= 0.5
     assert not _damage_warnings(caught)
+
+
+def test_an_empty_example_batch_is_refused_naming_the_rule() -> None:
+    model = SmallConvNet()
+    with pytest.raises(autodac.ModelError, match=r"`example_inputs` must hold at least one example .* shape \(0, 3, 8, 8\)"):
+        autodac.optimize(model, 0.5, example_inputs=torch.zeros(0, 3, 8, 8), progress=False)
