@@ -325,7 +325,8 @@ def _skip_reason(layer: TracedLayer, methods: Sequence[str], excluded: bool) -> 
     if own_hooks(module):
         return _HOOKED
     if getattr(module, "groups", 1) != 1:
-        return f"grouped conv (groups={module.groups}); factorising it cannot save FLOPs"
+        return (f"grouped conv (groups={module.groups}): not supported, the methods factorise convs whose every output reads "
+                "every input channel (a per-group split could save FLOPs; autodac does not make one)")
     if getattr(module, "transposed", False):
         return "transposed conv"
     if not any(get_method(m).applies_to(tuple(module.weight.shape)) for m in methods):
