@@ -614,8 +614,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         stage(run)
     profile = run.profile
     rows = _profile_rows(model, profile)
+    measure = api._probes.OUTPUT_KINDS[run.runner.kind] if run.runner.kind else "divergence"  # as the probe compares outputs
     payload = {
-        "weights": _weights_source(args), "samples": profile.samples, "seconds": round(profile.seconds, 2),
+        "weights": _weights_source(args), "samples": profile.samples, "seconds": round(profile.seconds, 2), "measure": measure,
         "layers": {name: [{"method": m, "rank": r, "params_kept": round(k, 4), "divergence": v} for m, r, k, v in options]
                    for name, options in rows.items()},
     }
@@ -633,7 +634,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         headers=["layer", *(f"option {j + 1}" for j in range(max(len(o) for o in rows.values())))], disable_numparse=True,
     )
     text = (
-        f"sensitivity: KL divergence of the outputs from the original's on {profile.samples} probe examples, "
+        f"sensitivity: {measure} of the outputs from the original's on {profile.samples} probe examples, "
         f"one layer factorised at a time (method, rank, parameters kept: divergence); {profile.seconds:.1f} s\n{table}"
     )
     text += f"\n{_weights_source(args)}"
@@ -893,7 +894,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from autodac.errors import AutodacError
 
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra and getattr(args, "plan", "") is None and not extra[0].startswith("-"):
+            args.plan = extra.pop(0)  # an optional PLAN after options (`export MODEL --pretrained PLAN`): argparse leaves it over
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except _UsageError as error:
         _fail(str(error))
         return 2

@@ -366,7 +366,8 @@ def predict(model: nn.Module, inputs: Batch, batch_size: int | None = None) -> t
         if not isinstance(out, torch.Tensor):
             raise ModelError(
                 f"the built-in probe metric needs a model that returns one tensor, but it returned {type(out).__name__}; "
-                "pass evaluate=callable for other outputs"
+                "pass evaluate=callable for other outputs (in Python; the command line has no --evaluate: plan such a model "
+                "there without --data, or load a wrapper module that returns the one tensor to score)"
             )
         outs.append(out.float().cpu())
 

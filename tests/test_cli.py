@@ -127,7 +127,7 @@ def test_compare_as_table_markdown_and_json(work: Path, data_free: dict, with_da
 
 def test_profile_prints_the_sweep_and_writes_the_heat_map(work: Path) -> None:
     done = _ok(_cli("profile", "small.pt", "--data", "unlabelled.pt", "--points", "3", "--out", "profile", cwd=work))
-    assert "sensitivity: KL divergence" in done.stdout
+    assert "sensitivity: KL of the softmax over dim 1 (class scores, logits) of the outputs" in done.stdout
     assert [line.split()[0] for line in done.stdout.splitlines()[3:7]] == ["conv1", "conv2", "conv3", "fc"]
     saved = json.loads((work / "profile" / "sensitivity.json").read_text())
     assert list(saved["layers"]) == ["conv1", "conv2", "conv3", "fc"]
@@ -135,6 +135,9 @@ def test_profile_prints_the_sweep_and_writes_the_heat_map(work: Path) -> None:
         # --points per layer; a width unit's layer adds one point for its factorisations and one for its producer's
         assert 1 <= len(options) <= 3 + 2 and all(o["divergence"] >= 0 and 0 < o["params_kept"] < 1.01 for o in options)
     assert (work / "profile" / "sensitivity.png").read_bytes()[:8] == PNG
+    assert saved["measure"].startswith("KL of the softmax")
+    values = _ok(_cli("profile", "small.pt", "--data", "unlabelled.pt", "--points", "2", "--output-kind", "values", cwd=work))
+    assert "sensitivity: relative squared error" in values.stdout  # the header names what the figures are, not always KL
 
 
 def test_report_writes_markdown_and_pictures(work: Path, data_free: dict, with_data: dict) -> None:
@@ -164,6 +167,15 @@ def test_export_applies_the_plan_and_writes_a_file_that_loads_as_the_plans_model
     assert 0 <= payload["max_difference"] <= payload["allowed"]
     loaded = torch.jit.load(str(tmp_path / "m.ts"))
     torch.testing.assert_close(_outputs(loaded), _outputs(autodac.apply(SmallConvNet(), autodac.Plan.load(work / "free.json"))))
+
+
+def test_export_takes_its_plan_after_the_options_too(work: Path, data_free: dict, tmp_path: Path) -> None:
+    # the README writes `export MODEL --pretrained PLAN ...`; argparse alone leaves an optional PLAN there unread
+    _ok(_cli("export", "small.pt", "--format", "pt", "--out", str(tmp_path / "m.pt"), "free.json", cwd=work))
+    saved = torch.load(tmp_path / "m.pt", weights_only=False)
+    torch.testing.assert_close(_outputs(saved), _outputs(autodac.apply(SmallConvNet(), autodac.Plan.load(work / "free.json"))))
+    _refused(_cli("export", "small.pt", "--format", "pt", "--out", str(tmp_path / "n.pt"), "free.json", "other.json", cwd=work),
+             "unrecognized arguments: other.json")
 
 
 def test_export_of_a_model_without_plan_needs_an_input_shape(work: Path, data_free: dict, tmp_path: Path) -> None:
