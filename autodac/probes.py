@@ -245,7 +245,7 @@ def _class_labels(n: int, y: torch.Tensor | None, position: int, ignored: list[i
         )
     if not y.is_floating_point():
         if y.dim() != 1:  # (N, 1) would broadcast against (N,) predictions into an N x N table: every accuracy wrong
-            how = "pass y.reshape(-1)" if y[0].numel() == 1 else (
+            how = "pass y.reshape(-1)" if math.prod(y.shape[1:]) == 1 else (
                 "multi-hot or per-position targets are not scored: pass batches of x alone (the metric is then agreement with "
                 "the original)")
             raise AutodacError(
