@@ -1140,8 +1140,6 @@ def _check(given: dict[str, Any]) -> _Run:
         device, runtime = budgets.latency.device, budgets.latency.runtime
     timing_device = resolve_device(device, model) if latency is not None else None
     timing_runtime = get_runtime(runtime)
-    if latency is None and timing_runtime.name != "torch":
-        raise AutodacError(f"`runtime` is where latency_budget is timed, so it needs latency_budget, but got runtime={runtime!r} and latency_budget=None")
     if timing_device is not None:
         timing_runtime.check(timing_device)
     _check_latency_cache(given["latency_cache"])

@@ -332,7 +332,8 @@ def test_onnxruntime_missing_is_refused_in_one_line_naming_the_extra(monkeypatch
     "kwargs, match",
     [
         ({"latency_budget": 0.6, "runtime": "tensorrt"}, r"`runtime` must be one of \['onnxruntime', 'torch'\], but got runtime='tensorrt'"),
-        ({"flops_budget": 0.5, "runtime": "onnxruntime"}, r"`runtime` is where latency_budget is timed, so it needs latency_budget"),
+        ({"flops_budget": 0.5, "runtime": "onnxruntime"},
+         r"`device` and `runtime` say where a latency budget is timed, so they need one .* runtime='onnxruntime' and no latency budget"),
     ],
 )
 def test_a_runtime_that_cannot_apply_is_refused(kwargs, match) -> None:
