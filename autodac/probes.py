@@ -135,8 +135,16 @@ def _batch_parts(batch: Any, position: int) -> tuple[Batch, Any]:
     if isinstance(batch, torch.Tensor):
         return batch, None
     if isinstance(batch, (tuple, list)) and batch:
-        first = batch[0]
-        y = batch[1] if len(batch) > 1 else None
+        second = batch[1] if len(batch) > 1 else None
+        if len(batch) > 2 and isinstance(second, torch.Tensor) and second.dim() != 1:
+            # (x, y, extra fields) is taken; but DataLoader(TensorDataset(x0, x1, y)) yields [x0, x1, y], whose second
+            # item is an input, not labels: read as (x, y) the labels would be lost
+            raise AutodacError(
+                f"each batch of `data` must be x, (x, y), or ((x0, x1, ...), y) for a model of several inputs, but batch "
+                f"{position} holds {len(batch)} items whose second, of shape {tuple(second.shape)}, is not labels (one per "
+                "example): group the inputs, ((x0, x1, ...), y)"
+            )
+        first, y = batch[0], second
         if isinstance(first, torch.Tensor):
             return first, y
         if isinstance(first, (tuple, list)) and first and all(isinstance(t, torch.Tensor) for t in first):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +106,66 @@ def test_numbered_inputs_must_start_at_x0(tmp_path: Path) -> None:
     np.savez(tmp_path / "gap.npz", x0=image.numpy(), x2=depth.numpy())
     with pytest.raises(CLIError, match=r"numbered \['x0', 'x1'\] from x0 on, but got \['x0', 'x2'\]"):
         _load_data(str(tmp_path / "gap.npz"), TwoInputNet())
+
+
+class _ImageAndTokens(torch.nn.Module):
+    """A conv-BN image branch and an embedding of integer tokens, summed: one input float, one integer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(32)
+        self.conv2 = torch.nn.Conv2d(32, 32, 1)  # a width unit whose moments the BatchNorm before it implies
+        self.bn2 = torch.nn.BatchNorm2d(32)
+        self.embed = torch.nn.Embedding(50, 32)
+        self.fc = torch.nn.Linear(32, 5)
+
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(image))))))
+        return self.fc(h.mean((2, 3)) + self.embed(tokens).mean(1))
+
+
+class _MaskedAttention(torch.nn.Module):
+    """Conv-BN features read as a sequence by attention under a causal ``T x T`` mask: an argument with no batch dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = torch.nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x))).flatten(2).transpose(1, 2)
+        return self.fc(self.attn(h, h, h, attn_mask=mask, need_weights=False)[0].mean(1))
+
+
+def test_a_data_free_plan_of_an_image_and_token_model_replays_with_apply() -> None:
+    # apply rebuilds example inputs from the plan's shapes in the model's float dtype: integer tokens cannot come back
+    torch.manual_seed(0)
+    model = autodac.testing.seeded(_ImageAndTokens(), 0).eval()
+    example = (torch.randn(1, 3, 8, 8), torch.randint(0, 50, (1, 6)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # damage at 0.5 on random weights is not what is tested here
+        result = autodac.optimize(model, 0.5, example_inputs=example, progress=False)
+    assert result.plan.factorized
+    rebuilt = autodac.apply(model, autodac.Plan.from_json(result.plan.to_json()))
+    x = (torch.randn(4, 3, 8, 8), torch.randint(0, 50, (4, 6)))
+    torch.testing.assert_close(rebuilt(*x), result.model(*x), rtol=0, atol=0)
+
+
+def test_an_unbatched_mask_argument_does_not_break_the_data_free_pass() -> None:
+    model = autodac.testing.seeded(_MaskedAttention(), 0).eval()
+    mask = torch.triu(torch.full((16, 16), float("-inf")), 1)
+    x = torch.randn(1, 3, 4, 4)
+    result = autodac.optimize(model, 0.7, example_inputs=(x, mask), progress=False)
+    assert result.flops_ratio <= 0.7
+    assert torch.isfinite(result.model(torch.randn(3, 3, 4, 4), mask)).all()
+
+
+def test_a_batch_of_three_tensors_is_refused_with_the_grouped_form() -> None:
+    # DataLoader(TensorDataset(image, depth, labels)) yields [image, depth, labels]: read as (x, y) the labels were dropped
+    image, depth, labels = _data(8)
+    rule = r"batch 0 holds 3 items whose second, of shape \(8, 1, 12, 12\), is not labels .*: group the inputs, \(\(x0, x1, \.\.\.\), y\)"
+    with pytest.raises(AutodacError, match=rule):
+        collect_probe([[image, depth, labels]])
