@@ -615,9 +615,14 @@ def _implied_statistics(
 
 
 def _zeroable(inputs: tuple[Any, ...]) -> bool:
-    """Whether every example input is a batched tensor and one is floating: what the implied pass replays as zeros."""
-    tensors = all(isinstance(x, torch.Tensor) and x.dim() >= 1 for x in inputs)
-    return tensors and any(x.is_floating_point() for x in inputs)
+    """Whether the implied pass can replay the example inputs as zeros from the plan's shapes alone: every one a
+    floating tensor batched along a first dimension they share. Integer inputs (token ids) would come back from
+    ``apply`` in the model's float dtype, and an unbatched argument (an attention mask ``T x T``) cannot be cut to
+    one example or stacked into a batch; such models keep the plain data-free fits."""
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    if len(tensors) != len(inputs) or not all(x.dim() >= 1 and x.is_floating_point() for x in tensors):
+        return False
+    return len({int(x.shape[0]) for x in tensors}) == 1
 
 
 def _zeros_like(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -1546,15 +1551,21 @@ def _verify(run: _Run) -> None:
     count = count_flops(run.decomposed, run.inputs)
     counted = count.total
     if counted != plan.flops or counted > run.target:  # the closed form and fvcore disagree: a bug, never a silent miss
-        counted_as = {name: sum(count.by_module.get(n, 0) for n in (name, *(c.sliced or ()))) for name, c in plan.layers.items()}
-        wrong = [f"{name!r} {counted_as[name]} vs {c.flops_after}" for name, c in plan.layers.items() if counted_as[name] != c.flops_after]
-        named = f"; layers fvcore counts otherwise (fvcore vs plan): {', '.join(wrong[:5])}" + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
-        raise AutodacError(f"internal check failed: fvcore counts {counted} FLOPs, plan predicts {plan.flops}, budget {run.target}{named if wrong else ''}")
+        raise AutodacError(f"internal check failed: fvcore counts {counted} FLOPs, plan predicts {plan.flops}, budget {run.target}{_miscounted(count, plan)}")
     params = count_params(run.decomposed)
     predicted = run.fixed_params + sum(int(p[i]) for p, i in zip(run.option_params, run.selection))
     if s.params is not None and (params != predicted or params > run.params_target):  # as for FLOPs: a bug, never a silent miss
         raise AutodacError(f"internal check failed: the model holds {params} parameters, the plan predicts {predicted}, budget {run.params_target}")
     run.flops, run.params = counted, params
+
+
+def _miscounted(count: FlopCount, plan: Plan) -> str:
+    """The plan's layers whose fvcore count (a width's with the modules it slices) is not the plan's, as an error's tail."""
+    counted_as = {name: sum(count.by_module.get(n, 0) for n in (name, *(c.sliced or ()))) for name, c in plan.layers.items()}
+    wrong = [f"{name!r} {counted_as[name]} vs {c.flops_after}" for name, c in plan.layers.items() if counted_as[name] != c.flops_after]
+    if not wrong:
+        return ""
+    return f"; layers fvcore counts otherwise (fvcore vs plan): {', '.join(wrong[:5])}" + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
 
 
 def _publish(run: _Run) -> Result:
@@ -2055,6 +2066,13 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
     if plan.metrics.get("bn_reestimated") and replayed is not None:  # replay the re-estimation optimize kept
         reestimate_batchnorm(result, replayed.inputs if plan.probe.get("calibration") == "all" else split_probe(replayed)[0])
     _check_runs(result, example)
+    if example is not None:  # a hand-edited rank the plan's FLOPs figures were not updated for must not pass as within budget
+        count = count_flops(result, example)
+        if count.total != plan.flops:
+            raise PlanError(
+                f"the model a plan builds must have the FLOPs the plan states, but fvcore counts {count.total:,} and the plan "
+                f"says {plan.flops:,} (ratio {count.total / plan.original_flops:.4f} against {plan.flops_ratio:.4f}){_miscounted(count, plan)}"
+            )
     return result
 
 
