@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from autodac.surgery import replace_layers
 
-__all__ = ["UnfusedMultiheadAttention", "unfuse_attention"]
+__all__ = ["UnfusedMultiheadAttention", "PaddedZerosTransformerEncoder", "unfuse_attention"]
 
 
 def _linear_from(weight: Tensor, bias: Tensor | None) -> nn.Linear:
@@ -244,12 +244,52 @@ class UnfusedMultiheadAttention(nn.Module):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
 
+class PaddedZerosTransformerEncoder(nn.TransformerEncoder):
+    """An ``nn.TransformerEncoder`` over unfused layers that gives padded positions what torch's nested path gives them.
+
+    In eval mode, with a ``src_key_padding_mask`` and the fast path's other conditions met, torch's
+    encoder runs its layers on a nested tensor of the valid positions only and pads the result
+    with zeros (then the final norm, if any): the padded positions' outputs are zeros, not what the
+    layers compute there. The unfused layers cannot take nested tensors, so this encoder runs them
+    on the padded batch (the valid positions come out the same: the mask hides the padded keys) and
+    puts back at the padded positions what torch's path leaves there, under the conditions that
+    path checks. Without it, a model that pools over the sequence, padding included, would change
+    at full rank.
+    """
+
+    def _would_nest(self, src: Tensor, mask: Tensor | None, padding: Tensor | None) -> bool:
+        """Whether ``nn.TransformerEncoder.forward`` would take its nested-tensor path here (the mask's alignment aside)."""
+        first = self.layers[0]
+        return (
+            getattr(self, "nested_like_torch", False) and padding is not None and mask is None and src.dim() == 3
+            and not first.training and not src.is_nested and not torch.is_autocast_enabled()
+            and torch.backends.mha.get_fastpath_enabled()
+            and src.device.type in ("cpu", "cuda", "xpu", torch.utils.backend_registration._privateuse1_backend_name)
+            and not (torch.is_grad_enabled() and any(p.requires_grad for p in first.parameters()))
+            and not (getattr(self, "mask_check", True) and torch.compiler.is_compiling())
+        )
+
+    def forward(self, src: Tensor, mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
+                is_causal: bool | None = None) -> Tensor:
+        output = super().forward(src, mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
+        if not self._would_nest(src, mask, src_key_padding_mask):
+            return output
+        padded = src_key_padding_mask if src_key_padding_mask.dtype == torch.bool else src_key_padding_mask != 0
+        if getattr(self, "mask_check", True):  # torch nests only a mask whose padding ends every row; no data-dependent branch
+            padded = padded & (padded[:, 1:] >= padded[:, :-1]).all()
+        filler = torch.zeros_like(output[:, :1])
+        if self.norm is not None:
+            filler = self.norm(filler)
+        return torch.where(padded[..., None], filler, output)
+
+
 def unfuse_attention(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every ``nn.MultiheadAttention`` swapped for ``UnfusedMultiheadAttention``;
     ``model`` itself when it has none (nothing to copy). Subclasses keep their own forward and are left alone.
 
     A ``nn.TransformerEncoder`` over swapped layers gets ``use_nested_tensor = False``: its
-    nested-tensor fast path feeds the layers tensors that only the fused kernels take.
+    nested-tensor fast path feeds the layers tensors that only the fused kernels take. A plain one
+    becomes a ``PaddedZerosTransformerEncoder``, which gives padded positions what that path gave them.
     """
     found = {name: module for name, module in model.named_modules() if type(module) is nn.MultiheadAttention}
     if not found:
@@ -257,5 +297,8 @@ def unfuse_attention(model: nn.Module) -> nn.Module:
     result = replace_layers(model, {name: UnfusedMultiheadAttention.from_mha(module) for name, module in found.items()})
     for module in result.modules():
         if isinstance(module, nn.TransformerEncoder) and any(isinstance(m, UnfusedMultiheadAttention) for m in module.modules()):
+            if type(module) is nn.TransformerEncoder:  # a subclass keeps its own forward, and with it torch's path or not
+                module.__class__ = PaddedZerosTransformerEncoder
+                module.nested_like_torch = bool(module.use_nested_tensor)
             module.use_nested_tensor = False
     return result

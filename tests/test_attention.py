@@ -107,6 +107,39 @@ def test_transformer_encoder_stack_with_padding_mask_runs_unfused() -> None:
     assert torch.allclose(got[0], expected[0], atol=1e-5) and torch.allclose(got[1, :3], expected[1, :3], atol=1e-5)
 
 
+class _PooledEncoder(nn.Module):
+    """A padded-sequence classifier that averages over every position, padding included."""
+
+    def __init__(self, final_norm: bool) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16) if final_norm else None, enable_nested_tensor=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x, src_key_padding_mask=padding).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("final_norm", [False, True])
+def test_padded_positions_come_out_as_torchs_nested_path_leaves_them(final_norm: bool) -> None:
+    # torch's path zeros the padded positions (then norms them); unfused layers compute something there
+    torch.manual_seed(0)
+    model = _PooledEncoder(final_norm).eval()
+    x = torch.randn(4, 7, 16)
+    left = torch.arange(7)[None] >= torch.tensor([7, 5, 3, 6])[:, None]  # padding ends each row: torch nests
+    scattered = left.clone()
+    scattered[0, 2] = True  # a hole mid-row: torch does not nest, and neither may the copy
+    unfused = unfuse_attention(model)
+    with torch.no_grad():
+        for padding in (left, scattered):
+            torch.testing.assert_close(unfused(x, padding), model(x, padding), atol=1e-5, rtol=0)
+    torch.testing.assert_close(unfused(x, left), model(x, left), atol=1e-5, rtol=0)  # grad on: torch's slow path, both
+    result = autodac.optimize(model, 1.0, example_inputs=(x[:1], left[:1]), progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x, left), model(x, left), atol=1e-5, rtol=0)
+
+
 def test_sdpa_is_not_counted_by_fvcore_and_not_by_autodac() -> None:
     """fvcore has no handle for scaled_dot_product_attention: only the projections count, in both counts."""
     model = _SDPA().eval()
