@@ -443,6 +443,13 @@ def _collect(
     if fit_inputs is not None:
         covariances, moments = _statistics(model, fitted, consumers, fit_inputs)
         statistics = "data"
+        unseen = [name for name in consumers if name not in moments]
+        if unseen and notes is not None:
+            notes.append(
+                f"{len(unseen)} width(s) ordered by their weights, not the probe ({', '.join(unseen[:3])}{' ...' if len(unseen) > 3 else ''}): "
+                "the probe gave their layers fewer input rows (examples x positions) than input channels, and moments of lower "
+                "rank than their size would call a width of that rank exact"
+            )
     elif implied_seed is not None and consumers:  # widths only: factorisations fitted to implied moments measured worse
         _, moments = _implied_statistics(model, inputs, {}, _implied_consumers(model, inputs, units), implied_seed)
     candidates = []
@@ -1632,18 +1639,28 @@ def _flag_measured_damage(plan: Plan, cap: float, metric_name: str, stacklevel: 
 
     The probe's figure is what the search went by; the predicted errors say how far the layers
     were cut (at the smallest reachable budget: rank 1 nearly everywhere), which a small probe
-    may not show."""
+    may not show. A built-in probe metric below ``1 - cap`` of the original's is flagged too,
+    whatever was predicted: predictions from a probe of a handful of examples can be 0."""
     factorized = plan.factorized.values()
     worst = max((c.error for c in factorized), default=0.0)
     summed = sum(c.error for c in factorized)
-    if worst <= cap and summed <= cap:
+    measured = (plan.metrics["probe"], plan.metrics["probe_original"]) if {"probe", "probe_original"} <= plan.metrics.keys() else None
+    builtin = measured is not None and metric_name != "evaluate(model)" and measured[1] > 0  # a caller's measure may be any scale
+    lost = builtin and measured[0] < (1 - cap) * measured[1]  # what the probe saw, whatever was predicted
+    if worst <= cap and summed <= cap and not lost:
         return
-    message = (
-        f"the plan is predicted to damage the model: its layers' predicted output errors sum to {summed:.2f} and reach "
-        f"{worst:.2f} in one layer (max_layer_error={cap} is the most either should be)"
-    )
-    if "probe" in plan.metrics and "probe_original" in plan.metrics:
-        message += f"; on the probe, {metric_name} {plan.metrics['probe']:.4f} against the original's {plan.metrics['probe_original']:.4f}"
+    if worst <= cap and summed <= cap:
+        message = (
+            f"the plan is measured to damage the model: on the probe, {metric_name} {measured[0]:.4f} against the original's "
+            f"{measured[1]:.4f}, below 1 - max_layer_error = {1 - cap:g} of it (its layers' predicted output errors sum to {summed:.2f})"
+        )
+    else:
+        message = (
+            f"the plan is predicted to damage the model: its layers' predicted output errors sum to {summed:.2f} and reach "
+            f"{worst:.2f} in one layer (max_layer_error={cap} is the most either should be)"
+        )
+        if measured is not None:
+            message += f"; on the probe, {metric_name} {measured[0]:.4f} against the original's {measured[1]:.4f}"
     warnings.warn(f"autodac: {message}", UserWarning, stacklevel=stacklevel)  # pointed at optimize's caller
     logger.warning(message)
     plan.notes.append(message)

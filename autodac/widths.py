@@ -388,7 +388,9 @@ def collecting_moments(layers: dict[str, nn.Module], max_rows: int = 8192):
 
     Rows are positions (a ``1x1`` conv) or leading dims (a linear layer); at most ``max_rows`` per
     pass per layer, drawn with a per-layer fixed seed, so the result does not depend on which
-    other layers are collected alongside.
+    other layers are collected alongside. A layer that saw fewer rows than ``C + 1`` is left out
+    too: its moments have rank below their size, and any width at that rank would reproduce the
+    few rows seen exactly (a predicted error of 0 for keeping 4 of 64 channels after 4 images).
     """
     sums: dict[str, torch.Tensor] = {}
     counts = {name: 0 for name in layers}
@@ -409,7 +411,7 @@ def collecting_moments(layers: dict[str, nn.Module], max_rows: int = 8192):
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in layers.items()]
     try:
-        yield lambda: {name: sums[name] / counts[name] for name in layers if counts[name]}
+        yield lambda: {name: sums[name] / counts[name] for name in layers if counts[name] >= sums[name].shape[0]}
     finally:
         for handle in handles:
             handle.remove()

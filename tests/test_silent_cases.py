@@ -147,3 +147,18 @@ def test_an_empty_example_batch_is_refused_naming_the_rule() -> None:
     model = SmallConvNet()
     with pytest.raises(autodac.ModelError, match=r"`example_inputs` must hold at least one example .* shape \(0, 3, 8, 8\)"):
         autodac.optimize(model, 0.5, example_inputs=torch.zeros(0, 3, 8, 8), progress=False)
+
+
+def test_a_plan_the_probe_measures_far_below_the_original_is_flagged_whatever_was_predicted() -> None:
+    from autodac.api import _flag_measured_damage
+
+    plan = autodac.optimize(SmallConvNet(), 0.95, data=[X], n_trials=1, progress=False).plan
+    assert sum(c.error for c in plan.factorized.values()) <= 0.5  # nothing predicted
+    plan.metrics.update(probe=0.30, probe_original=0.90)  # as a probe of a handful of examples can go
+    with pytest.warns(UserWarning, match=r"measured to damage the model: on the probe, top-1 accuracy 0\.3000 against the original's 0\.9000"):
+        _flag_measured_damage(plan, 0.5, "top-1 accuracy")
+    quiet = autodac.optimize(SmallConvNet(), 0.95, data=[X], n_trials=1, progress=False).plan
+    quiet.metrics.update(probe=-3.0, probe_original=-1.0)  # a caller's evaluate(model) may be on any scale: not judged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _flag_measured_damage(quiet, 0.5, "evaluate(model)")

@@ -14,7 +14,7 @@ import autodac
 from autodac.cost import count_flops
 from autodac.factorize.channels import order_channels, refit_kept
 from autodac.implied import affected_layers, batchnorm_noise
-from autodac.testing import InvertedResidualNet, SmallConvNet
+from autodac.testing import InvertedResidualNet, LinearHeadNet, SmallConvNet
 from autodac.widths import find_width_units, input_moments, slice_unit
 
 
@@ -313,3 +313,21 @@ def test_apply_refuses_a_plan_whose_rebuilt_model_does_not_run(monkeypatch) -> N
     with pytest.raises(autodac.PlanError, match=r"the plan must give a model that runs on its inputs \[\(1, 3, 16, 16\)\], but the rebuilt "
                                                 r"model fails: RuntimeError: running_mean should contain"):
         autodac.apply(model, Plan.from_dict(broken))
+
+
+def test_moments_from_fewer_rows_than_channels_are_not_used_to_order_a_width() -> None:
+    # 4 examples give fc2's 64 inputs moments of rank 4: keeping those 4 channels would read as exact
+    model = LinearHeadNet(seed=0).eval()
+    few, enough = torch.randn(4, 2, 6, 6), torch.randn(80, 2, 6, 6)
+    assert "fc2" not in input_moments(model, {"fc2": model.fc2}, few)
+    assert input_moments(model, {"fc2": model.fc2}, enough)["fc2"].shape == (65, 65)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe = [torch.randn(8, 2, 6, 6)]
+        result = autodac.optimize(model, 0.5, data=probe, n_trials=2, progress=False)
+    assert any("width(s) ordered by their weights, not the probe (fc2)" in note for note in result.plan.notes)
+    choice = result.plan.layers["fc2"]
+    assert not choice.fit.removeprefix("seq+").startswith("data")  # and apply replays it without the probe's moments
+    rebuilt = autodac.apply(model, result.plan, probe)
+    x = torch.randn(3, 2, 6, 6)
+    torch.testing.assert_close(rebuilt(x), result.model(x), rtol=0, atol=0)
