@@ -154,6 +154,14 @@ class ProbeOptions(_Options):
         "(softmax KL, top-1), 'distribution', 'probabilities' (Bernoulli KL) or 'values' (squared error, R^2); "
         "in a study's fingerprint when not 'auto'", OUTPUT_KIND)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.synthesize > self.probe_size:  # a probe never holds more; a huge N would fill memory before a word
+            raise AutodacError(
+                f"`synthesize` must be at most `probe_size` (the most examples a probe holds), but got synthesize={self.synthesize} "
+                f"and probe_size={self.probe_size}; raise probe_size too to synthesise more"
+            )
+
 
 @dataclass(frozen=True)
 class SearchOptions(_Options):

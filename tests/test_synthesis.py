@@ -98,6 +98,14 @@ def test_optimize_refuses_a_bad_synthesize(value) -> None:
         autodac.optimize(_trained_like(), 0.7, example_inputs=torch.zeros(SHAPE), synthesize=value, progress=False)
 
 
+def test_a_synthetic_probe_larger_than_probe_size_is_refused_before_any_work() -> None:
+    # a billion inputs of 1x28x28 would take terabytes: it started anyway, and probe_size was ignored
+    with pytest.raises(AutodacError, match=r"`synthesize` must be at most `probe_size` .* synthesize=1000000000 and probe_size=2048"):
+        autodac.optimize(_trained_like(), 0.7, example_inputs=torch.zeros(SHAPE), synthesize=10**9, progress=False)
+    with pytest.raises(AutodacError, match=r"synthesize=300 and probe_size=100"):
+        autodac.optimize(_trained_like(), 0.7, example_inputs=torch.zeros(SHAPE), synthesize=300, probe_size=100, progress=False)
+
+
 def test_optimize_refuses_data_and_synthesize_together() -> None:
     with pytest.raises(AutodacError, match="alternatives"):
         autodac.optimize(
