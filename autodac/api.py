@@ -1154,6 +1154,13 @@ def _check(given: dict[str, Any]) -> _Run:
     timing_runtime = get_runtime(runtime)
     if timing_device is not None:
         timing_runtime.check(timing_device)
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if timing_runtime.name == "onnxruntime" and dtypes - {torch.float32}:  # its CPU kernels: else a raw error mid-search
+            raise AutodacError(
+                f"runtime='onnxruntime' times float32 models (its CPU provider lacks kernels for other dtypes: float64 Conv, for one), but the model's "
+                f"parameters are {', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))}; time it with runtime='torch', "
+                "or plan a float32 copy"
+            )
     _check_latency_cache(given["latency_cache"])
     groups = {group.keyword: _group(group, given) for group in GROUPS}  # each group checks its options
     evaluate, data = given["evaluate"], given["data"]

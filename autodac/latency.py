@@ -150,7 +150,7 @@ class LatencyCache:
         if path is True:
             root = os.environ.get("AUTODAC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autodac")
             path = os.path.join(root, "latency.json")
-        path = Path(path)
+        path = Path(path).expanduser()  # "~/x.json" is the user's home, not a folder named "~" made in the working directory
         entries: dict[str, float] = {}
         try:
             entries = {str(k): float(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
