@@ -1208,7 +1208,7 @@ def _group(group: type, given: dict[str, Any]):
     flat = group(**{f.name: given[f.name] for f in dataclasses.fields(group)})  # checks the flat values
     grouped = given.get(group.keyword)
     if grouped is None:
-        return flat
+        return _combined(flat)
     if not isinstance(grouped, group):
         raise AutodacError(f"`{group.keyword}` must be an autodac.{group.__name__}, but got {type(grouped).__name__}")
     defaults = {f.name: f.default for f in dataclasses.fields(group)}
@@ -1220,7 +1220,16 @@ def _group(group: type, given: dict[str, Any]):
                 f"`{name}` must be given once, flat or in `{group.keyword}`, but got {name}={value!r} and "
                 f"{group.keyword}={group.__name__}({name}={chosen!r})"
             )
-    return dataclasses.replace(grouped, **changed)
+    return _combined(dataclasses.replace(grouped, **changed))
+
+
+def _combined(options: Any) -> Any:
+    """``options`` once its rules across fields hold (``check_combined``, where a group has some): checked on what
+    ``optimize`` ends up with, never on a flat half padded with defaults."""
+    check = getattr(options, "check_combined", None)
+    if check is not None:
+        check()
+    return options
 
 
 def _probe(run: _Run) -> None:

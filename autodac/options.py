@@ -154,8 +154,8 @@ class ProbeOptions(_Options):
         "(softmax KL, top-1), 'distribution', 'probabilities' (Bernoulli KL) or 'values' (squared error, R^2); "
         "in a study's fingerprint when not 'auto'", OUTPUT_KIND)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check_combined(self) -> None:
+        """Rules across fields, checked on the options ``optimize`` ends up with (flat and grouped merged), not on each part."""
         if self.synthesize > self.probe_size:  # a probe never holds more; a huge N would fill memory before a word
             raise AutodacError(
                 f"`synthesize` must be at most `probe_size` (the most examples a probe holds), but got synthesize={self.synthesize} "

@@ -4,6 +4,7 @@ clear refusals, and plans made on them that ``apply`` replays without data."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -104,6 +105,17 @@ def test_a_synthetic_probe_larger_than_probe_size_is_refused_before_any_work() -
         autodac.optimize(_trained_like(), 0.7, example_inputs=torch.zeros(SHAPE), synthesize=10**9, progress=False)
     with pytest.raises(AutodacError, match=r"synthesize=300 and probe_size=100"):
         autodac.optimize(_trained_like(), 0.7, example_inputs=torch.zeros(SHAPE), synthesize=300, probe_size=100, progress=False)
+    with pytest.raises(AutodacError, match=r"synthesize=300 and probe_size=100"):  # flat and grouped: judged merged
+        autodac.optimize(_trained_like(), 0.7, example_inputs=torch.zeros(SHAPE), synthesize=300,
+                         probe=autodac.ProbeOptions(probe_size=100), progress=False)
+
+
+def test_synthesize_above_the_default_probe_size_is_taken_with_a_larger_probe_size_given_grouped() -> None:
+    from autodac.api import _group
+
+    given = {f.name: f.default for f in dataclasses.fields(autodac.ProbeOptions)}
+    merged = _group(autodac.ProbeOptions, {**given, "synthesize": 3000, "probe": autodac.ProbeOptions(probe_size=4096)})
+    assert (merged.synthesize, merged.probe_size) == (3000, 4096)  # the flat half alone (3000 > 2048) is not judged
 
 
 def test_optimize_refuses_data_and_synthesize_together() -> None:
