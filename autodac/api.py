@@ -1485,6 +1485,10 @@ def _refit(run: _Run) -> None:
             pool.append((trial, _build(run.model, candidates, trial.selection, run.factors)))
     with _stage("sequential re-fit"):
         run.decomposed, run.published = _refit_best(run.model, pool, run.plan, candidates, run.probe, run.runner, run.use_bn, s.progress)
+    if run.published is not pool[0][0]:  # a runner-up won: what is counted and reported from here on is its selection
+        run.selection = list(run.published.selection)
+        if "params_ratio" in run.metrics:
+            run.metrics["params_ratio"] = count_params(run.decomposed) / count_params(run.model)
 
 
 def _distill(run: _Run) -> None:

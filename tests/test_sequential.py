@@ -339,3 +339,20 @@ def test_refit_builds_the_implementation_the_plan_chose(impl: str) -> None:
     for name in layers:
         layer = refitted.get_submodule(name)
         assert layer.impl == impl and isinstance(layer.depthwise, SplitDepthwise) == (impl == "split")
+
+
+def test_a_runner_up_that_wins_the_refit_is_counted_as_itself_under_a_params_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the counts after the re-fit read the search's own selection: a runner-up kept under Params(...) failed the final check
+    from autodac import api
+
+    def runner_up_wins(model, pool, plan, candidates, *_args):
+        trial, decomposed = pool[-1]
+        plan.layers = api._choices(candidates, trial.selection)
+        return decomposed, trial
+
+    monkeypatch.setattr(api, "_refit_best", runner_up_wins)
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    result = autodac.optimize(seeded(SmallConvNet(), 0), [autodac.Flops(0.5), autodac.Params(0.6)], data=[x], n_trials=10,
+                              refit_candidates=4, progress=False)
+    assert result.params_ratio <= 0.6 and result.flops_ratio <= 0.5
+    assert result.plan.metrics["params_ratio"] == pytest.approx(result.params_ratio)
