@@ -1599,7 +1599,8 @@ def _publish(run: _Run) -> Result:
     """Reads everything before; writes the plan (and its front) to a shared search and returns the Result."""
     s, plan, refined = run.settings, run.plan, run.refined
     logger.info("planned %d of %d layers; FLOPs ratio %.4f", len(plan.factorized), len(plan.layers), plan.flops_ratio)
-    front = [] if not (s.search.pareto and refined) else [_front_plan(plan, run.candidates, t, run.timing) for t in refined.front]
+    front = [] if not (s.search.pareto and refined) else [
+        _front_plan(plan, run.candidates, t, run.timing, run.use_bn and run.can_reestimate) for t in refined.front]
     if run.shared is not None:
         plan.notes.append(run.shared.note(s.search.n_trials))
         run.shared.publish(plan, run.published.value, run.published.number, front)
@@ -1860,13 +1861,26 @@ def _refuse_latency(budget: float, best: float, timing: LatencyTable):
     )
 
 
-def _front_plan(template: Plan, candidates: list[_Candidate], trial: Trial, timing: LatencyTable | None = None) -> Plan:
-    """One plan of the Pareto front, with the probe objective it scored (no model is built)."""
+def _front_plan(template: Plan, candidates: list[_Candidate], trial: Trial, timing: LatencyTable | None = None,
+                reestimated: bool = False) -> Plan:
+    """One plan of the Pareto front, with the probe objective it scored (no model is built).
+
+    It carries what ``apply`` needs to rebuild the model that trial scored: the probe's size and
+    source (a synthetic recipe), where latency was timed, and whether BatchNorm statistics were
+    re-estimated for its score; not the chosen plan's later stages (re-fit, distillation).
+    """
+    metrics = {"probe_objective": trial.value, "trial": float(trial.number)}
+    if "probe_examples" in template.metrics:
+        metrics["probe_examples"] = template.metrics["probe_examples"]
+    if reestimated:  # trials were scored re-estimated on the calibration half: apply(model, plan, data) does it again
+        metrics["bn_reestimated"] = 1.0
+    notes = [f"a plan of the Pareto front (trial {trial.number}), as the search scored it: without the chosen plan's later "
+             "stages (sequential re-fit, distillation); the notes after this one are the chosen plan's"]
     return Plan(
         layers=_choices(candidates, trial.selection, timing), original_flops=template.original_flops, budget=dict(template.budget),
         input_shapes=template.input_shapes, input_assumed=template.input_assumed, skipped=dict(template.skipped),
-        metrics={"probe_objective": trial.value, "trial": float(trial.number)}, notes=list(template.notes),
-        structure=template.structure,
+        metrics=metrics, notes=notes + list(template.notes), probe=dict(template.probe), structure=template.structure,
+        runtime=dict(template.runtime),
     )
 
 

@@ -693,3 +693,23 @@ def test_a_shared_search_adds_the_plain_allocation_finished_instead_of_queueing_
     assert len(study.trials) == 4 and all(t.state.name == "COMPLETE" for t in study.trials)
     assert tuple(first.user_attrs["selection"]) == tuple(solve(layers, budget)) == result.trials[0].selection
     assert all(v == 1.0 for k, v in first.params.items() if k.startswith("w"))
+
+
+@pytest.mark.parametrize("reestimate_bn", [False, True])
+def test_every_pareto_front_plan_rebuilds_with_apply_the_model_its_trial_scored(reestimate_bn: bool) -> None:
+    # front plans lacked the probe's size (apply fitted on every example given) and the re-estimation trials were scored with
+    from autodac.api import _ProbeRunner
+    from autodac.probes import collect_probe
+
+    g = torch.Generator().manual_seed(0)
+    model = SmallConvNet(seed=0).eval()
+    data = [torch.randn(64, 3, 8, 8, generator=g) for _ in range(2)]
+    result = autodac.optimize(model, 0.6, data=data, probe_size=64, n_trials=6, pareto=True, sequential_fit=False,
+                              reestimate_bn=reestimate_bn, progress=False)
+    assert result.pareto
+    runner = _ProbeRunner(model, collect_probe(data, 64), None)
+    for plan in result.pareto:
+        assert plan.flops_ratio <= 0.6 and plan.metrics["probe_examples"] == 64
+        assert plan.notes[0].startswith(f"a plan of the Pareto front (trial {int(plan.metrics['trial'])})")
+        rebuilt = autodac.apply(model, plan, data)
+        assert runner.score(rebuilt)[0] == pytest.approx(plan.metrics["probe_objective"], rel=1e-5, abs=1e-7)
