@@ -58,7 +58,8 @@ def _fail(message: str) -> None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    text = " ".join(str(message).split()).removeprefix(f"{PROG}: ")  # the library's warnings name autodac already
+    print(f"{PROG}: warning: {text}", file=sys.stderr, flush=True)
 
 
 def _emit(args: argparse.Namespace, text: str, payload: Mapping[str, Any]) -> None:
@@ -212,6 +213,8 @@ def _load_model_from(args: argparse.Namespace):
 def _model_factory(spec: str, weights: str | None, pretrained: bool, model_args: Mapping[str, Any] | None = None):
     module_name, attribute = spec.split(":")
     weights_path = _existing("`--weights`", weights) if weights else None
+    if "" not in sys.path and os.getcwd() not in sys.path:  # as `python -m autodac.cli` finds it: the command's own path lacks it
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -397,9 +400,20 @@ def _check_writable(what: str, path_text: str | None) -> None:
 
 
 def _check_folder(what: str, path_text: str | None) -> None:
-    """Refuse an output folder that is an existing file before any long work (the folder itself is made when missing)."""
-    if path_text is not None and Path(path_text).exists() and not Path(path_text).is_dir():
+    """Refuse an output folder that is an existing file, or one this process cannot make or write, before any long work."""
+    if path_text is None:
+        return
+    if Path(path_text).exists() and not Path(path_text).is_dir():
         raise CLIError(f"{what} must be a folder (made if missing), but {path_text!r} is a file")
+    from autodac.deploy import unwritable
+
+    try:
+        Path(path_text).mkdir(parents=True, exist_ok=True)  # made now rather than after the work
+    except OSError as error:
+        raise CLIError(f"{what} must be a folder this process can make, but making {path_text!r} raised: {error.strerror or error}") from None
+    problem = unwritable(Path(path_text) / ".autodac-check")
+    if problem is not None:
+        raise CLIError(f"{what} {problem[0]}, but got {path_text!r}, {problem[1]}")
 
 
 def _titles(paths: Sequence[str]) -> list[str]:
@@ -414,7 +428,10 @@ def _progress(args: argparse.Namespace) -> bool:
 def _save_model(model, path_text: str) -> None:
     import torch
 
-    torch.save(model, path_text)
+    try:
+        torch.save(model, path_text)
+    except (OSError, RuntimeError) as error:  # torch's writer raises RuntimeError for a full disk or a refused file
+        raise CLIError(f"the model must be written to {path_text!r}, but torch.save raised {type(error).__name__}: {error}") from None
 
 
 def _metric_lines(metrics: Mapping[str, float], notes: Sequence[str]) -> list[str]:
@@ -436,6 +453,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         raise _UsageError("`--data` and `--synthesize` are alternatives (synthesised inputs stand in for missing data); give one")
     _check_writable("`--out`", args.out)
     _check_writable("`--save-model`", args.save_model)
+    if args.save_model is not None and args.out is not None and Path(args.save_model).resolve() == Path(args.out).resolve():
+        raise CLIError(f"`--out` (the plan) and `--save-model` must be different files, but both are {args.out!r}")
     model = _load_model_from(args)
     data = _load_data(args.data, model) if args.data else None
     kwargs: dict[str, Any] = {"example_inputs": _example_inputs(args, model, data is not None), "data": data,
@@ -520,10 +539,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     inputs = tuple(_input_tensor(tuple(shape), _dtype_of(model), generator) for shape in shapes)
     exported = autodac.export(model, args.out, format=args.format, example_inputs=inputs)
     payload = {"file": str(exported.path), "format": exported.format, "plan": args.plan, "input_shapes": [list(s) for s in shapes],
-               "max_difference": exported.max_difference, "allowed": exported.allowed}
+               "max_difference": exported.max_difference, "allowed": exported.allowed, "weights": _weights_source(args)}
     text = (
         f"wrote {exported.path} ({exported.format}); loaded back and run on inputs {[list(s) for s in shapes]}: "
-        f"max |difference| {exported.max_difference:.3g} (allowed {exported.allowed:.3g})"
+        f"max |difference| {exported.max_difference:.3g} (allowed {exported.allowed:.3g})\n{_weights_source(args)}"
     )
     _emit(args, text, payload)
     return 0

@@ -20,6 +20,7 @@ import copy
 import io
 import os
 import pickletools
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,12 +194,20 @@ def _example_inputs(source: Any, model: nn.Module, example_inputs: Any) -> tuple
 
 
 def unwritable(path: Path) -> tuple[str, str] | None:
-    """Why a file cannot be written at ``path``, as ``(rule, what is wrong)``; None when it can (as far as the folders tell)."""
+    """Why a file cannot be written at ``path``, as ``(rule, what is wrong)``; None when it can (a file was made and
+    removed in its folder to find out)."""
     if path.is_dir():
         return "must name a file, not a folder", "which is a folder"
+    if path.exists() and not path.is_file():  # a device or a pipe: writing a temporary file and renaming would replace it
+        return "must name a regular file (or none yet)", "which exists and is not a regular file (a device, a pipe, ...)"
     folder = path.parent
     if not folder.is_dir():
         return "must be in an existing folder", f"whose folder {str(folder)!r} {'is a file' if folder.exists() else 'does not exist'}"
+    try:  # the folder's permissions as they are for this process (root on a read-only file system included): try it
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".autodac-write-check-"):
+            pass
+    except OSError as error:
+        return "must be in a folder this process can write", f"whose folder {str(folder)!r} refused a file: {error.strerror or error}"
     return None
 
 

@@ -9,6 +9,7 @@ non-zero with exactly one line on stderr, ``autodac: error: ...``, and no traceb
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -171,7 +172,8 @@ def test_export_applies_the_plan_and_writes_a_file_that_loads_as_the_plans_model
 
 def test_export_takes_its_plan_after_the_options_too(work: Path, data_free: dict, tmp_path: Path) -> None:
     # the README writes `export MODEL --pretrained PLAN ...`; argparse alone leaves an optional PLAN there unread
-    _ok(_cli("export", "small.pt", "--format", "pt", "--out", str(tmp_path / "m.pt"), "free.json", cwd=work))
+    done = _ok(_cli("export", "small.pt", "--format", "pt", "--out", str(tmp_path / "m.pt"), "free.json", cwd=work))
+    assert "weights: from the model file small.pt" in done.stdout  # as every command that takes MODEL says
     saved = torch.load(tmp_path / "m.pt", weights_only=False)
     torch.testing.assert_close(_outputs(saved), _outputs(autodac.apply(SmallConvNet(), autodac.Plan.load(work / "free.json"))))
     _refused(_cli("export", "small.pt", "--format", "pt", "--out", str(tmp_path / "n.pt"), "free.json", "other.json", cwd=work),
@@ -391,3 +393,53 @@ def test_compare_and_plan_table_refuse_a_table_format_tabulate_does_not_know(wor
     with pytest.raises(autodac.AutodacError, match=message):
         plan_table(plan, tablefmt=tablefmt)
     assert all(autodac.compare([plan], tablefmt=f) for f in tabulate_formats)  # every format tabulate names is taken
+
+
+# ----------------------------------------------------------------------------- outputs: refused before the work, never replaced
+
+
+def test_the_plan_and_the_saved_model_cannot_be_one_file(work: Path) -> None:
+    _refused(_cli("optimize", "small.pt", "--flops-budget", "0.5", "--input-shape", SHAPE, "--out", "same.json",
+                  "--save-model", "same.json", cwd=work), "`--out` (the plan) and `--save-model` must be different files")
+
+
+def test_an_output_that_is_a_device_is_refused_not_replaced(work: Path, data_free: dict) -> None:
+    # export writes a temporary file and renames it: as root that replaced /dev/full with a regular file
+    _refused(_cli("export", "small.pt", "free.json", "--format", "pt", "--out", "/dev/null", cwd=work),
+             "must name a regular file (or none yet)")
+    assert Path("/dev/null").is_char_device()
+
+
+def test_a_folder_this_process_cannot_write_is_refused_before_the_work(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import autodac.deploy
+
+    def refused_here(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(autodac.deploy.tempfile, "NamedTemporaryFile", refused_here)  # root writes anywhere: stand in for a read-only folder
+    _refused(_cli("optimize", "small.pt", "--flops-budget", "0.5", "--input-shape", SHAPE, "--out", "p.json", cwd=work),
+             "`--out` must be in a folder this process can write, but got 'p.json', whose folder '.' refused a file: Permission denied")
+
+
+def test_a_failed_save_is_one_line_not_a_traceback(work: Path, data_free: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*_args, **_kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos")
+
+    monkeypatch.setattr(torch, "save", full)
+    _refused(_cli("apply", "small.pt", "free.json", "--out", "m.pt", cwd=work),
+             "the model must be written to 'm.pt', but torch.save raised RuntimeError")
+
+
+def test_library_warnings_are_not_prefixed_twice(work: Path) -> None:
+    done = _ok(_cli("optimize", "small.pt", "--flops-budget", "0.2", "--input-shape", SHAPE, "--out", "tiny.json", cwd=work))
+    assert "autodac: warning: the plan is predicted to damage the model" in done.stderr
+    assert "autodac: warning: autodac:" not in done.stderr
+
+
+def test_a_factory_module_in_the_working_folder_is_found_as_python_m_finds_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autodac import cli
+
+    (tmp_path / "mynets_here.py").write_text("from autodac.testing import SmallConvNet\n\ndef small():\n    return SmallConvNet()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])  # as the console script starts
+    assert type(cli._model_factory("mynets_here:small", None, False)).__name__ == "SmallConvNet"
