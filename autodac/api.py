@@ -1248,7 +1248,7 @@ def _probe(run: _Run) -> None:
         warnings.warn(f"autodac: {note}", UserWarning, stacklevel=3)
         run.notes.append(note)
     if probe is not None:
-        run.probe_source = {"source": "data", "examples": len(probe)}
+        run.probe_source = {"source": "data", "examples": len(probe), "inputs": _probes.probe_fingerprint(probe.inputs)}
     elif s.probe.synthesize:
         if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
             raise AutodacError(f"`synthesize` needs a model of one tensor input, but example_inputs has {len(inputs)} arguments")
@@ -2065,6 +2065,17 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         _check_probe_shape(replayed, tuple(torch.empty(shape, device="meta") for shape in plan.input_shapes), True, "plan.input_shapes")
     if replayed is not None:
         _check_runs_on_data(model, arguments(replayed.inputs[:1].to(_device_of(model))))
+    recorded = plan.probe.get("inputs") if plan.probe.get("source") == "data" else None
+    if replayed is not None and recorded and (needing or plan.metrics.get("bn_reestimated") or plan.distilled):
+        given = _probes.probe_fingerprint(replayed.inputs)
+        if given != recorded:  # other examples: fitted to them, which may be meant (a plan moved to new data), never silently
+            message = (
+                f"`data` is not the probe the plan was fitted to (the plan's {plan.probe.get('examples')} examples are {recorded}, "
+                f"`data` gives {len(replayed)} that are {given}): the layers are fitted to this data, so the model is not the one "
+                "optimize returned; pass the same batches to rebuild that one"
+            )
+            warnings.warn(f"autodac: {message}", UserWarning, stacklevel=2)
+            logger.warning(message)
     if data_fitted:
         modules = {name: model.get_submodule(name) for name in data_fitted}  # checked by _check_plan_fits
         widths = {n: m for n, m in modules.items() if plan.layers[n].method == WIDTH}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -166,6 +167,17 @@ def _batch_parts(batch: Any, position: int) -> tuple[Batch, Any]:
         f"or ((x0, x1, ...),), but batch {position} is {type(batch).__name__}"
         + (f" of {[type(t).__name__ for t in batch]}" if isinstance(batch, (tuple, list)) else "")
     )
+
+
+def probe_fingerprint(inputs: Batch) -> str:
+    """``sha256:`` and 16 hex digits of the probe's inputs (every argument's dtype, shape and bytes, in order): what a plan
+    records so that ``apply`` can tell the data it was fitted to from other data of the same shape."""
+    digest = hashlib.sha256()
+    for part in arguments(inputs):
+        tensor = part.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return f"sha256:{digest.hexdigest()[:16]}"
 
 
 def _example_shapes(x: Batch) -> list[tuple[int, ...]]:
