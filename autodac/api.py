@@ -1647,7 +1647,9 @@ def _allocate_capped(
         f"{worst:.2f} in one layer (max_layer_error={cap} is the most either should be)"
     )
     if in_flops:
-        message += f"; from flops_budget >= {_safe_budget(allocate, scores, capped, capacity, fixed, total, cap):.4f} both are predicted within it"
+        safe = _safe_budget(allocate, scores, capped, capacity, fixed, total, cap)
+        message += (f"; from flops_budget >= {safe:.4f} both are predicted within it" if safe is not None else
+                    "; no FLOPs budget brings both within it: the other budgets (parameters) bind, so raise them")
     warnings.warn(f"autodac: {message}", UserWarning, stacklevel=stacklevel)  # pointed at optimize's caller
     logger.warning(message)
     notes.append(message)
@@ -1687,8 +1689,9 @@ def _flag_measured_damage(plan: Plan, cap: float, metric_name: str, stacklevel: 
     plan.notes.append(message)
 
 
-def _safe_budget(allocate, scores, capped, capacity: int, fixed: int, total: int, cap: float) -> float:
-    """The smallest FLOPs budget whose data-free plan keeps every layer's and the summed predicted error within ``cap``."""
+def _safe_budget(allocate, scores, capped, capacity: int, fixed: int, total: int, cap: float) -> float | None:
+    """The smallest FLOPs budget whose data-free plan keeps every layer's and the summed predicted error within ``cap``;
+    None when no FLOPs budget does, the other budgets (parameters) holding it beyond the cap however many FLOPs it may keep."""
     def within(room: int) -> bool:
         try:
             chosen = allocate(capped, room)
@@ -1697,6 +1700,8 @@ def _safe_budget(allocate, scores, capped, capacity: int, fixed: int, total: int
         return sum(float(o.errors[i]) for o, i in zip(scores, chosen)) <= cap
 
     low, high = max(capacity, minimum_cost(capped)), total - fixed  # the whole model dense predicts 0
+    if not within(high):
+        return None
     if minimum_cost(capped) > capacity and within(low):
         high = low
     while high - low > max(1, total // 10000):

@@ -485,7 +485,9 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     }
     if getattr(args, "storage", None) is not None:
         payload.update(study=args.study_name, trials=len(result.trials))
-    text = "\n".join([result.summary(), _weights_source(args), *_metric_lines(result.plan.metrics, result.plan.notes),
+    summary = result.summary()
+    notes = [note for note in result.plan.notes if note not in summary]  # the summary's own warning is not said twice
+    text = "\n".join([summary, _weights_source(args), *_metric_lines(result.plan.metrics, notes),
                       *([f"wrote {', '.join(written)}"] if written else [])])
     _emit(args, text, payload)
     return 0

@@ -202,3 +202,10 @@ def test_with_a_probe_every_trial_is_within_every_budget() -> None:
     for trial in result.trials:
         assert len(trial.selection) == len(counts)
         assert fixed + sum(int(p[s]) for p, s in zip(counts, trial.selection)) <= 0.5 * count_params(model)
+
+
+def test_a_damage_warning_under_a_binding_params_budget_does_not_send_the_user_to_more_flops() -> None:
+    # it advised "from flops_budget >= 1.0000", which cannot help while the parameter budget binds
+    x = torch.randn(1, 1, 28, 28)
+    with pytest.warns(UserWarning, match=r"no FLOPs budget brings both within it: the other budgets \(parameters\) bind, so raise them"):
+        autodac.optimize(zoo.pretrained("resnet20"), [autodac.Flops(0.5), autodac.Params(0.3)], example_inputs=x, progress=False)
