@@ -1418,12 +1418,14 @@ def _search(run: _Run) -> None:
         return value
 
     costed = _costed(run.scores, run.timing)
-    with _stage(f"search ({s.search.n_trials} trials)"):
+    asked = f"{s.search.n_trials} trials" + (f", timeout {s.search.timeout:g} s" if s.search.timeout is not None else "")
+    with _stage(f"search ({asked})"):
         run.refined = refine(
             costed, run.capacity, evaluate_selection, n_trials=s.search.n_trials, timeout=s.search.timeout, seed=s.search.seed, progress=s.progress,
             min_budget=minimum_cost(costed) if s.search.pareto else None, secondary=run.secondary or None,
             study=None if run.shared is None else run.shared.study,
         )
+    logger.info("search: %d trials run (%d asked)", len(run.refined.trials), s.search.n_trials)  # a timeout may end it sooner
     run.selection = list(run.refined.best.selection)
 
 
@@ -1545,31 +1547,37 @@ def _final_scores(run: _Run) -> None:
     s, runner, metrics, plan = run.settings, run.runner, run.metrics, run.plan
     measured = run.probe is not None or s.evaluate is not None
     if measured:
-        logger.info("final BatchNorm re-estimation and scores ...")
-        plain = runner.score(run.decomposed)
-        metrics["probe_without_bn_reestimate"] = metrics["probe"] = plain[1]
-        if run.can_reestimate:
-            reestimated = reestimate_batchnorm(copy.deepcopy(run.decomposed), runner.calibration)
-            with_bn = runner.score(reestimated)
-            metrics["probe_with_bn_reestimate"] = with_bn[1]
-            if with_bn[0] > plain[0] and with_bn[1] >= plain[1]:
-                run.decomposed = reestimated
-                metrics["probe"] = with_bn[1]
-                metrics["bn_reestimated"] = 1.0  # apply(model, plan, data) redoes it
-                plan.notes.append("BatchNorm statistics re-estimated on the probe (kept: outputs closer to the original's, metric not lower)")
-            else:
-                plan.notes.append("BatchNorm re-estimation tried and rejected (outputs not closer to the original's, or metric lower)")
-        metrics["probe_examples"] = float(len(run.probe)) if run.probe is not None else 0.0
-        plan.notes.append(
-            f"probe metric: {runner.metric_name} on {len(runner.held_out)} held-out probe examples" if runner.held_out is not None
-            else f"probe metric: {runner.metric_name}, the caller's own measure (every probe example calibrates)"
-        )
-        if runner.kind is not None:
-            how = "as output_kind says" if s.probe.output_kind != "auto" else "read off the original's outputs"
-            plan.notes.append(f"probe objective: {_probes.OUTPUT_KINDS[runner.kind]}, {how}")
+        with _stage("final BatchNorm re-estimation and scores"):
+            _final_measurements(run)
     plan.metrics.update(metrics)
     if measured:  # the data-free allocation flags its own (_allocate_capped)
         _flag_measured_damage(plan, float(s.fit.max_layer_error), runner.metric_name, stacklevel=4)
+
+
+def _final_measurements(run: _Run) -> None:
+    """The final scores with and without BatchNorm re-estimation (kept when it helps), and the probe notes."""
+    s, runner, metrics, plan = run.settings, run.runner, run.metrics, run.plan
+    plain = runner.score(run.decomposed)
+    metrics["probe_without_bn_reestimate"] = metrics["probe"] = plain[1]
+    if run.can_reestimate:
+        reestimated = reestimate_batchnorm(copy.deepcopy(run.decomposed), runner.calibration)
+        with_bn = runner.score(reestimated)
+        metrics["probe_with_bn_reestimate"] = with_bn[1]
+        if with_bn[0] > plain[0] and with_bn[1] >= plain[1]:
+            run.decomposed = reestimated
+            metrics["probe"] = with_bn[1]
+            metrics["bn_reestimated"] = 1.0  # apply(model, plan, data) redoes it
+            plan.notes.append("BatchNorm statistics re-estimated on the probe (kept: outputs closer to the original's, metric not lower)")
+        else:
+            plan.notes.append("BatchNorm re-estimation tried and rejected (outputs not closer to the original's, or metric lower)")
+    metrics["probe_examples"] = float(len(run.probe)) if run.probe is not None else 0.0
+    plan.notes.append(
+        f"probe metric: {runner.metric_name} on {len(runner.held_out)} held-out probe examples" if runner.held_out is not None
+        else f"probe metric: {runner.metric_name}, the caller's own measure (every probe example calibrates)"
+    )
+    if runner.kind is not None:
+        how = "as output_kind says" if s.probe.output_kind != "auto" else "read off the original's outputs"
+        plan.notes.append(f"probe objective: {_probes.OUTPUT_KINDS[runner.kind]}, {how}")
 
 
 def _verify(run: _Run) -> None:

@@ -123,3 +123,15 @@ def test_the_peak_memory_is_read_and_never_falls() -> None:
     block = torch.ones(64, 1 << 20)  # 256 MiB resident now
     second = peak_memory_bytes()
     assert 0 < first <= second and second >= block.numel() * block.element_size()
+
+
+def test_a_search_ended_by_its_timeout_logs_how_many_trials_ran_and_the_final_scores_are_a_timed_stage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.INFO, logger="autodac"):
+        result = autodac.optimize(SmallConvNet(), 0.6, data=[x], n_trials=100000, timeout=1, progress=False)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(re.fullmatch(r"search \(100000 trials, timeout 1 s\): \d+\.\d s.*", line) for line in lines), lines
+    assert f"search: {len(result.trials)} trials run (100000 asked)" in lines and len(result.trials) < 100000
+    assert any(re.fullmatch(r"final BatchNorm re-estimation and scores: \d+\.\d s.*", line) for line in lines), lines
