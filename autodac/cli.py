@@ -417,8 +417,12 @@ def _check_folder(what: str, path_text: str | None) -> None:
 
 
 def _titles(paths: Sequence[str]) -> list[str]:
+    """A column title per plan file: its stem, its path where stems repeat, numbered where a path is given twice."""
     stems = [Path(p).stem for p in paths]
-    return stems if len(set(stems)) == len(stems) else list(paths)
+    titles = stems if len(set(stems)) == len(stems) else list(paths)
+    if len(set(titles)) == len(titles):
+        return titles
+    return [f"{title} ({i + 1})" for i, title in enumerate(titles)]
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -893,7 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "the divergence of the outputs from the original's on the probe, as the search measures it.")
     _add_model(profile)
     profile.add_argument("--data", required=True, metavar="FILE", help="probe: .npz with x (and optional y), or a .pt")
-    _add_shape(profile, "default: the first example's shape")
+    _add_shape(profile, "default: the first example's shape", what="input shape the layers are traced at")
     _add_option(profile, "profile_points", "--points", type=_positive, metavar="K")
     _add_option(profile, "profile_size", type=_positive, metavar="N")
     _add_option(profile, "methods", type=_methods, metavar="M[,M...]", context=_methods_text())

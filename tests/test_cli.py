@@ -443,3 +443,8 @@ def test_a_factory_module_in_the_working_folder_is_found_as_python_m_finds_it(tm
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])  # as the console script starts
     assert type(cli._model_factory("mynets_here:small", None, False)).__name__ == "SmallConvNet"
+
+
+def test_one_plan_compared_twice_keeps_two_columns_in_every_form(work: Path, data_free: dict) -> None:
+    payload = json.loads(_ok(_cli("compare", "free.json", "free.json", "--json", cwd=work)).stdout)
+    assert payload["columns"] == ["free.json (1)", "free.json (2)"] and len(payload["totals"]) == 2
