@@ -1476,6 +1476,9 @@ def _draft_plan(run: _Run) -> None:
 def _refit(run: _Run) -> None:
     """Reads the plan, selection and probe; writes the re-fitted model and plan when the held-out probe prefers them (sequential_fit)."""
     s, selection, candidates = run.settings, run.selection, run.candidates
+    if not s.fit.sequential_fit and s.fit.refit_candidates > 1:  # the candidates are what the re-fit chooses among
+        run.plan.notes.append(f"refit_candidates={s.fit.refit_candidates} had nothing to do: sequential_fit=False re-fits no plan")
+        logger.warning(run.plan.notes[-1])
     if run.probe is None or not s.fit.sequential_fit or not _selection_factorizes(selection, candidates):
         return
     if not _selection_factorizes(selection, candidates, refittable=True):

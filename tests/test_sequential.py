@@ -356,3 +356,9 @@ def test_a_runner_up_that_wins_the_refit_is_counted_as_itself_under_a_params_bud
                               refit_candidates=4, progress=False)
     assert result.params_ratio <= 0.6 and result.flops_ratio <= 0.5
     assert result.plan.metrics["params_ratio"] == pytest.approx(result.params_ratio)
+
+
+def test_refit_candidates_without_the_refit_says_it_did_nothing() -> None:
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    result = autodac.optimize(SmallConvNet(), 0.6, data=[x], n_trials=2, sequential_fit=False, refit_candidates=3, progress=False)
+    assert "refit_candidates=3 had nothing to do: sequential_fit=False re-fits no plan" in result.plan.notes
