@@ -176,7 +176,8 @@ def probe_fingerprint(inputs: Batch) -> str:
     for part in arguments(inputs):
         tensor = part.detach().cpu().contiguous()
         digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():  # the buffer itself: no copy of a probe that may be gigabytes (bool has no uint8 view)
+            digest.update((tensor if tensor.dtype != torch.bool else tensor.to(torch.uint8)).view(torch.uint8).numpy())
     return f"sha256:{digest.hexdigest()[:16]}"
 
 
