@@ -2133,6 +2133,15 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         except AutodacError as error:
             raise PlanError(f"layer {name!r}: {error}") from None
     result = replace_layers(model, replacements)
+    # checked as built: the re-fit, distillation and BatchNorm replays below change weights, never the layers or their cost
+    _check_runs(result, example)
+    if example is not None:  # a hand-edited rank the plan's FLOPs figures were not updated for must not pass as within budget
+        count = count_flops(result, example)
+        if count.total != plan.flops:
+            raise PlanError(
+                f"the model a plan builds must have the FLOPs the plan states, but fvcore counts {count.total:,} and the plan "
+                f"says {plan.flops:,} (ratio {count.total / plan.original_flops:.4f} against {plan.flops_ratio:.4f}){_miscounted(count, plan)}"
+            )
     if refitted:  # replay the sequential re-fit optimize kept, on the same fit inputs, in the same order
         chosen = {name: plan.layers[name] for name in refitted}
         result, _ = refit_in_order(model, result, _refits(chosen, model), fit_examples(replayed))
@@ -2143,14 +2152,6 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
                                      plan.distilled.get("output_kind"))  # plans from before it was recorded: read per batch, as then
     if plan.metrics.get("bn_reestimated") and replayed is not None:  # replay the re-estimation optimize kept
         reestimate_batchnorm(result, replayed.inputs if plan.probe.get("calibration") == "all" else split_probe(replayed)[0])
-    _check_runs(result, example)
-    if example is not None:  # a hand-edited rank the plan's FLOPs figures were not updated for must not pass as within budget
-        count = count_flops(result, example)
-        if count.total != plan.flops:
-            raise PlanError(
-                f"the model a plan builds must have the FLOPs the plan states, but fvcore counts {count.total:,} and the plan "
-                f"says {plan.flops:,} (ratio {count.total / plan.original_flops:.4f} against {plan.flops_ratio:.4f}){_miscounted(count, plan)}"
-            )
     return result
 
 
