@@ -544,11 +544,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(0)
     inputs = tuple(_input_tensor(tuple(shape), _dtype_of(model), generator) for shape in shapes)
     exported = autodac.export(model, args.out, format=args.format, example_inputs=inputs)
+    weights = _weights_source(args)
     payload = {"file": str(exported.path), "format": exported.format, "plan": args.plan, "input_shapes": [list(s) for s in shapes],
-               "max_difference": exported.max_difference, "allowed": exported.allowed, "weights": _weights_source(args)}
+               "max_difference": exported.max_difference, "allowed": exported.allowed, "weights": weights}
     text = (
         f"wrote {exported.path} ({exported.format}); loaded back and run on inputs {[list(s) for s in shapes]}: "
-        f"max |difference| {exported.max_difference:.3g} (allowed {exported.allowed:.3g})\n{_weights_source(args)}"
+        f"max |difference| {exported.max_difference:.3g} (allowed {exported.allowed:.3g})\n{weights}"
     )
     _emit(args, text, payload)
     return 0
