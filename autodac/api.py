@@ -249,7 +249,7 @@ def _check_label_range(labels: torch.Tensor | None, reference: torch.Tensor) -> 
     """Refuse class labels the model's outputs cannot name (top-1 accuracy would be 0 for them, whatever the plan)."""
     if labels is None or not labels.numel():
         return
-    regression = "regression targets are not scored: pass batches of x alone (the metric is then agreement with the original)"
+    regression = f"regression targets are not scored: {_probes.LEAVE_TARGETS_OUT}"
     if reference.dim() < 2:
         raise AutodacError(
             f"class labels need outputs with a class dimension (N x classes ...), but the model's outputs have shape "

@@ -169,6 +169,10 @@ def _batch_parts(batch: Any, position: int) -> tuple[Batch, Any]:
     )
 
 
+# what a label refusal tells the user whose targets are not class labels (regression values, masks, multi-hot)
+LEAVE_TARGETS_OUT = "pass batches of x alone (the metric is then agreement with the original)"
+
+
 def probe_fingerprint(inputs: Batch) -> str:
     """``sha256:`` and 16 hex digits of the probe's inputs (every argument's dtype, shape and bytes, in order): what a plan
     records so that ``apply`` can tell the data it was fitted to from other data of the same shape."""
@@ -225,8 +229,8 @@ def collect_probe(data: Iterable[Any], max_samples: int = DEFAULT_PROBE_SIZE) ->
             raise AutodacError(
                 f"the second element of a batch of `data` must be labels (one integer class per example, shape ({n},)), but batch "
                 f"{position} has a {y.dtype} tensor of shape {tuple(y.shape)}; a target the model is not scored on (an image, a "
-                "mask) is left out: pass batches of x alone (the metric is then agreement with the original); a model of several "
-                "inputs takes batches ((x0, x1, ...), y) or ((x0, x1, ...),)"
+                f"mask) is left out: {LEAVE_TARGETS_OUT}; a model of several inputs takes batches ((x0, x1, ...), y) or "
+                "((x0, x1, ...),)"
             )
         y = _class_labels(n, y, position, ignored)
         if labelled is None:
@@ -266,9 +270,7 @@ def _class_labels(n: int, y: torch.Tensor | None, position: int, ignored: list[i
         )
     if not y.is_floating_point():
         if y.dim() != 1:  # (N, 1) would broadcast against (N,) predictions into an N x N table: every accuracy wrong
-            how = "pass y.reshape(-1)" if math.prod(y.shape[1:]) == 1 else (
-                "multi-hot or per-position targets are not scored: pass batches of x alone (the metric is then agreement with "
-                "the original)")
+            how = "pass y.reshape(-1)" if math.prod(y.shape[1:]) == 1 else f"multi-hot or per-position targets are not scored: {LEAVE_TARGETS_OUT}"
             raise AutodacError(
                 f"class labels must be one integer class per example, shape ({n},), but batch {position} of `data` has integer "
                 f"labels of shape {tuple(y.shape)}; {how}"
@@ -279,8 +281,7 @@ def _class_labels(n: int, y: torch.Tensor | None, position: int, ignored: list[i
     if y.dim() == 1 and bool(torch.isfinite(y).all()) and bool((y >= 0).all()) and bool((y == y.round()).all()):
         raise AutodacError(
             f"class labels must be an integer tensor (pass y.long()), but batch {position} of `data` has float labels "
-            f"(dtype {y.dtype}) holding whole numbers, e.g. {y[:3].tolist()}; regression targets are not scored: pass batches "
-            "of x alone (the metric is then agreement with the original)"
+            f"(dtype {y.dtype}) holding whole numbers, e.g. {y[:3].tolist()}; regression targets are not scored: {LEAVE_TARGETS_OUT}"
         )
     if not ignored:
         warnings.warn(
