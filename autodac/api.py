@@ -1386,7 +1386,7 @@ def _profile(run: _Run) -> None:
         with _stage(f"sensitivity profile (up to {s.probe.profile_points} options a layer)"):
             run.profile, run.scores = _profile_scores(
                 run.model, run.candidates, run.runner.held_out, run.runner.kind, run.factors, s.probe.profile_size, s.probe.profile_points,
-                s.progress, run.shared,
+                s.progress, run.shared, run.notes,
             )
 
 
@@ -1902,7 +1902,7 @@ def _front_plan(template: Plan, candidates: list[_Candidate], trial: Trial, timi
 
 def _profile_scores(
     model, candidates, held_out: Probe, kind: str, factors: _Factors, size: int, points: int, progress: bool,
-    shared: SharedSearch | None = None,
+    shared: SharedSearch | None = None, notes: list[str] | None = None,
 ):
     """Measure each layer's probe loss at a few options and read every other option off that curve.
 
@@ -1911,7 +1911,12 @@ def _profile_scores(
     measured loss-versus-error points, so methods compete on one per-layer scale. A ``shared``
     search measures the profile once for all its workers.
     """
-    size = min(size, _profile_examples(model, held_out.inputs[:1]))
+    asked = size
+    size, capped = _profile_size(model, held_out, asked)
+    if capped is not None:
+        logger.info(capped)
+        if notes is not None and asked != ProbeOptions.profile_size:  # a size the caller chose (the default's cap is only logged)
+            notes.append(capped)
     sample = held_out.subset(slice(0, size))
     rows, fronts = [], []
     for candidate, options in zip(candidates, (_layer_options(c) for c in candidates)):
@@ -1958,6 +1963,17 @@ def _profile_scores(
 
 
 _PROFILE_BYTES = 2 << 30  # the most the profile keeps of one recorded pass, so what runs before a layer is not run again
+
+
+def _profile_size(model: nn.Module, held_out: Probe, asked: int) -> tuple[int, str | None]:
+    """How many held-out examples the profile runs on, and why fewer than ``asked`` when it is fewer (said, not silent)."""
+    fits = _profile_examples(model, held_out.inputs[:1])
+    size = min(asked, fits, len(held_out))
+    if size == asked:
+        return size, None
+    limit = (f"the probe's held-out half holds {len(held_out)}" if size == len(held_out)
+             else f"one recorded pass of at most {_PROFILE_BYTES / 2**30:g} GiB holds {fits} examples of this model")
+    return size, f"profile_size={asked}: the sensitivity profile ran on {size} probe examples ({limit})"
 
 
 def _profile_examples(model: nn.Module, example: Batch) -> int:

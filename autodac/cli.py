@@ -630,6 +630,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from autodac import api
+    from autodac.structure import model_structure
 
     _check_folder("`--out`", args.out)
     model = _load_model_from(args)
@@ -643,6 +644,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     measure = api._probes.OUTPUT_KINDS[run.runner.kind] if run.runner.kind else "divergence"  # as the probe compares outputs
     payload = {
         "weights": _weights_source(args), "samples": profile.samples, "seconds": round(profile.seconds, 2), "measure": measure,
+        "notes": list(run.notes), "structure": model_structure(model, api._input_shapes(run.inputs))["fingerprint"],
         "layers": {name: [{"method": m, "rank": r, "params_kept": round(k, 4), "divergence": v} for m, r, k, v in options]
                    for name, options in rows.items()},
     }
@@ -663,7 +665,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         f"sensitivity: {measure} of the outputs from the original's on {profile.samples} probe examples, "
         f"one layer factorised at a time (method, rank, parameters kept: divergence); {profile.seconds:.1f} s\n{table}"
     )
-    text += f"\n{_weights_source(args)}"
+    text += f"\n{_weights_source(args)}" + "".join(f"\nnote: {note}" for note in run.notes)
     if written:
         text += f"\nwrote {', '.join(written)}"
     _emit(args, text, payload)
@@ -704,6 +706,18 @@ def _report_markdown(titles: Sequence[str], paths: Sequence[str], plans: Mapping
     return "\n".join(parts)
 
 
+def _check_profile_matches(path: str, profile: Mapping[str, Any], plans: Mapping[str, Any]) -> None:
+    """A sensitivity file must be of the plans' model: its layers theirs, and its structure one of theirs where both record one."""
+    layers = {name for plan in plans.values() for name in [*plan.layers, *(plan.structure or {}).get("layers", {})]}
+    foreign = [name for name in profile["layers"] if name not in layers]
+    recorded = {plan.structure["fingerprint"] for plan in plans.values() if plan.structure}
+    if foreign:
+        raise CLIError(f"`--profile` must profile the plans' model, but {path} has layers no plan has: {foreign[:3]}")
+    if profile.get("structure") and recorded and profile["structure"] not in recorded:
+        raise CLIError(f"`--profile` must profile the plans' model at their input shapes, but {path} is of structure "
+                       f"{profile['structure'].split(':')[-1][:12]} and the plans of {sorted(r.split(':')[-1][:12] for r in recorded)}")
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from autodac import plots
 
@@ -719,6 +733,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
                             for name, options in profile["layers"].items()}
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise CLIError(f"`--profile` must be the sensitivity.json `autodac profile --out` writes, but reading it failed: {error}") from None
+        _check_profile_matches(args.profile, profile, plans)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     figures = {"quality": "flops_vs_quality.png", "ranks": "ranks_per_layer.png", "flops": "flops_per_layer.png"}

@@ -144,7 +144,10 @@ class ProbeOptions(_Options):
 
     keyword: ClassVar[str] = "probe"
     probe_size: int = _option(DEFAULT_PROBE_SIZE, "probe examples kept from `data` (at most)", at_least(2))
-    profile_size: int = _option(128, "probe examples each sensitivity measurement runs on", at_least(1), fingerprint=True)
+    profile_size: int = _option(
+        128, "probe examples each sensitivity measurement runs on (at most the held-out half and what one 2 GiB recorded pass holds; "
+        "a cap below a size asked is noted)", at_least(1), fingerprint=True,
+    )
     profile_points: int = _option(4, "options measured per layer (the rest read off its loss curve)", at_least(1), fingerprint=True)
     synthesize: int = _option(0, "without data: plan on N inputs synthesised to match the model's BatchNorm statistics", SYNTHESIS_COUNT)
     reestimate_bn: bool = _option(

@@ -154,6 +154,25 @@ def test_report_writes_markdown_and_pictures(work: Path, data_free: dict, with_d
     assert "| free" in markdown and "probe_plan" in markdown
 
 
+def test_profile_says_when_it_ran_on_fewer_examples_than_asked(work: Path) -> None:
+    done = _ok(_cli("profile", "small.pt", "--data", "unlabelled.pt", "--points", "2", "--profile-size", "100", "--json", cwd=work))
+    # 64 probe examples: a held-out half of 32, not the 100 asked, and the output says so
+    assert json.loads(done.stdout)["samples"] == 32
+    assert "profile_size=100: the sensitivity profile ran on 32 probe examples (the probe's held-out half holds 32)" in json.loads(done.stdout)["notes"]
+
+
+def test_report_refuses_the_profile_of_another_model(work: Path, data_free: dict, with_data: dict, tmp_path: Path) -> None:
+    torch.save({"x": torch.randn(64, 3, 12, 12)}, tmp_path / "larger.pt")
+    _ok(_cli("profile", "small.pt", "--data", str(tmp_path / "larger.pt"), "--points", "2", "--out", str(tmp_path / "p12"), cwd=work))
+    done = _cli("report", "free.json", "probe_plan.json", "--out", str(tmp_path / "r"), "--profile", str(tmp_path / "p12" / "sensitivity.json"), cwd=work)
+    _refused(done, "`--profile` must profile the plans' model at their input shapes")
+    saved = json.loads((tmp_path / "p12" / "sensitivity.json").read_text())
+    saved["layers"]["other.conv"] = saved["layers"].pop("conv2")
+    (tmp_path / "renamed.json").write_text(json.dumps(saved))
+    done = _cli("report", "free.json", "--out", str(tmp_path / "r"), "--profile", str(tmp_path / "renamed.json"), cwd=work)
+    _refused(done, "has layers no plan has: ['other.conv']")
+
+
 def test_report_without_matplotlib_says_how_to_install_it(work: Path, tmp_path: Path, data_free: dict) -> None:
     (tmp_path / "matplotlib").mkdir()
     (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
