@@ -655,7 +655,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         folder = Path(args.out)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "sensitivity.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-        plots.sensitivity_heatmap(rows, folder / "sensitivity.png", samples=profile.samples)
+        plots.sensitivity_heatmap(rows, folder / "sensitivity.png", samples=profile.samples, measure=measure)
         written = [str(folder / "sensitivity.json"), str(folder / "sensitivity.png")]
     table = tabulate(
         [[name, *(f"{m} r{r} ({k:.0%}): {v:.4g}" for m, r, k, v in options)] for name, options in rows.items()],
@@ -742,7 +742,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     plots.flops_per_layer(plans, folder / figures["flops"])
     if profile is not None:
         figures["sensitivity"] = "sensitivity.png"
-        plots.sensitivity_heatmap(profile_rows, folder / figures["sensitivity"], samples=profile.get("samples"))
+        plots.sensitivity_heatmap(profile_rows, folder / figures["sensitivity"], samples=profile.get("samples"),
+                                 measure=profile.get("measure", "divergence"))
     label, values, _ = plots.plan_quality(plans)
     report = folder / "report.md"
     report.write_text(_report_markdown(titles, args.plans, plans, figures, front, (label, values)), encoding="utf-8")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from typing import Mapping, Sequence
 
 from autodac.errors import AutodacError
@@ -161,13 +162,15 @@ def flops_per_layer(plans: Mapping[str, Plan], path: str | os.PathLike) -> None:
 
 
 def sensitivity_heatmap(
-    losses: Mapping[str, Sequence[tuple[str, int, float, float]]], path: str | os.PathLike, samples: int | None = None
+    losses: Mapping[str, Sequence[tuple[str, int, float, float]]], path: str | os.PathLike, samples: int | None = None,
+    measure: str = "divergence",
 ) -> None:
     """Heat map of a sensitivity profile: a row per layer, its measured options cheapest first.
 
     ``losses[layer]`` lists ``(method, rank, share of the layer's parameters kept, divergence)``;
     each cell is coloured by the divergence (log scale) of the model's outputs from the
-    original's with that layer alone factorised, and names the option.
+    original's with that layer alone factorised, and names the option. ``measure`` names the
+    divergence (the profile's own: a KL for class scores, a relative squared error for values).
     """
     from matplotlib.colors import LogNorm
 
@@ -194,7 +197,9 @@ def sensitivity_heatmap(
     ax.set_xticks(range(columns), [f"option {j + 1}" for j in range(columns)], fontsize=8)
     ax.set_xlabel("measured options per layer, fewest parameters kept first")
     per = f" on {samples} probe examples" if samples else ""
-    ax.set_title(f"Sensitivity: KL divergence from the original's outputs{per}, one layer factorised at a time\n"
-                 "cell: method, rank (share of the layer's parameters kept), divergence", fontsize=9)
-    fig.colorbar(image, ax=ax, label="KL divergence (log scale)")
+    width = int(fig.get_figwidth() * 13)  # characters of a 9-point title a line holds: a narrow map wraps it, not cuts it
+    title = textwrap.wrap(f"Sensitivity: {measure} from the original's outputs{per}, one layer factorised at a time", width)
+    title += textwrap.wrap("cell: method, rank (share of the layer's parameters kept), divergence", width)
+    ax.set_title("\n".join(title), fontsize=9)
+    fig.colorbar(image, ax=ax, label="divergence (log scale)")
     _save(fig, path)

@@ -161,6 +161,24 @@ def test_profile_says_when_it_ran_on_fewer_examples_than_asked(work: Path) -> No
     assert "profile_size=100: the sensitivity profile ran on 32 probe examples (the probe's held-out half holds 32)" in json.loads(done.stdout)["notes"]
 
 
+def test_a_narrow_heat_map_wraps_its_title_inside_the_picture_and_names_its_measure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from autodac import plots
+
+    saved = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: saved.append(fig))
+    rows = {"conv1": [("dac", 1, 0.2, 0.5), ("dac", 3, 0.6, 0.01)], "fc": [("lowrank", 2, 0.3, 0.2), ("lowrank", 4, 0.6, 0.02)]}
+    plots.sensitivity_heatmap(rows, tmp_path / "s.png", samples=32, measure="relative squared error (values)")
+    fig = saved[0]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    title = fig.axes[0].title
+    box, page = title.get_window_extent(renderer), fig.bbox
+    assert page.x0 <= box.x0 and box.x1 <= page.x1, (box, page)  # two columns: the title wraps, no words cut off
+    assert "relative squared error (values) from the original's outputs" in title.get_text().replace("\n", " ")
+
+
 def test_report_refuses_the_profile_of_another_model(work: Path, data_free: dict, with_data: dict, tmp_path: Path) -> None:
     torch.save({"x": torch.randn(64, 3, 12, 12)}, tmp_path / "larger.pt")
     _ok(_cli("profile", "small.pt", "--data", str(tmp_path / "larger.pt"), "--points", "2", "--out", str(tmp_path / "p12"), cwd=work))
