@@ -52,13 +52,13 @@ from autodac.search.sensitivity import SensitivityProfile, loss_curve, measure_p
 from autodac.search.storage import SharedSearch, open_search
 from autodac.sequential import Refit, refit_in_order
 from autodac.structure import check_structure, model_structure
-from autodac.surgery import TracedLayer, evaluating, own_hooks, replace_layers, run_model, trace_layers
+from autodac.surgery import TracedLayer, evaluating, held_parametrizations, own_hooks, replace_layers, run_model, trace_layers
 from autodac.subclasses import explicit_padding
 from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
 from autodac.factorize.base import covariance_for
 from autodac.factorize.channels import ChannelOrder, order_channels, refit_kept
 from autodac.implied import affected_layers, batchnorm_noise, implied_batch, positions_per_example
-from autodac.widths import Gathered, WidthUnit, collecting_moments, consumable, find_width_units, slice_unit
+from autodac.widths import Gathered, WidthUnit, collecting_moments, consumable, find_width_units, plain_parameters, slice_unit
 
 __all__ = ["optimize", "apply", "decompose_conv", "Result", "DEFAULT_METHODS"]
 
@@ -203,6 +203,12 @@ def _check_materialised(model: nn.Module) -> None:
             "the model must be a plain nn.Module, but got a torch.compile wrapper (OptimizedModule), whose graph hides its "
             "layers: pass model._orig_mod, and compile the result"
         )
+    compiled = [name for name, m in model.named_modules() if type(m).__name__ == "OptimizedModule" and name]
+    if compiled:  # a compiled part: fvcore's tracer refuses dynamo code, and its layers are hidden the same way
+        raise ModelError(
+            f"the model's layers must be plain nn.Modules, but {compiled[0]!r} is a torch.compile wrapper (OptimizedModule), "
+            f"whose graph hides its layers: set {compiled[0]} back to its ._orig_mod before optimizing, and compile the result"
+        )
     scripted = [name or "(the model)" for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
     if scripted:
         raise ModelError(
@@ -318,6 +324,8 @@ def _skip_reason(layer: TracedLayer, methods: Sequence[str], excluded: bool) -> 
         return f"{layer.unsupported} is not a layer type autodac factorises (Conv1d, Conv2d, Linear)"
     if layer.shares_with is not None:
         return f"shares a parameter with {layer.shares_with!r} (tied weights): replacing one would untie them"
+    if layer.functional is not None and layer.functional.startswith("Tensor."):
+        return f"its weight is read outside its own forward ({layer.functional}), which a replacement could not serve"
     if layer.functional is not None:
         return f"used through a functional call ({layer.functional}), cannot be replaced"
     if layer.geometry is None:
@@ -681,7 +689,7 @@ def _params_after(module: nn.Module, method: str, rank: int) -> int:
 
 def _sliced_params(module: nn.Module, width: int) -> int:
     """Parameters of a width unit's producer or chain module kept at ``width`` channels (as ``widths._sliced`` cuts them)."""
-    return sum(p.numel() // p.shape[0] * width if p.dim() >= 1 else p.numel() for p in module.parameters(recurse=False))
+    return sum(p.numel() // p.shape[0] * width if p.dim() >= 1 else p.numel() for p in plain_parameters(module))
 
 
 def _width_params(candidate: _Candidate, width: int) -> tuple[int, int]:
@@ -1021,25 +1029,28 @@ def optimize(
     combine; one option set both ways to two values other than its default is refused.
     """
     run = _check(dict(locals()))  # the arguments as given (the signature is their one list)
-    _probe(run)
-    _count(run)
-    _score(run)
-    _reach(run)
-    _open_search(run)
-    _room(run)
-    if run.probe is None and run.settings.evaluate is None:
-        _allocate(run)
-    else:
-        _profile(run)
-        _decide_batchnorm(run)
-        _search(run)
-    _meet_budgets(run)
-    _draft_plan(run)
-    _refit(run)
-    _distill(run)
-    _final_scores(run)
-    _verify(run)
-    return _publish(run)
+    with held_parametrizations(run.model) as restore:  # a spectral norm in train mode is read, not stepped
+        _probe(run)
+        _count(run)
+        _score(run)
+        _reach(run)
+        _open_search(run)
+        _room(run)
+        if run.probe is None and run.settings.evaluate is None:
+            _allocate(run)
+        else:
+            _profile(run)
+            _decide_batchnorm(run)
+            _search(run)
+        _meet_budgets(run)
+        _draft_plan(run)
+        _refit(run)
+        _distill(run)
+        _final_scores(run)
+        _verify(run)
+        result = _publish(run)
+    restore(result.model)
+    return result
 
 
 # ----------------------------------------------------------------------------- the stages of optimize
@@ -2063,6 +2074,12 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
     if not isinstance(plan, Plan):
         raise PlanError(f"`plan` must be an autodac.Plan, but got {type(plan).__name__}")
     _check_materialised(model)
+    with held_parametrizations(model) as restore:  # a spectral norm in train mode is read, not stepped
+        return restore(_apply(model, plan, data))
+
+
+def _apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None) -> nn.Module:
+    """``apply`` once the model's parametrisations are held: the plan checked, every replacement built, then swapped in."""
     model = unfuse_attention(model)  # as optimize does: plans name the unfused projections (``attn.q_proj``)
     _check_plan_fits(model, plan)
     example = _plan_example(model, plan)

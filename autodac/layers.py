@@ -152,6 +152,10 @@ def build_factorized(
     if module.bias is not None:
         second.bias.copy_(module.bias)
     first, second = factorization.implement(first, second, impl, rank)
+    for half in (first, second):  # a frozen layer's factors stay frozen: fine-tuning the rest of the model keeps working
+        for pname, parameter in half.named_parameters():
+            frozen_like = module.bias if pname == "bias" and half is second else weight
+            parameter.requires_grad_(frozen_like.requires_grad)
     pads = tuple(p if any(p) else () for p in factorization.place_padding(padding))
     layer = FactorizedLayer(method, rank, first, second, impl, pads)
     layer.train(module.training)

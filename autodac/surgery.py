@@ -54,9 +54,21 @@ _WEIGHT_CALLS = frozenset({
 })
 
 
+# Calls that only read a tensor's metadata: a layer's weight may be looked at that way from anywhere.
+_METADATA_CALLS = frozenset({
+    "__get__", "dim", "size", "numel", "nelement", "ndimension", "stride", "storage_offset", "element_size", "is_contiguous",
+    "is_floating_point", "is_complex", "data_ptr", "get_device", "__len__",
+})
+
+
 class _WeightUses(TorchFunctionMode):
     """Records, per watched Parameter, the first weight-reading call that took it other than from its own
-    Conv/Linear's forward (a Parameter of any other module is always recorded: its use is the functional one)."""
+    Conv/Linear's forward (a Parameter of any other module is always recorded: its use is the functional one).
+
+    A candidate layer's own weight is followed through any other call too (``self.conv.weight.flip(-1)``,
+    ``.t()``, indexing; metadata queries aside): the model computes with it outside the layer, and a
+    replacement, which has no ``weight``, would break that code or leave it on the old values.
+    """
 
     def __init__(self, watched: dict[int, nn.Parameter], owners: dict[int, nn.Module]) -> None:
         super().__init__()
@@ -68,14 +80,18 @@ class _WeightUses(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in _WEIGHT_CALLS:
+        weight_call = name in _WEIGHT_CALLS
+        if weight_call or name not in _METADATA_CALLS:
             for value in itertools.chain(args, kwargs.values()):
                 for tensor in value if isinstance(value, (list, tuple)) else (value,):
                     key = id(tensor)
                     if key in self.watched and tensor is self.watched[key] and key not in self.uses:
                         owner = self.owners.get(key)
+                        if not weight_call and owner is None:
+                            continue  # a parameter of no candidate layer is followed into weight-reading calls only
                         if owner is None or not any(m is owner for m in self.running):
-                            self.uses[key] = f"F.{name}" if hasattr(F, name) else f"torch.{name.strip('_')}"
+                            self.uses[key] = (f"Tensor.{name}" if not weight_call
+                                              else f"F.{name}" if hasattr(F, name) else f"torch.{name.strip('_')}")
         return func(*args, **kwargs)
 
 
@@ -90,6 +106,42 @@ def evaluating(model: nn.Module):
             yield model
     finally:
         for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
+def held_parametrizations(model: nn.Module):
+    """Weight parametrisations (``torch.nn.utils.parametrize``) in eval mode for the block, the caller's modes restored after.
+
+    Reading a parametrised weight runs its parametrisation, and some keep state they update in
+    train mode: spectral norm takes a power-iteration step and rewrites its ``_u``/``_v`` buffers
+    on every read. autodac reads weights many times; held in eval mode they are read as they are.
+    Yields ``restore(copy)``, which gives a copy made inside the block (its modules at the same
+    names) the caller's modes back, and returns it.
+    """
+    from torch.nn.utils import parametrize
+
+    held = {}
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            prefix = f"{name}.parametrizations" if name else "parametrizations"
+            held.update({f"{prefix}.{sub}".rstrip("."): m.training for sub, m in module.parametrizations.named_modules() if m.training})
+    modules = [(model.get_submodule(name), True) for name in held]
+    for module, _ in modules:
+        module.training = False
+
+    def restore(copy: nn.Module) -> nn.Module:
+        for name, training in held.items():
+            try:
+                copy.get_submodule(name).training = training
+            except AttributeError:  # replaced (a factorised layer has no parametrisation left)
+                pass
+        return copy
+
+    try:
+        yield restore
+    finally:
+        for module, training in modules:
             module.training = training
 
 

@@ -26,11 +26,12 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from autodac.batches import Batch, call, count
 from autodac.surgery import evaluating
 
-__all__ = ["WidthUnit", "find_width_units", "consumable", "collecting_moments", "input_moments", "slice_unit", "Gathered"]
+__all__ = ["WidthUnit", "find_width_units", "consumable", "collecting_moments", "input_moments", "slice_unit", "plain_copy", "plain_parameters", "Gathered"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
 
@@ -432,13 +433,36 @@ def _take(tensor: torch.Tensor | None, kept: torch.Tensor, dim: int = 0) -> torc
     return tensor.detach().index_select(dim, kept.to(tensor.device)).clone()
 
 
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A deep copy whose parametrised tensors (``torch.nn.utils.parametrize``: weight norm, spectral norm, ...) are
+    plain parameters holding their current values: what slicing can cut (the sliced layer computes what the original did)."""
+    new = copy.deepcopy(module)
+    if parametrize.is_parametrized(module):
+        # not ``remove_parametrizations`` on the copy: it deletes the property from the class the copy shares with the original
+        values = {name: (getattr(module, name).detach().clone(), any(p.requires_grad for p in module.parametrizations[name].parameters()))
+                  for name in module.parametrizations}
+        new.__class__ = type(module).__bases__[0]  # the class parametrize derived ParametrizedX from
+        del new._modules["parametrizations"]
+        for name, (value, requires_grad) in values.items():
+            new.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad))
+    return new
+
+
+def plain_parameters(module: nn.Module) -> list[torch.Tensor]:
+    """``module``'s own parameters as ``plain_copy`` makes them: a parametrised tensor counts as the tensor it computes."""
+    own = list(module.parameters(recurse=False))
+    if parametrize.is_parametrized(module):
+        own += [getattr(module, name) for name in module.parametrizations]
+    return own
+
+
 def _sliced(module: nn.Module, kept: torch.Tensor) -> nn.Module:
     """A copy of a producer or per-channel chain module that keeps only output channels ``kept``."""
-    new = copy.deepcopy(module)
+    new = plain_copy(module)
     k = len(kept)
-    for pname, param in list(module.named_parameters(recurse=False)):
+    for pname, param in list(new.named_parameters(recurse=False)):
         setattr(new, pname, nn.Parameter(_take(param, kept), requires_grad=param.requires_grad))
-    for bname, buffer in list(module.named_buffers(recurse=False)):
+    for bname, buffer in list(new.named_buffers(recurse=False)):
         if buffer is not None and buffer.dim() >= 1 and buffer.shape[0] == (module.num_features if hasattr(module, "num_features") else -1):
             setattr(new, bname, _take(buffer, kept))
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -466,7 +490,7 @@ def slice_unit(
     for name in unit.chain:
         replacements[name] = _sliced(model.get_submodule(name), kept)
     consumer = model.get_submodule(unit.consumer)
-    new = copy.deepcopy(consumer)
+    new = plain_copy(consumer)
     new.weight = nn.Parameter(weight.detach().clone().to(consumer.weight), requires_grad=consumer.weight.requires_grad)
     total = bias.detach().to(consumer.weight) + (consumer.bias.detach() if consumer.bias is not None else 0)
     new.bias = nn.Parameter(total.clone(), requires_grad=consumer.weight.requires_grad)

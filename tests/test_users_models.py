@@ -212,3 +212,107 @@ def test_export_turns_what_a_format_cannot_take_into_a_clear_error(tmp_path: Pat
         autodac.export(model, tmp_path / "m.pt", format="pt", example_inputs=X[:1])
     assert not list(tmp_path.iterdir())  # nothing written
     assert autodac.export(model, tmp_path / "m.pt2", format="pt2", example_inputs=X[:1]).max_difference <= 1e-5
+
+
+# ----------------------------------------------------------------------------- parametrised, frozen and compiled parts
+
+
+def _three_convs() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def test_a_spectral_norm_in_train_mode_is_read_not_stepped_and_keeps_its_mode_in_the_result() -> None:
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    model = _three_convs()
+    spectral_norm(model[3])
+    spectral_norm(model[0])  # excluded below: kept as it is, parametrisation and all
+    model.train()  # every read of the weight in train mode takes a power-iteration step on the caller's _u/_v
+    x = torch.randn(1, 3, 16, 16)
+    before = copy.deepcopy(model.state_dict())
+    result = _quiet_optimize(model, 0.5, example_inputs=x, exclude=("0",))
+    rebuilt = autodac.apply(model, result.plan)
+    after = model.state_dict()
+    assert "3" in result.plan.factorized
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert all(m.training for m in model.modules())  # the caller's modes, parametrisations included
+    for built in (result.model, rebuilt):  # the kept layer's spectral norm still steps when the result is trained
+        assert [m.training for m in built[0].parametrizations.modules()] == [True, True, True]
+
+
+def test_a_frozen_layer_s_factors_stay_frozen_in_every_implementation() -> None:
+    model = _three_convs().eval()
+    for i in (0, 1, 3, 4, 6, 7):  # a frozen feature extractor, a trainable head
+        model[i].requires_grad_(False)
+    result = _quiet_optimize(model, 0.5, example_inputs=torch.randn(1, 3, 16, 16))
+    convs = [n for n in result.plan.factorized if n in ("0", "3", "6")]
+    assert convs, result.plan.factorized
+    for name in convs:
+        assert not any(p.requires_grad for p in result.model.get_submodule(name).parameters()), name
+    layer = autodac.layers.build_factorized(model[3], "dac", 2, impl="split")
+    assert not any(p.requires_grad for p in layer.parameters())
+    assert all(p.requires_grad for p in result.model[11].parameters()) if "11" not in result.plan.factorized else True
+
+
+def test_a_weight_normed_producer_keeps_its_width_option_and_its_original() -> None:
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.bn0 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+            self.expand, self.bn1 = nn.Conv2d(16, 96, 1, bias=False), nn.BatchNorm2d(96)
+            self.project, self.bn2 = nn.Conv2d(96, 16, 1, bias=False), nn.BatchNorm2d(16)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.bn0(self.stem(x)))
+            x = self.bn2(self.project(torch.nn.functional.relu6(self.bn1(self.expand(x))))) + x
+            return self.fc(x.mean((2, 3)))
+
+    def made() -> Block:
+        torch.manual_seed(0)
+        block = Block()
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.data.uniform_(0.0, 1.5)
+        return block.eval()
+
+    plain, normed = made(), made()
+    weight_norm(normed.expand)  # computes the same weight: the same plan is due
+    x = torch.randn(8, 3, 16, 16)
+    plans = [_quiet_optimize(m, 0.7, example_inputs=x[:1], exclude=("stem",)) for m in (plain, normed)]
+    assert plans[1].plan.factorized["project"].method == "width"
+    assert {n: (c.method, c.rank) for n, c in plans[1].plan.factorized.items()} == {n: (c.method, c.rank) for n, c in plans[0].plan.factorized.items()}
+    torch.testing.assert_close(plans[1].model(x), plans[0].model(x))
+    torch.testing.assert_close(normed(x), plain(x))  # the original still computes its weight (its class was not stripped)
+
+
+def test_a_weight_read_outside_its_layer_through_a_derived_tensor_is_kept_and_says_so() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv3 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.conv3(torch.relu(self.conv1(x))))
+            x = torch.relu(torch.nn.functional.conv2d(x[:, :16], self.conv3.weight.flip(-1), padding=1))
+            return self.fc(x.mean((2, 3)))
+
+    torch.manual_seed(0)  # with a probe this was a raw AttributeError from the model's own forward, mid-search
+    result = _quiet_optimize(Net().eval(), 0.97, data=[(X.repeat(1, 1, 2, 2)[:16], torch.randint(0, 10, (16,)))], n_trials=2)
+    assert "read outside its own forward (Tensor.flip)" in result.plan.skipped["conv3"]
+    assert "conv3" not in result.plan.factorized
+
+
+def test_a_compiled_part_is_refused_with_the_way_out() -> None:
+    model = SmallConvNet().eval()
+    model.conv2 = torch.compile(model.conv2)
+    with pytest.raises(autodac.ModelError, match=r"'conv2' is a torch.compile wrapper .*set conv2 back to its ._orig_mod"):
+        autodac.optimize(model, 0.5, example_inputs=X[:1], progress=False)
