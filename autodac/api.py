@@ -191,6 +191,27 @@ def _check_runs_on_data(model: nn.Module, first: tuple[Any, ...]) -> None:
         ) from error
 
 
+def _check_batched_outputs(model: nn.Module, probe: Probe) -> None:
+    """The built-in probe metric compares outputs example by example: an output tensor must hold the batch first.
+
+    Checked on one and on two examples, so an output that averages over the batch (``C``) or puts it
+    elsewhere (``C x N``, sequence-first ``T x N x C``) is refused before any work, not met as a
+    failed concatenation mid-search or, worse, scored as if its rows were examples.
+    """
+    for n in (1, 2)[: min(2, len(probe))]:
+        with evaluating(model):
+            out = model(*arguments(probe.inputs[:n].to(_device_of(model))))
+        if not isinstance(out, torch.Tensor):
+            return  # not one tensor: the metric refuses it with its own way out
+        if out.dim() == 0 or out.shape[0] != n:
+            raise ModelError(
+                f"the built-in probe metric compares the model's outputs example by example, so they must hold the batch first "
+                f"(dim 0 of size N on N examples), but on {n} example{'s' if n > 1 else ''} the model returned shape "
+                f"{tuple(out.shape)}; pass evaluate=callable to score the model your way, or plan a wrapper whose output puts "
+                "the batch first (for sequence-first outputs, out.transpose(0, 1))"
+            )
+
+
 def _input_shapes(inputs: tuple[Any, ...]) -> list[list[int]]:
     return [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
 
@@ -1267,6 +1288,8 @@ def _probe(run: _Run) -> None:
         probe = Probe(synthesize_inputs(model, inputs[0], s.probe.synthesize, seed=s.search.seed, progress=s.progress), None)
         run.probe_source = {"source": "synthetic", "examples": s.probe.synthesize, "steps": SYNTHESIS_STEPS, "seed": s.search.seed}
         run.notes.append(f"no data: the probe is {s.probe.synthesize} inputs synthesised to match the model's BatchNorm statistics")
+    if probe is not None and s.evaluate is None:
+        _check_batched_outputs(model, probe)
     if probe is not None and s.evaluate is not None:  # the runner calibrates on every probe input: apply must, too
         run.probe_source["calibration"] = "all"
     run.probe, run.inputs, run.assumed = probe, inputs, assumed

@@ -264,9 +264,10 @@ def _class_labels(n: int, y: torch.Tensor | None, position: int, ignored: list[i
     if y is None:
         return None
     if y.dim() < 1 or y.shape[0] != n:
+        unbatched = " (one example with its label: `data` must yield batches; a Dataset goes in a DataLoader)" if y.dim() == 0 else ""
         raise AutodacError(
             f"labels must hold one entry per input, but batch {position} of `data` has {n} inputs and labels of shape "
-            f"{tuple(y.shape)}"
+            f"{tuple(y.shape)}{unbatched}"
         )
     if not y.is_floating_point():
         if y.dim() != 1:  # (N, 1) would broadcast against (N,) predictions into an N x N table: every accuracy wrong

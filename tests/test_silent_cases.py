@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import autodac
 from autodac.testing import SmallConvNet
@@ -162,3 +163,28 @@ def test_a_plan_the_probe_measures_far_below_the_original_is_flagged_whatever_wa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _flag_measured_damage(quiet, 0.5, "evaluate(model)")
+
+
+@pytest.mark.parametrize("reduce", ["batch mean", "classes first", "sequence first", "one number"])
+def test_outputs_without_the_batch_first_are_refused_before_the_probe_scores_them(reduce: str) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = self.fc(self.conv(x).mean((2, 3)))
+            return {"batch mean": lambda: logits.mean(0), "classes first": lambda: logits.t(),
+                    "sequence first": lambda: logits[None].expand(5, -1, -1), "one number": lambda: logits.logsumexp(1).mean()}[reduce]()
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 8, 8)
+    # the batch mean was scored as if its 4 entries were examples (R^2 "of the outputs", ratio 0.47); the others crashed in torch.cat
+    with pytest.raises(autodac.ModelError, match=r"must hold the batch first .* on 1 example the model returned shape"):
+        autodac.optimize(Net().eval(), 0.5, data=[x], n_trials=2, progress=False)
+
+
+def test_a_dataset_passed_as_data_is_told_to_go_in_a_data_loader() -> None:
+    dataset = torch.utils.data.TensorDataset(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,)))
+    with pytest.raises(autodac.AutodacError, match=r"labels of shape \(\) \(one example with its label: `data` must yield batches; "):
+        autodac.optimize(SmallConvNet(), 0.5, data=dataset, progress=False)
