@@ -882,6 +882,8 @@ class _ProbeRunner:
 
     def __init__(self, model: nn.Module, probe: Probe | None, evaluate: Callable[[nn.Module], float] | None, kind: str = "auto") -> None:
         self.evaluate = evaluate
+        self.original = model
+        self._original_copy: nn.Module | None = None
         self.calibration: Batch | None = None
         self.held_out: Probe | None = None
         self.kind: str | None = None  # how outputs are compared (autodac.probes.output_kind): as asked, or read off the original's
@@ -919,6 +921,10 @@ class _ProbeRunner:
         if reestimate:
             model = reestimate_batchnorm(copy.deepcopy(model), self.calibration)
         if self.evaluate is not None:
+            if model is self.original:  # the caller's own model: `evaluate` gets a copy (a forward in train mode moves BN stats)
+                if self._original_copy is None:
+                    self._original_copy = copy.deepcopy(model)
+                model = self._original_copy
             value = self.evaluate(model)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
                 raise AutodacError(f"`evaluate(model)` must return a finite real number, but returned {value!r}")
@@ -1049,7 +1055,13 @@ def optimize(
     ``search=SearchOptions(...)``, ``study=StudyOptions(...)``. A group and options given flat
     combine; one option set both ways to two values other than its default is refused.
     """
-    run = _check(dict(locals()))  # the arguments as given (the signature is their one list)
+    with _global_rng_kept(model):  # building modules draws their (discarded) initial weights: the caller's seeding stands
+        run = _check(dict(locals()))  # the arguments as given (the signature is their one list)
+        return _optimized(run)
+
+
+def _optimized(run: _Run) -> Result:
+    """``optimize``'s stages, in order, on its checked arguments."""
     with held_parametrizations(run.model) as restore:  # a spectral norm in train mode is read, not stepped
         _probe(run)
         _count(run)
@@ -2097,8 +2109,20 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
     if not isinstance(plan, Plan):
         raise PlanError(f"`plan` must be an autodac.Plan, but got {type(plan).__name__}")
     _check_materialised(model)
-    with held_parametrizations(model) as restore:  # a spectral norm in train mode is read, not stepped
+    with _global_rng_kept(model), held_parametrizations(model) as restore:  # the caller's seeding stands; spectral norms are read, not stepped
         return restore(_apply(model, plan, data))
+
+
+@contextlib.contextmanager
+def _global_rng_kept(model: nn.Module):
+    """torch's global random state (CPU, and the model's CUDA devices) as it was before the block.
+
+    Every module autodac builds draws its initial weights (then overwritten) from it: without this a
+    user who seeded before ``optimize`` would draw other numbers after it.
+    """
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 def _apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None) -> nn.Module:

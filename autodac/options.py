@@ -79,13 +79,17 @@ WEIGHTINGS = Rule("'batchnorm' or 'none'", lambda v: v in ("batchnorm", "none"),
 
 
 def _methods(methods: Iterable[str] | str) -> tuple[str, ...]:
-    """The factorisation names as a tuple, each one registered (the registry refuses an unknown name)."""
+    """The factorisation names as a tuple in the registry's order, each one registered (the registry refuses an unknown name).
+
+    They are a set: named in any order (or twice) they plan alike, and workers of one shared search
+    that list them differently measure the same options.
+    """
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     if not methods:
         raise AutodacError(f"`methods` must name at least one of {sorted(METHODS)}, but got methods={methods!r}")
     for name in methods:
         get_method(name)
-    return methods
+    return tuple(name for name in METHODS if name in methods)
 
 
 def _patterns(patterns: Iterable[str] | str) -> tuple[str, ...]:
@@ -173,7 +177,10 @@ class SearchOptions(_Options):
     keyword: ClassVar[str] = "search"
     n_trials: int = _option(16, "Optuna trials of the search", at_least(1))
     timeout: float | None = _option(None, "stop the search after this many seconds (None: no limit)", OPTIONAL_POSITIVE)
-    seed: int = _option(0, "seed of the search, the synthesis and data-free fits; seeded runs without timeout repeat exactly", SEED)
+    seed: int = _option(
+        0, "seed of the search, the synthesis and data-free fits; seeded runs without timeout repeat exactly at one thread count "
+        "(another sums floats in another order: the last digits move)", SEED,
+    )
     pareto: bool = _option(False, "two-objective search (FLOPs and the probe objective); `result.pareto` lists the front",
                            fingerprint=True)
 

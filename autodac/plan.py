@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -247,6 +248,12 @@ def _layer_dict(choice: LayerChoice) -> dict[str, Any]:
     return entry
 
 
+def _check_path(path: Any) -> None:
+    """A plan file is named by a path (``str`` or ``os.PathLike``), never a number: ``open(3)`` would read and close descriptor 3."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise PlanError(f"a plan file must be named by a path (str or os.PathLike), but got {type(path).__name__}: {path!r:.80}")
+
+
 @dataclass
 class Plan:
     """Per-layer choices plus what they were planned for; ``metrics`` carries measured figures."""
@@ -396,12 +403,19 @@ class Plan:
         return cls.from_dict(data)
 
     def save(self, path) -> None:
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(self.to_json() + "\n")
+        """Write the plan as JSON text to ``path`` (a file path); a PlanError naming the path when it cannot be written."""
+        _check_path(path)
+        text = self.to_json() + "\n"  # made before the file is opened: a plan that cannot be written leaves no empty file
+        try:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        except OSError as error:  # a folder, a missing folder, no permission
+            raise PlanError(f"a plan file must be writable, but got path={str(path)!r}: {error}") from None
 
     @classmethod
     def load(cls, path) -> "Plan":
         """The plan saved at ``path``; a PlanError naming the path when it is missing, unreadable, not text or not a plan."""
+        _check_path(path)
         try:
             with open(path, encoding="utf-8") as handle:
                 text = handle.read()

@@ -324,3 +324,11 @@ def test_data_free_planning_has_no_search_to_share(work: dict[str, Any]) -> None
     with pytest.raises(autodac.AutodacError, match="runs only with `data`, `synthesize` or `evaluate`"):
         autodac.optimize(work["model"], BUDGET, example_inputs=torch.zeros(1, 3, 8, 8), storage=str(work["dir"] / "s.journal"),
                          study_name="x")
+
+
+def test_a_worker_naming_the_methods_in_another_order_joins_the_study(started: dict[str, Any]) -> None:
+    # the methods are a set: a second worker listing them otherwise measured other profile options and died on a KeyError
+    result = autodac.optimize(started["model"], BUDGET, data=started["data"], n_trials=1, progress=False, storage=started["url"],
+                              study_name=started["name"], methods=("lowrank", "spatial", "dac"))
+    assert result.flops_ratio <= BUDGET
+    assert autodac.FitOptions(methods=["lowrank", "dac", "lowrank"]).methods == ("dac", "lowrank")

@@ -316,3 +316,49 @@ def test_a_compiled_part_is_refused_with_the_way_out() -> None:
     model.conv2 = torch.compile(model.conv2)
     with pytest.raises(autodac.ModelError, match=r"'conv2' is a torch.compile wrapper .*set conv2 back to its ._orig_mod"):
         autodac.optimize(model, 0.5, example_inputs=X[:1], progress=False)
+
+
+# ----------------------------------------------------------------------------- what a call leaves behind
+
+
+def test_evaluate_is_handed_a_copy_of_the_caller_s_model_not_the_model_itself() -> None:
+    model = SmallConvNet().train()  # a forward in train mode moves the BatchNorm statistics
+    before = copy.deepcopy(model.state_dict())
+    seen = []
+
+    def evaluate(candidate: nn.Module) -> float:
+        seen.append(candidate is model)
+        candidate(X)  # as a user's evaluation loop may run it, train mode and all
+        candidate.eval()
+        return 0.5
+
+    autodac.optimize(model, 0.6, data=[X], evaluate=evaluate, n_trials=2, progress=False)
+    assert seen and not any(seen)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
+
+
+def test_optimize_and_apply_leave_torch_s_global_random_state_as_they_found_it() -> None:
+    model = SmallConvNet()
+    torch.manual_seed(0)
+    expected = torch.randn(3)
+    torch.manual_seed(0)
+    result = _quiet_optimize(model, 0.5, example_inputs=X[:1])
+    assert torch.equal(torch.randn(3), expected)  # building the factorised modules drew their initial weights from it
+    torch.manual_seed(0)
+    autodac.apply(model, result.plan)
+    assert torch.equal(torch.randn(3), expected)
+
+
+def test_a_timeout_too_short_for_any_trial_still_returns_the_plain_allocation() -> None:
+    result = _quiet_optimize(SmallConvNet(), 0.6, data=[X], n_trials=8, timeout=1e-9)
+    assert result.flops_ratio <= 0.6  # was a bare ValueError from max() over no trials
+
+
+def test_plans_are_saved_and_loaded_only_at_paths_that_work(tmp_path: Path) -> None:
+    plan = _quiet_optimize(SmallConvNet(), 0.5, example_inputs=X[:1]).plan
+    with pytest.raises(autodac.PlanError, match="a plan file must be writable, but got path=.*Is a directory"):
+        plan.save(tmp_path)
+    with pytest.raises(autodac.PlanError, match="a plan file must be writable, but got path=.*No such file"):
+        plan.save(tmp_path / "missing" / "plan.json")
+    with pytest.raises(autodac.PlanError, match=r"a plan file must be named by a path \(str or os.PathLike\), but got int: 3"):
+        autodac.Plan.load(3)  # open(3) would have read, and closed, file descriptor 3

@@ -145,11 +145,19 @@ def refine(
             else:
                 study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
             study.enqueue_trial(first)
-        if n_trials > 0:
-            study.optimize(objective, n_trials=n_trials, timeout=timeout, show_progress_bar=progress and sys.stderr.isatty())
+        bar = progress and sys.stderr.isatty()
+        if not shared and n_trials > 0:  # the plain allocation is always evaluated, however short the timeout: a result exists
+            study.optimize(objective, n_trials=1, show_progress_bar=False)
+            n_trials -= 1
+        remaining = None if timeout is None else timeout - (time.perf_counter() - start)
+        if n_trials > 0 and (remaining is None or remaining > 0):
+            study.optimize(objective, n_trials=n_trials, timeout=remaining, show_progress_bar=bar)
         if shared:
             fail_dead_trials(study)
             trials = _study_trials(study, layers)
+            if not trials:  # a timeout that let no trial of this worker finish, and none of another's yet
+                study.optimize(objective, n_trials=1, show_progress_bar=False)
+                trials = _study_trials(study, layers)
     finally:
         optuna_logger.setLevel(previous)
     # Ties go to the earliest trial (the plain allocation first), so noise never replaces it for nothing.
