@@ -91,6 +91,13 @@ def check_structure(model: nn.Module, plan: Plan) -> None:
         logger.info("the plan records no model structure (plan version 1 or built by hand): it cannot be checked against the model")
         return
     planned = plan.structure["layers"]
+    # a result (``result.model``, an applied plan) whose pairs stand where the plan saw plain layers
+    decomposed = [name for name, module in model.named_modules() if isinstance(module, FactorizedLayer) and name in planned]
+    if decomposed:
+        raise PlanError(
+            f"a plan must be applied to the model it was made for, not to a decomposed one, but {decomposed[0]!r} "
+            f"is already factorised here ({len(decomposed)} such layers): apply the plan to the original model"
+        )
     found = model_layers(model)
     difference = _first_difference(planned, found)
     if difference is not None:

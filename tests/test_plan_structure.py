@@ -15,7 +15,7 @@ import autodac
 from autodac.cost import count_flops
 from autodac.plan import PLAN_VERSION, structure_fingerprint
 from autodac.structure import describe_layer, model_layers
-from autodac.testing import GroupedConvNet, tiny_resnet18, tiny_resnet34
+from autodac.testing import GroupedConvNet, SmallConvNet, tiny_resnet18, tiny_resnet34
 
 X = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -147,3 +147,12 @@ def test_compare_names_each_model_when_the_plans_are_for_different_ones() -> Non
     assert fingerprints[0] != fingerprints[1] and rows["model"] == ["(structure)", *fingerprints]
     same = autodac.compare({"a": small, "b": small}).splitlines()
     assert not any(line.startswith(("model", "input")) for line in same)  # one model: no such rows
+
+
+def test_a_plan_applied_to_its_own_result_says_the_model_is_already_decomposed() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = autodac.optimize(SmallConvNet(), 0.5, example_inputs=torch.randn(1, 3, 8, 8), progress=False)
+    name = next(n for n, c in result.plan.factorized.items() if c.method != "width")
+    with pytest.raises(autodac.PlanError, match=f"not to a decomposed one, but '{name}' is already factorised here"):
+        autodac.apply(result.model, result.plan)
