@@ -16,10 +16,12 @@ of attention run through them are not counted, in the original and the decompose
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import warnings
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 from autodac.errors import ModelError
@@ -60,26 +62,61 @@ def _hooks_kept(model: nn.Module) -> Iterator[None]:
                 del table[key]
 
 
-def count_flops(model: nn.Module, example_inputs: tuple[Any, ...]) -> FlopCount:
-    """Trace ``model`` once with fvcore (in eval mode, no grad, fused attention off) and return its multiply-add counts."""
+def _tensor_leaves(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's output, in order: through tuples, lists, dicts and dataclasses (a number or string is left out)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for value in out.values() for t in _tensor_leaves(value)]
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _tensor_leaves(item)]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [t for f in dataclasses.fields(out) for t in _tensor_leaves(getattr(out, f.name))]
+    return []
+
+
+class _TensorOutputs(nn.Module):
+    """``model`` returning only the tensors of its output: what torch.jit's tracer takes from any model (a Python number in
+    a dict, a dataclass of outputs) and all fvcore counts (the rest of an output holds no multiply-adds)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(_tensor_leaves(self.model(*args)))
+
+
+def _fvcore_count(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[int, dict[str, int]]:
     from fvcore.nn import FlopCountAnalysis
 
+    with _hooks_kept(model), evaluating(model), unfused_attention(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = FlopCountAnalysis(model, example_inputs)
+        analysis.set_op_handle("aten::_convolution_mode", _conv_mode_flop_jit)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        fvcore_logger = logging.getLogger("fvcore")
+        previous = fvcore_logger.level
+        fvcore_logger.setLevel(logging.ERROR)
+        try:
+            return int(analysis.total()), {name: int(value) for name, value in analysis.by_module().items()}
+        finally:
+            fvcore_logger.setLevel(previous)
+
+
+def count_flops(model: nn.Module, example_inputs: tuple[Any, ...]) -> FlopCount:
+    """Trace ``model`` once with fvcore (in eval mode, no grad, fused attention off) and return its multiply-add counts.
+
+    An output torch.jit cannot trace (a number beside the tensors, a dataclass) is counted through the tensors it holds.
+    """
     try:
-        with _hooks_kept(model), evaluating(model), unfused_attention(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            analysis = FlopCountAnalysis(model, example_inputs)
-            analysis.set_op_handle("aten::_convolution_mode", _conv_mode_flop_jit)
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-            fvcore_logger = logging.getLogger("fvcore")
-            previous = fvcore_logger.level
-            fvcore_logger.setLevel(logging.ERROR)
-            try:
-                total = int(analysis.total())
-                by_module = {name: int(value) for name, value in analysis.by_module().items()}
-            finally:
-                fvcore_logger.setLevel(previous)
+        total, by_module = _fvcore_count(model, example_inputs)
     except Exception as error:  # fvcore traces with torch.jit: name what failed, keep the cause
-        raise ModelError(f"fvcore could not trace the model to count its FLOPs: {type(error).__name__}: {error}") from error
+        try:
+            total, wrapped = _fvcore_count(_TensorOutputs(model), example_inputs)
+        except Exception:
+            raise ModelError(f"fvcore could not trace the model to count its FLOPs: {type(error).__name__}: {error}") from error
+        by_module = {name.removeprefix("model").removeprefix("."): value for name, value in wrapped.items() if name}
     return FlopCount(total, by_module)
 
 

@@ -122,3 +122,27 @@ def test_padding_same_conv_is_counted() -> None:
         x = torch.randn(1, 3, 8, 8)
         side = 8 if padding == "same" else 6
         assert count_flops(module, (x,)).total == side * side * 4 * 3 * 9
+
+
+def test_outputs_the_tracer_refuses_are_counted_through_their_tensors() -> None:
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Output:
+        logits: torch.Tensor
+        label: str
+
+    class Net(nn.Module):
+        def __init__(self, wrap) -> None:
+            super().__init__()
+            self.conv, self.fc, self.wrap = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4), wrap
+
+        def forward(self, x: torch.Tensor):
+            return self.wrap(self.fc(self.conv(x).mean((2, 3))))
+
+    x = torch.randn(1, 3, 8, 8)
+    plain = count_flops(Net(lambda t: t), (x,))
+    # a number beside the tensors, and a dataclass: torch.jit's tracer refuses both, the multiply-adds are the tensor's
+    for wrap in (lambda t: {"logits": t, "classes": 4}, lambda t: Output(t, "clf")):
+        counted = count_flops(Net(wrap), (x,))
+        assert counted.total == plain.total and counted.by_module == plain.by_module
