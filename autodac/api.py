@@ -2120,7 +2120,8 @@ def _global_rng_kept(model: nn.Module):
     Every module autodac builds draws its initial weights (then overwritten) from it: without this a
     user who seeded before ``optimize`` would draw other numbers after it.
     """
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    parameters = model.parameters() if isinstance(model, nn.Module) else ()  # not a model: _check says so, clearly
+    devices = sorted({p.device.index or 0 for p in parameters if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         yield
 
