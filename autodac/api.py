@@ -1057,33 +1057,28 @@ def optimize(
     """
     with _global_rng_kept(model):  # building modules draws their (discarded) initial weights: the caller's seeding stands
         run = _check(dict(locals()))  # the arguments as given (the signature is their one list)
-        return _optimized(run)
-
-
-def _optimized(run: _Run) -> Result:
-    """``optimize``'s stages, in order, on its checked arguments."""
-    with held_parametrizations(run.model) as restore:  # a spectral norm in train mode is read, not stepped
-        _probe(run)
-        _count(run)
-        _score(run)
-        _reach(run)
-        _open_search(run)
-        _room(run)
-        if run.probe is None and run.settings.evaluate is None:
-            _allocate(run)
-        else:
-            _profile(run)
-            _decide_batchnorm(run)
-            _search(run)
-        _meet_budgets(run)
-        _draft_plan(run)
-        _refit(run)
-        _distill(run)
-        _final_scores(run)
-        _verify(run)
-        result = _publish(run)
-    restore(result.model)
-    return result
+        with held_parametrizations(run.model) as restore:  # a spectral norm in train mode is read, not stepped
+            _probe(run)
+            _count(run)
+            _score(run)
+            _reach(run)
+            _open_search(run)
+            _room(run)
+            if run.probe is None and run.settings.evaluate is None:
+                _allocate(run)
+            else:
+                _profile(run)
+                _decide_batchnorm(run)
+                _search(run)
+            _meet_budgets(run)
+            _draft_plan(run)
+            _refit(run)
+            _distill(run)
+            _final_scores(run)
+            _verify(run)
+            result = _publish(run)
+        restore(result.model)  # kept layers' parametrisations back in the caller's modes
+        return result
 
 
 # ----------------------------------------------------------------------------- the stages of optimize
@@ -2110,7 +2105,112 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         raise PlanError(f"`plan` must be an autodac.Plan, but got {type(plan).__name__}")
     _check_materialised(model)
     with _global_rng_kept(model), held_parametrizations(model) as restore:  # the caller's seeding stands; spectral norms are read, not stepped
-        return restore(_apply(model, plan, data))
+        model = unfuse_attention(model)  # as optimize does: plans name the unfused projections (``attn.q_proj``)
+        _check_plan_fits(model, plan)
+        example = _plan_example(model, plan)
+        _check_widths(model, plan, example)
+        data_fitted = [name for name, c in plan.factorized.items() if c.fit.removeprefix("seq+").startswith("data")]
+        implied = [name for name, c in plan.factorized.items() if c.fit.removeprefix("seq+").startswith("implied")]
+        refitted = [name for name, c in plan.factorized.items() if c.fit.startswith("seq+")]
+        covariances: dict[str, torch.Tensor] = {}
+        moments: dict[str, torch.Tensor] = {}
+        synthetic_fit = plan.probe.get("source") == "synthetic" and (data_fitted or refitted or plan.metrics.get("bn_reestimated") or plan.distilled)
+        if synthetic_fit and data is not None:
+            raise PlanError(
+                f"a plan made with synthesize={plan.probe.get('examples')} is rebuilt from the inputs its recorded recipe synthesises "
+                "(what it was fitted to), so `data` must be None, but data was given: other inputs would give another model"
+            )
+        if data is None and synthetic_fit:
+            data = _replay_synthesis(model, plan)
+        needing = data_fitted or refitted
+        if plan.distilled and data is None and plan.probe.get("source") != "synthetic":
+            raise PlanError(
+                "a distilled plan's weights come from training on the probe, so `data` must be given to rebuild them, but got data=None "
+                "(or keep optimize's result.model: autodac.export writes it)"
+            )
+        if needing and data is None:
+            raise PlanError(
+                f"layers fitted to probe data must be rebuilt from the same data, so `data` must be given, "
+                f"but got data=None (layers {needing[:3]}{'...' if len(needing) > 3 else ''})"
+            )
+        examples = int(plan.metrics.get("probe_examples", DEFAULT_PROBE_SIZE))
+        replayed = collect_probe(data, max(2, examples)) if data is not None else None  # once: `data` may be a one-shot iterator
+        if replayed is not None and plan.input_shapes:  # the plan was made and fitted at its input shapes: the data must have them
+            _check_probe_shape(replayed, tuple(torch.empty(shape, device="meta") for shape in plan.input_shapes), True, "plan.input_shapes")
+        if replayed is not None:
+            _check_runs_on_data(model, arguments(replayed.inputs[:1].to(_device_of(model))))
+        recorded = plan.probe.get("inputs") if plan.probe.get("source") == "data" else None
+        if replayed is not None and recorded and (needing or plan.metrics.get("bn_reestimated") or plan.distilled):
+            given = _probes.probe_fingerprint(replayed.inputs)
+            if given != recorded:  # other examples: fitted to them, which may be meant (a plan moved to new data), never silently
+                message = (
+                    f"`data` is not the probe the plan was fitted to (the plan's {plan.probe.get('examples')} examples are {recorded}, "
+                    f"`data` gives {len(replayed)} that are {given}): the layers are fitted to this data, so the model is not the one "
+                    "optimize returned; pass the same batches to rebuild that one"
+                )
+                warnings.warn(f"autodac: {message}", UserWarning, stacklevel=2)
+                logger.warning(message)
+        if data_fitted:
+            modules = {name: model.get_submodule(name) for name in data_fitted}  # checked by _check_plan_fits
+            widths = {n: m for n, m in modules.items() if plan.layers[n].method == WIDTH}
+            covariances, moments = _statistics(model, {n: m for n, m in modules.items() if n not in widths}, widths, fit_examples(replayed))
+        if implied:
+            modules = {name: model.get_submodule(name) for name in implied}  # checked by _check_plan_fits
+            if not plan.input_shapes:
+                raise PlanError("a plan fitted to BatchNorm-implied statistics must record its input shape, but `input_shapes` is empty")
+            weight = next(iter(model.parameters()))
+            example = tuple(torch.zeros(shape, device=weight.device, dtype=weight.dtype) for shape in plan.input_shapes)
+            units = {
+                n: WidthUnit(n, plan.layers[n].sliced[0], tuple(plan.layers[n].sliced[1:]), int(plan.layers[n].weight_shape[1]))
+                for n in modules if plan.layers[n].method == WIDTH and plan.layers[n].sliced
+            }
+            found = _implied_statistics(
+                model, example, {n: m for n, m in modules.items() if n not in units}, _implied_consumers(model, example, units),
+                int(plan.probe.get("seed", 0)),
+            )
+            covariances.update(found[0])
+            moments.update(found[1])
+        replacements = {}
+        for name, choice in plan.factorized.items():
+            if choice.method == WIDTH:
+                replacements.update(_replay_width(model, name, choice, moments.get(name)))
+                continue
+            module = model.get_submodule(name)  # its existence, type and shape were checked first
+            try:
+                out_weights = _fit_weights(model, choice.fit, module)
+                input_cov = covariances.get(name)
+                decomposition = None
+                if out_weights is not None or input_cov is not None:
+                    if choice.method not in METHODS:
+                        raise AutodacError(f"`method` must be one of {sorted(METHODS)}, but got method={choice.method!r}")
+                    factorization = get_method(choice.method)
+                    if getattr(module, "groups", 1) != 1 or not factorization.applies_to(tuple(module.weight.shape)):
+                        build_factorized(module, choice.method, choice.rank, None, choice.impl)  # refuses, naming why, before any fit
+                    decomposition = factorization.decompose(module.weight, out_weights, covariance_for(factorization, input_cov))
+                replacements[name] = build_factorized(module, choice.method, choice.rank, decomposition, choice.impl)
+            except AutodacError as error:
+                raise PlanError(f"layer {name!r}: {error}") from None
+        result = replace_layers(model, replacements)
+        # checked as built: the re-fit, distillation and BatchNorm replays below change weights, never the layers or their cost
+        _check_runs(result, example)
+        if example is not None:  # a hand-edited rank the plan's FLOPs figures were not updated for must not pass as within budget
+            count = count_flops(result, example)
+            if count.total != plan.flops:
+                raise PlanError(
+                    f"the model a plan builds must have the FLOPs the plan states, but fvcore counts {count.total:,} and the plan "
+                    f"says {plan.flops:,} (ratio {count.total / plan.original_flops:.4f} against {plan.flops_ratio:.4f}){_miscounted(count, plan)}"
+                )
+        if refitted:  # replay the sequential re-fit optimize kept, on the same fit inputs, in the same order
+            chosen = {name: plan.layers[name] for name in refitted}
+            result, _ = refit_in_order(model, result, _refits(chosen, model), fit_examples(replayed))
+        if plan.distilled:  # replay the distillation optimize kept: the same inputs, options and epoch, so the same weights
+            options = DistillOptions(**{k: v for k, v in plan.distilled.items() if k not in ("epoch", "accepted", "inputs", "output_kind")})
+            inputs = split_probe(replayed)[0] if plan.distilled["inputs"] == "calibration" else replayed.inputs
+            result = replay_distillation(result, model, inputs, options, plan.distilled["accepted"], list(plan.factorized),
+                                         plan.distilled.get("output_kind"))  # plans from before it was recorded: read per batch, as then
+        if plan.metrics.get("bn_reestimated") and replayed is not None:  # replay the re-estimation optimize kept
+            reestimate_batchnorm(result, replayed.inputs if plan.probe.get("calibration") == "all" else split_probe(replayed)[0])
+        return restore(result)  # kept layers' parametrisations back in the caller's modes
 
 
 @contextlib.contextmanager
@@ -2124,116 +2224,6 @@ def _global_rng_kept(model: nn.Module):
     devices = sorted({p.device.index or 0 for p in parameters if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         yield
-
-
-def _apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None) -> nn.Module:
-    """``apply`` once the model's parametrisations are held: the plan checked, every replacement built, then swapped in."""
-    model = unfuse_attention(model)  # as optimize does: plans name the unfused projections (``attn.q_proj``)
-    _check_plan_fits(model, plan)
-    example = _plan_example(model, plan)
-    _check_widths(model, plan, example)
-    data_fitted = [name for name, c in plan.factorized.items() if c.fit.removeprefix("seq+").startswith("data")]
-    implied = [name for name, c in plan.factorized.items() if c.fit.removeprefix("seq+").startswith("implied")]
-    refitted = [name for name, c in plan.factorized.items() if c.fit.startswith("seq+")]
-    covariances: dict[str, torch.Tensor] = {}
-    moments: dict[str, torch.Tensor] = {}
-    synthetic_fit = plan.probe.get("source") == "synthetic" and (data_fitted or refitted or plan.metrics.get("bn_reestimated") or plan.distilled)
-    if synthetic_fit and data is not None:
-        raise PlanError(
-            f"a plan made with synthesize={plan.probe.get('examples')} is rebuilt from the inputs its recorded recipe synthesises "
-            "(what it was fitted to), so `data` must be None, but data was given: other inputs would give another model"
-        )
-    if data is None and synthetic_fit:
-        data = _replay_synthesis(model, plan)
-    needing = data_fitted or refitted
-    if plan.distilled and data is None and plan.probe.get("source") != "synthetic":
-        raise PlanError(
-            "a distilled plan's weights come from training on the probe, so `data` must be given to rebuild them, but got data=None "
-            "(or keep optimize's result.model: autodac.export writes it)"
-        )
-    if needing and data is None:
-        raise PlanError(
-            f"layers fitted to probe data must be rebuilt from the same data, so `data` must be given, "
-            f"but got data=None (layers {needing[:3]}{'...' if len(needing) > 3 else ''})"
-        )
-    examples = int(plan.metrics.get("probe_examples", DEFAULT_PROBE_SIZE))
-    replayed = collect_probe(data, max(2, examples)) if data is not None else None  # once: `data` may be a one-shot iterator
-    if replayed is not None and plan.input_shapes:  # the plan was made and fitted at its input shapes: the data must have them
-        _check_probe_shape(replayed, tuple(torch.empty(shape, device="meta") for shape in plan.input_shapes), True, "plan.input_shapes")
-    if replayed is not None:
-        _check_runs_on_data(model, arguments(replayed.inputs[:1].to(_device_of(model))))
-    recorded = plan.probe.get("inputs") if plan.probe.get("source") == "data" else None
-    if replayed is not None and recorded and (needing or plan.metrics.get("bn_reestimated") or plan.distilled):
-        given = _probes.probe_fingerprint(replayed.inputs)
-        if given != recorded:  # other examples: fitted to them, which may be meant (a plan moved to new data), never silently
-            message = (
-                f"`data` is not the probe the plan was fitted to (the plan's {plan.probe.get('examples')} examples are {recorded}, "
-                f"`data` gives {len(replayed)} that are {given}): the layers are fitted to this data, so the model is not the one "
-                "optimize returned; pass the same batches to rebuild that one"
-            )
-            warnings.warn(f"autodac: {message}", UserWarning, stacklevel=2)
-            logger.warning(message)
-    if data_fitted:
-        modules = {name: model.get_submodule(name) for name in data_fitted}  # checked by _check_plan_fits
-        widths = {n: m for n, m in modules.items() if plan.layers[n].method == WIDTH}
-        covariances, moments = _statistics(model, {n: m for n, m in modules.items() if n not in widths}, widths, fit_examples(replayed))
-    if implied:
-        modules = {name: model.get_submodule(name) for name in implied}  # checked by _check_plan_fits
-        if not plan.input_shapes:
-            raise PlanError("a plan fitted to BatchNorm-implied statistics must record its input shape, but `input_shapes` is empty")
-        weight = next(iter(model.parameters()))
-        example = tuple(torch.zeros(shape, device=weight.device, dtype=weight.dtype) for shape in plan.input_shapes)
-        units = {
-            n: WidthUnit(n, plan.layers[n].sliced[0], tuple(plan.layers[n].sliced[1:]), int(plan.layers[n].weight_shape[1]))
-            for n in modules if plan.layers[n].method == WIDTH and plan.layers[n].sliced
-        }
-        found = _implied_statistics(
-            model, example, {n: m for n, m in modules.items() if n not in units}, _implied_consumers(model, example, units),
-            int(plan.probe.get("seed", 0)),
-        )
-        covariances.update(found[0])
-        moments.update(found[1])
-    replacements = {}
-    for name, choice in plan.factorized.items():
-        if choice.method == WIDTH:
-            replacements.update(_replay_width(model, name, choice, moments.get(name)))
-            continue
-        module = model.get_submodule(name)  # its existence, type and shape were checked first
-        try:
-            out_weights = _fit_weights(model, choice.fit, module)
-            input_cov = covariances.get(name)
-            decomposition = None
-            if out_weights is not None or input_cov is not None:
-                if choice.method not in METHODS:
-                    raise AutodacError(f"`method` must be one of {sorted(METHODS)}, but got method={choice.method!r}")
-                factorization = get_method(choice.method)
-                if getattr(module, "groups", 1) != 1 or not factorization.applies_to(tuple(module.weight.shape)):
-                    build_factorized(module, choice.method, choice.rank, None, choice.impl)  # refuses, naming why, before any fit
-                decomposition = factorization.decompose(module.weight, out_weights, covariance_for(factorization, input_cov))
-            replacements[name] = build_factorized(module, choice.method, choice.rank, decomposition, choice.impl)
-        except AutodacError as error:
-            raise PlanError(f"layer {name!r}: {error}") from None
-    result = replace_layers(model, replacements)
-    # checked as built: the re-fit, distillation and BatchNorm replays below change weights, never the layers or their cost
-    _check_runs(result, example)
-    if example is not None:  # a hand-edited rank the plan's FLOPs figures were not updated for must not pass as within budget
-        count = count_flops(result, example)
-        if count.total != plan.flops:
-            raise PlanError(
-                f"the model a plan builds must have the FLOPs the plan states, but fvcore counts {count.total:,} and the plan "
-                f"says {plan.flops:,} (ratio {count.total / plan.original_flops:.4f} against {plan.flops_ratio:.4f}){_miscounted(count, plan)}"
-            )
-    if refitted:  # replay the sequential re-fit optimize kept, on the same fit inputs, in the same order
-        chosen = {name: plan.layers[name] for name in refitted}
-        result, _ = refit_in_order(model, result, _refits(chosen, model), fit_examples(replayed))
-    if plan.distilled:  # replay the distillation optimize kept: the same inputs, options and epoch, so the same weights
-        options = DistillOptions(**{k: v for k, v in plan.distilled.items() if k not in ("epoch", "accepted", "inputs", "output_kind")})
-        inputs = split_probe(replayed)[0] if plan.distilled["inputs"] == "calibration" else replayed.inputs
-        result = replay_distillation(result, model, inputs, options, plan.distilled["accepted"], list(plan.factorized),
-                                     plan.distilled.get("output_kind"))  # plans from before it was recorded: read per batch, as then
-    if plan.metrics.get("bn_reestimated") and replayed is not None:  # replay the re-estimation optimize kept
-        reestimate_batchnorm(result, replayed.inputs if plan.probe.get("calibration") == "all" else split_probe(replayed)[0])
-    return result
 
 
 def _plan_example(model: nn.Module, plan: Plan) -> tuple[Any, ...] | None:

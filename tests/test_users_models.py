@@ -362,3 +362,14 @@ def test_plans_are_saved_and_loaded_only_at_paths_that_work(tmp_path: Path) -> N
         plan.save(tmp_path / "missing" / "plan.json")
     with pytest.raises(autodac.PlanError, match=r"a plan file must be named by a path \(str or os.PathLike\), but got int: 3"):
         autodac.Plan.load(3)  # open(3) would have read, and closed, file descriptor 3
+
+
+def test_warnings_point_at_the_caller_s_line_not_inside_autodac() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = autodac.optimize(SmallConvNet(), 0.2, data=[X], n_trials=2, progress=False)
+        autodac.apply(SmallConvNet(), result.plan, data=[X.flip(0)])  # other examples than the plan's probe: warned
+    ours = [w for w in caught if str(w.message).startswith("autodac:")]
+    assert any("predicted to damage" in str(w.message) or "measured" in str(w.message) for w in ours)
+    assert any("is not the probe the plan was fitted to" in str(w.message) for w in ours)
+    assert {Path(w.filename).name for w in ours} == {Path(__file__).name}, [(w.filename, str(w.message)[:60]) for w in ours]
