@@ -7,6 +7,7 @@ statistics, the sequential re-fit) takes either form and goes through ``count``,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
@@ -14,7 +15,7 @@ from typing import Any, Sequence, Union
 import torch
 from torch import nn
 
-__all__ = ["Inputs", "Batch", "count", "per_example", "arguments", "call", "concat", "fast_layout"]
+__all__ = ["Inputs", "Batch", "count", "per_example", "arguments", "call", "concat", "fast_layout", "tensor_leaves"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,16 @@ def fast_layout(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 4 and x.shape[1] > 1 and x.is_floating_point():
         return x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def tensor_leaves(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's output, in order: through tuples, lists, dicts and dataclasses (a number or string is left out)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for value in out.values() for t in tensor_leaves(value)]
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in tensor_leaves(item)]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [t for f in dataclasses.fields(out) for t in tensor_leaves(getattr(out, f.name))]
+    return []

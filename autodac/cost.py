@@ -16,7 +16,6 @@ of attention run through them are not counted, in the original and the decompose
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import warnings
 from typing import Any, Iterator
@@ -24,6 +23,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from autodac.batches import tensor_leaves
 from autodac.errors import ModelError
 from autodac.surgery import HOOK_FLAG_TABLES, HOOK_TABLES, evaluating, unfused_attention
 
@@ -62,19 +62,6 @@ def _hooks_kept(model: nn.Module) -> Iterator[None]:
                 del table[key]
 
 
-def _tensor_leaves(out: Any) -> list[torch.Tensor]:
-    """Every tensor in a model's output, in order: through tuples, lists, dicts and dataclasses (a number or string is left out)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for value in out.values() for t in _tensor_leaves(value)]
-    if isinstance(out, (tuple, list)):
-        return [t for item in out for t in _tensor_leaves(item)]
-    if dataclasses.is_dataclass(out) and not isinstance(out, type):
-        return [t for f in dataclasses.fields(out) for t in _tensor_leaves(getattr(out, f.name))]
-    return []
-
-
 class _TensorOutputs(nn.Module):
     """``model`` returning only the tensors of its output: what torch.jit's tracer takes from any model (a Python number in
     a dict, a dataclass of outputs) and all fvcore counts (the rest of an output holds no multiply-adds)."""
@@ -84,7 +71,7 @@ class _TensorOutputs(nn.Module):
         self.model = model
 
     def forward(self, *args: Any) -> tuple[torch.Tensor, ...]:
-        return tuple(_tensor_leaves(self.model(*args)))
+        return tuple(tensor_leaves(self.model(*args)))
 
 
 def _fvcore_count(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[int, dict[str, int]]:

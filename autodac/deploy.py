@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from autodac._logging import get_logger
+from autodac.batches import tensor_leaves
 from autodac.errors import AutodacError, ModelError
 from autodac.layers import FactorizedLayer, SplitDepthwise, plain_layer, traced
 from autodac.runtimes import onnx_bytes, onnx_feeds, onnx_session, require_onnx
@@ -106,16 +107,6 @@ def _pickled_modules(path: Path) -> set[str]:
         elif opcode.name == "GLOBAL":
             modules.add(str(argument).split(" ")[0])
     return modules
-
-
-def _flat(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        return [t for v in output.values() for t in _flat(v)]
-    if isinstance(output, (list, tuple)):
-        return [t for v in output for t in _flat(v)]
-    return []
 
 
 def _write_pt(model: nn.Module, inputs: tuple[Any, ...], path: Path) -> Callable[[], Any]:
@@ -248,8 +239,8 @@ def export(
     staged = path.with_name(f".{path.stem}.autodac-unchecked{path.suffix}")
     try:
         with torch.no_grad():
-            expected = _flat(run_model(model, inputs))  # inputs the model cannot take: a ModelError naming their shapes
-            got = _flat(_written_and_run(format, model, inputs, staged))
+            expected = tensor_leaves(run_model(model, inputs))  # inputs the model cannot take: a ModelError naming their shapes
+            got = tensor_leaves(_written_and_run(format, model, inputs, staged))
         if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
             raise AutodacError(
                 f"the {format} file must give the model's outputs, but it gave shapes {[tuple(g.shape) for g in got]} "
