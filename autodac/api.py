@@ -175,12 +175,12 @@ def _check_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...
     return inputs, False
 
 
-def _check_runs_on_data(model: nn.Module, first: tuple[Any, ...]) -> None:
-    """The model runs on ``data``'s first example: inputs of a dtype it cannot take are refused here, naming both dtypes,
+def _check_runs_on_data(model: nn.Module, first: tuple[Any, ...]) -> Any:
+    """The model's output on ``data``'s first example: inputs of a dtype it cannot take are refused here, naming both dtypes,
     not from inside the first probe stage."""
     try:
         with evaluating(model):
-            model(*first)
+            return model(*first)
     except Exception as error:
         seen = ", ".join(f"{str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
                          for x in first)
@@ -191,16 +191,19 @@ def _check_runs_on_data(model: nn.Module, first: tuple[Any, ...]) -> None:
         ) from error
 
 
-def _check_batched_outputs(model: nn.Module, probe: Probe) -> None:
+def _check_batched_outputs(model: nn.Module, probe: Probe, first_output: Any = None) -> None:
     """The built-in probe metric compares outputs example by example: an output tensor must hold the batch first.
 
     Checked on one and on two examples, so an output that averages over the batch (``C``) or puts it
     elsewhere (``C x N``, sequence-first ``T x N x C``) is refused before any work, not met as a
-    failed concatenation mid-search or, worse, scored as if its rows were examples.
+    failed concatenation mid-search or, worse, scored as if its rows were examples. ``first_output``
+    is the output on the first example when the caller already has it.
     """
     for n in (1, 2)[: min(2, len(probe))]:
-        with evaluating(model):
-            out = model(*arguments(probe.inputs[:n].to(_device_of(model))))
+        out = first_output if n == 1 else None
+        if out is None:
+            with evaluating(model):
+                out = model(*arguments(probe.inputs[:n].to(_device_of(model))))
         if not isinstance(out, torch.Tensor):
             return  # not one tensor: the metric refuses it with its own way out
         if out.dim() == 0 or out.shape[0] != n:
@@ -1280,8 +1283,9 @@ def _probe(run: _Run) -> None:
         example_inputs = arguments(probe.inputs[:1].to(_device_of(model)))
     inputs, assumed = _check_inputs(model, example_inputs)
     _check_probe_shape(probe, inputs, s.example_inputs is not None)
+    first_output = None  # the model's output on the first probe example, kept for the output check below
     if probe is not None:
-        _check_runs_on_data(model, arguments(probe.inputs[:1].to(_device_of(model))))
+        first_output = _check_runs_on_data(model, arguments(probe.inputs[:1].to(_device_of(model))))
     if assumed:
         note = f"no example_inputs given; assumed one input of shape {_input_shapes(inputs)[0]} (pass example_inputs to plan for your shape)"
         warnings.warn(f"autodac: {note}", UserWarning, stacklevel=3)
@@ -1296,7 +1300,7 @@ def _probe(run: _Run) -> None:
         run.probe_source = {"source": "synthetic", "examples": s.probe.synthesize, "steps": SYNTHESIS_STEPS, "seed": s.search.seed}
         run.notes.append(f"no data: the probe is {s.probe.synthesize} inputs synthesised to match the model's BatchNorm statistics")
     if probe is not None and s.evaluate is None:
-        _check_batched_outputs(model, probe)
+        _check_batched_outputs(model, probe, first_output)
     if probe is not None and s.evaluate is not None:  # the runner calibrates on every probe input: apply must, too
         run.probe_source["calibration"] = "all"
     run.probe, run.inputs, run.assumed = probe, inputs, assumed

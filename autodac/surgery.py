@@ -126,8 +126,8 @@ def held_parametrizations(model: nn.Module):
         if parametrize.is_parametrized(module):
             prefix = f"{name}.parametrizations" if name else "parametrizations"
             held.update({f"{prefix}.{sub}".rstrip("."): m.training for sub, m in module.parametrizations.named_modules() if m.training})
-    modules = [(model.get_submodule(name), True) for name in held]
-    for module, _ in modules:
+    modules = [model.get_submodule(name) for name in held]  # those in train mode: the only ones to hold
+    for module in modules:
         module.training = False
 
     def restore(copy: nn.Module) -> nn.Module:
@@ -141,8 +141,8 @@ def held_parametrizations(model: nn.Module):
     try:
         yield restore
     finally:
-        for module, training in modules:
-            module.training = training
+        for module in modules:
+            module.training = True
 
 
 @contextlib.contextmanager
