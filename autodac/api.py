@@ -886,7 +886,6 @@ class _ProbeRunner:
     def __init__(self, model: nn.Module, probe: Probe | None, evaluate: Callable[[nn.Module], float] | None, kind: str = "auto") -> None:
         self.evaluate = evaluate
         self.original = model
-        self._original_copy: nn.Module | None = None
         self.calibration: Batch | None = None
         self.held_out: Probe | None = None
         self.kind: str | None = None  # how outputs are compared (autodac.probes.output_kind): as asked, or read off the original's
@@ -924,11 +923,9 @@ class _ProbeRunner:
         if reestimate:
             model = reestimate_batchnorm(copy.deepcopy(model), self.calibration)
         if self.evaluate is not None:
-            if model is self.original:  # the caller's own model: `evaluate` gets a copy (a forward in train mode moves BN stats)
-                if self._original_copy is None:
-                    self._original_copy = copy.deepcopy(model)
-                model = self._original_copy
-            value = self.evaluate(model)
+            # a copy: an evaluation loop that runs it in train mode or ends in `model.train()` changes neither
+            # the original nor the model a plan returns (its BatchNorm statistics and modes)
+            value = self.evaluate(copy.deepcopy(model))
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
                 raise AutodacError(f"`evaluate(model)` must return a finite real number, but returned {value!r}")
             return float(value), float(value)
@@ -1179,6 +1176,14 @@ def _start(model: nn.Module, flops_budget: Any = None, **options: Any) -> _Run:
     return _check(dict(bound.arguments))
 
 
+def _working_copy(model: nn.Module) -> nn.Module:
+    """The copy every pass runs on: the caller's model is never run, so a forward that updates its own
+    buffers (an observer, a call counter, a running average) leaves the caller's as they were.
+    Its attention projections are ``Linear`` modules (``unfuse_attention``)."""
+    unfused = unfuse_attention(model)
+    return copy.deepcopy(model) if unfused is model else unfused
+
+
 def _check(given: dict[str, Any]) -> _Run:
     """Reads ``optimize``'s arguments; writes the settings and the model copy, refusing any argument that breaks its rule."""
     model = given["model"]
@@ -1186,7 +1191,7 @@ def _check(given: dict[str, Any]) -> _Run:
         raise ModelError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
     _check_materialised(model)
     _check_finite(model)
-    model = unfuse_attention(model)  # a copy whose attention projections are Linear modules (the caller's is untouched)
+    model = _working_copy(model)
     device, runtime = given["device"], given["runtime"]
     budgets = gather(given["flops_budget"], latency_budget=given["latency_budget"], device=device, runtime=runtime)
     latency = None if budgets.latency is None else budgets.latency.ratio
@@ -2109,7 +2114,7 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         raise PlanError(f"`plan` must be an autodac.Plan, but got {type(plan).__name__}")
     _check_materialised(model)
     with _global_rng_kept(model), held_parametrizations(model) as restore:  # the caller's seeding stands; spectral norms are read, not stepped
-        model = unfuse_attention(model)  # as optimize does: plans name the unfused projections (``attn.q_proj``)
+        model = _working_copy(model)  # as optimize's: plans name the unfused projections (``attn.q_proj``)
         _check_plan_fits(model, plan)
         example = _plan_example(model, plan)
         _check_widths(model, plan, example)

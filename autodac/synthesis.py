@@ -109,10 +109,11 @@ def synthesize_inputs(
         )
     shape = tuple(example_inputs.shape[1:])
     options = {"device": example_inputs.device, "dtype": example_inputs.dtype}
+    model = copy.deepcopy(model)  # run on a copy: a forward that updates its own buffers leaves the caller's as they were
     if example_inputs.dtype in _REDUCED or any(p.dtype in _REDUCED for p in model.parameters()):
         # half-precision activations and BatchNorm moments overflow under Adam (inputs turned to NaN): optimise in float32
-        model, options["dtype"] = copy.deepcopy(model).float(), torch.float32
-        norms = _norms(model)
+        model, options["dtype"] = model.float(), torch.float32
+    norms = _norms(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     batch = max(2, batch_size_for(shape))  # a bound on memory, and batch statistics need more than one input
     sizes = [min(batch, count - start) for start in range(0, count, batch)]

@@ -337,6 +337,47 @@ def test_evaluate_is_handed_a_copy_of_the_caller_s_model_not_the_model_itself() 
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
 
 
+def test_an_evaluate_that_ends_in_train_mode_leaves_the_result_as_the_caller_s_model() -> None:
+    model = SmallConvNet().eval()
+
+    def evaluate(candidate: nn.Module) -> float:
+        candidate.train()  # a training script's evaluation function hands the model back in train mode
+        candidate(X)  # and may run it there, moving its BatchNorm statistics
+        return 0.5
+
+    result = autodac.optimize(model, 0.6, example_inputs=X[:1], evaluate=evaluate, n_trials=2, progress=False)
+    assert not any(m.training for m in result.model.modules())
+    rebuilt = autodac.apply(model, result.plan)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(X), rebuilt.eval()(X))  # no statistics moved by the evaluation either
+
+
+class _Observed(nn.Module):
+    """A model whose forward updates its own buffers in eval mode (an observer's range and a call counter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SmallConvNet()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("low", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.low = torch.minimum(self.low, x.min().detach())
+        return self.net(x)
+
+
+def test_a_model_whose_forward_updates_its_buffers_is_never_run_by_optimize_or_apply() -> None:
+    model = _Observed().eval()
+    before = copy.deepcopy(model.state_dict())
+    result = _quiet_optimize(model, 0.6, example_inputs=X[:1])
+    _quiet_optimize(model, 0.6, data=[X], n_trials=2)
+    autodac.apply(model, result.plan)
+    autodac.synthesize_inputs(model, X[:1], 4, steps=2)
+    assert int(model.calls) == 0 and float(model.low) == 0.0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_optimize_and_apply_leave_torch_s_global_random_state_as_they_found_it() -> None:
     model = SmallConvNet()
     torch.manual_seed(0)
