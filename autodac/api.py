@@ -36,7 +36,7 @@ from autodac.factorize import METHODS, get_method
 from autodac.latency import LatencyCache, LatencyTable, describe_device, measure_table, resolve_device, side_by_side
 from autodac.options import DEFAULT_METHODS, GROUPS, DistillOptions, FitOptions, ProbeOptions, SearchOptions, StudyOptions, fingerprinted
 from autodac.distill import distill as distill_model, replay as replay_distillation
-from autodac.layers import IMPLEMENTATIONS, SUPPORTED_TYPES, build_factorized
+from autodac.layers import IMPLEMENTATIONS, SUPPORTED_TYPES, build_factorized, keep_shape_attributes
 from autodac.runtimes import Runtime, get_runtime
 from autodac.plan import DENSE, LayerChoice, Plan
 from autodac import probes as _probes
@@ -791,7 +791,7 @@ class _Factors:
         if method == WIDTH:
             kept, weight, bias = self.width(name, rank)
             narrowed = slice_unit(self.root, self.units[name].unit, kept, weight, bias)[name]
-            return Gathered(kept, narrowed)
+            return keep_shape_attributes(self.root.get_submodule(name), Gathered(kept, narrowed))  # it takes the full input
         key = (name, method)
         if key not in self.cache:
             factorization = get_method(method)

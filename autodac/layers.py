@@ -20,18 +20,38 @@ from autodac.errors import AutodacError
 from autodac.factorize import METHODS, Decomposition, get_method, method_table
 from autodac.subclasses import explicit_padding
 
-__all__ = ["FactorizedLayer", "SplitDepthwise", "build_factorized", "plain_layer", "traced", "SUPPORTED_TYPES", "IMPLEMENTATIONS"]
+__all__ = [
+    "FactorizedLayer", "SplitDepthwise", "build_factorized", "plain_layer", "traced", "keep_shape_attributes", "SUPPORTED_TYPES",
+    "IMPLEMENTATIONS", "SHAPE_ATTRIBUTES",
+]
 
 SUPPORTED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 # Ways to run each registered factorisation (read live from the registry); the math is the same, the speed is not. "" is a plain form.
 IMPLEMENTATIONS = method_table("implementations")
 
 
+# What a model's own forward may read off a layer it calls (``x.view(n, self.conv.out_channels, -1)``): a
+# replacement keeps them (the mapping from input to output they describe is the replaced layer's).
+SHAPE_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
+                    "in_features", "out_features")
+
+
+def keep_shape_attributes(source: nn.Module, target: nn.Module) -> nn.Module:
+    """``target`` given ``source``'s ``SHAPE_ATTRIBUTES`` (those it has); returns it."""
+    for name in SHAPE_ATTRIBUTES:
+        if hasattr(source, name):
+            value = getattr(source, name)
+            setattr(target, name, list(value) if isinstance(value, list) else value)
+    return target
+
+
 class FactorizedLayer(nn.Sequential):
     """Two layers replacing one dense layer; ``method``, ``rank`` and ``impl`` say how it was made.
 
     ``pads`` are the ``F.pad`` amounts (zeros) applied before each half: empty unless the
-    replaced layer's own forward padded its input before its conv.
+    replaced layer's own forward padded its input before its conv. ``build_factorized`` gives it
+    the replaced layer's ``SHAPE_ATTRIBUTES`` (``out_channels``, ``in_features``, ...), which a
+    model's forward may read.
     """
 
     # Real types, not the strings ``from __future__ import annotations`` makes: TorchScript reads them to type an empty list.
@@ -108,7 +128,7 @@ def plain_layer(layer: FactorizedLayer) -> nn.Module:
         if isinstance(part, SplitDepthwise):
             part = traced(part)
         parts.append((name, part))
-    plain = nn.Sequential(OrderedDict(parts))
+    plain = keep_shape_attributes(layer, nn.Sequential(OrderedDict(parts)))
     plain.train(layer.training)
     return plain
 
@@ -157,6 +177,6 @@ def build_factorized(
             frozen_like = module.bias if pname == "bias" and half is second else weight
             parameter.requires_grad_(frozen_like.requires_grad)
     pads = tuple(p if any(p) else () for p in factorization.place_padding(padding))
-    layer = FactorizedLayer(method, rank, first, second, impl, pads)
+    layer = keep_shape_attributes(module, FactorizedLayer(method, rank, first, second, impl, pads))
     layer.train(module.training)
     return layer

@@ -337,6 +337,31 @@ def test_evaluate_is_handed_a_copy_of_the_caller_s_model_not_the_model_itself() 
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
 
 
+class _ReadsShapes(nn.Module):
+    """A forward that reads its layers' shape attributes, as reshapes and scalings often do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.c1, self.fc = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c1(torch.relu(self.c0(x))))
+        h = h.reshape(x.shape[0], self.c1.out_channels, -1).mean(2)
+        return self.fc(h) * self.fc.in_features ** -0.5
+
+
+@pytest.mark.parametrize("with_data", [False, True])
+def test_a_forward_that_reads_a_layer_s_shape_attributes_runs_on_its_replacement(with_data: bool) -> None:
+    model = _ReadsShapes().eval()
+    kwargs = {"data": [X], "n_trials": 2} if with_data else {"example_inputs": X[:1]}
+    result = _quiet_optimize(model, 0.5, **kwargs)
+    assert "c1" in result.plan.factorized  # replaced, and still read by the forward
+    layer = result.model.c1
+    assert (layer.out_channels, layer.in_channels, layer.kernel_size) == (32, 32, (3, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(autodac.plain_torch(result.model)(X), result.model(X))
+
+
 def test_an_evaluate_that_ends_in_train_mode_leaves_the_result_as_the_caller_s_model() -> None:
     model = SmallConvNet().eval()
 
