@@ -285,6 +285,12 @@ def _check_label_range(labels: torch.Tensor | None, reference: torch.Tensor) -> 
             f"class labels need outputs with a class dimension (N x classes ...), but the model's outputs have shape "
             f"(N,) (here {tuple(reference.shape)}); {regression}"
         )
+    if math.prod(reference.shape[2:]) != 1:
+        raise AutodacError(
+            f"class labels (one per example) score outputs of one class-score vector per example (N x classes, or "
+            f"N x classes x 1 x 1), but the model's outputs are N x {' x '.join(map(str, reference.shape[1:]))}: a class at each of "
+            f"{math.prod(reference.shape[2:])} positions; pass `data` without labels to score them by agreement with the original"
+        )
     classes, top = reference.shape[1], int(labels.max())
     if top >= classes:
         raise AutodacError(

@@ -428,10 +428,22 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def top1_match(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Fraction of positions where ``argmax`` over dim 1 equals ``targets`` (labels or reference argmax)."""
+    """Fraction of positions where ``argmax`` over dim 1 equals ``targets`` (labels or reference argmax).
+
+    Labels ``(N,)`` score outputs of one class vector per example, ``N x classes`` or ``N x classes x 1 x 1``
+    (a fully convolutional classifier); they are matched per example, never broadcast.
+    """
     if outputs.dim() < 2:
         raise ModelError(f"the built-in probe metric needs outputs with a class dimension (N x classes ...), but got shape {tuple(outputs.shape)}")
-    return float((outputs.argmax(1) == targets).float().mean())
+    predicted = outputs.argmax(1)
+    if predicted.shape != targets.shape:
+        if predicted.numel() != targets.numel():
+            raise ModelError(
+                f"top-1 needs one target per scored position, but the outputs of shape {tuple(outputs.shape)} score "
+                f"{tuple(predicted.shape)} positions and the targets have shape {tuple(targets.shape)}"
+            )
+        predicted = predicted.reshape(targets.shape)
+    return float((predicted == targets).float().mean())
 
 
 OUTPUT_KINDS = {

@@ -84,6 +84,21 @@ def test_a_dense_target_is_refused_with_the_way_to_leave_it_out() -> None:
         autodac.optimize(SmallConvNet(), 0.5, data=[(X, X.clone())], progress=False)
 
 
+def test_labels_score_a_fully_convolutional_classifier_per_example_and_refuse_dense_outputs() -> None:
+    torch.manual_seed(0)
+    fcn = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1)).eval()  # N x 4 x 1 x 1
+    x = torch.randn(64, 3, 8, 8) + 3 * torch.randn(64, 3, 1, 1)
+    with torch.no_grad():
+        y = fcn(x).flatten(1).argmax(1)  # its own predictions: its top-1 accuracy is exactly 1
+    assert len(y.unique()) > 1
+    result = autodac.optimize(fcn, 1.0, example_inputs=x[:1], data=[(x, y)], n_trials=1, progress=False)
+    assert result.metrics["probe_original"] == 1.0  # broadcast against (N, 1, 1), it was the share of equal pairs
+    segmenter = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()  # N x 4 x 8 x 8
+    with pytest.raises(autodac.AutodacError, match=r"class labels \(one per example\) .* outputs are N x 4 x 8 x 8: a class at each of 64 positions"):
+        autodac.optimize(segmenter, 0.7, example_inputs=x[:1], data=[(x, y)], n_trials=1, progress=False)
+
+
 def test_soft_targets_are_ignored_with_a_warning_and_the_metric_says_agreement() -> None:
     soft = torch.softmax(torch.randn(64, 5), 1)
     with pytest.warns(UserWarning, match="not class labels"):
