@@ -52,7 +52,9 @@ from autodac.search.sensitivity import SensitivityProfile, loss_curve, measure_p
 from autodac.search.storage import SharedSearch, open_search
 from autodac.sequential import Refit, refit_in_order
 from autodac.structure import check_structure, model_structure
-from autodac.surgery import TracedLayer, evaluating, held_parametrizations, own_hooks, replace_layers, run_model, trace_layers
+from autodac.surgery import (
+    TracedLayer, copy_model, evaluating, held_parametrizations, legacy_norm, own_hooks, replace_layers, run_model, trace_layers,
+)
 from autodac.subclasses import explicit_padding
 from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
 from autodac.factorize.base import covariance_for
@@ -360,6 +362,10 @@ def _skip_reason(layer: TracedLayer, methods: Sequence[str], excluded: bool) -> 
         return f"used through a functional call ({layer.functional}), cannot be replaced"
     if layer.geometry is None:
         return "not run on the example inputs"
+    legacy = legacy_norm(module)
+    if legacy is not None:
+        return (f"torch.nn.utils.{legacy} (the legacy form) recomputes its weight in a hook its replacement would not run: "
+                f"use torch.nn.utils.parametrizations.{legacy}, which autodac reads, or remove it first")
     if own_hooks(module):
         return _HOOKED
     if getattr(module, "groups", 1) != 1:
@@ -1187,7 +1193,7 @@ def _working_copy(model: nn.Module) -> nn.Module:
     buffers (an observer, a call counter, a running average) leaves the caller's as they were.
     Its attention projections are ``Linear`` modules (``unfuse_attention``)."""
     unfused = unfuse_attention(model)
-    return copy.deepcopy(model) if unfused is model else unfused
+    return copy_model(model) if unfused is model else unfused
 
 
 def _check(given: dict[str, Any]) -> _Run:

@@ -280,6 +280,8 @@ def trace_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[Trac
         if id(parameter) in uses.uses and id(parameter) not in owned:
             owner_name = name.rpartition(".")[0]
             owner = model.get_submodule(owner_name) if owner_name else model
+            if legacy_norm(owner) is not None and any(owner is module for module in candidates.values()):
+                continue  # its hook's reads: the layer is kept under its own name, saying why
             if isinstance(owner, _UNSUPPORTED_TYPES) and name.rpartition(".")[2] == "weight":
                 if owner_name not in unsupported:  # torch's own layer, run by its own forward: named as the layer, not as a call
                     unsupported.add(owner_name)
@@ -292,6 +294,19 @@ def trace_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[Trac
 # The tables torch keeps a module's own hooks in (the ``*_with_kwargs``/``*_always_called`` ones are flags keyed like them).
 HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 HOOK_FLAG_TABLES = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def legacy_norm(module: nn.Module) -> str | None:
+    """``"weight_norm"`` or ``"spectral_norm"`` when ``module`` carries torch's legacy hook of that name, else None."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in (getattr(module, "_forward_pre_hooks", None) or {}).values():
+        if isinstance(hook, WeightNorm):
+            return "weight_norm"
+        if isinstance(hook, SpectralNorm):
+            return "spectral_norm"
+    return None
 
 
 def own_hooks(module: nn.Module) -> int:
@@ -310,6 +325,21 @@ def _in_layout_of(old: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, also of one holding a computed tensor as a plain attribute.
+
+    torch's legacy ``nn.utils.weight_norm``/``spectral_norm`` keep the weight their hook computed
+    (a tensor with a history, which ``deepcopy`` refuses) on the module; its hook computes it
+    again at every forward, so the copy takes it detached.
+    """
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def replace_layers(model: nn.Module, replacements: Mapping[str, nn.Module]) -> nn.Module:
     """A deep copy of ``model`` with each named submodule swapped for its replacement.
 
@@ -318,7 +348,7 @@ def replace_layers(model: nn.Module, replacements: Mapping[str, nn.Module]) -> n
     replacement for a conv whose weight is channels-last is made channels-last too, so a model
     kept in that layout for speed does not convert its activations back and forth.
     """
-    result = copy.deepcopy(model)
+    result = copy_model(model)
     for name in replacements:
         try:
             result.get_submodule(name)

@@ -11,7 +11,6 @@ The model is run in eval mode and is not changed.
 
 from __future__ import annotations
 
-import copy
 
 from typing import Any
 
@@ -20,7 +19,7 @@ from torch import nn
 
 from autodac.errors import AutodacError, ModelError
 from autodac.probes import batch_size_for
-from autodac.surgery import evaluating
+from autodac.surgery import copy_model, evaluating
 
 __all__ = ["synthesize_inputs", "statistics_mismatch", "DEFAULT_STEPS"]
 
@@ -109,7 +108,7 @@ def synthesize_inputs(
         )
     shape = tuple(example_inputs.shape[1:])
     options = {"device": example_inputs.device, "dtype": example_inputs.dtype}
-    model = copy.deepcopy(model)  # run on a copy: a forward that updates its own buffers leaves the caller's as they were
+    model = copy_model(model)  # run on a copy: a forward that updates its own buffers leaves the caller's as they were
     if example_inputs.dtype in _REDUCED or any(p.dtype in _REDUCED for p in model.parameters()):
         # half-precision activations and BatchNorm moments overflow under Adam (inputs turned to NaN): optimise in float32
         model, options["dtype"] = model.float(), torch.float32

@@ -362,6 +362,19 @@ def test_a_forward_that_reads_a_layer_s_shape_attributes_runs_on_its_replacement
         torch.testing.assert_close(autodac.plain_torch(result.model)(X), result.model(X))
 
 
+def test_legacy_weight_and_spectral_norms_are_copied_kept_and_named_with_the_way_out() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(  # never run: the hooks' weights still carry their history, which deepcopy refuses
+        nn.utils.weight_norm(nn.Conv1d(8, 16, 5, padding=2)), nn.ReLU(), nn.utils.spectral_norm(nn.Conv1d(16, 16, 5, padding=2)),
+        nn.ReLU(), nn.Conv1d(16, 16, 5, padding=2),
+    ).eval()
+    result = _quiet_optimize(model, 0.95, example_inputs=torch.randn(1, 8, 64))
+    assert sorted(result.plan.skipped) == ["0", "2"]  # the layers, not their weight_g / weight_orig parameters
+    assert "torch.nn.utils.weight_norm (the legacy form)" in result.plan.skipped["0"]
+    assert "use torch.nn.utils.parametrizations.spectral_norm" in result.plan.skipped["2"]
+    assert list(result.plan.factorized) == ["4"]
+
+
 def test_an_evaluate_that_ends_in_train_mode_leaves_the_result_as_the_caller_s_model() -> None:
     model = SmallConvNet().eval()
 
