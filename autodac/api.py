@@ -115,7 +115,7 @@ class Result:
         if planned and "probe" not in self.plan.metrics:  # no data: what the plan predicts is all there is to say
             worst = max(planned, key=lambda name: planned[name].error)
             head += (
-                f"\npredicted (no data): worst layer output error {planned[worst].error:.3f} ({worst}), "
+                f"\npredicted (no data): worst layer output error {planned[worst].error:.3f} ({worst or 'the model itself'}), "
                 f"summed over layers {sum(c.error for c in planned.values()):.3f}"
             )
         if self.plan.distilled:
@@ -1344,7 +1344,7 @@ def _score(run: _Run) -> None:
         run.probe_source = {"source": "batchnorm", "seed": s.search.seed}
         run.notes.append("no data: layers are fitted to the input moments their BatchNorms imply (autodac.implied)")
     if not run.candidates:
-        detail = "; ".join(f"{name}: {why}" for name, why in run.skipped.items()) or "no Conv1d, Conv2d or Linear layer"
+        detail = "; ".join(f"{name or 'the model itself'}: {why}" for name, why in run.skipped.items()) or "no Conv1d, Conv2d or Linear layer"
         raise ModelError(f"the model must have at least one layer that can be decomposed, but none can ({detail})")
     run.factors = _Factors(run.candidates, run.model)
 

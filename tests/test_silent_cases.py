@@ -203,3 +203,10 @@ def test_a_dataset_passed_as_data_is_told_to_go_in_a_data_loader() -> None:
     dataset = torch.utils.data.TensorDataset(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,)))
     with pytest.raises(autodac.AutodacError, match=r"labels of shape \(\) \(one example with its label: `data` must yield batches; "):
         autodac.optimize(SmallConvNet(), 0.5, data=dataset, progress=False)
+
+
+def test_a_bare_layer_passed_as_the_model_is_named_as_the_model_itself() -> None:
+    with pytest.raises(autodac.ModelError, match=r"none can \(the model itself: ConvTranspose2d is not a layer type"):
+        autodac.optimize(nn.ConvTranspose2d(4, 4, 3), 0.5, example_inputs=torch.randn(1, 4, 8, 8), progress=False)
+    result = autodac.optimize(nn.Conv2d(8, 8, 3), 0.5, example_inputs=torch.randn(1, 8, 8, 8), progress=False)
+    assert "worst layer output error" in result.summary() and "(the model itself)" in result.summary()
