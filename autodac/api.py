@@ -2149,6 +2149,11 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
                 "a distilled plan's weights come from training on the probe, so `data` must be given to rebuild them, but got data=None "
                 "(or keep optimize's result.model: autodac.export writes it)"
             )
+        if plan.metrics.get("bn_reestimated") and data is None:
+            raise PlanError(
+                "the plan's BatchNorm statistics were re-estimated on the probe, so `data` must be given to redo it, but got "
+                "data=None (without it the model is not the one optimize returned; or keep result.model: autodac.export writes it)"
+            )
         if needing and data is None:
             raise PlanError(
                 f"layers fitted to probe data must be rebuilt from the same data, so `data` must be given, "

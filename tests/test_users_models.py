@@ -183,6 +183,11 @@ def test_apply_rebuilds_a_plan_made_with_evaluate_exactly() -> None:
     rebuilt = autodac.apply(copy.deepcopy(model), autodac.Plan.from_json(result.plan.to_json()), data=data)
     with torch.no_grad():
         assert torch.equal(rebuilt(x[:32]), result.model(x[:32]))
+    # without the data its statistics cannot be re-estimated: refused, even when no layer is fitted to data
+    undone = autodac.Plan.from_dict({**result.plan.to_dict(), "layers": {
+        name: {**layer, "fit": "plain"} if "fit" in layer else layer for name, layer in result.plan.to_dict()["layers"].items()}})
+    with pytest.raises(autodac.PlanError, match=r"BatchNorm statistics were re-estimated on the probe, so `data` must be given"):
+        autodac.apply(model, undone)
 
 
 def test_apply_refuses_data_for_a_plan_fitted_to_synthesised_inputs() -> None:
