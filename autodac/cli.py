@@ -425,6 +425,17 @@ def _titles(paths: Sequence[str]) -> list[str]:
     return [f"{title} ({i + 1})" for i, title in enumerate(titles)]
 
 
+def _numbered(titles: Sequence[str]) -> list[str]:
+    """``titles`` with every repeated one numbered in order (``st (1)``, ``st (2)``), the others as they are."""
+    counts = {title: titles.count(title) for title in titles}
+    seen: dict[str, int] = {}
+    result = []
+    for title in titles:
+        seen[title] = seen.get(title, 0) + 1
+        result.append(f"{title} ({seen[title]})" if counts[title] > 1 else title)
+    return result
+
+
 def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet
 
@@ -600,6 +611,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 titles.append(title)
                 plans.append(plan)
                 sources.append(f"{args.storage}#{title}")
+        titles = _numbered(titles)  # a study's plan titled like a file's, or a study given twice: both columns stay
     if args.json or args.format == "json":
         _say(json.dumps(_compare_payload(titles, sources, plans), indent=1))
     else:

@@ -54,7 +54,7 @@ def _cell(plan: Plan, layer: str) -> str:
         return "dense"
     cell = f"{choice.method} r{choice.rank} ({choice.flops_after / choice.flops_before:.2f}"
     if choice.latency_before:  # measured: the layer's latency ratio beside its FLOPs ratio
-        cell += f", {choice.latency_after / choice.latency_before:.2f} ms"
+        cell += f", latency {choice.latency_after / choice.latency_before:.2f}"
     return cell + ")"
 
 

@@ -293,6 +293,11 @@ def test_compare_reads_the_best_plan_from_the_study(started: dict[str, Any], cap
     payload = json.loads(capsys.readouterr().out)
     assert payload["columns"] == ["plan", "search"]
     assert payload["totals"]["search"]["flops_ratio"] == started["first"].plan.flops_ratio
+    clash = started["dir"] / "search.json"  # a file titled like the study's plan: both columns stay, numbered
+    started["first"].plan.save(clash)
+    assert main(["compare", str(clash), "--storage", started["url"], "--study", started["name"], "--format", "json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["columns"] == ["search (1)", "search (2)"] and list(payload["totals"]) == payload["columns"]
     assert main(["compare", "--storage", started["url"], "--study", "nothing-here"]) == 1
     assert "must name a study in the storage ('search'), but got 'nothing-here'" in capsys.readouterr().err
 
