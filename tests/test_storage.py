@@ -226,6 +226,17 @@ def test_a_file_that_is_not_a_journal_is_refused_naming_the_line(tmp_path: Path)
         shared_storage.open_storage(str(journal))
 
 
+def test_a_study_made_by_other_code_is_refused_not_taken_over(work: dict[str, Any]) -> None:
+    url = f"sqlite:///{work['dir']}/shared.db"
+    own = optuna.create_study(storage=url, study_name="exp", direction="minimize")  # the user's own experiment
+    own.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
+    optuna.create_study(storage=url, study_name="empty-min", direction="minimize")
+    for name, trials in (("exp", 3), ("empty-min", 0)):
+        with pytest.raises(autodac.AutodacError, match=rf"study '{name}' in this storage was made by other code \({trials} trial"):
+            _optimize(work, url, name, 2)
+    assert not _study(url, "exp").user_attrs and len(_study(url, "exp").trials) == 3  # nothing written into it
+
+
 def test_reading_plans_from_a_storage_that_does_not_exist_creates_nothing(tmp_path: Path) -> None:
     for storage, name in ((f"sqlite:///{tmp_path}/typo.db", "typo.db"), (str(tmp_path / "typo.journal"), "typo.journal")):
         with pytest.raises(autodac.AutodacError, match=rf"a storage to read plans from must exist, but '.*{name}' does not"):

@@ -359,9 +359,23 @@ class SharedSearch:
             self.study = optuna.create_study(storage=self.storage, study_name=study_name, directions=directions, load_if_exists=True)
         finally:
             optuna.logging.set_verbosity(logging_level)
+        self._check_own(directions)
         self._check(record)
         self.trials_before = len(self.study.get_trials(deepcopy=False))
         fail_dead_trials(self.study)
+
+    def _check_own(self, directions: list[str]) -> None:
+        """Refuse a study autodac did not make: one of other directions, or holding trials but no fingerprint."""
+        if _PREFIX + "fingerprint" in self.study.user_attrs:  # autodac's: the fingerprint check says whether it is this search's
+            return
+        have = [d.name.lower() for d in self.study.directions]
+        trials = len(self.study.get_trials(deepcopy=False))
+        if trials or have != [d.lower() for d in directions]:
+            raise AutodacError(
+                f"`study_name` must name a study autodac made or a new one, but study {self.name!r} in this storage was made "
+                f"by other code ({trials} trial(s), no autodac fingerprint, direction(s) {have}; autodac's search needs "
+                f"{list(directions)}): give another study_name"
+            )
 
     def _check(self, record: dict[str, Any]) -> None:
         key = _PREFIX + "fingerprint"
