@@ -964,7 +964,7 @@ def optimize(
     flops_budget: "float | Budget | Sequence[Budget] | None" = None,
     *,
     latency_budget: float | None = None,
-    runtime: str = "torch",
+    runtime: str | None = None,
     device: Any = None,
     latency_cache: Any = True,
     example_inputs: Any = None,
@@ -1031,7 +1031,7 @@ def optimize(
     the per-user cache file, a path, or False), the planner picks method, rank and the fastest
     implementation per layer, and the result is timed side by side with the original
     (interleaved runs, median ratio), tightening and re-planning until the measured ratio meets
-    the budget. ``runtime`` is where the latency is timed: ``"torch"`` (eager PyTorch) or
+    the budget. ``runtime`` is where the latency is timed: ``"torch"`` (eager PyTorch, when neither it nor the ``Latency`` names one) or
     ``"onnxruntime"`` (each option and each side-by-side model exported to ONNX and run in an
     onnxruntime CPU session with torch's thread count; needs ``autodac[deploy]``); the plan
     records it. Either budget alone or both together.
@@ -1210,7 +1210,7 @@ def _check(given: dict[str, Any]) -> _Run:
     if budgets.latency is not None:
         device, runtime = budgets.latency.device, budgets.latency.runtime
     timing_device = resolve_device(device, model) if latency is not None else None
-    timing_runtime = get_runtime(runtime)
+    timing_runtime = get_runtime(runtime or "torch")
     if timing_device is not None:
         timing_runtime.check(timing_device)
         dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}

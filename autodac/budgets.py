@@ -56,16 +56,20 @@ class Params(Budget):
 
 @dataclass(frozen=True)
 class Latency(Budget):
-    """At most ``ratio`` of the original's latency, measured on ``device`` (default: the model's) in ``runtime``."""
+    """At most ``ratio`` of the original's latency, measured on ``device`` (default: the model's) in ``runtime``.
+
+    ``device`` and ``runtime`` left None take ``optimize``'s ``device=`` / ``runtime=``, else the
+    model's device and ``"torch"``; given on both, they must agree.
+    """
 
     ratio: float
     device: Any = None
-    runtime: str = "torch"
+    runtime: str | None = None
     kind: ClassVar[str] = "latency"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.runtime, str):
+        if self.runtime is not None and not isinstance(self.runtime, str):
             raise BudgetError(f"`Latency.runtime` must be a runtime's name ('torch' or 'onnxruntime'), but got runtime={self.runtime!r}")
 
 
@@ -85,7 +89,7 @@ class Budgets:
         return {b.kind: b.ratio for b in (self.flops, self.latency, self.params) if b is not None}
 
 
-def gather(given: Any = None, *, latency_budget: Any = None, device: Any = None, runtime: str = "torch") -> Budgets:
+def gather(given: Any = None, *, latency_budget: Any = None, device: Any = None, runtime: str | None = None) -> Budgets:
     """One ``Budgets`` from ``optimize``'s second positional argument and its shorthands.
 
     ``given`` is None, a ratio (a FLOPs budget, as ``flops_budget=`` always was), a budget value
@@ -115,10 +119,10 @@ def gather(given: Any = None, *, latency_budget: Any = None, device: Any = None,
     else:
         values = [Flops(given)]
     if latency_budget is not None:
-        values.append(Latency(check_ratio("latency_budget", latency_budget), device=device, runtime=runtime))
-    elif device is not None or runtime != "torch":  # optimize's device/runtime apply to a Latency value given without them
+        values.append(Latency(check_ratio("latency_budget", latency_budget), device=device, runtime=runtime or "torch"))
+    else:  # optimize's device/runtime apply to a Latency value given without them
         values = [_timed_on(v, device, runtime) if isinstance(v, Latency) else v for v in values]
-    if (device is not None or runtime != "torch") and not any(isinstance(v, Latency) for v in values):
+    if (device is not None or runtime is not None) and not any(isinstance(v, Latency) for v in values):
         raise BudgetError(  # they would be ignored: the search itself runs where the model is
             f"`device` and `runtime` say where a latency budget is timed, so they need one (latency_budget= or autodac.Latency), "
             f"but got device={device!r}, runtime={runtime!r} and no latency budget; move the model itself to run the search elsewhere"
@@ -136,11 +140,12 @@ def gather(given: Any = None, *, latency_budget: Any = None, device: Any = None,
     return Budgets(**chosen)
 
 
-def _timed_on(budget: Latency, device: Any, runtime: str) -> Latency:
-    """``budget`` with ``optimize``'s ``device=`` / ``runtime=`` filled in; refused where they disagree with its own."""
+def _timed_on(budget: Latency, device: Any, runtime: str | None) -> Latency:
+    """``budget`` with ``optimize``'s ``device=`` / ``runtime=`` filled in (else the runtime ``"torch"``); refused where
+    they disagree with its own."""
     if device is not None and budget.device is not None and str(device) != str(budget.device):
         raise BudgetError(f"a latency budget's device must be given once, but got device={device!r} and {budget!r}")
-    if runtime != "torch" and budget.runtime != "torch" and runtime != budget.runtime:
+    if runtime is not None and budget.runtime is not None and runtime != budget.runtime:
         raise BudgetError(f"a latency budget's runtime must be given once, but got runtime={runtime!r} and {budget!r}")
     return Latency(budget.ratio, device=budget.device if budget.device is not None else device,
-                   runtime=budget.runtime if budget.runtime != "torch" else runtime)
+                   runtime=budget.runtime or runtime or "torch")

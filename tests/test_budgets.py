@@ -40,7 +40,16 @@ def test_budgets_are_frozen_values() -> None:
     assert autodac.Params(0.4) == autodac.Params(0.4) and autodac.Params(1).ratio == 1.0
     with pytest.raises(AttributeError):
         autodac.Flops(0.5).ratio = 0.1  # type: ignore[misc]
-    assert autodac.Latency(0.7).device is None and autodac.Latency(0.7).runtime == "torch"
+    assert autodac.Latency(0.7).device is None and autodac.Latency(0.7).runtime is None  # optimize's, else "torch"
+    assert gather(autodac.Latency(0.7)).latency.runtime == "torch"
+
+
+def test_a_latency_runtime_given_twice_must_agree_whichever_it_names() -> None:
+    assert gather(autodac.Latency(0.9), runtime="onnxruntime").latency.runtime == "onnxruntime"
+    assert gather(autodac.Latency(0.9, runtime="onnxruntime"), runtime="onnxruntime").latency.runtime == "onnxruntime"
+    for own, given in (("torch", "onnxruntime"), ("onnxruntime", "torch")):  # "torch" named is not "torch" by default
+        with pytest.raises(autodac.BudgetError, match=rf"runtime must be given once, but got runtime='{given}' and Latency"):
+            gather(autodac.Latency(0.9, runtime=own), runtime=given)
 
 
 def test_gather_reads_values_lists_and_shorthands() -> None:
@@ -48,7 +57,7 @@ def test_gather_reads_values_lists_and_shorthands() -> None:
     assert gather(autodac.Params(0.4)).ratios() == {"params": 0.4}
     both = gather([autodac.Flops(0.5), autodac.Params(0.4)], latency_budget=0.7, device="cpu")
     assert both.ratios() == {"flops": 0.5, "latency": 0.7, "params": 0.4} and both.latency.device == "cpu"
-    assert gather(autodac.Latency(0.7), device="cpu").latency == autodac.Latency(0.7, device="cpu")
+    assert gather(autodac.Latency(0.7), device="cpu").latency == autodac.Latency(0.7, device="cpu", runtime="torch")
 
 
 @pytest.mark.parametrize("given, latency, rule", [
