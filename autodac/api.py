@@ -1933,8 +1933,14 @@ def _latency_ratio(model: nn.Module, decomposed: nn.Module, inputs, timing: Late
 
 
 def _refuse_latency(budget: float, best: float, timing: LatencyTable):
+    where = describe_device(timing.device, get_runtime(timing.runtime))
+    if best >= 1:  # the model as it is always meets 1: no bound above it
+        raise BudgetError(
+            f"`latency_budget >= 1` must hold for this model on {where}: no plan measured faster than the original (with every "
+            f"layer at its fastest option the ratio measured {best:.3f}), but got latency_budget={budget!r}"
+        )
     raise BudgetError(
-        f"`latency_budget >= {math.ceil(best * 1e3) / 1e3:.3f}` must hold for this model on {describe_device(timing.device, get_runtime(timing.runtime))} "
+        f"`latency_budget >= {math.ceil(best * 1e3) / 1e3:.3f}` must hold for this model on {where} "
         f"(the best latency ratio measured, with every layer at its fastest option), but got latency_budget={budget!r}"
     )
 

@@ -16,7 +16,7 @@ import autodac
 from autodac import latency as latency_module
 from autodac.cost import count_flops
 from autodac.errors import AutodacError, BudgetError
-from autodac.latency import LatencyCache, layer_latencies, median_seconds, side_by_side
+from autodac.latency import LatencyCache, LatencyTable, layer_latencies, median_seconds, side_by_side
 from autodac.layers import IMPLEMENTATIONS, SplitDepthwise, build_factorized
 from autodac.runtimes import get_runtime
 from autodac.testing import conv_configs
@@ -375,3 +375,13 @@ def test_a_latency_budget_on_cuda_is_met_when_remeasured_on_the_gpu(tmp_path) ->
     gpu = torch.device("cuda:0")
     ratio, _, _ = side_by_side(copy.deepcopy(model).to(gpu), copy.deepcopy(result.model).to(gpu).eval(), (x.to(gpu),), gpu, rounds=15)
     assert ratio < 1.0
+
+
+def test_a_latency_refusal_never_asks_for_a_budget_above_one() -> None:
+    from autodac.api import _refuse_latency  # timing noise decides when a real model hits it: the message is checked here
+
+    table = LatencyTable(torch.device("cpu"), 2.5e-3, [[1e-3, 9e-4]], [["", ""]])
+    with pytest.raises(BudgetError, match=r"`latency_budget >= 1` must hold .*: no plan measured faster than the original .* measured 1\.009\)"):
+        _refuse_latency(0.99, 1.0093, table)
+    with pytest.raises(BudgetError, match=r"`latency_budget >= 0\.731` must hold .* \(the best latency ratio measured"):
+        _refuse_latency(0.5, 0.7301, table)
