@@ -1436,7 +1436,7 @@ def _allocate(run: _Run) -> None:
     s = run.settings
     run.selection = _allocate_capped(
         run.allocate, run.scores, run.capacity, run.fixed, run.original.total, s.fit.max_layer_error, run.notes,
-        run.timing is None and s.flops is not None, stacklevel=4,
+        run.timing is None and s.flops is not None, stacklevel=4, flag=run.timing is None,  # a latency plan: once re-planned
     )
 
 
@@ -1500,13 +1500,19 @@ def _meet_budgets(run: _Run) -> None:
     # the tables predict; only side-by-side runs decide
     weights = run.refined.best.weights if run.refined is not None else None
     scaled = run.scores if weights is None else [LayerOptions(o.costs, o.errors * w) for o, w in zip(run.scores, weights)]
+    data_free = run.runner is None  # re-planned under the damage cap, and flagged for the plan it ends with
+    cap = float(s.fit.max_layer_error)
     run.selection, run.decomposed, measured = _meet_latency(
         s.latency, run.capacity, minimum_cost(_costed(run.weight_scores, timing)), run.selection, run.decomposed, timing,
-        plan_at=lambda room: run.allocate(scaled, room), build=lambda chosen: _build(run.model, run.candidates, chosen, run.factors, timing),
+        plan_at=lambda room: _allocate_within_cap(run.allocate, scaled, cap, room) if data_free else run.allocate(scaled, room),
+        build=lambda chosen: _build(run.model, run.candidates, chosen, run.factors, timing),
         measure=lambda candidate: _latency_ratio(run.model, candidate, run.inputs, timing),
     )
     ratio, original_seconds, seconds = measured
     run.metrics.update(latency_ratio=ratio, latency_original_ms=original_seconds * 1e3, latency_ms=seconds * 1e3)
+    message = _predicted_damage(run.scores, run.selection, cap) if data_free else None
+    if message is not None:
+        _flag(message, run.notes, stacklevel=3)
 
 
 def _draft_plan(run: _Run) -> None:
@@ -1691,41 +1697,59 @@ _LATENCY_SLACK = 0.03  # loosen a plan that meets its latency budget by more tha
 _UNREACHABLE = 1 << 53  # the cost given to an option the damage cap forbids: no budget can pay it
 
 
-def _allocate_capped(
-    allocate, scores: list[LayerOptions], capacity: int, fixed: int, total: int, cap: float, notes: list[str], in_flops: bool = True,
-    stacklevel: int = 3,
-) -> list[int]:
-    """The data-free allocation with no layer's predicted error above ``cap``, when the budget allows it.
+def _capped(scores: list[LayerOptions], cap: float) -> list[LayerOptions]:
+    """``scores`` with every option whose predicted error exceeds ``cap`` made unaffordable."""
+    return [LayerOptions(np.where(o.errors > cap, _UNREACHABLE, o.costs), o.errors) for o in scores]
 
-    When it does not, the budget is still honoured (uncapped). Either way, a plan whose worst
-    layer, or whose summed predicted error (relative output errors add up through the network
-    when they are independent), exceeds ``cap`` is flagged: warned, logged and noted, with the
-    budget from which the prediction is within ``cap`` (the knapsack minimises the sum, so that
-    budget is found by bisection on its room).
-    """
-    capped = [LayerOptions(np.where(o.errors > cap, _UNREACHABLE, o.costs), o.errors) for o in scores]
-    within = minimum_cost(capped) <= capacity
-    selection = None
-    if within:
-        with contextlib.suppress(BudgetError):  # the other budgets (parameters) may need options the cap forbids
-            selection = allocate(capped)
-    if selection is None:
-        selection = allocate(scores)
+
+def _allocate_within_cap(allocate, scores: list[LayerOptions], cap: float, room: int | None = None) -> list[int]:
+    """The allocation with no layer's predicted error above ``cap`` when the budgets allow it, else the uncapped one."""
+    with contextlib.suppress(BudgetError):  # the budgets (or the other budgets: parameters) may need options the cap forbids
+        return allocate(_capped(scores, cap), room)
+    return allocate(scores, room)
+
+
+def _predicted_damage(scores: list[LayerOptions], selection: Sequence[int], cap: float) -> str | None:
+    """What a data-free plan's flag says when its worst layer's or its summed predicted error exceeds ``cap``; None if neither."""
     worst = max(float(o.errors[i]) for o, i in zip(scores, selection))
     summed = sum(float(o.errors[i]) for o, i in zip(scores, selection))
-    if worst <= cap and summed <= cap:
-        return selection
-    message = (
+    return None if worst <= cap and summed <= cap else _predicted_text(summed, worst, cap)
+
+
+def _predicted_text(summed: float, worst: float, cap: float) -> str:
+    return (
         f"the plan is predicted to damage the model: its layers' predicted output errors sum to {summed:.2f} and reach "
         f"{worst:.2f} in one layer (max_layer_error={cap} is the most either should be)"
     )
-    if in_flops:
-        safe = _safe_budget(allocate, scores, capped, capacity, fixed, total, cap)
-        message += (f"; from flops_budget >= {safe:.4f} both are predicted within it" if safe is not None else
-                    "; no FLOPs budget brings both within it: the other budgets (parameters) bind, so raise them")
-    warnings.warn(f"autodac: {message}", UserWarning, stacklevel=stacklevel)  # pointed at optimize's caller
+
+
+def _flag(message: str, notes: list[str], stacklevel: int) -> None:
+    warnings.warn(f"autodac: {message}", UserWarning, stacklevel=stacklevel + 1)  # pointed at optimize's caller
     logger.warning(message)
     notes.append(message)
+
+
+def _allocate_capped(
+    allocate, scores: list[LayerOptions], capacity: int, fixed: int, total: int, cap: float, notes: list[str], in_flops: bool = True,
+    stacklevel: int = 3, flag: bool = True,
+) -> list[int]:
+    """The data-free allocation with no layer's predicted error above ``cap``, when the budget allows it.
+
+    When it does not, the budget is still honoured (uncapped). Either way (with ``flag``), a plan whose worst
+    layer, or whose summed predicted error (relative output errors add up through the network
+    when they are independent), exceeds ``cap`` is flagged: warned, logged and noted, with the
+    budget from which the prediction is within ``cap`` (the knapsack minimises the sum, so that
+    budget is found by bisection on its room). A latency plan is flagged once its measured re-planning is done.
+    """
+    selection = _allocate_within_cap(allocate, scores, cap)
+    message = _predicted_damage(scores, selection, cap) if flag else None
+    if message is None:
+        return selection
+    if in_flops:
+        safe = _safe_budget(allocate, scores, _capped(scores, cap), capacity, fixed, total, cap)
+        message += (f"; from flops_budget >= {safe:.4f} both are predicted within it" if safe is not None else
+                    "; no FLOPs budget brings both within it: the other budgets (parameters) bind, so raise them")
+    _flag(message, notes, stacklevel)
     return selection
 
 
@@ -1751,15 +1775,10 @@ def _flag_measured_damage(plan: Plan, cap: float, metric_name: str, stacklevel: 
             f"{measured[1]:.4f}, below 1 - max_layer_error = {1 - cap:g} of it (its layers' predicted output errors sum to {summed:.2f})"
         )
     else:
-        message = (
-            f"the plan is predicted to damage the model: its layers' predicted output errors sum to {summed:.2f} and reach "
-            f"{worst:.2f} in one layer (max_layer_error={cap} is the most either should be)"
-        )
+        message = _predicted_text(summed, worst, cap)
         if measured is not None:
             message += f"; on the probe, {metric_name} {measured[0]:.4f} against the original's {measured[1]:.4f}"
-    warnings.warn(f"autodac: {message}", UserWarning, stacklevel=stacklevel)  # pointed at optimize's caller
-    logger.warning(message)
-    plan.notes.append(message)
+    _flag(message, plan.notes, stacklevel)
 
 
 def _safe_budget(allocate, scores, capped, capacity: int, fixed: int, total: int, cap: float) -> float | None:
@@ -1897,10 +1916,11 @@ def _meet_latency(budget, capacity, floor, selection, decomposed, timing, plan_a
 
 
 def _costed(scores: list[LayerOptions], timing: LatencyTable | None) -> list[LayerOptions]:
-    """The scores with their costs in the unit the budget is in: FLOPs, or measured nanoseconds."""
+    """The scores with their costs in the unit the budget is in: FLOPs, or measured nanoseconds (an option the damage
+    cap made unaffordable stays so)."""
     if timing is None:
         return scores
-    return [LayerOptions(costs, o.errors) for costs, o in zip(timing.costs(), scores)]
+    return [LayerOptions(np.where(o.costs >= _UNREACHABLE, _UNREACHABLE, costs), o.errors) for costs, o in zip(timing.costs(), scores)]
 
 
 def _on_device(module: nn.Module, device: torch.device) -> nn.Module:

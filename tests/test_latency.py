@@ -385,3 +385,38 @@ def test_a_latency_refusal_never_asks_for_a_budget_above_one() -> None:
         _refuse_latency(0.99, 1.0093, table)
     with pytest.raises(BudgetError, match=r"`latency_budget >= 0\.731` must hold .* \(the best latency ratio measured"):
         _refuse_latency(0.5, 0.7301, table)
+
+
+def test_a_data_free_latency_plan_is_flagged_once_for_the_plan_it_returns(monkeypatch, tmp_path) -> None:
+    import autodac.api as api
+
+    real, seen = api._latency_ratio, []
+
+    def first_plan_misses(original, candidate, inputs, timing):  # the first plan "misses": re-planned tighter, as noise can make it
+        ratio, original_seconds, seconds = real(original, candidate, inputs, timing)
+        seen.append(ratio)
+        return (1.0 if len(seen) == 1 else ratio), original_seconds, seconds
+
+    monkeypatch.setattr(api, "_latency_ratio", first_plan_misses)
+    with pytest.warns(UserWarning, match="predicted to damage") as caught:
+        result = autodac.optimize(WideNet().eval(), latency_budget=0.6, example_inputs=INPUT, max_layer_error=0.01,
+                                  latency_cache=tmp_path / "latency.json", progress=False)
+    assert len(seen) >= 2
+    summed = sum(c.error for c in result.plan.factorized.values())
+    worst = max(c.error for c in result.plan.factorized.values())
+    flags = [n for n in result.plan.notes if n.startswith("the plan is predicted to damage")]
+    assert flags == [f"the plan is predicted to damage the model: its layers' predicted output errors sum to {summed:.2f} and reach "
+                     f"{worst:.2f} in one layer (max_layer_error=0.01 is the most either should be)"]
+    assert [str(w.message) for w in caught if "predicted to damage" in str(w.message)] == [f"autodac: {flags[0]}"]
+
+
+def test_options_the_damage_cap_forbids_stay_forbidden_in_nanoseconds() -> None:
+    import numpy as np
+
+    from autodac.api import _UNREACHABLE, _capped, _costed
+    from autodac.search.knapsack import LayerOptions
+
+    table = LatencyTable(torch.device("cpu"), 2.5e-3, [[1e-3, 6e-4, 3e-4]], [["", "", ""]])
+    scores = [LayerOptions(np.array([900, 500, 200]), np.array([0.0, 0.05, 0.4]))]
+    costed = _costed(_capped(scores, 0.1), table)  # the cheapest option's error 0.4 is above the cap
+    assert costed[0].costs.tolist() == [1_000_000, 600_000, _UNREACHABLE]
