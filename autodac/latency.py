@@ -128,7 +128,8 @@ def describe_device(device: torch.device, runtime: Runtime = TORCH) -> str:
     if device.type == "cuda":
         described = f"{device} ({torch.cuda.get_device_name(device)}, torch {torch.__version__})"
     else:
-        described = f"cpu ({torch.get_num_threads()} threads, torch {torch.__version__})"
+        threads = torch.get_num_threads()
+        described = f"cpu ({threads} thread{'s' if threads != 1 else ''}, torch {torch.__version__})"
     return described if runtime.name == "torch" else f"{described} in {runtime.key}"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -346,9 +347,10 @@ class Plan:
                 raise PlanError(f"layer {name!r}: `rank >= 1` must hold for a factorised layer, but got rank={rank!r}")
             channels, sliced = _check_width(name, entry)
             try:  # a malformed field is a PlanError naming the layer, never a bare TypeError/ValueError
-                error = float(entry["error"])
-                if not math.isfinite(error):
-                    raise PlanError(f"layer {name!r}: `error` must be finite, but got {error!r}")
+                error = entry["error"]
+                if isinstance(error, bool) or not isinstance(error, numbers.Real) or not math.isfinite(error) or error < 0:
+                    raise PlanError(f"layer {name!r}: `error` must be a finite number >= 0 (a relative output error), but got {error!r}")
+                error = float(error)
                 layers[name] = LayerChoice(
                     method=str(entry["method"]), rank=rank, **_layer_counts(name, entry), error=error,
                     fit=_check_fit(name, entry["fit"]), impl=str(entry.get("impl", "")),
