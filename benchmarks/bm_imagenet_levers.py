@@ -28,6 +28,13 @@ original on the test crops.
    better to the test photos? The probe plans at 0.9 and 0.7 are rebuilt by ``autodac.apply``
    with the same kept channels and each variant's fit.
 
+4. **The classifier re-fitted to the original's logits.** The probe plan at 0.9 is rebuilt and its
+   last layer (``_fc``, 1280 -> 1000) re-fitted by ridge least squares from the planned model's
+   features to the original's logits on the calibration half (512 crops), the ridge pulling
+   toward the layer's own weights (``lambda`` times the mean feature energy). It costs no FLOPs.
+   Beside it, where the plan's disagreements lie: the test crops by the original's margin
+   between its top two softmax probabilities.
+
 Writes ``benchmarks/results/imagenet_levers.md`` and ``.json`` (or ``--out``).
 """
 
@@ -114,6 +121,36 @@ def refit_widths_in_order(original, narrowed, names, inputs, with_skip: bool, ba
     return narrowed
 
 
+HEAD_RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+MARGIN_EDGES = (0.0, 0.05, 0.1, 0.2, 0.4, 1.01)
+
+
+def classifier_inputs(model: torch.nn.Module, x: torch.Tensor, batch: int = 50) -> torch.Tensor:
+    """What ``model._fc`` receives on ``x``."""
+    seen = []
+    handle = model._fc.register_forward_hook(lambda module, args, output: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), batch):
+                model(x[start:start + batch])
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+def refit_classifier(layer: torch.nn.Linear, features: torch.Tensor, target: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``[W b]`` minimising ``|f W^T + b - target|^2 + ridge * mean(diag G) * |[W b] - [W0 b0]|^2`` (``G``: the feature Gram)."""
+    z = torch.cat([features.double(), torch.ones(len(features), 1, dtype=torch.float64)], 1)
+    gram, cross = z.T @ z / len(z), z.T @ target.double() / len(z)
+    own = torch.cat([layer.weight.detach().double(), layer.bias.detach().double()[:, None]], 1)
+    level = torch.diagonal(gram).mean() * ridge
+    return torch.linalg.solve(gram + level * torch.eye(len(gram), dtype=gram.dtype), cross + level * own.T).T
+
+
+def with_classifier(features: torch.Tensor, solved: torch.Tensor) -> torch.Tensor:
+    return (torch.cat([features.double(), torch.ones(len(features), 1, dtype=torch.float64)], 1) @ solved.T).float()
+
+
 FIT_VARIANTS = ((FIT_EXAMPLES, 1e-6), (512, 1e-6), (FIT_EXAMPLES, 1e-3), (FIT_EXAMPLES, 1e-2), (FIT_EXAMPLES, 1e-1))
 
 
@@ -135,7 +172,7 @@ def main() -> None:
     parser.add_argument("--plan-budget", type=float, default=0.9, help="the probe row of results/imagenet_probe.json to rebuild")
     parser.add_argument("--data-free-budgets", nargs="+", type=float, default=[0.9, 0.7])
     parser.add_argument("--fit-budgets", nargs="+", type=float, default=[0.9, 0.7], help="probe rows rebuilt with each width-fit variant")
-    parser.add_argument("--levers", nargs="+", choices=["order", "units", "fit"], default=["order", "units", "fit"])
+    parser.add_argument("--levers", nargs="+", choices=["order", "units", "fit", "head"], default=["order", "units", "fit", "head"])
     parser.add_argument("--out", default="imagenet_levers", help="results name under benchmarks/results")
     args = parser.parse_args()
     bench.set_threads(args.threads)
@@ -199,9 +236,38 @@ def main() -> None:
                          "s": time.perf_counter() - start})
             bench.log(f"probe {budget}, fit on {examples} crops, ridge {damping:g}: {agree:.1f}%")
 
+    heads, margins = [], []
+    if found and "head" in args.levers:
+        plan = autodac.Plan.from_dict(found[0]["plan"])
+        built = autodac.apply(model, plan, data=data).eval()
+        calibration, held_out = probe[0::2], probe[1::2]  # the library's halves
+        probe_reference = bench.outputs(model, probe)
+        planned_test = bench.outputs(built, test)
+        agree, conf = agreement(built, test, reference)
+        held = float((bench.outputs(built, held_out).argmax(1) == probe_reference[1::2].argmax(1)).float().mean()) * 100
+        heads.append({"plan": f"probe {args.plan_budget}", "classifier": "as planned", "agree (%)": agree, "agree conf (%)": conf,
+                      "probe held-out agree (%)": held})
+        features = {name: classifier_inputs(built, x) for name, x in (("calibration", calibration), ("held out", held_out), ("test", test))}
+        for ridge in HEAD_RIDGES:
+            solved = refit_classifier(built._fc, features["calibration"], probe_reference[0::2], ridge)
+            row = bench.quality("efficientnet_lite0", reference, with_classifier(features["test"], solved))
+            held = float((with_classifier(features["held out"], solved).argmax(1) == probe_reference[1::2].argmax(1)).float().mean()) * 100
+            heads.append({"plan": f"probe {args.plan_budget}", "classifier": f"re-fitted, ridge {ridge:g}", "agree (%)": row["agree (%)"],
+                          "agree conf (%)": row["agree conf (%)"], "probe held-out agree (%)": held})
+            bench.log(f"classifier re-fitted, ridge {ridge:g}: {row['agree (%)']:.1f}% (probe held-out {held:.1f}%)")
+        top2 = reference.softmax(1).topk(2, 1).values
+        margin, differs = top2[:, 0] - top2[:, 1], planned_test.argmax(1) != reference.argmax(1)
+        for low, high in zip(MARGIN_EDGES, MARGIN_EDGES[1:]):
+            inside = (margin >= low) & (margin < high)
+            margins.append({"original's top-2 margin": f"[{low:g}, {min(high, 1):g}{']' if high > 1 else ')'}", "test crops": int(inside.sum()),
+                            "disagreements": int((inside & differs).sum())})
+
     titles = {"order": ("width projections re-fitted in execution order", refits), "units": ("competing width units, data-free", units),
-              "fit": ("width re-fit: fit crops and ridge (kept channels as planned)", fits)}
+              "fit": ("width re-fit: fit crops and ridge (kept channels as planned)", fits),
+              "head": ("the classifier re-fitted to the original's logits (no FLOPs)", heads)}
     sections = dict(titles[lever] for lever in args.levers)
+    if margins:
+        sections[f"where the probe plan at {args.plan_budget} disagrees: test crops by the original's top-2 margin"] = margins
     bench.log(f"wrote {write_results(args.out, sections, header)}")
 
 
