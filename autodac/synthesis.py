@@ -11,7 +11,6 @@ The model is run in eval mode and is not changed.
 
 from __future__ import annotations
 
-
 from typing import Any
 
 import torch
