@@ -93,7 +93,10 @@ def batchnorm_weights(norm: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """
     energy = weight.detach().double().pow(2).reshape(weight.shape[0], -1).sum(1)
     gamma2 = norm.weight.detach().double().pow(2) if norm.weight is not None else torch.ones_like(energy)
-    return gamma2 / energy.clamp_min(torch.finfo(torch.float64).tiny)
+    # an all-zero row (a dead channel; common in half precision, where tiny weights underflow) stays zero at every rank,
+    # so its weight is moot: the typical one, not gamma^2 / 1e-308, which no float32 factorisation survives
+    typical = energy[energy > 0].mean() if bool((energy > 0).any()) else torch.ones((), dtype=energy.dtype)
+    return gamma2 / torch.where(energy > 0, energy, typical)
 
 
 @dataclass

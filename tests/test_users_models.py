@@ -457,3 +457,16 @@ def test_warnings_point_at_the_caller_s_line_not_inside_autodac() -> None:
     assert any("predicted to damage" in str(w.message) or "measured" in str(w.message) for w in ours)
     assert any("is not the probe the plan was fitted to" in str(w.message) for w in ours)
     assert {Path(w.filename).name for w in ours} == {Path(__file__).name}, [(w.filename, str(w.message)[:60]) for w in ours]
+
+
+def test_a_dead_channel_in_half_precision_is_planned_not_a_linear_algebra_error() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5),
+    ).eval()
+    with torch.no_grad():
+        model[3].weight[0] = 0  # a dead output channel: its relative error weight was gamma^2 / 1e-308
+    result = _quiet_optimize(model.half(), 0.5, example_inputs=X[:1].half())
+    assert result.flops_ratio <= 0.5 and result.plan.factorized
+    assert torch.isfinite(result.model(X[:4].half())).all()
