@@ -496,6 +496,13 @@ def _collect(
             )
     elif implied_seed is not None and consumers:  # widths only: factorisations fitted to implied moments measured worse
         _, moments = _implied_statistics(model, inputs, {}, _implied_consumers(model, inputs, units), implied_seed)
+        if not _zeroable(inputs) and has_batchnorm(model) and notes is not None:
+            notes.append(
+                "widths are ordered by their weights, not by the input moments the BatchNorms imply: that pass replays the "
+                "inputs as float zeros from their shapes, which these inputs (a dict, integers, or arguments not batched alike) "
+                "do not allow; pass data, or give the model its floating inputs as tensor arguments (on EfficientNet-Lite0 at "
+                "0.9 the implied moments keep 54.7% top-1 agreement, the weights 11.7%)"
+            )
     candidates = []
     iterator = live
     if progress:

@@ -17,7 +17,7 @@ from torch import nn
 
 import autodac
 from autodac.cost import count_flops
-from autodac.testing import SmallConvNet
+from autodac.testing import InvertedResidualNet, SmallConvNet
 
 X = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -470,3 +470,23 @@ def test_a_dead_channel_in_half_precision_is_planned_not_a_linear_algebra_error(
     result = _quiet_optimize(model.half(), 0.5, example_inputs=X[:1].half())
     assert result.flops_ratio <= 0.5 and result.plan.factorized
     assert torch.isfinite(result.model(X[:4].half())).all()
+
+
+class _DictInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = InvertedResidualNet()
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.net(batch["image"])
+
+
+def test_a_data_free_plan_without_implied_moments_says_why() -> None:
+    x = torch.randn(1, 3, 16, 16)
+    plain = _quiet_optimize(InvertedResidualNet(), 0.7, example_inputs=x)
+    assert any(c.fit.startswith("implied") for c in plain.plan.factorized.values())
+    assert not any("not by the input moments the BatchNorms imply" in n for n in plain.plan.notes)
+    wrapped = _quiet_optimize(_DictInput(), 0.7, example_inputs=({"image": x},))
+    assert any(c.method == "width" for c in wrapped.plan.factorized.values())
+    assert any("widths are ordered by their weights, not by the input moments the BatchNorms imply" in n and "a dict" in n
+               for n in wrapped.plan.notes)
