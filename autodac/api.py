@@ -465,6 +465,7 @@ def _collect(
     matched = _excluded_layers([layer.name for layer in traced], exclude)
     skipped: dict[str, str] = {}
     live: list[TracedLayer] = []
+    width_only: list[TracedLayer] = []  # no method given applies (a 1x1 conv under methods=["dac"]), but a width may
     for layer in traced:
         excluded = layer.name in matched
         reason = _skip_reason(layer, methods, excluded)
@@ -472,9 +473,17 @@ def _collect(
             live.append(layer)
         else:
             skipped[layer.name] = reason
-    units = _width_units(model, inputs, live, by_module) if by_module is not None else {}
+            if by_module is not None and reason.startswith("none of the methods") and _skip_reason(layer, list(METHODS), excluded) is None:
+                width_only.append(layer)
+    units = _width_units(model, inputs, live + width_only, by_module) if by_module is not None else {}
     unit_costs = _unit_costs(model, inputs, units, by_module) if units else {}
     units = {name: unit for name, unit in units.items() if name in unit_costs}
+    members = {unit.consumer for unit in units.values()} | {unit.producer for unit in units.values()}
+    joined = {layer.name for layer in width_only if layer.name in members}
+    if joined:  # a width's consumer or producer: planned in its unit (widths are offered whatever `methods` lists)
+        live = [layer for layer in traced if layer.name in joined or any(layer is kept for kept in live)]
+        for name in joined:
+            del skipped[name]
     modules = {t.name: t.module for t in live}
     consumers = {name: modules[name] for name in units}
     covariances: dict[str, torch.Tensor] = {}

@@ -846,6 +846,7 @@ def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
     _add_option(optimize, "seed", type=int, metavar="S")
     _add_option(optimize, "sequential_fit", "--no-sequential-fit", action="store_false",
                 context="with --data/--synthesize (faster on deep nets): ")
+    _add_option(optimize, "widths", "--no-widths", action="store_false", context="for a plan of the given --methods only: ")
     _add_option(optimize, "refit_candidates", type=_positive, metavar="K")
     _add_option(optimize, "output_kind", choices=_output_kinds(), context="with --data/--synthesize: ")
     optimize.add_argument("--distill", type=_positive, nargs="?", const=_distill_default(), metavar="EPOCHS",

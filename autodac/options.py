@@ -139,7 +139,10 @@ class FitOptions(_Options):
     refit_candidates: int = _option(
         1, "re-fit the search's K best plans and keep the best on held-out probe examples", at_least(1), fingerprint=True)
     max_layer_error: float = _option(0.5, "cap on a layer's predicted relative output error, when the budget allows", POSITIVE_ERROR)
-    widths: bool = _option(True, "also offer narrower hidden widths (channel chains) as options; in a study's fingerprint when off")
+    widths: bool = _option(
+        True, "also offer narrower hidden widths (channel chains) as options, whatever `methods` lists (`methods=[\"dac\"]` still "
+        "narrows 1x1 chains); in a study's fingerprint when off",
+    )
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def test_optimize_writes_the_plan_the_model_and_a_json_summary(work: Path, data_
 
 
 def test_optimize_text_output_is_the_summary_table(work: Path) -> None:
-    done = _ok(_cli("optimize", "small.pt", "--flops-budget", "0.7", "--input-shape", SHAPE, "--methods", "dac",
+    done = _ok(_cli("optimize", "small.pt", "--flops-budget", "0.7", "--input-shape", SHAPE, "--methods", "dac", "--no-widths",
                     "--exclude", "fc", "--out", "dac.json", cwd=work))
     assert done.stdout.splitlines()[0].split()[:3] == ["layer", "weight", "method"]
     assert "(ratio 0." in done.stdout and "wrote dac.json" in done.stdout

@@ -54,7 +54,7 @@ def test_the_cli_defaults_are_the_dataclass_defaults() -> None:
                 default = list(option.default) if isinstance(option.default, tuple) and name == "exclude" else option.default
                 assert args[name] == default, (command, name)
                 seen.add(name)
-    assert seen == {"synthesize", "methods", "exclude", "n_trials", "seed", "sequential_fit", "refit_candidates",
+    assert seen == {"synthesize", "methods", "exclude", "n_trials", "seed", "sequential_fit", "widths", "refit_candidates",
                     "profile_points", "profile_size", "output_kind"}
 
 

@@ -490,3 +490,13 @@ def test_a_data_free_plan_without_implied_moments_says_why() -> None:
     assert any(c.method == "width" for c in wrapped.plan.factorized.values())
     assert any("widths are ordered by their weights, not by the input moments the BatchNorms imply" in n and "a dict" in n
                for n in wrapped.plan.notes)
+
+
+def test_widths_are_offered_whatever_methods_lists() -> None:
+    x = torch.randn(1, 3, 16, 16)
+    result = _quiet_optimize(InvertedResidualNet(), 0.7, example_inputs=x, methods=["dac"])  # DAC applies to no 1x1 conv
+    widths = [name for name, c in result.plan.factorized.items() if c.method == "width"]
+    assert widths and not any(name in result.plan.skipped for name in widths)
+    assert {c.method for c in result.plan.factorized.values()} <= {"dac", "width"}
+    off = _quiet_optimize(InvertedResidualNet(), 0.95, example_inputs=x, methods=["dac"], widths=False)
+    assert "width" not in {c.method for c in off.plan.factorized.values()}
