@@ -368,6 +368,8 @@ def _skip_reason(layer: TracedLayer, methods: Sequence[str], excluded: bool) -> 
                 f"use torch.nn.utils.parametrizations.{legacy}, which autodac reads, or remove it first")
     if own_hooks(module):
         return _HOOKED
+    if getattr(module, "groups", 1) != 1 and module.groups == module.in_channels and module.weight.shape[0] == module.groups:
+        return f"depthwise conv (groups={module.groups}): one filter per channel, nothing to factorise (a width narrows it with its block)"
     if getattr(module, "groups", 1) != 1:
         return (f"grouped conv (groups={module.groups}): not supported, the methods factorise convs whose every output reads "
                 "every input channel (a per-group split could save FLOPs; autodac does not make one)")
@@ -1366,10 +1368,15 @@ def _score(run: _Run) -> None:
 
 
 def _skipped_share(run: _Run, most: int = 3) -> str:
-    """The skipped layers that hold the most FLOPs, with their share and reason: why a budget is out of reach."""
+    """The skipped layers that hold the most FLOPs, with their share and reason: why a budget is out of reach.
+    A layer inside a width unit's chain (a depthwise conv between the producer and the consumer) is not one: it narrows
+    with the width, and its FLOPs are in the unit's options."""
     by_module, total = run.original.by_module, run.original.total
+    narrowed = {name for c in run.candidates if c.unit is not None for name in c.unit.chain}
     held = []
     for name, why in run.skipped.items():
+        if name in narrowed:
+            continue
         flops = by_module.get(name, by_module.get(name.rpartition(".")[0], 0)) if name else total
         if flops > 0:
             held.append((flops, name, why))

@@ -69,7 +69,7 @@ def test_the_budget_holds_by_an_independent_count_or_is_refused_with_a_reachable
 def test_a_channel_shuffle_keeps_its_grouped_conv_dense_and_says_why() -> None:
     result = autodac.optimize(ShuffleNetLike(), 0.7, example_inputs=torch.randn(1, 3, 32, 32), progress=False)
     assert "grouped conv (groups=2)" in result.plan.skipped["grouped.0"]
-    assert "grouped conv" in result.plan.skipped["units.0.branch.1"]  # the depthwise 3x3
+    assert "depthwise conv (groups=" in result.plan.skipped["units.0.branch.1"]  # the depthwise 3x3
 
 
 @pytest.mark.filterwarnings("ignore:autodac. the plan is predicted to damage")

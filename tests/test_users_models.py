@@ -500,3 +500,11 @@ def test_widths_are_offered_whatever_methods_lists() -> None:
     assert {c.method for c in result.plan.factorized.values()} <= {"dac", "width"}
     off = _quiet_optimize(InvertedResidualNet(), 0.95, example_inputs=x, methods=["dac"], widths=False)
     assert "width" not in {c.method for c in off.plan.factorized.values()}
+
+
+def test_an_unreachable_budget_names_only_layers_the_smallest_plan_leaves_as_they_are() -> None:
+    with pytest.raises(autodac.BudgetError) as refused:
+        _quiet_optimize(InvertedResidualNet(), 0.001, example_inputs=torch.randn(1, 3, 16, 16))
+    message = str(refused.value)
+    assert "the smallest reachable ratio" in message
+    assert "depthwise" not in message  # each is inside a width unit: it narrows with its block
