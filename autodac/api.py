@@ -369,7 +369,7 @@ def _skip_reason(layer: TracedLayer, methods: Sequence[str], excluded: bool) -> 
     if own_hooks(module):
         return _HOOKED
     if getattr(module, "groups", 1) != 1 and module.groups == module.in_channels and module.weight.shape[0] == module.groups:
-        return f"depthwise conv (groups={module.groups}): one filter per channel, nothing to factorise (a width narrows it with its block)"
+        return f"depthwise conv (groups={module.groups}): one filter per channel, nothing to factorise"
     if getattr(module, "groups", 1) != 1:
         return (f"grouped conv (groups={module.groups}): not supported, the methods factorise convs whose every output reads "
                 "every input channel (a per-group split could save FLOPs; autodac does not make one)")

@@ -373,7 +373,7 @@ def test_budget_below_the_reachable_minimum() -> None:
 def test_nothing_to_decompose() -> None:
     model = DepthwiseOnlyNet()
     before = _state(model)
-    with pytest.raises(autodac.ModelError, match=r"at least one layer that can be decomposed.*depthwise: grouped conv \(groups=4\)"):
+    with pytest.raises(autodac.ModelError, match=r"at least one layer that can be decomposed.*depthwise: depthwise conv \(groups=4\): one filter per channel"):
         autodac.optimize(model, 0.5, example_inputs=torch.randn(1, 4, 6, 6), progress=False)
     _assert_same_state(model, before)
     with pytest.raises(autodac.ModelError, match="no Conv1d, Conv2d or Linear layer"):
