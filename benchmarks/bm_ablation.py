@@ -15,7 +15,7 @@ ablation turns one off:
 * ``- sequential re-fit``: ``sequential_fit=False``;
 * ``- data-aware fits``: ``fit_to_data=False, sequential_fit=False`` (weight-error fits only);
 * ``- BN re-estimation``: ``reestimate_bn=False``;
-* ``DAC only``: ``methods=("dac",)``;
+* ``DAC only``: ``methods=("dac",), widths=False``;
 * ``+ transposed DAC``: ``methods=("dac", "spatial", "lowrank", "tdac")``;
 * ``data-free (no probe)``: ``optimize(model, b)``: reconstruction error only.
 
@@ -44,7 +44,7 @@ PROBE_VARIANTS = {
     "- sequential re-fit": {"sequential_fit": False},
     "- data-aware fits": {"fit_to_data": False, "sequential_fit": False},
     "- BN re-estimation": {"reestimate_bn": False},
-    "DAC only": {"methods": ("dac",)},
+    "DAC only": {"methods": ("dac",), "widths": False},
     "+ transposed DAC": {"methods": DEFAULT_METHODS + ("tdac",)},
 }
 SECTION = "autodac, one lever off at a time"

@@ -9,7 +9,7 @@ test set) of
 
 * ``autodac (all methods)``: ``autodac.optimize(model, b, example_inputs=x[:1], methods=ALL_METHODS)``
   (every factorisation autodac has, transposed DAC included), no data;
-* ``autodac (dac only)``: the same with ``methods=("dac",)``;
+* ``autodac (dac only)``: the same with ``methods=("dac",), widths=False`` (DAC alone);
 * ``uniform DAC rank r``: every DAC-eligible conv at one rank r, the smallest r whose FLOPs
   ratio is at least ``b`` (so the baseline never has fewer FLOPs than the plan);
 
@@ -55,7 +55,7 @@ def methods_used(result: Result) -> str:
 def autodac_row(model, budget, example, test_x, test_y, original_acc, methods, label):
     start = time.perf_counter()
     try:
-        result = autodac.optimize(model, budget, example_inputs=example, methods=methods, progress=False)
+        result = autodac.optimize(model, budget, example_inputs=example, methods=methods, widths=len(methods) > 1, progress=False)
     except BudgetError as error:
         log(f"  {label}: budget unreachable ({error})")
         return {"variant": label, "FLOPs ratio": None, "test acc (%)": None, "Δ acc (pp)": None,
@@ -146,7 +146,7 @@ def main() -> None:
         "",
         f"Test accuracy on {'the first 1,000 (--quick)' if args.quick else f'all {len(test_y):,}'} Fashion-MNIST test images. "
         "`autodac (all methods)` is `optimize(model, b, example_inputs=x[:1], methods=(all four))`; `autodac (dac only)` adds "
-        "`methods=(\"dac\",)`; `uniform DAC rank r` decomposes every DAC-eligible conv (groups 1, kernel > 1, rank r "
+        "`methods=(\"dac\",), widths=False`; `uniform DAC rank r` decomposes every DAC-eligible conv (groups 1, kernel > 1, rank r "
         "cheaper than dense) at the smallest r whose FLOPs ratio is >= b. FLOPs ratios are fvcore counts at 1x1x28x28. "
         "No BatchNorm re-estimation anywhere. `plan s` is the wall time of planning and building the model "
         "(accuracy evaluation excluded; one untimed optimize() per net first, so imports and fvcore's first trace are not counted).",

@@ -45,7 +45,8 @@ def main() -> None:
             for label, methods in METHOD_SETS.items():
                 start = time.perf_counter()
                 try:
-                    result = autodac.optimize(model, budget, example_inputs=test_x[:1], methods=methods, progress=False)
+                    alone = len(methods) == 1  # one method alone: no widths either (they are offered whatever `methods` lists)
+                    result = autodac.optimize(model, budget, example_inputs=test_x[:1], methods=methods, widths=not alone, progress=False)
                 except autodac.BudgetError as refusal:
                     rows.append({"net": net, "budget": budget, "methods": label, "test acc (%)": None, "FLOPs ratio": None,
                                  "layers per method": f"refused: {refusal}", "seconds": None})

@@ -45,7 +45,7 @@ def main():
     shape = test_x[:1]  # the input shape FLOPs are counted at
 
     results = {
-        "DAC only": autodac.optimize(model, args.budget, example_inputs=shape, methods=["dac"], progress=False),
+        "DAC only": autodac.optimize(model, args.budget, example_inputs=shape, methods=["dac"], widths=False, progress=False),
         "all methods": autodac.optimize(model, args.budget, example_inputs=shape, progress=False),
         # With labels the probe scores plans by top-1 accuracy on held-out probe images (plan.metrics).
         "all + probe": autodac.optimize(model, args.budget, example_inputs=shape, data=probe, n_trials=args.n_trials,
