@@ -483,7 +483,8 @@ def _collect(
     members = {unit.consumer for unit in units.values()} | {unit.producer for unit in units.values()}
     joined = {layer.name for layer in width_only if layer.name in members}
     if joined:  # a width's consumer or producer: planned in its unit (widths are offered whatever `methods` lists)
-        live = [layer for layer in traced if layer.name in joined or any(layer is kept for kept in live)]
+        names = joined | {layer.name for layer in live}
+        live = [layer for layer in traced if layer.name in names]  # in execution order, as before
         for name in joined:
             del skipped[name]
     modules = {t.name: t.module for t in live}
@@ -951,11 +952,11 @@ class _ProbeRunner:
         one (every 28x28 probe) is never stopped, and one that is stopped was a bigger probe.
         """
         if reestimate:
-            model = reestimate_batchnorm(copy.deepcopy(model), self.calibration)
+            model = reestimate_batchnorm(copy_model(model), self.calibration)
         if self.evaluate is not None:
             # a copy: an evaluation loop that runs it in train mode or ends in `model.train()` changes neither
             # the original nor the model a plan returns (its BatchNorm statistics and modes)
-            value = self.evaluate(copy.deepcopy(model))
+            value = self.evaluate(copy_model(model))
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
                 raise AutodacError(f"`evaluate(model)` must return a finite real number, but returned {value!r}")
             return float(value), float(value)
@@ -1654,7 +1655,7 @@ def _final_measurements(run: _Run) -> None:
     plain = runner.score(run.decomposed)
     metrics["probe_without_bn_reestimate"] = metrics["probe"] = plain[1]
     if run.can_reestimate:
-        reestimated = reestimate_batchnorm(copy.deepcopy(run.decomposed), runner.calibration)
+        reestimated = reestimate_batchnorm(copy_model(run.decomposed), runner.calibration)
         with_bn = runner.score(reestimated)
         metrics["probe_with_bn_reestimate"] = with_bn[1]
         if with_bn[0] > plain[0] and with_bn[1] >= plain[1]:

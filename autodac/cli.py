@@ -417,12 +417,9 @@ def _check_folder(what: str, path_text: str | None) -> None:
 
 
 def _titles(paths: Sequence[str]) -> list[str]:
-    """A column title per plan file: its stem, its path where stems repeat, numbered where a path is given twice."""
+    """A column title per plan file: its stem, its path where stems repeat, numbered where a path is given more than once."""
     stems = [Path(p).stem for p in paths]
-    titles = stems if len(set(stems)) == len(stems) else list(paths)
-    if len(set(titles)) == len(titles):
-        return titles
-    return [f"{title} ({i + 1})" for i, title in enumerate(titles)]
+    return _numbered(stems if len(set(stems)) == len(stems) else list(paths))
 
 
 def _numbered(titles: Sequence[str]) -> list[str]:

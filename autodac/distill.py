@@ -21,7 +21,6 @@ probabilities; ``autodac.probes.output_kind``), relative squared error without a
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import time
@@ -35,6 +34,7 @@ from autodac.batches import Batch, Inputs, arguments, call, count, per_example
 from autodac.errors import AutodacError, ModelError
 from autodac.options import DistillOptions
 from autodac.probes import activation_batch_size, batch_size_for, divergence_tensor
+from autodac.surgery import copy_model
 
 __all__ = ["DistillReport", "distill", "replay", "output_loss", "feature_loss"]
 
@@ -259,7 +259,7 @@ def distill(
     """
     start = time.perf_counter()
     before = score(student)
-    model = copy.deepcopy(student)
+    model = copy_model(student)
     history: list[tuple[float, float]] = []
     accepted: list[bool] = []
     best = before
@@ -290,7 +290,7 @@ def replay(student: nn.Module, teacher: nn.Module, inputs: Batch, settings: Dist
         raise AutodacError(
             f"the distillation to replay must be 1 to {settings.epochs} accept/reject decisions ending in an accepted epoch, but got {list(accepted)!r}"
         )
-    model = copy.deepcopy(student)
+    model = copy_model(student)
     with _Trainer(model, teacher, inputs, settings, None, layers, kind) as trainer:
         for decision in accepted:
             trainer.epoch()

@@ -508,3 +508,22 @@ def test_an_unreachable_budget_names_only_layers_the_smallest_plan_leaves_as_the
     message = str(refused.value)
     assert "the smallest reachable ratio" in message
     assert "depthwise" not in message  # each is inside a width unit: it narrows with its block
+
+
+def test_a_legacy_weight_normed_layer_survives_distillation_and_evaluate_copies() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.utils.weight_norm(nn.Conv2d(3, 16, 3, padding=1)), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    ).eval()
+    with torch.no_grad():
+        reference = model(X).argmax(1)
+
+    def evaluate(candidate: nn.Module) -> float:
+        with torch.no_grad():
+            return float((candidate(X).argmax(1) == reference).float().mean())
+
+    # training runs the legacy hook with grad: the weight it leaves on the module has a history, which deepcopy refuses
+    result = _quiet_optimize(model, 0.7, data=[X], evaluate=evaluate, n_trials=2,
+                             distill=autodac.DistillOptions(epochs=2, lr=1e-3))
+    assert "legacy form" in result.plan.skipped["0"]  # kept, and the call completed: copies of it were made after training
