@@ -34,7 +34,9 @@ from autodac.batches import Batch, arguments, count, per_example
 from autodac.budgets import Budget, Budgets, gather
 from autodac.factorize import METHODS, get_method
 from autodac.latency import LatencyCache, LatencyTable, describe_device, measure_table, resolve_device, side_by_side
-from autodac.options import DEFAULT_METHODS, GROUPS, DistillOptions, FitOptions, ProbeOptions, SearchOptions, StudyOptions, fingerprinted
+from autodac.options import (
+    DEFAULT_METHODS, GROUPS, SWITCH, DistillOptions, FitOptions, ProbeOptions, SearchOptions, StudyOptions, fingerprinted,
+)
 from autodac.distill import distill as distill_model, replay as replay_distillation
 from autodac.layers import IMPLEMENTATIONS, SUPPORTED_TYPES, build_factorized, keep_shape_attributes
 from autodac.runtimes import Runtime, get_runtime
@@ -1244,6 +1246,7 @@ def _check(given: dict[str, Any]) -> _Run:
     evaluate, data = given["evaluate"], given["data"]
     if evaluate is not None and not callable(evaluate):
         raise AutodacError(f"`evaluate` must be a callable model -> float, but got {type(evaluate).__name__}")
+    SWITCH.check("progress", given["progress"])
     if groups["probe"].synthesize and data is not None:
         raise AutodacError("`data` and `synthesize` are alternatives (synthesised inputs stand in for missing data), but both were given")
     settings = _Settings(

@@ -14,6 +14,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
 
+import numpy as np
+
 from autodac.errors import AutodacError
 from autodac.factorize import METHODS, get_method
 from autodac.probes import DEFAULT_PROBE_SIZE, OUTPUT_KIND_CHOICES
@@ -72,10 +74,29 @@ NON_NEGATIVE = Rule(">= 0 and finite", lambda v: isinstance(v, numbers.Real) and
                     "`{name}` must be a finite number >= 0")
 SEED = Rule("integer from 0 to 2**32 - 1", lambda v: _is_int(v) and 0 <= v < 2**32,
             "`{name}` must be an integer from 0 to 2**32 - 1 (what Optuna's and NumPy's generators take)")
-OPTIONAL_POSITIVE = Rule("None or > 0", lambda v: v is None or POSITIVE.holds(v), "`{name}` must be None or a positive finite number")
+OPTIONAL_POSITIVE = Rule("None or > 0 and finite", lambda v: v is None or POSITIVE.holds(v), "`{name}` must be None or a positive finite number")
 OUTPUT_KIND = Rule(" or ".join(repr(k) for k in OUTPUT_KIND_CHOICES), lambda v: v in OUTPUT_KIND_CHOICES,
                    "`{name}` must be one of " + ", ".join(repr(k) for k in OUTPUT_KIND_CHOICES))
+SWITCH = Rule("True or False", lambda v: isinstance(v, bool), "`{name}` must be True or False (a switch)")
 WEIGHTINGS = Rule("'batchnorm' or 'none'", lambda v: v in ("batchnorm", "none"), "`{name}` must be 'batchnorm' or 'none'")
+
+
+def _names(option: str, what: str, value: Any) -> tuple[str, ...]:
+    """One string or an iterable of strings as a tuple; anything else refused naming ``option`` and the value."""
+    if isinstance(value, str):
+        return (value,)
+    try:
+        names = tuple(value)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(name, str) for name in names):
+        raise AutodacError(f"`{option}` must be one {what} or a list of them (strings), but got {option}={value!r}")
+    return names
+
+
+def _switch(value: Any) -> Any:
+    """NumPy's booleans as Python's (what plans, studies and JSON take); anything else as it is, for ``SWITCH`` to judge."""
+    return bool(value) if isinstance(value, np.bool_) else value
 
 
 def _methods(methods: Iterable[str] | str) -> tuple[str, ...]:
@@ -84,7 +105,7 @@ def _methods(methods: Iterable[str] | str) -> tuple[str, ...]:
     They are a set: named in any order (or twice) they plan alike, and workers of one shared search
     that list them differently measure the same options.
     """
-    methods = (methods,) if isinstance(methods, str) else tuple(methods)
+    methods = _names("methods", "factorisation name", methods)
     if not methods:
         raise AutodacError(f"`methods` must name at least one of {sorted(METHODS)}, but got methods={methods!r}")
     for name in methods:
@@ -94,7 +115,7 @@ def _methods(methods: Iterable[str] | str) -> tuple[str, ...]:
 
 def _patterns(patterns: Iterable[str] | str) -> tuple[str, ...]:
     """One glob pattern or several, as a tuple."""
-    return (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    return _names("exclude", "glob pattern of layer names", patterns)
 
 
 def _option(default: Any, help: str, rule: Rule | None = None, *, fingerprint: bool = False,
@@ -133,15 +154,17 @@ class FitOptions(_Options):
         fingerprint=True, convert=_patterns,
     )
     weighting: str = _option("batchnorm", "weigh output channels by the BatchNorm that follows, or not", WEIGHTINGS, fingerprint=True)
-    fit_to_data: bool = _option(True, "fit each layer to its probe inputs' covariance (output error, not weight error)", fingerprint=True)
+    fit_to_data: bool = _option(True, "fit each layer to its probe inputs' covariance (output error, not weight error)", SWITCH,
+                               fingerprint=True, convert=_switch)
     sequential_fit: bool = _option(
-        True, "re-fit the chosen layers in execution order to the decomposed model's own inputs", fingerprint=True)
+        True, "re-fit the chosen layers in execution order to the decomposed model's own inputs", SWITCH, fingerprint=True,
+        convert=_switch)
     refit_candidates: int = _option(
         1, "re-fit the search's K best plans and keep the best on held-out probe examples", at_least(1), fingerprint=True)
     max_layer_error: float = _option(0.5, "cap on a layer's predicted relative output error, when the budget allows", POSITIVE_ERROR)
     widths: bool = _option(
         True, "also offer narrower hidden widths (channel chains) as options, whatever `methods` lists (`methods=[\"dac\"]` still "
-        "narrows 1x1 chains); in a study's fingerprint when off",
+        "narrows 1x1 chains); in a study's fingerprint when off", SWITCH, convert=_switch,
     )
 
 
@@ -158,7 +181,8 @@ class ProbeOptions(_Options):
     profile_points: int = _option(4, "options measured per layer (the rest read off its loss curve)", at_least(1), fingerprint=True)
     synthesize: int = _option(0, "without data: plan on N inputs synthesised to match the model's BatchNorm statistics", SYNTHESIS_COUNT)
     reestimate_bn: bool = _option(
-        True, "re-estimate BatchNorm statistics on the probe, kept only when held-out examples say it helps", fingerprint=True)
+        True, "re-estimate BatchNorm statistics on the probe, kept only when held-out examples say it helps", SWITCH,
+        fingerprint=True, convert=_switch)
     output_kind: str = _option(
         "auto", "what the model's outputs are, so the probe compares them fittingly: 'auto' reads it off them; 'scores' "
         "(softmax KL, top-1), 'distribution', 'probabilities' (Bernoulli KL) or 'values' (squared error, R^2); "
@@ -185,7 +209,7 @@ class SearchOptions(_Options):
         "(another sums floats in another order: the last digits move)", SEED,
     )
     pareto: bool = _option(False, "two-objective search (FLOPs and the probe objective); `result.pareto` lists the front",
-                           fingerprint=True)
+                           SWITCH, fingerprint=True, convert=_switch)
 
 
 @dataclass(frozen=True)

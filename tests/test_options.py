@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +96,15 @@ BAD_VALUES = [
     ("weighting", "bn", "`weighting` must be 'batchnorm' or 'none'"),
     ("synthesize", 1, "`synthesize` must be 0 (off) or an integer >= 2 (inputs to synthesise)"),
     ("methods", (), "`methods` must name at least one of"),
+    ("methods", 5, "`methods` must be one factorisation name or a list of them (strings)"),
+    ("exclude", 5, "`exclude` must be one glob pattern of layer names or a list of them (strings)"),
+    ("exclude", ["conv1*", 3], "`exclude` must be one glob pattern of layer names or a list of them (strings)"),
+    ("widths", "False", "`widths` must be True or False (a switch)"),
+    ("sequential_fit", None, "`sequential_fit` must be True or False (a switch)"),
+    ("fit_to_data", 2, "`fit_to_data` must be True or False (a switch)"),
+    ("reestimate_bn", "no", "`reestimate_bn` must be True or False (a switch)"),
+    ("pareto", "yes", "`pareto` must be True or False (a switch)"),
+    ("timeout", float("inf"), "`timeout` must be None or a positive finite number"),
 ]
 
 
@@ -108,6 +118,12 @@ def test_a_bad_value_is_refused_by_its_rule_and_value_flat_and_grouped(name: str
         group(**{name: value})
     assert expected in str(flat.value) and str(flat.value) == str(grouped.value)
     assert str(flat.value).startswith(rule)
+
+
+def test_progress_must_be_a_switch_and_numpy_booleans_count_as_switches() -> None:
+    with pytest.raises(autodac.AutodacError, match=r"`progress` must be True or False \(a switch\), but got progress='x'"):
+        autodac.optimize(SmallConvNet(), 0.5, example_inputs=X, progress="x")
+    assert FitOptions(widths=np.bool_(False)).widths is False and SearchOptions(pareto=np.True_).pareto is True
 
 
 def test_an_unknown_method_is_refused_by_the_registry_in_a_group_too() -> None:
