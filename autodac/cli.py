@@ -88,7 +88,10 @@ def _budget(text: str) -> float:
 
 
 def _methods(text: str) -> tuple[str, ...]:
-    return tuple(m.strip() for m in text.split(",") if m.strip())
+    names = tuple(m.strip() for m in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"must be factorisation names separated by single commas, like dac,spatial, but got {text!r}")
+    return names
 
 
 def _positive(text: str) -> int:
@@ -226,8 +229,11 @@ def _model_factory(spec: str, weights: str | None, pretrained: bool, model_args:
     if pretrained:
         if module_name != "autodac.zoo":
             raise CLIError(f"`--pretrained` loads the weights autodac ships, so MODEL must be autodac.zoo:NAME, but got {spec!r}")
-        from autodac.zoo import pretrained as shipped
+        from autodac.zoo import SHIPPED_WEIGHTS, pretrained as shipped
 
+        if attribute not in SHIPPED_WEIGHTS:
+            raise CLIError(f"`--pretrained` needs MODEL autodac.zoo:NAME with NAME one of {sorted(SHIPPED_WEIGHTS)} (the nets autodac "
+                           f"ships weights for), but got {spec!r}")
         return shipped(attribute)
     if model_args is not None:
         try:
@@ -834,6 +840,7 @@ def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
     _add_shape(optimize, "required without --data; with --data the first example's shape")
     optimize.add_argument("--data", metavar="FILE", help="probe: .npz with x (inputs) and optional y (labels), or a .pt")
     _add_option(optimize, "synthesize", type=_positive, metavar="N")
+    _add_option(optimize, "probe_size", type=_positive, metavar="N", context="with --data/--synthesize: ")
     optimize.add_argument("--device", metavar="DEVICE", help="where --latency-budget is timed (default: where the model is; e.g. cuda:0)")
     optimize.add_argument("--runtime", choices=("torch", "onnxruntime"),
                           help="what --latency-budget is timed in: eager torch (default) or onnxruntime (needs autodac[deploy])")
@@ -846,6 +853,7 @@ def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
     _add_option(optimize, "widths", "--no-widths", action="store_false", context="for a plan of the given --methods only: ")
     _add_option(optimize, "refit_candidates", type=_positive, metavar="K")
     _add_option(optimize, "output_kind", choices=_output_kinds(), context="with --data/--synthesize: ")
+    _add_option(optimize, "pareto", action="store_true", context="with --data/--synthesize: ")
     optimize.add_argument("--distill", type=_positive, nargs="?", const=_distill_default(), metavar="EPOCHS",
                           help="with --data/--synthesize: then train the decomposed model towards the original's outputs on the probe "
                                f"for EPOCHS epochs (default {_distill_default()}), kept only if the held-out probe improves")

@@ -178,7 +178,7 @@ def vgg16_shaped(in_channels: int = 3, num_classes: int = 1000) -> nn.Module:
     return VGG16Shaped(in_channels, num_classes)
 
 
-_WEIGHTS = {"resnet20": "resnet20_fashion_mnist.pt", "cifar_vgg": "cifar_vgg_fashion_mnist.pt"}
+SHIPPED_WEIGHTS = {"resnet20": "resnet20_fashion_mnist.pt", "cifar_vgg": "cifar_vgg_fashion_mnist.pt"}
 
 
 def pretrained(name: str) -> nn.Module:
@@ -191,9 +191,9 @@ def pretrained(name: str) -> nn.Module:
 
     from autodac.errors import AutodacError
 
-    if name not in _WEIGHTS:
-        raise AutodacError(f"`name` must be one of {sorted(_WEIGHTS)}, but got name={name!r}")
+    if name not in SHIPPED_WEIGHTS:
+        raise AutodacError(f"`name` must be one of {sorted(SHIPPED_WEIGHTS)}, but got name={name!r}")
     model = {"resnet20": resnet20, "cifar_vgg": cifar_vgg}[name]()
-    state = torch.load(Path(__file__).with_name("weights") / _WEIGHTS[name], map_location="cpu", weights_only=True)
+    state = torch.load(Path(__file__).with_name("weights") / SHIPPED_WEIGHTS[name], map_location="cpu", weights_only=True)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.eval()

@@ -74,3 +74,16 @@ def test_export_writes_every_format_and_checks_it() -> None:
     for fmt in ("pt", "torchscript", "pt2"):
         assert re.search(rf"^{fmt}: [0-9.]+ MB, loaded back, max \|difference\| ", out, re.M), out
     assert re.search(r"^onnx: (skipped|[0-9.]+ MB, loaded back)", out, re.M), out
+
+
+def test_the_readme_layout_names_every_module_of_the_package() -> None:
+    """Someone new reads the architecture off the README's Layout: a module missing there is a module nobody finds."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    layout = text[text.index("## Layout"):]
+    layout = layout[: layout.index("```", layout.index("```") + 3)]
+    missing = [
+        str(path.relative_to(root / "autodac")) for path in sorted((root / "autodac").rglob("*.py"))
+        if path.name != "__init__.py" and path.name not in layout
+    ]
+    assert not missing, f"the README's Layout does not name {missing}"

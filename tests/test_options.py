@@ -56,7 +56,7 @@ def test_the_cli_defaults_are_the_dataclass_defaults() -> None:
                 assert args[name] == default, (command, name)
                 seen.add(name)
     assert seen == {"synthesize", "methods", "exclude", "n_trials", "seed", "sequential_fit", "widths", "refit_candidates",
-                    "profile_points", "profile_size", "output_kind"}
+                    "profile_points", "profile_size", "output_kind", "probe_size", "pareto"}
 
 
 def test_the_cli_help_is_the_option_help() -> None:
@@ -83,6 +83,18 @@ def test_the_cli_forwards_its_option_flags_to_optimize_by_name(monkeypatch: pyte
                   "--methods", "dac", "--quiet"])
     assert received["n_trials"] == 3 and received["sequential_fit"] is False and received["exclude"] == ["conv1*"]
     assert received["methods"] == ("dac",) and received["seed"] == SearchOptions.seed and received["synthesize"] == 0
+    assert received["probe_size"] == ProbeOptions.probe_size and received["pareto"] is False
+    with pytest.raises(Called):  # more than the default probe holds, as the refusal without --probe-size says to do
+        cli.main(["optimize", "autodac.testing:SmallConvNet", "--input-shape", "1,3,8,8", "--flops-budget", "0.5",
+                  "--out", str(tmp_path / "p.json"), "--synthesize", "4096", "--probe-size", "4096", "--pareto", "--quiet"])
+    assert received["synthesize"] == received["probe_size"] == 4096 and received["pareto"] is True
+
+
+def test_the_cli_refuses_an_empty_method_name_and_a_pretrained_net_autodac_ships_no_weights_for() -> None:
+    with pytest.raises(Exception, match="must be factorisation names separated by single commas, like dac,spatial, but got 'dac,,spatial'"):
+        cli.build_parser().parse_args(["optimize", "m:f", "--flops-budget", "0.5", "--out", "p.json", "--methods", "dac,,spatial"])
+    with pytest.raises(cli.CLIError, match=r"`--pretrained` needs MODEL autodac.zoo:NAME with NAME one of \['cifar_vgg', 'resnet20'\]"):
+        cli._load_model("autodac.zoo:resnet50_shaped", pretrained=True)
 
 
 BAD_VALUES = [
