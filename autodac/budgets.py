@@ -22,10 +22,11 @@ def check_ratio(name: str, value: Any) -> float:
     """``value`` as a float in ``(0, 1]``; a ``BudgetError`` naming the rule and echoing the value otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise BudgetError(f"`{name}` must be a real number with 0 < {name} <= 1, but got {name}={value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise BudgetError(f"`0 < {name} <= 1` must hold, but got {name}={value!r}")
-    return value
+    ratio = float(value)
+    if not (math.isfinite(ratio) and 0.0 < ratio <= 1.0):
+        shown = value if type(value) in (int, float) else ratio  # the number as typed; NumPy's scalars as plain numbers
+        raise BudgetError(f"`0 < {name} <= 1` must hold, but got {name}={shown!r}")
+    return ratio
 
 
 class Budget:
