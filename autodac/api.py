@@ -543,7 +543,25 @@ def _collect(
             skipped[name] = "no factorisation is cheaper than the dense layer"
         else:
             candidates.append(candidate)
+    _count_every_call(candidates, notes)
     return traced, candidates, skipped
+
+
+def _count_every_call(candidates: list[_Candidate], notes: list[str] | None) -> None:
+    """A layer the forward runs ``n`` times (weights shared) damages ``n`` outputs: its predicted errors count ``n`` times.
+
+    Its FLOPs are already counted per call (fvcore's count and the closed forms alike); without this, the
+    planner would see half the damage of two separate layers with the same factors, and so would the
+    data-free damage flag and the summary's sum.
+    """
+    shared = [(c, len(c.layer.geometry.calls)) for c in candidates if len(c.layer.geometry.calls) > 1]
+    for candidate, calls in shared:
+        candidate.options = [(method, rank, cost, error * calls) for method, rank, cost, error in candidate.options]
+    if shared and notes is not None:
+        listed = ", ".join(f"{c.layer.name or 'the model itself'} ({calls} times)" for c, calls in shared[:5])
+        more = f" and {len(shared) - 5} more" if len(shared) > 5 else ""
+        notes.append(f"layers run more than once a forward (shared weights): {listed}{more}; their predicted errors are summed over "
+                     "their runs")
 
 
 def _oversized_note(oversized: dict[str, nn.Module]) -> str:

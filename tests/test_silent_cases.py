@@ -210,3 +210,34 @@ def test_a_bare_layer_passed_as_the_model_is_named_as_the_model_itself() -> None
         autodac.optimize(nn.ConvTranspose2d(4, 4, 3), 0.5, example_inputs=torch.randn(1, 4, 8, 8), progress=False)
     result = autodac.optimize(nn.Conv2d(8, 8, 3), 0.5, example_inputs=torch.randn(1, 8, 8, 8), progress=False)
     assert "worst layer output error" in result.summary() and "(the model itself)" in result.summary()
+
+
+# ----------------------------------------------------------------------------- a layer run more than once
+
+
+class _RunTwice(nn.Module):
+    """One conv run twice on the same input: the same function as ``_RunOnce``, with the conv's FLOPs and damage twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.conv(x), self.conv(x)], 1)
+
+
+class _RunOnce(_RunTwice):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.cat([y, y], 1)
+
+
+def test_a_layer_run_twice_counts_its_predicted_error_twice_and_says_so() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a deep cut of one small layer is flagged: not what this is about
+        twice = autodac.optimize(_RunTwice(), 0.5, example_inputs=X[:1], progress=False).plan
+        once = autodac.optimize(_RunOnce(), 0.5, example_inputs=X[:1], progress=False).plan
+    assert (twice.layers["conv"].method, twice.layers["conv"].rank) == (once.layers["conv"].method, once.layers["conv"].rank)
+    assert twice.layers["conv"].error == pytest.approx(2 * once.layers["conv"].error, rel=1e-6) and once.layers["conv"].error > 0
+    assert any("conv (2 times)" in note for note in twice.notes) and not any("more than once" in note for note in once.notes)
