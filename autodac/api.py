@@ -157,8 +157,10 @@ def _default_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
                 return (torch.zeros(1, module.in_channels, 224, 224, **options),)
             if isinstance(module, nn.Conv1d):
                 return (torch.zeros(1, module.in_channels, 1024, **options),)
+            if isinstance(module, nn.Conv3d):  # a video clip: 16 frames of 112x112
+                return (torch.zeros(1, module.in_channels, 16, 112, 112, **options),)
             return (torch.zeros(1, module.in_features, **options),)
-    raise ModelError("the model has no Conv1d, Conv2d or Linear layer, so there is nothing to decompose")
+    raise ModelError("the model has no Conv1d, Conv2d, Conv3d or Linear layer, so there is nothing to decompose")
 
 
 def _check_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], bool]:
@@ -355,7 +357,7 @@ def _skip_reason(layer: TracedLayer, methods: Sequence[str], excluded: bool) -> 
     if excluded:
         return "excluded by the caller"
     if layer.unsupported is not None:
-        return f"{layer.unsupported} is not a layer type autodac factorises (Conv1d, Conv2d, Linear)"
+        return f"{layer.unsupported} is not a layer type autodac factorises (Conv1d, Conv2d, Conv3d, Linear)"
     if layer.shares_with is not None:
         return f"shares a parameter with {layer.shares_with!r} (tied weights): replacing one would untie them"
     if layer.functional is not None and layer.functional.startswith("Tensor."):
@@ -1384,7 +1386,7 @@ def _score(run: _Run) -> None:
         run.probe_source = {"source": "batchnorm", "seed": s.search.seed}
         run.notes.append("no data: layers are fitted to the input moments their BatchNorms imply (autodac.implied)")
     if not run.candidates:
-        detail = "; ".join(f"{name or 'the model itself'}: {why}" for name, why in run.skipped.items()) or "no Conv1d, Conv2d or Linear layer"
+        detail = "; ".join(f"{name or 'the model itself'}: {why}" for name, why in run.skipped.items()) or "no Conv1d, Conv2d, Conv3d or Linear layer"
         raise ModelError(f"the model must have at least one layer that can be decomposed, but none can ({detail})")
     run.factors = _Factors(run.candidates, run.model)
 
@@ -2339,7 +2341,7 @@ def _plan_example(model: nn.Module, plan: Plan) -> tuple[Any, ...] | None:
 
 
 def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
-    """Every planned layer exists, is a Conv1d/Conv2d/Linear and has the weight shape the plan was made for
+    """Every planned layer exists, is a Conv1d/Conv2d/Conv3d/Linear and has the weight shape the plan was made for
     (checked in plan order, before any statistic is collected: the first misfit is the one named); first of all,
     the model must be the one the plan was made for, when the plan records it (``autodac.structure``)."""
     check_structure(model, plan)
@@ -2350,7 +2352,7 @@ def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
     for name, choice in plan.factorized.items():
         module = modules[name]
         if not isinstance(module, SUPPORTED_TYPES):
-            raise PlanError(f"the plan's layer {name!r} must be a Conv1d, Conv2d or Linear, but it is a {type(module).__name__}")
+            raise PlanError(f"the plan's layer {name!r} must be a Conv1d, Conv2d, Conv3d or Linear, but it is a {type(module).__name__}")
         hooked = [(m, own_hooks(modules[m])) for m in (name, *(choice.sliced or ())) if m in modules and own_hooks(modules[m])]
         if hooked:  # a sliced module the model lacks is _check_widths' to name
             raise PlanError(
@@ -2469,5 +2471,5 @@ def _replay_synthesis(model: nn.Module, plan: Plan) -> torch.Tensor:
 
 
 def decompose_conv(conv: nn.Module, rank: int, method: str = "dac") -> nn.Module:
-    """Factorise one ``Conv1d``/``Conv2d``/``Linear`` by ``method`` at ``rank`` (a new module; ``conv`` is unchanged)."""
+    """Factorise one ``Conv1d``/``Conv2d``/``Conv3d``/``Linear`` by ``method`` at ``rank`` (a new module; ``conv`` is unchanged)."""
     return build_factorized(conv, method, rank)

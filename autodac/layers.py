@@ -25,7 +25,7 @@ __all__ = [
     "IMPLEMENTATIONS", "SHAPE_ATTRIBUTES",
 ]
 
-SUPPORTED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+SUPPORTED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Ways to run each registered factorisation (read live from the registry); the math is the same, the speed is not. "" is a plain form.
 IMPLEMENTATIONS = method_table("implementations")
 

@@ -711,6 +711,8 @@ def _patch_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if own and not isinstance(own, str):
             x = torch.nn.functional.pad(x, own)
         x = _pad_like(module, x)
+        if len(module.kernel_size) == 3:
+            return _volume_rows(x, module.kernel_size, module.dilation, module.stride)
         if isinstance(module, nn.Conv1d):
             x = x.unsqueeze(2)
             kernel, dilation, stride = (1, module.kernel_size[0]), (1, module.dilation[0]), (1, module.stride[0])
@@ -719,6 +721,16 @@ def _patch_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, stride=stride)  # B x CK x L
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return rows
+
+
+def _volume_rows(x: torch.Tensor, kernel, dilation, stride) -> torch.Tensor:
+    """``F.unfold``'s rows for a 3-D conv (which it does not take): ``positions x (C*K)``, channel-major, taps row-major."""
+    for axis, (k, d, s) in enumerate(zip(kernel, dilation, stride)):
+        x = x.unfold(2 + axis, d * (k - 1) + 1, s)  # appends the window (with its dilation gaps) as the last dim
+        x = x[..., ::d]
+    # B x C x oD x oH x oW x kD x kH x kW -> (B oD oH oW) x (C kD kH kW)
+    b, c = x.shape[:2]
+    return x.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, c * x.shape[5] * x.shape[6] * x.shape[7])
 
 
 def patch_size(module: nn.Module) -> int:

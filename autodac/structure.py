@@ -1,4 +1,4 @@
-"""What a plan knows about its model: every Conv1d/Conv2d/Linear layer's name, type and shape.
+"""What a plan knows about its model: every Conv1d/Conv2d/Conv3d/Linear layer's name, type and shape.
 
 ``optimize`` records it in the plan (``Plan.structure``, with a fingerprint); ``apply`` compares
 it with the model it is given and refuses a plan made for another model, naming the first layer
@@ -47,7 +47,7 @@ def describe_layer(module: nn.Module) -> str:
 
 
 def model_layers(model: nn.Module) -> dict[str, str]:
-    """``{dotted name: description}`` of every Conv1d/Conv2d/Linear, in module order (the layers autodac traces:
+    """``{dotted name: description}`` of every Conv1d/Conv2d/Conv3d/Linear, in module order (the layers autodac traces:
     those inside an already factorised layer are its parts, not layers of the model)."""
     factorized = [name for name, module in model.named_modules() if isinstance(module, FactorizedLayer)]
     return {

@@ -20,7 +20,7 @@ from torch import nn
 
 __all__ = ["has_own_forward", "explicit_padding"]
 
-_BASES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _TOLERANCE = 1e-6  # relative to the largest output, in float64
 _cache: "weakref.WeakKeyDictionary[nn.Module, tuple[str, tuple[int, ...] | str]]" = weakref.WeakKeyDictionary()
 

@@ -184,7 +184,7 @@ def _inside_factorized(name: str, factorized_prefixes: list[str]) -> bool:
 
 
 def trace_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[TracedLayer]:
-    """Every Conv1d/Conv2d/Linear of ``model`` with the shapes it saw in one forward pass.
+    """Every Conv1d/Conv2d/Conv3d/Linear of ``model`` with the shapes it saw in one forward pass.
 
     Also notes which BatchNorm (if any) reads a layer's output directly, by tensor identity,
     so the data-free error can weigh each output channel as that BatchNorm scales it, and

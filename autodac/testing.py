@@ -345,6 +345,35 @@ class ShuffleNetLike(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.conv_last(self.units(self.grouped(self.stem(x)))).mean((2, 3)))
+
+
+def _conv3d_bn(cin: int, cout: int, kernel: int | tuple[int, int, int], stride: int | tuple[int, int, int] = 1) -> nn.Sequential:
+    kernel = (kernel,) * 3 if isinstance(kernel, int) else kernel
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, kernel, stride=stride, padding=tuple(k // 2 for k in kernel), bias=False), nn.BatchNorm3d(cout), nn.ReLU()
+    )
+
+
+class VideoNet(nn.Module):
+    """A small video net, (2+1)-D style: a 3-D stem, a spatial ``1x3x3`` then a temporal ``3x1x1`` conv, a ``1x1x1``
+    bottleneck before a ``3x3x3`` conv with a residual, a Linear head. Input ``N x 3 x T x H x W``."""
+
+    def __init__(self, seed: int = 0, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv3d_bn(3, 16, (3, 5, 5), stride=(1, 2, 2))
+        self.spatial = _conv3d_bn(16, 24, (1, 3, 3))
+        self.temporal = _conv3d_bn(24, 24, (3, 1, 1))
+        self.reduce = _conv3d_bn(24, 12, 1)
+        self.conv = _conv3d_bn(12, 24, 3)
+        self.fc = nn.Linear(24, num_classes)
+        seeded(self, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.temporal(self.spatial(self.stem(x)))
+        x = x + self.conv(self.reduce(x))
+        return self.fc(x.mean((2, 3, 4)))
+
+
 class _ViTBlock(nn.Module):
     def __init__(self, dim: int, heads: int, batch_first: bool) -> None:
         super().__init__()
@@ -501,9 +530,9 @@ class LayerConfig(NamedTuple):
 
 
 def conv_configs(seed: int = 0) -> list[LayerConfig]:
-    """Conv1d/Conv2d layers covering kernel shapes, stride, padding (ints, tuples, 'same', 'valid'),
+    """Conv1d/Conv2d/Conv3d layers covering kernel shapes, stride, padding (ints, tuples, 'same', 'valid'),
     every padding mode, dilation, bias, unbatched inputs, and N below/above the kernel size."""
-    c2, c1 = nn.Conv2d, nn.Conv1d
+    c3, c2, c1 = nn.Conv3d, nn.Conv2d, nn.Conv1d
     configs = [
         LayerConfig(c2(4, 6, 3, padding=1), (2, 4, 9, 9)),
         LayerConfig(c2(3, 5, (9, 1), padding=(4, 0)), (2, 3, 11, 6)),
@@ -530,6 +559,13 @@ def conv_configs(seed: int = 0) -> list[LayerConfig]:
         LayerConfig(c1(6, 4, 1), (2, 6, 9)),
         LayerConfig(c1(3, 4, 4, padding="same", padding_mode="replicate", bias=False), (1, 3, 12)),
         LayerConfig(c1(4, 5, 3, stride=2, padding=(2,), dilation=(2,)), (4, 13)),
+        LayerConfig(c3(3, 5, 3, padding=1), (2, 3, 5, 6, 6)),
+        LayerConfig(c3(4, 6, (3, 1, 1), padding=(1, 0, 0), bias=False), (1, 4, 6, 5, 5)),
+        LayerConfig(c3(3, 4, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), padding_mode="replicate"), (2, 3, 4, 7, 7)),
+        LayerConfig(c3(3, 4, 3, dilation=2, padding="same", padding_mode="reflect"), (1, 3, 7, 7, 7)),
+        LayerConfig(c3(4, 5, (2, 3, 3), stride=2, padding="valid", padding_mode="circular", bias=False), (1, 4, 6, 7, 7)),
+        LayerConfig(c3(4, 6, 1), (2, 4, 3, 4, 4)),
+        LayerConfig(c3(3, 4, 3, padding=1), (3, 5, 5, 5)),
     ]
     return [LayerConfig(seeded(c.module, seed + i), c.input_shape) for i, c in enumerate(configs)]
 

@@ -33,7 +33,7 @@ from autodac.surgery import evaluating
 
 __all__ = ["WidthUnit", "find_width_units", "consumable", "collecting_moments", "input_moments", "slice_unit", "plain_copy", "plain_parameters", "Gathered"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)

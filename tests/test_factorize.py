@@ -56,7 +56,7 @@ def effective_weight(layer: nn.Module) -> torch.Tensor:
     first, second = list(probe.children())
     for module in (first, second):
         module.bias = None
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             dims = len(module.kernel_size)
             module.stride, module.dilation, module.padding = (1,) * dims, (1,) * dims, (0,) * dims
             module.padding_mode = "zeros"

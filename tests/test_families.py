@@ -14,7 +14,7 @@ from torch import nn
 
 import autodac
 from autodac.testing import (
-    ConvNeXtLike, DenseNetLike, InceptionLike, InvertedResidualNet, ShuffleNetLike, SwinLikeNet, TinyViT, TwoInputNet,
+    ConvNeXtLike, DenseNetLike, InceptionLike, InvertedResidualNet, ShuffleNetLike, SwinLikeNet, TinyViT, TwoInputNet, VideoNet,
 )
 
 MIN_RATIO = re.compile(r"`flops_budget >= (\d\.\d{4})` must hold")
@@ -28,6 +28,7 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], tuple[tuple[int, ...], ...]]]
     "two-inputs": (TwoInputNet, ((1, 3, 16, 16), (1, 1, 16, 16))),
     "vit-multihead-attention": (TinyViT, ((1, 3, 16, 16),)),
     "swin-functional-linears": (SwinLikeNet, ((1, 3, 16, 16),)),
+    "video-conv3d": (VideoNet, ((1, 3, 4, 16, 16),)),
 }
 
 
@@ -78,3 +79,17 @@ def test_convnext_pointwise_linears_on_channels_last_maps_are_candidates() -> No
     result = autodac.optimize(ConvNeXtLike(), 0.5, example_inputs=torch.randn(1, 3, 32, 32), progress=False)
     factorized = set(result.plan.factorized)
     assert any(name.endswith(("pwconv1", "pwconv2")) for name in factorized)
+
+
+def test_a_video_net_plans_its_conv3d_layers_on_a_probe_and_apply_rebuilds_the_result() -> None:
+    model = VideoNet()
+    clips = torch.randn(48, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = autodac.optimize(model, 0.5, data=[clips], n_trials=2, progress=False)
+    assert any(type(model.get_submodule(name)) is nn.Conv3d for name in result.plan.factorized), result.plan.factorized
+    assert result.flops_ratio <= 0.5 and fvcore_flops(result.model, (clips[:1],)) <= 0.5 * fvcore_flops(model, (clips[:1],))
+    with torch.no_grad():
+        torch.testing.assert_close(autodac.apply(model, result.plan, [clips])(clips), result.model(clips), rtol=0, atol=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

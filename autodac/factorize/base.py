@@ -163,9 +163,12 @@ class BaseFactorization:
         return pads, ()
 
 
+_CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
 def conv_type(module: nn.Module) -> type[nn.Module]:
-    """The conv class a factorised conv's halves use: ``nn.Conv2d`` for a 2-D conv, else ``nn.Conv1d``."""
-    return nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Conv1d
+    """The conv class a factorised conv's halves use: the plain one of as many kernel dimensions as ``module``'s."""
+    return _CONV_BY_DIMS[len(module.kernel_size)]
 
 
 def kernel_like(module: nn.Module, in_channels: int, out_channels: int, groups: int, bias: bool, options: dict) -> nn.Module:
