@@ -362,6 +362,9 @@ def _skip_reason(layer: TracedLayer, methods: Sequence[str], excluded: bool) -> 
         return f"shares a parameter with {layer.shares_with!r} (tied weights): replacing one would untie them"
     if layer.functional is not None and layer.functional.startswith("Tensor."):
         return f"its weight is read outside its own forward ({layer.functional}), which a replacement could not serve"
+    if layer.functional is not None and layer.geometry is not None:  # run as a module, and its weight read by a call elsewhere
+        return (f"its weight is also read by a functional call ({layer.functional}) outside its own forward (a tied use, as a "
+                "decoder reusing an encoder's kernels): a replacement would not serve that read")
     if layer.functional is not None:
         return f"used through a functional call ({layer.functional}), cannot be replaced"
     if layer.geometry is None:

@@ -241,3 +241,25 @@ def test_a_layer_run_twice_counts_its_predicted_error_twice_and_says_so() -> Non
     assert (twice.layers["conv"].method, twice.layers["conv"].rank) == (once.layers["conv"].method, once.layers["conv"].rank)
     assert twice.layers["conv"].error == pytest.approx(2 * once.layers["conv"].error, rel=1e-6) and once.layers["conv"].error > 0
     assert any("conv (2 times)" in note for note in twice.notes) and not any("more than once" in note for note in once.notes)
+
+
+class _TiedAutoencoder(nn.Module):
+    """An encoder conv run as a module whose kernel the decoder reuses through ``F.conv_transpose2d`` (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encode = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.middle = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.middle(torch.relu(self.encode(x))))
+        return torch.nn.functional.conv_transpose2d(h, self.encode.weight, stride=2, padding=1, output_padding=1)
+
+
+def test_a_layer_whose_kernel_a_functional_call_also_reads_is_kept_saying_it_is_a_tied_use() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = autodac.optimize(_TiedAutoencoder(), 0.8, example_inputs=X[:1], progress=False).plan
+    assert plan.skipped["encode"].startswith("its weight is also read by a functional call (F.conv_transpose2d) outside its own forward")
+    assert "middle" in plan.layers
