@@ -185,7 +185,7 @@ def test_apply_refuses_a_method_that_does_not_apply_and_a_non_conv_layer() -> No
     def point_at_batchnorm(data: dict) -> None:
         data["layers"]["bn1"] = data["layers"].pop("conv1")
 
-    with pytest.raises(autodac.PlanError, match=r"'bn1' must be a Conv1d, Conv2d or Linear, but it is a BatchNorm2d"):
+    with pytest.raises(autodac.PlanError, match=r"'bn1' must be a Conv1d, Conv2d, Conv3d or Linear, but it is a BatchNorm2d"):
         autodac.apply(fresh, autodac.Plan.from_json(_mutated(result, point_at_batchnorm)))
     _assert_unchanged(fresh, snapshot)
 
