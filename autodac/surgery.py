@@ -247,7 +247,7 @@ def trace_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[Trac
     for module in layers:
         handles.append(module.register_forward_hook(leave))
     for name, module in model.named_modules():
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
             handles.append(module.register_forward_pre_hook(norm_hook(name)))
     try:
         with unfused_attention(), uses:
@@ -314,14 +314,15 @@ def own_hooks(module: nn.Module) -> int:
     return sum(len(getattr(module, table, None) or {}) for table in HOOK_TABLES)
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by weight dimensions: 2-D and 3-D convs
+
+
 def _in_layout_of(old: nn.Module, new: nn.Module) -> nn.Module:
-    """``new`` with its 4-D weights channels-last when ``old``'s weight is (and that differs from contiguous)."""
+    """``new`` with its conv weights channels-last (2-D or 3-D) when ``old``'s weight is (and that differs from contiguous)."""
     weight = getattr(old, "weight", None)
-    if (
-        isinstance(weight, torch.Tensor) and weight.dim() == 4 and not weight.is_contiguous()
-        and weight.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return new.to(memory_format=torch.channels_last)
+    layout = _CHANNELS_LAST.get(weight.dim()) if isinstance(weight, torch.Tensor) else None
+    if layout is not None and not weight.is_contiguous() and weight.is_contiguous(memory_format=layout):
+        return new.to(memory_format=layout)
     return new
 
 

@@ -93,3 +93,15 @@ def test_a_video_net_plans_its_conv3d_layers_on_a_probe_and_apply_rebuilds_the_r
     with torch.no_grad():
         torch.testing.assert_close(autodac.apply(model, result.plan, [clips])(clips), result.model(clips), rtol=0, atol=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_conv3d_is_weighed_by_the_batchnorm3d_after_it_and_keeps_a_channels_last_3d_layout() -> None:
+    model, x = VideoNet(), torch.randn(1, 3, 4, 16, 16)
+    followed = {t.name: t.followed_by for t in autodac.surgery.trace_layers(model, (x,))}
+    assert followed["stem.0"] == "stem.1" and followed["conv.0"] == "conv.1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = autodac.optimize(model.to(memory_format=torch.channels_last_3d), 0.5, example_inputs=x, progress=False)
+    factorised = [(name, p) for name, p in result.model.named_parameters() if p.dim() == 5 and name.rpartition(".")[0] not in
+                  {n for n, m in model.named_modules() if isinstance(m, nn.Conv3d)}]
+    assert factorised and all(p.is_contiguous(memory_format=torch.channels_last_3d) for _, p in factorised)
