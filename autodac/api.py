@@ -1269,7 +1269,7 @@ def _check(given: dict[str, Any]) -> _Run:
     evaluate, data = given["evaluate"], given["data"]
     if evaluate is not None and not callable(evaluate):
         raise AutodacError(f"`evaluate` must be a callable model -> float, but got {type(evaluate).__name__}")
-    SWITCH.check("progress", given["progress"])
+    SWITCH.check("progress", given["progress"])  # NumPy's booleans too: read as true or false from here on
     if groups["probe"].synthesize and data is not None:
         raise AutodacError("`data` and `synthesize` are alternatives (synthesised inputs stand in for missing data), but both were given")
     settings = _Settings(
@@ -1277,7 +1277,7 @@ def _check(given: dict[str, Any]) -> _Run:
         budgets=budgets, flops=None if budgets.flops is None else budgets.flops.ratio, latency=latency,
         params=None if budgets.params is None else budgets.params.ratio, timing_device=timing_device, timing_runtime=timing_runtime,
         latency_cache=given["latency_cache"], example_inputs=given["example_inputs"], data=data, evaluate=evaluate,
-        progress=given["progress"], **groups,
+        progress=bool(given["progress"]), **groups,
     )
     return _Run(settings, model)
 

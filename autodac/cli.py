@@ -853,7 +853,6 @@ def _add_optimize_options(optimize: argparse.ArgumentParser) -> None:
     _add_option(optimize, "widths", "--no-widths", action="store_false", context="for a plan of the given --methods only: ")
     _add_option(optimize, "refit_candidates", type=_positive, metavar="K")
     _add_option(optimize, "output_kind", choices=_output_kinds(), context="with --data/--synthesize: ")
-    _add_option(optimize, "pareto", action="store_true", context="with --data/--synthesize: ")
     optimize.add_argument("--distill", type=_positive, nargs="?", const=_distill_default(), metavar="EPOCHS",
                           help="with --data/--synthesize: then train the decomposed model towards the original's outputs on the probe "
                                f"for EPOCHS epochs (default {_distill_default()}), kept only if the held-out probe improves")
@@ -890,6 +889,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option(worker, "storage", required=True, metavar="URL", context="sqlite:///FILE.db, postgresql://..., or FILE.journal: ")
     _add_option(worker, "study_name", "--study", required=True, metavar="NAME")
     _add_optimize_options(worker)
+    _add_option(worker, "pareto", action="store_true", context="with --data/--synthesize (then `compare --front`): ")
     worker.add_argument("--out", metavar="PLAN.json", help="also write the best plan so far")
     worker.set_defaults(run=_cmd_optimize)
 

@@ -77,7 +77,7 @@ SEED = Rule("integer from 0 to 2**32 - 1", lambda v: _is_int(v) and 0 <= v < 2**
 OPTIONAL_POSITIVE = Rule("None or > 0 and finite", lambda v: v is None or POSITIVE.holds(v), "`{name}` must be None or a positive finite number")
 OUTPUT_KIND = Rule(" or ".join(repr(k) for k in OUTPUT_KIND_CHOICES), lambda v: v in OUTPUT_KIND_CHOICES,
                    "`{name}` must be one of " + ", ".join(repr(k) for k in OUTPUT_KIND_CHOICES))
-SWITCH = Rule("True or False", lambda v: isinstance(v, bool), "`{name}` must be True or False (a switch)")
+SWITCH = Rule("True or False", lambda v: isinstance(v, (bool, np.bool_)), "`{name}` must be True or False (a switch)")
 WEIGHTINGS = Rule("'batchnorm' or 'none'", lambda v: v in ("batchnorm", "none"), "`{name}` must be 'batchnorm' or 'none'")
 
 

@@ -23,8 +23,9 @@ from autodac.probes import OUTPUT_KINDS
 __all__ = ["PLAN_VERSION", "READABLE_VERSIONS", "LayerChoice", "Plan", "structure_fingerprint"]
 
 # 2: `structure` (every Conv/Linear layer of the model the plan was made for, and a fingerprint), checked by apply
-PLAN_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # a version-1 plan loads with structure=None: apply replays it unchecked
+# 3: Conv3d layers are among them (a version-2 record lists Conv1d/Conv2d/Linear only: apply checks it without the model's Conv3d)
+PLAN_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # a version-1 plan loads with structure=None: apply replays it unchecked
 DENSE = "dense"
 WIDTH = "width"  # a block's hidden width planned as the consumer's rank: the only method with `channels` and `sliced`
 
@@ -294,7 +295,7 @@ class Plan:
         timed = {"runtime": dict(self.runtime)} if self.runtime else {}  # absent when empty: readers before it still load the plan
         return {
             "format": "autodac.plan",
-            "_version": PLAN_VERSION,
+            "_version": 2 if self.structure is not None and self.structure.get("version") == 2 else PLAN_VERSION,
             "budget": dict(self.budget),
             "input_shapes": [list(s) for s in self.input_shapes],
             "input_assumed": self.input_assumed,
@@ -378,6 +379,8 @@ class Plan:
         budget = _check_budget(data.get("budget", {}))
         input_shapes = _input_shapes(data.get("input_shapes", []))
         structure = _check_structure(data.get("structure"), input_shapes)
+        if structure is not None and version == 2:  # recorded before Conv3d layers were: kept so, written back as version 2
+            structure["version"] = 2
         try:
             return cls(
                 layers=layers, original_flops=original, budget=budget, input_shapes=input_shapes,

@@ -247,7 +247,7 @@ def trace_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[Trac
     for module in layers:
         handles.append(module.register_forward_hook(leave))
     for name, module in model.named_modules():
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):  # any dimension, SyncBatchNorm too
             handles.append(module.register_forward_pre_hook(norm_hook(name)))
     try:
         with unfused_attention(), uses:

@@ -334,6 +334,7 @@ BAD_BUDGETS = [
     pytest.param(float("inf"), "flops_budget=inf", id="inf"),
     pytest.param(float("-inf"), "flops_budget=-inf", id="-inf"),
     pytest.param(np.float64("nan"), "flops_budget=nan", id="numpy-nan"),
+    pytest.param(np.int64(0), "flops_budget=0 ", id="numpy-zero"),
 ]
 
 

@@ -56,7 +56,7 @@ def test_the_cli_defaults_are_the_dataclass_defaults() -> None:
                 assert args[name] == default, (command, name)
                 seen.add(name)
     assert seen == {"synthesize", "methods", "exclude", "n_trials", "seed", "sequential_fit", "widths", "refit_candidates",
-                    "profile_points", "profile_size", "output_kind", "probe_size", "pareto"}
+                    "profile_points", "profile_size", "output_kind", "probe_size", "pareto"}  # pareto: the worker's
 
 
 def test_the_cli_help_is_the_option_help() -> None:
@@ -83,11 +83,15 @@ def test_the_cli_forwards_its_option_flags_to_optimize_by_name(monkeypatch: pyte
                   "--methods", "dac", "--quiet"])
     assert received["n_trials"] == 3 and received["sequential_fit"] is False and received["exclude"] == ["conv1*"]
     assert received["methods"] == ("dac",) and received["seed"] == SearchOptions.seed and received["synthesize"] == 0
-    assert received["probe_size"] == ProbeOptions.probe_size and received["pareto"] is False
+    assert received["probe_size"] == ProbeOptions.probe_size and "pareto" not in received
     with pytest.raises(Called):  # more than the default probe holds, as the refusal without --probe-size says to do
         cli.main(["optimize", "autodac.testing:SmallConvNet", "--input-shape", "1,3,8,8", "--flops-budget", "0.5",
-                  "--out", str(tmp_path / "p.json"), "--synthesize", "4096", "--probe-size", "4096", "--pareto", "--quiet"])
-    assert received["synthesize"] == received["probe_size"] == 4096 and received["pareto"] is True
+                  "--out", str(tmp_path / "p.json"), "--synthesize", "4096", "--probe-size", "4096", "--quiet"])
+    assert received["synthesize"] == received["probe_size"] == 4096
+    with pytest.raises(Called):  # a pareto front is read back by `compare --front`, from a study: a worker's flag
+        cli.main(["worker", "autodac.testing:SmallConvNet", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--study", "s",
+                  "--input-shape", "1,3,8,8", "--flops-budget", "0.5", "--synthesize", "4", "--pareto", "--quiet"])
+    assert received["pareto"] is True
 
 
 def test_the_cli_refuses_an_empty_method_name_and_a_pretrained_net_autodac_ships_no_weights_for() -> None:
@@ -136,6 +140,7 @@ def test_progress_must_be_a_switch_and_numpy_booleans_count_as_switches() -> Non
     with pytest.raises(autodac.AutodacError, match=r"`progress` must be True or False \(a switch\), but got progress='x'"):
         autodac.optimize(SmallConvNet(), 0.5, example_inputs=X, progress="x")
     assert FitOptions(widths=np.bool_(False)).widths is False and SearchOptions(pareto=np.True_).pareto is True
+    autodac.optimize(SmallConvNet(), 0.9, example_inputs=X, progress=np.False_)  # as the flag took it before it was checked
 
 
 def test_an_unknown_method_is_refused_by_the_registry_in_a_group_too() -> None:

@@ -221,7 +221,7 @@ def _set_width(field: str, value: Any) -> Callable[[dict], None]:
 
 
 LOAD_REFUSALS = {
-    "version 3": (_set_top("_version", 3), r"plan versions \[1, 2\], but got _version=3"),
+    "version 4": (_set_top("_version", 4), r"plan versions \[1, 2, 3\], but got _version=4"),
     "version a string": (_set_top("_version", "2"), r"_version='2'"),
     "no version": (lambda d: d.pop("_version"), r"_version=None"),
     "not a plan": (_set_top("format", "other"), r"format='autodac\.plan'"),
@@ -332,7 +332,7 @@ def test_load_refuses_a_file_that_is_not_a_plan_naming_it(tmp_path) -> None:
         (missing, "a plan file must exist, but got path='.*missing.json', which does not"),
         (folder, "a plan file must be readable, but got path='.*folder'"),
         (binary, r"a plan file must be UTF-8 JSON text, but got path='.*bad\.bin', which is not \(invalid start byte at byte 0\)"),
-        (broken, r"plan file '.*broken\.json': this autodac reads plan versions \[1, 2\], but got _version=9"),
+        (broken, r"plan file '.*broken\.json': this autodac reads plan versions \[1, 2, 3\], but got _version=9"),
     ]:
         with pytest.raises(autodac.PlanError, match=message):
             autodac.Plan.load(path)

@@ -69,7 +69,7 @@ def test_json_round_trip_keeps_the_structure() -> None:
     plan = _resnet18_plan().plan
     text = plan.to_json()
     data = json.loads(text)
-    assert data["_version"] == PLAN_VERSION == 2
+    assert data["_version"] == PLAN_VERSION == 3
     assert set(data["structure"]) == {"fingerprint", "layers"}
     loaded = autodac.Plan.from_json(text)
     assert loaded == plan and loaded.to_json() == text
@@ -113,6 +113,42 @@ def test_an_edited_structure_is_refused_on_load() -> None:
     data["structure"] = {"layers": []}
     with pytest.raises(autodac.PlanError, match=r"`structure` must be an object"):
         autodac.Plan.from_dict(data)
+
+
+class _VideoHead(nn.Module):
+    """A Conv3d body (which plans before Conv3d support did not record) and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Conv3d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean((2, 3, 4)))
+
+
+def _as_made_before_conv3d(plan: autodac.Plan, model: nn.Module, version: int) -> autodac.Plan:
+    """``plan`` as autodac wrote it before Conv3d layers were candidates: its record names none of them."""
+    data = plan.to_dict()
+    layers = {name: kind for name, kind in data["structure"]["layers"].items() if not isinstance(model.get_submodule(name), nn.Conv3d)}
+    data["structure"] = {"fingerprint": structure_fingerprint(layers, data["input_shapes"]), "layers": layers}
+    data["layers"] = {name: entry for name, entry in data["layers"].items() if name in layers}
+    data["_version"] = version
+    return autodac.Plan.from_dict(data)
+
+
+def test_a_version_2_plan_of_a_model_with_conv3d_layers_still_applies_and_is_written_back_as_version_2() -> None:
+    model, x = _VideoHead(), torch.randn(1, 3, 4, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = autodac.optimize(model, 1.0, example_inputs=x, progress=False).plan
+    assert "body" in plan.structure["layers"]
+    old = _as_made_before_conv3d(plan, model, 2)
+    autodac.apply(model, old)  # the record lists what version 2 traced: the model's Conv3d layers are not held against it
+    assert json.loads(old.to_json())["_version"] == 2 and autodac.Plan.from_json(old.to_json()) == old
+    with pytest.raises(autodac.PlanError, match="layer 'body' is in the model but not in the plan"):
+        autodac.apply(model, _as_made_before_conv3d(plan, model, 3))  # a version-3 record names every Conv3d
 
 
 def test_a_version_1_plan_loads_and_applies_unchecked_with_a_note(caplog: pytest.LogCaptureFixture) -> None:

@@ -263,3 +263,10 @@ def test_a_layer_whose_kernel_a_functional_call_also_reads_is_kept_saying_it_is_
         plan = autodac.optimize(_TiedAutoencoder(), 0.8, example_inputs=X[:1], progress=False).plan
     assert plan.skipped["encode"].startswith("its weight is also read by a functional call (F.conv_transpose2d) outside its own forward")
     assert "middle" in plan.layers
+
+
+def test_a_conv_is_weighed_by_the_sync_batchnorm_after_it() -> None:
+    """Nets trained with DDP carry SyncBatchNorm: it is a BatchNorm like the others for the fit's output weighting."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SyncBatchNorm(8), nn.ReLU()).eval()
+    followed = {t.name: t.followed_by for t in autodac.surgery.trace_layers(model, (X[:1],))}
+    assert followed == {"0": "1"}
