@@ -405,6 +405,20 @@ def _check_writable(what: str, path_text: str | None) -> None:
         raise CLIError(f"{what} {problem[0]}, but got {path_text!r}, {problem[1]}")
 
 
+def _check_output(what: str, path_text: str | None, args: argparse.Namespace) -> None:
+    """``_check_writable``, and refuse an output that is one of the files the command reads (it would be overwritten)."""
+    _check_writable(what, path_text)
+    if path_text is None:
+        return
+    out = Path(path_text).resolve()
+    read = (("MODEL", getattr(args, "model", None)), ("PLAN", getattr(args, "plan", None)), ("`--data`", getattr(args, "data", None)),
+            ("`--weights`", getattr(args, "weights", None)))
+    for option, given in read:
+        if isinstance(given, str) and given and Path(given).resolve() == out:
+            raise CLIError(f"{what} must not be a file this command reads, but it is also {option} ({path_text!r}): it would be "
+                           "overwritten; write elsewhere")
+
+
 def _check_folder(what: str, path_text: str | None) -> None:
     """Refuse an output folder that is an existing file, or one this process cannot make or write, before any long work."""
     if path_text is None:
@@ -469,8 +483,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         raise _UsageError("one of `--flops-budget`, `--latency-budget` or `--params-budget` must be given (see `autodac optimize --help`)")
     if args.synthesize and args.data:
         raise _UsageError("`--data` and `--synthesize` are alternatives (synthesised inputs stand in for missing data); give one")
-    _check_writable("`--out`", args.out)
-    _check_writable("`--save-model`", args.save_model)
+    _check_output("`--out`", args.out, args)
+    _check_output("`--save-model`", args.save_model, args)
     if args.save_model is not None and args.out is not None and Path(args.save_model).resolve() == Path(args.out).resolve():
         raise CLIError(f"`--out` (the plan) and `--save-model` must be different files, but both are {args.out!r}")
     model = _load_model_from(args)
@@ -514,7 +528,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 def _cmd_apply(args: argparse.Namespace) -> int:
     import autodac
 
-    _check_writable("`--out`", args.out)
+    _check_output("`--out`", args.out, args)
     plan = _load_plan(args.plan)
     model = _load_model_from(args)
     data = _load_data(args.data, model) if args.data else None
@@ -545,7 +559,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     import autodac
 
-    _check_writable("`--out`", args.out)
+    _check_output("`--out`", args.out, args)
     plan = _load_plan(args.plan) if args.plan else None
     model = _load_model_from(args)
     if plan is not None:

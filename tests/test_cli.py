@@ -440,6 +440,21 @@ def test_the_plan_and_the_saved_model_cannot_be_one_file(work: Path) -> None:
                   "--save-model", "same.json", cwd=work), "`--out` (the plan) and `--save-model` must be different files")
 
 
+def test_an_output_that_is_a_file_the_command_reads_is_refused_and_the_file_kept(work: Path, data_free: dict) -> None:
+    plan_text, probe_bytes, model_bytes = (work / "free.json").read_text(), (work / "probe.npz").read_bytes(), (work / "small.pt").read_bytes()
+    for argv, option in [
+        (("apply", "small.pt", "free.json", "--out", "free.json"), "PLAN"),
+        (("export", "small.pt", "free.json", "--format", "pt", "--out", "free.json"), "PLAN"),
+        (("export", "small.pt", "free.json", "--format", "pt", "--data", "probe.npz", "--out", "probe.npz"), "`--data`"),
+        (("optimize", "small.pt", "--flops-budget", "0.5", "--data", "probe.npz", "--out", "x.json", "--save-model", "probe.npz"),
+         "`--data`"),
+        (("apply", "small.pt", "free.json", "--out", "small.pt"), "MODEL"),
+    ]:
+        _refused(_cli(*argv, cwd=work), f"must not be a file this command reads, but it is also {option}")
+    assert (work / "free.json").read_text() == plan_text and (work / "probe.npz").read_bytes() == probe_bytes
+    assert (work / "small.pt").read_bytes() == model_bytes
+
+
 def test_an_output_that_is_a_device_is_refused_not_replaced(work: Path, data_free: dict) -> None:
     # export writes a temporary file and renames it: as root that replaced /dev/full with a regular file
     _refused(_cli("export", "small.pt", "free.json", "--format", "pt", "--out", "/dev/null", cwd=work),
