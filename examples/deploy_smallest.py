@@ -56,14 +56,35 @@ def smallest_passing(net, budgets, probe, test, max_drop, n_trials):
     return winner
 
 
+def _checked(convert, rule, holds):
+    """An argparse type: ``convert`` the text, then refuse it naming ``rule`` and the value unless ``holds``."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not holds(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, but got {text!r}")
+        return value
+    return parse
+
+
+BUDGET = _checked(float, "a FLOPs ratio with 0 < budget <= 1", lambda v: 0 < v <= 1)
+POINTS = _checked(float, "a finite number of points >= 0", lambda v: 0 <= v < float("inf"))
+
+
+def _at_least(low):
+    return _checked(int, f"an integer >= {low}", lambda v: v >= low)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", nargs="+", default=["resnet20", "cifar_vgg"], choices=["resnet20", "cifar_vgg"])
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.2, 0.3, 0.4, 0.5, 0.6], help="FLOPs budgets to try")
-    parser.add_argument("--max-drop", type=float, default=1.0, help="largest acceptable test-accuracy drop, in points")
-    parser.add_argument("--probe", type=int, default=512, help="probe images taken from the shipped train slice")
-    parser.add_argument("--n-trials", type=int, default=6, help="Optuna trials per budget")
-    parser.add_argument("--test-images", type=int, default=2000, help="shipped test images the quality bar is measured on")
+    parser.add_argument("--budgets", nargs="+", type=BUDGET, default=[0.2, 0.3, 0.4, 0.5, 0.6], help="FLOPs budgets to try")
+    parser.add_argument("--max-drop", type=POINTS, default=1.0, help="largest acceptable test-accuracy drop, in points")
+    parser.add_argument("--probe", type=_at_least(2), default=512, help="probe images taken from the shipped train slice")
+    parser.add_argument("--n-trials", type=_at_least(1), default=6, help="Optuna trials per budget")
+    parser.add_argument("--test-images", type=_at_least(1), default=2000, help="shipped test images the quality bar is measured on")
     parser.add_argument("--out", default=None, help="folder for the winning plans and weights (default: a new temp folder)")
     args = parser.parse_args()
 

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
@@ -62,11 +64,24 @@ def test_deploy_smallest_sweeps_up_stops_at_the_first_pass_and_rebuilds_it(tmp_p
 
 def test_deploy_smallest_without_a_winner_saves_nothing(tmp_path: Path) -> None:
     out = _run(
-        "deploy_smallest.py", "--nets", "resnet20", "--budgets", "0.6", "--max-drop", "-100",
+        "deploy_smallest.py", "--nets", "resnet20", "--budgets", "0.1", "--max-drop", "0",
         "--probe", "32", "--n-trials", "1", "--test-images", "250", "--out", str(tmp_path),
-    )
+    )  # a tenth of the FLOPs planned on 32 images loses test accuracy: no drop allowed, no winner
     assert "fail" in out and "resnet20: no budget passed" in out
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("argv", "refusal"), [
+    (("--max-drop", "nan"), "argument --max-drop: must be a finite number of points >= 0, but got 'nan'"),
+    (("--budgets", "0.5", "1.5"), "argument --budgets: must be a FLOPs ratio with 0 < budget <= 1, but got '1.5'"),
+    (("--test-images", "0"), "argument --test-images: must be an integer >= 1, but got '0'"),
+    (("--probe", "1"), "argument --probe: must be an integer >= 2, but got '1'"),
+])
+def test_deploy_smallest_refuses_a_bad_argument_naming_the_rule_and_the_value(argv: tuple[str, ...], refusal: str) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, str(EXAMPLES / "deploy_smallest.py"), *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and refusal in done.stderr
 
 
 def test_export_writes_every_format_and_checks_it() -> None:
