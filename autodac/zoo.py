@@ -84,8 +84,11 @@ class CifarVGG(nn.Module):
         self.classifier = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        if self.pad_to and (h < self.pad_to or w < self.pad_to):
+        h, w = x.shape[-2], x.shape[-1]
+        if isinstance(x, torch.fx.Proxy) and self.pad_to:  # traced by torch.fx (plain_torch): the pad as recorded calls
+            dh, dw = torch.sym_max(0, self.pad_to - h), torch.sym_max(0, self.pad_to - w)
+            x = nn.functional.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
+        elif self.pad_to and (h < self.pad_to or w < self.pad_to):  # small inputs centred on a pad_to square
             dh, dw = max(0, self.pad_to - h), max(0, self.pad_to - w)
             x = nn.functional.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
         out = self.features(x)
