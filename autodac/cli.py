@@ -604,10 +604,13 @@ def _compare_payload(titles: Sequence[str], paths: Sequence[str], plans: Sequenc
                 "original_flops": plan.original_flops,
                 "params_saved": sum(c.params_before - c.params_after for c in plan.layers.values()),
                 **({"params_ratio": plan.metrics["params_ratio"]} if "params_ratio" in plan.metrics else {}), "metrics": plan.metrics,
-                "runtime": plan.runtime}
+                "runtime": plan.runtime, "structure": (plan.structure or {}).get("fingerprint"),
+                "input_shapes": [list(s) for s in plan.input_shapes]}
         for title, path, plan in zip(titles, paths, plans)
     }
-    return {"columns": list(titles), "layers": rows, "totals": totals}
+    # as the table's model rows: a script must not merge layers of different models (or inputs) that share a name
+    same_model = len({(totals[t]["structure"], str(totals[t]["input_shapes"])) for t in titles}) <= 1
+    return {"columns": list(titles), "same_model": same_model, "layers": rows, "totals": totals}
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -774,11 +777,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
         plots.sensitivity_heatmap(profile_rows, folder / figures["sensitivity"], samples=profile.get("samples"),
                                  measure=profile.get("measure", "divergence"))
     label, values, _ = plots.plan_quality(plans)
+    models = {(str((p.structure or {}).get("fingerprint")), str(p.input_shapes)) for p in loaded}
+    if len(models) > 1:  # costs and errors of different networks are not one trade-off: no front across them
+        front = []
     report = folder / "report.md"
     report.write_text(_report_markdown(titles, args.plans, plans, figures, front, (label, values)), encoding="utf-8")
     written = [str(report), *(str(folder / f) for f in figures.values())]
-    payload = {"report": str(report), "figures": written[1:], "pareto": front, "quality": {"label": label, "values": values}}
-    _emit(args, f"Pareto front ({label}): {', '.join(front)}\nwrote {', '.join(written)}", payload)
+    payload = {"report": str(report), "figures": written[1:], "pareto": front, "quality": {"label": label, "values": values},
+               "same_model": len(models) == 1}
+    heading = (f"Pareto front ({label}): {', '.join(front)}" if len(models) == 1 else
+               f"no Pareto front: the plans are of {len(models)} different models or input shapes (see the table's model rows)")
+    _emit(args, f"{heading}\nwrote {', '.join(written)}", payload)
     return 0
 
 

@@ -124,6 +124,20 @@ def test_compare_as_table_markdown_and_json(work: Path, data_free: dict, with_da
     assert data["totals"]["probe_plan"]["metrics"]["probe"] == pytest.approx(with_data["metrics"]["probe"])
     cell = data["layers"]["conv1"]["free"]
     assert cell["flops_after"] <= cell["flops_before"] and {"method", "rank"} <= set(cell)
+    assert data["same_model"] is True and data["totals"]["free"]["structure"] == data["totals"]["probe_plan"]["structure"]
+
+
+def test_compare_json_says_when_plans_are_for_different_models_or_inputs(work: Path, data_free: dict) -> None:
+    _ok(_cli("optimize", "small.pt", "--flops-budget", "0.5", "--input-shape", "1,3,12,12", "--out", "free12.json", cwd=work))
+    data = json.loads(_ok(_cli("compare", "free.json", "free12.json", "--format", "json", cwd=work)).stdout)
+    assert data["same_model"] is False  # the table's `model (structure)` and `input shapes` rows, for scripts
+    assert data["totals"]["free"]["input_shapes"] == [[1, 3, 8, 8]] and data["totals"]["free12"]["input_shapes"] == [[1, 3, 12, 12]]
+    pytest.importorskip("matplotlib")
+    done = _ok(_cli("report", "free.json", "free12.json", "--out", "report_mixed", "--json", cwd=work))
+    payload = json.loads(done.stdout)
+    assert payload["pareto"] == [] and payload["same_model"] is False  # no trade-off across two networks' costs and errors
+    assert "no Pareto front: the plans are of 2 different models" in _ok(_cli("report", "free.json", "free12.json", "--out",
+                                                                             "report_mixed", cwd=work)).stdout
 
 
 def test_profile_prints_the_sweep_and_writes_the_heat_map(work: Path) -> None:
