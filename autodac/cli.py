@@ -446,10 +446,14 @@ def _numbered(titles: Sequence[str]) -> list[str]:
     """``titles`` with every repeated one numbered in order (``st (1)``, ``st (2)``), the others as they are."""
     counts = {title: titles.count(title) for title in titles}
     seen: dict[str, int] = {}
-    result = []
+    result: list[str] = []
     for title in titles:
         seen[title] = seen.get(title, 0) + 1
-        result.append(f"{title} ({seen[title]})" if counts[title] > 1 else title)
+        numbered = f"{title} ({seen[title]})" if counts[title] > 1 else title
+        while numbered in result or (numbered != title and numbered in counts):  # a title that already reads like a number
+            seen[title] += 1
+            numbered = f"{title} ({seen[title]})"
+        result.append(numbered)
     return result
 
 
@@ -620,6 +624,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise _UsageError("`--storage` and `--study` go together: the study's best plan is read from the storage")
     if not args.plans and not args.study:
         raise _UsageError("give PLAN files, or `--storage URL --study NAME`, to compare (see `autodac compare --help`)")
+    if args.front and not args.study:
+        raise _UsageError("`--front` adds a pareto study's front, so it needs `--storage URL --study NAME`")
     plans = [_load_plan(p) for p in args.plans]
     titles = _titles(args.plans)
     sources = list(args.plans)

@@ -317,7 +317,8 @@ class Plan:
     @classmethod
     def from_dict(cls, data: Any) -> "Plan":
         if not isinstance(data, dict) or data.get("format") != "autodac.plan":
-            raise PlanError("a plan must be a JSON object with format='autodac.plan'")
+            found = f"format={data.get('format')!r}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+            raise PlanError(f"a plan must be a JSON object with format='autodac.plan', but got {found}")
         version = data.get("_version")
         if isinstance(version, bool) or not isinstance(version, int) or version not in READABLE_VERSIONS:
             raise PlanError(f"this autodac reads plan versions {list(READABLE_VERSIONS)}, but got _version={version!r}")

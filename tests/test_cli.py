@@ -496,6 +496,14 @@ def test_a_failed_save_is_one_line_not_a_traceback(work: Path, data_free: dict, 
              "the model must be written to 'm.pt', but torch.save raised RuntimeError")
 
 
+def test_compare_front_needs_a_study_and_repeated_titles_stay_apart(work: Path, data_free: dict) -> None:
+    from autodac.cli import _numbered
+
+    _refused(_cli("compare", "free.json", "--front", cwd=work), "`--front` adds a pareto study's front, so it needs `--storage URL --study NAME`")
+    titles = _numbered(["a.json", "a.json", "a.json (1)"])
+    assert len(set(titles)) == 3 and titles[2] == "a.json (1)"  # a file already titled like a number keeps its name
+
+
 def test_library_warnings_are_not_prefixed_twice(work: Path) -> None:
     done = _ok(_cli("optimize", "small.pt", "--flops-budget", "0.2", "--input-shape", SHAPE, "--out", "tiny.json", cwd=work))
     assert "autodac: warning: the plan is predicted to damage the model" in done.stderr

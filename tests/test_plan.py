@@ -224,7 +224,7 @@ LOAD_REFUSALS = {
     "version 4": (_set_top("_version", 4), r"plan versions \[1, 2, 3\], but got _version=4"),
     "version a string": (_set_top("_version", "2"), r"_version='2'"),
     "no version": (lambda d: d.pop("_version"), r"_version=None"),
-    "not a plan": (_set_top("format", "other"), r"format='autodac\.plan'"),
+    "not a plan": (_set_top("format", "other"), r"format='autodac\.plan', but got format='other'"),
     "unknown field": (_set_top("extra", 1), r"may only hold the fields.*'extra'"),
     "rank zero": (_set("rank", 0), r"layer 'conv1'.*rank >= 1.*rank=0"),
     "rank string": (_set("rank", "8"), r"layer 'conv1': `rank` must be an integer >= 1.*rank='8' \(str\)"),
@@ -302,6 +302,11 @@ def test_loading_refuses_a_malformed_plan(case: str) -> None:
 def test_loading_refuses_invalid_json(text: str) -> None:
     with pytest.raises(autodac.PlanError, match="JSON|format='autodac.plan'"):
         autodac.Plan.from_json(text)
+
+
+def test_a_json_value_that_is_not_an_object_is_named_in_the_refusal() -> None:
+    with pytest.raises(autodac.PlanError, match=r"format='autodac\.plan', but got a JSON list"):
+        autodac.Plan.from_json("[1, 2]")
 
 
 def test_loading_accepts_what_optimize_writes_and_old_readers_wrote() -> None:
