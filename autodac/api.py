@@ -305,6 +305,27 @@ def _check_label_range(labels: torch.Tensor | None, reference: torch.Tensor) -> 
         )
 
 
+def _check_labels_fit(held_out: Probe, kind: str) -> None:
+    """Refuse class labels beside outputs compared as values; warn when the original itself scores no better than chance on them."""
+    labels, reference = held_out.labels, held_out.reference
+    if labels is None or not labels.numel():
+        return
+    if kind == "values":
+        raise AutodacError(
+            "class labels are scored by top-1 over the outputs' dim 1, but output_kind='values' compares the outputs as values "
+            f"(R^2 against the original's); {_probes.LEAVE_TARGETS_OUT}, or give output_kind='scores' if dim 1 holds class scores"
+        )
+    classes, accuracy = reference.shape[1], _probes.top1_match(reference, labels)
+    if accuracy < 0.5 / classes:  # well below chance: not a weak classifier, labels of something else
+        message = (
+            f"the original model's own top-1 accuracy on the probe's labels is {accuracy:.3f}, below half of chance over its "
+            f"{classes} outputs (1/{classes}): are the labels the model's classes? If its outputs are not class scores (an "
+            f"embedding, a regression), {_probes.LEAVE_TARGETS_OUT}"
+        )
+        warnings.warn(f"autodac: {message}", UserWarning, stacklevel=5)
+        logger.warning(message)
+
+
 def _check_probe_shape(probe: Probe | None, inputs: tuple[Any, ...], given: bool, what: str = "example_inputs") -> None:
     """Refuse a probe whose examples have another shape than ``example_inputs`` (``what`` names them): FLOPs would be
     counted and the plan made at one shape while its quality is measured at another."""
@@ -958,6 +979,7 @@ class _ProbeRunner:
                 check_output_kind(kind, self.held_out.reference)
                 _check_label_range(probe.labels, self.held_out.reference)
                 self.kind = output_kind(self.held_out.reference, self.held_out.inputs) if kind == "auto" else kind
+                _check_labels_fit(self.held_out, self.kind)
                 self.energy = float(self.held_out.reference.double().pow(2).sum())  # what a squared error is relative to
 
     @property

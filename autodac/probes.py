@@ -290,8 +290,9 @@ def _class_labels(n: int, y: torch.Tensor | None, position: int, ignored: list[i
     if not ignored:
         warnings.warn(
             f"autodac: the targets in `data` are not class labels (float, shape {tuple(y.shape)}, dtype {y.dtype}, from batch "
-            f"{position}), so they are ignored: the probe metric is top-1 agreement with the original model (pass integer "
-            "class labels for top-1 accuracy; a model of several inputs takes batches ((x0, x1, ...), y))", UserWarning, stacklevel=4,
+            f"{position}), so they are ignored: the probe compares the outputs with the original model's (top-1 agreement, or "
+            "R^2 for outputs compared as values; pass integer class labels for top-1 accuracy; a model of several inputs takes "
+            "batches ((x0, x1, ...), y))", UserWarning, stacklevel=4,
         )
     ignored.append(position)
     return None
@@ -505,6 +506,13 @@ def check_output_kind(kind: str, reference: torch.Tensor) -> None:
             f"output_kind={kind!r} needs outputs in [0, 1] (probabilities), but the original's range over [{low:.4g}, {high:.4g}]: "
             "use 'scores' for logits or 'values'"
         )
+    if kind == "distribution":
+        sums = reference.double().sum(1)
+        if float((sums - 1).abs().max()) > 1e-3:  # the rule output_kind("auto") reads a distribution by
+            raise AutodacError(
+                f"output_kind='distribution' needs outputs that sum to 1 over dim 1, but the original's sums range over "
+                f"[{float(sums.min()):.4g}, {float(sums.max()):.4g}]: use 'probabilities' for independent ones or 'values'"
+            )
 
 
 def r_squared(outputs: torch.Tensor, reference: torch.Tensor) -> float:

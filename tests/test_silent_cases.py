@@ -270,3 +270,47 @@ def test_a_conv_is_weighed_by_the_sync_batchnorm_after_it() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SyncBatchNorm(8), nn.ReLU()).eval()
     followed = {t.name: t.followed_by for t in autodac.surgery.trace_layers(model, (X[:1],))}
     assert followed == {"0": "1"}
+
+
+# ----------------------------------------------------------------------------- outputs that are not class scores
+
+
+class _Embedding(nn.Module):
+    """An L2-normalised 16-d embedding: no class dimension, whatever labels come with its data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.fc(torch.relu(self.conv(x)).mean((2, 3))), dim=1)
+
+
+def test_class_labels_beside_outputs_compared_as_values_are_refused_and_labels_the_original_misses_are_warned_of() -> None:
+    model, labels = _Embedding(), torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(autodac.AutodacError, match=r"class labels are scored by top-1 over the outputs' dim 1, but output_kind='values'"):
+        autodac.optimize(model, 0.7, data=[(X, labels)], output_kind="values", n_trials=1, progress=False)
+    with torch.no_grad():
+        labels = (model(X).argmax(1) + 1) % 16  # never the original's top-1: labels of something else
+    with pytest.warns(UserWarning, match=r"the original model's own top-1 accuracy on the probe's labels is 0\.000, below half of chance"):
+        autodac.optimize(model, 0.7, data=[(X, labels)], n_trials=1, progress=False)
+
+
+def test_output_kind_distribution_is_refused_for_outputs_that_do_not_sum_to_one() -> None:
+    class Sigmoid(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.fc(torch.relu(self.conv(x)).mean((2, 3))))
+
+    with pytest.raises(autodac.AutodacError, match=r"output_kind='distribution' needs outputs that sum to 1 over dim 1, but the original's sums"):
+        autodac.optimize(Sigmoid(), 0.7, data=[X], output_kind="distribution", n_trials=1, progress=False)
+
+
+def test_float_targets_are_ignored_with_a_warning_that_does_not_name_a_metric_the_probe_will_not_report() -> None:
+    with pytest.warns(UserWarning, match=r"so they are ignored: the probe compares the outputs with the original model's"):
+        autodac.optimize(_Embedding(), 0.7, data=[(X, torch.rand(64, 4))], n_trials=1, progress=False)
