@@ -24,7 +24,7 @@ def check_ratio(name: str, value: Any) -> float:
         raise BudgetError(f"`{name}` must be a real number with 0 < {name} <= 1, but got {name}={value!r}")
     ratio = float(value)
     if not (math.isfinite(ratio) and 0.0 < ratio <= 1.0):
-        shown = int(value) if isinstance(value, numbers.Integral) else value if type(value) is float else ratio  # as typed
+        shown = int(value) if isinstance(value, numbers.Integral) else ratio  # as typed: 0, not 0.0
         raise BudgetError(f"`0 < {name} <= 1` must hold, but got {name}={shown!r}")
     return ratio
 

@@ -588,7 +588,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _compare_payload(titles: Sequence[str], paths: Sequence[str], plans: Sequence[Any]) -> dict[str, Any]:
-    from autodac.report import layer_names, sliced_by
+    from autodac.report import layer_names, models_of, sliced_by
 
     layers = layer_names(list(plans))
     rows: dict[str, dict[str, Any]] = {}
@@ -613,8 +613,7 @@ def _compare_payload(titles: Sequence[str], paths: Sequence[str], plans: Sequenc
         for title, path, plan in zip(titles, paths, plans)
     }
     # as the table's model rows: a script must not merge layers of different models (or inputs) that share a name
-    same_model = len({(totals[t]["structure"], str(totals[t]["input_shapes"])) for t in titles}) <= 1
-    return {"columns": list(titles), "same_model": same_model, "layers": rows, "totals": totals}
+    return {"columns": list(titles), "same_model": models_of(plans) <= 1, "layers": rows, "totals": totals}
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -783,16 +782,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
         plots.sensitivity_heatmap(profile_rows, folder / figures["sensitivity"], samples=profile.get("samples"),
                                  measure=profile.get("measure", "divergence"))
     label, values, _ = plots.plan_quality(plans)
-    models = {(str((p.structure or {}).get("fingerprint")), str(p.input_shapes)) for p in loaded}
-    if len(models) > 1:  # costs and errors of different networks are not one trade-off: no front across them
+    from autodac.report import models_of
+
+    models = models_of(loaded)
+    if models > 1:  # costs and errors of different networks are not one trade-off: no front across them
         front = []
     report = folder / "report.md"
     report.write_text(_report_markdown(titles, args.plans, plans, figures, front, (label, values)), encoding="utf-8")
     written = [str(report), *(str(folder / f) for f in figures.values())]
     payload = {"report": str(report), "figures": written[1:], "pareto": front, "quality": {"label": label, "values": values},
-               "same_model": len(models) == 1}
-    heading = (f"Pareto front ({label}): {', '.join(front)}" if len(models) == 1 else
-               f"no Pareto front: the plans are of {len(models)} different models or input shapes (see the table's model rows)")
+               "same_model": models <= 1}
+    heading = (f"Pareto front ({label}): {', '.join(front)}" if models <= 1 else
+               f"no Pareto front: the plans are of {models} different models or input shapes (see the table's model rows)")
     _emit(args, f"{heading}\nwrote {', '.join(written)}", payload)
     return 0
 

@@ -737,8 +737,7 @@ def _volume_rows(x: torch.Tensor, kernel, dilation, stride) -> torch.Tensor:
         x = x.unfold(2 + axis, d * (k - 1) + 1, s)  # appends the window (with its dilation gaps) as the last dim
         x = x[..., ::d]
     # B x C x oD x oH x oW x kD x kH x kW -> (B oD oH oW) x (C kD kH kW)
-    b, c = x.shape[:2]
-    return x.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, c * x.shape[5] * x.shape[6] * x.shape[7])
+    return x.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, math.prod(x.shape[1:2] + x.shape[5:]))
 
 
 def patch_size(module: nn.Module) -> int:

@@ -9,7 +9,7 @@ from tabulate import TableFormat, tabulate, tabulate_formats
 from autodac.errors import AutodacError
 from autodac.plan import Plan
 
-__all__ = ["plan_table", "compare", "layer_names", "sliced_by"]
+__all__ = ["plan_table", "compare", "layer_names", "sliced_by", "models_of"]
 
 
 def _check_tablefmt(tablefmt: Any) -> None:
@@ -109,6 +109,11 @@ def _model_cell(plan: Plan) -> str:
     return fingerprint.split(":")[-1][:12] if fingerprint else "?"
 
 
+def models_of(plans: Iterable[Plan]) -> int:
+    """How many models (at their input shapes) ``plans`` were made for: only plans of one have layers, costs and errors that line up."""
+    return len({((p.structure or {}).get("fingerprint"), str(p.input_shapes)) for p in plans})
+
+
 def _titled(plans: Any) -> dict[Any, Plan]:
     """``plans`` as ``{title: plan}``, or a refusal naming what was given instead of a mapping or list of plans."""
     rule = "`plans` must be a non-empty mapping of titles to autodac.Plan, or a list of them"
@@ -149,7 +154,7 @@ def compare(plans: Mapping[str, Plan] | list[Plan], tablefmt: str = "simple") ->
     titles = list(plans)
     layers = layer_names(list(plans.values()))
     rows = []
-    if len({_model_cell(plans[t]) for t in titles}) > 1:  # plans of other models (or inputs): say so before their layers mix
+    if models_of(plans.values()) > 1:  # plans of other models (or inputs): say so before their layers mix
         rows.append(["model (structure)", *(_model_cell(plans[t]) for t in titles)])
         rows.append(["input shapes", *(" ".join("x".join(map(str, s)) for s in plans[t].input_shapes) for t in titles)])
     rows += [[name, *(_cell(plans[t], name) for t in titles)] for name in layers]

@@ -85,11 +85,10 @@ class CifarVGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2], x.shape[-1]
-        if isinstance(x, torch.fx.Proxy) and self.pad_to:  # traced by torch.fx (plain_torch): the pad as recorded calls
-            dh, dw = torch.sym_max(0, self.pad_to - h), torch.sym_max(0, self.pad_to - w)
-            x = nn.functional.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
-        elif self.pad_to and (h < self.pad_to or w < self.pad_to):  # small inputs centred on a pad_to square
-            dh, dw = max(0, self.pad_to - h), max(0, self.pad_to - w)
+        traced = isinstance(x, torch.fx.Proxy)  # by torch.fx (plain_torch): no branch on the size, the pad as recorded calls
+        if self.pad_to and (traced or h < self.pad_to or w < self.pad_to):  # small inputs centred on a pad_to square
+            larger = torch.sym_max if traced else max
+            dh, dw = larger(0, self.pad_to - h), larger(0, self.pad_to - w)
             x = nn.functional.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
         out = self.features(x)
         out = torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1)

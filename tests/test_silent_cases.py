@@ -276,15 +276,15 @@ def test_a_conv_is_weighed_by_the_sync_batchnorm_after_it() -> None:
 
 
 class _Embedding(nn.Module):
-    """An L2-normalised 16-d embedding: no class dimension, whatever labels come with its data."""
+    """An L2-normalised 16-d embedding (no class dimension, whatever labels come with its data), or ``finish`` of its 16 outputs."""
 
-    def __init__(self) -> None:
+    def __init__(self, finish=lambda y: torch.nn.functional.normalize(y, dim=1)) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 16)
+        self.conv, self.fc, self.finish = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 16), finish
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(self.fc(torch.relu(self.conv(x)).mean((2, 3))), dim=1)
+        return self.finish(self.fc(torch.relu(self.conv(x)).mean((2, 3))))
 
 
 def test_class_labels_beside_outputs_compared_as_values_are_refused_and_labels_the_original_misses_are_warned_of() -> None:
@@ -298,17 +298,9 @@ def test_class_labels_beside_outputs_compared_as_values_are_refused_and_labels_t
 
 
 def test_output_kind_distribution_is_refused_for_outputs_that_do_not_sum_to_one() -> None:
-    class Sigmoid(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 6)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(self.fc(torch.relu(self.conv(x)).mean((2, 3))))
-
+    sigmoid = _Embedding(finish=torch.sigmoid)  # in [0, 1], independent: not a distribution
     with pytest.raises(autodac.AutodacError, match=r"output_kind='distribution' needs outputs that sum to 1 over dim 1, but the original's sums"):
-        autodac.optimize(Sigmoid(), 0.7, data=[X], output_kind="distribution", n_trials=1, progress=False)
+        autodac.optimize(sigmoid, 0.7, data=[X], output_kind="distribution", n_trials=1, progress=False)
 
 
 def test_float_targets_are_ignored_with_a_warning_that_does_not_name_a_metric_the_probe_will_not_report() -> None:
