@@ -370,6 +370,7 @@ class _Candidate:
         return self.options[0][2]
 
 
+_NO_CHEAPER = "no factorisation is cheaper than the dense layer"
 _HOOKED = "has hooks of its own (register_forward_hook, ...), which its replacement would not run: remove them to let autodac change it"
 
 
@@ -438,24 +439,64 @@ def _layer_fit(model: nn.Module, layer: TracedLayer, weighting: str, statistics:
     return fit
 
 
-def _candidate_options(
-    layer: TracedLayer, methods: Sequence[str], out_weights: torch.Tensor | None = None, input_cov: torch.Tensor | None = None
-) -> list[tuple[str, int | None, int, float]]:
-    geometry = layer.geometry
+def _option_costs(layer: TracedLayer, methods: Sequence[str]) -> list[tuple[str, int, int]]:
+    """Every ``(method, rank, cost)`` of ``layer`` cheaper than the dense layer (costs grow with rank), without errors."""
+    geometry, shape = layer.geometry, tuple(layer.module.weight.shape)
     dense = geometry.dense_cost()
-    options: list[tuple[str, int | None, int, float]] = [(DENSE, None, dense, 0.0)]
-    shape = tuple(layer.module.weight.shape)
+    found: list[tuple[str, int, int]] = []
     for name in methods:
         method = get_method(name)
         if not method.applies_to(shape):
             continue
-        errors = reconstruction_errors(layer.module, name, out_weights, input_cov)
         for rank in range(1, method.max_rank(shape) + 1):
             cost = method.cost(geometry, rank)
             if cost >= dense:
                 break  # costs grow with rank: no higher rank can pay off
-            options.append((name, rank, cost, float(errors[rank - 1])))
+            found.append((name, rank, cost))
+    return found
+
+
+def _candidate_options(
+    layer: TracedLayer, methods: Sequence[str], out_weights: torch.Tensor | None = None, input_cov: torch.Tensor | None = None
+) -> list[tuple[str, int | None, int, float]]:
+    options: list[tuple[str, int | None, int, float]] = [(DENSE, None, layer.geometry.dense_cost(), 0.0)]
+    errors: dict[str, Any] = {}
+    for name, rank, cost in _option_costs(layer, methods):
+        if name not in errors:
+            errors[name] = reconstruction_errors(layer.module, name, out_weights, input_cov)
+        options.append((name, rank, cost, float(errors[name][rank - 1])))
     return options
+
+
+def _most_saved(live: list[TracedLayer], methods: Sequence[str], units: dict[str, WidthUnit], unit_costs: dict[str, int]) -> tuple[int, list[str]]:
+    """The most FLOPs any plan of these layers saves, and the layers no option makes cheaper, from the costs alone.
+
+    The same options ``_collect`` then scores (a width unit's include its producer's factorisations and its
+    widths), so a budget out of reach is refused before any statistics are gathered or any error is computed.
+    """
+    costs = {layer.name: _option_costs(layer, methods) for layer in live}
+    dense = {layer.name: layer.geometry.dense_cost() for layer in live}
+    producers = {unit.producer for unit in units.values()}
+    saved, none = 0, []
+    for layer in live:
+        name = layer.name
+        if name in producers:
+            continue  # planned inside its unit
+        cheapest = min([dense[name]] + [cost for _, _, cost in costs[name]])
+        whole = dense[name]
+        unit = units.get(name)
+        if unit is not None:
+            whole = unit_costs[name] * unit.channels
+            cheapest += whole - dense[name]
+            step = _width_step(unit.channels)
+            if step < unit.channels:
+                cheapest = min(cheapest, unit_costs[name] * step)
+            if unit.producer in costs and costs[unit.producer]:
+                cheapest = min(cheapest, whole - dense[unit.producer] + min(cost for _, _, cost in costs[unit.producer]))
+        saved += whole - cheapest
+        if cheapest == whole:
+            none.append(name)
+    return saved, none
 
 
 def _excluded_layers(names: Sequence[str], patterns: Sequence[str]) -> set[str]:
@@ -481,6 +522,7 @@ def _excluded_layers(names: Sequence[str], patterns: Sequence[str]) -> set[str]:
 def _collect(
     model, inputs, methods, exclude, progress, weighting="batchnorm", fit_inputs: Batch | None = None,
     implied_seed: int | None = None, by_module: dict[str, int] | None = None, notes: list[str] | None = None,
+    check_reach: "Callable[[int, dict[str, str], set[str]], None] | None" = None,
 ) -> tuple[list[TracedLayer], list[_Candidate], dict[str, str]]:
     """Trace the model, skip what cannot help, and list every (method, rank) option of the rest.
 
@@ -488,6 +530,8 @@ def _collect(
     ``fit_inputs`` each layer is fitted (and scored) by the error of its output on them; without,
     with ``implied_seed``, by the input moments the BatchNorms imply (``autodac.implied``). With
     ``by_module`` (fvcore's per-module counts of the model) hidden widths become options too.
+    ``check_reach`` gets the most FLOPs a plan can save, the skipped layers and the layers narrowed
+    with a width, before any statistics: it raises for a budget out of reach.
     A layer whose input covariance would exceed ``autodac.probes.MAX_COVARIANCE_BYTES`` is
     fitted to its weights alone, with a note appended to ``notes``.
     """
@@ -515,6 +559,9 @@ def _collect(
         live = [layer for layer in traced if layer.name in names]  # in execution order, as before
         for name in joined:
             del skipped[name]
+    if check_reach is not None:
+        saved, unchanged = _most_saved(live, methods, units, unit_costs)
+        check_reach(saved, {**skipped, **{name: _NO_CHEAPER for name in unchanged}}, {n for unit in units.values() for n in unit.chain})
     modules = {t.name: t.module for t in live}
     consumers = {name: modules[name] for name in units}
     covariances: dict[str, torch.Tensor] = {}
@@ -566,7 +613,7 @@ def _collect(
             _add_width_options(candidate, unit, found, unit_costs[name], model, scored.get(unit.producer))
             candidate.width_fit = _layer_fit(model, candidate.layer, weighting, (statistics or "implied") if found is not None else None)
         if len(candidate.options) == 1:
-            skipped[name] = "no factorisation is cheaper than the dense layer"
+            skipped[name] = _NO_CHEAPER
         else:
             candidates.append(candidate)
     _count_every_call(candidates, notes)
@@ -1406,6 +1453,7 @@ def _score(run: _Run) -> None:
             run.model, run.inputs, s.fit.methods, s.fit.exclude, s.progress, s.fit.weighting, fit_inputs,
             implied_seed=s.search.seed if run.probe is None and s.fit.fit_to_data else None,
             by_module=run.original.by_module if s.fit.widths and s.latency is None else None, notes=run.notes,
+            check_reach=functools.partial(_check_flops_reach, run),  # before any statistics or error: a refusal in seconds
         )
     if run.probe is None and any(c.fit.startswith("implied") for c in run.candidates):
         run.probe_source = {"source": "batchnorm", "seed": s.search.seed}
@@ -1416,14 +1464,13 @@ def _score(run: _Run) -> None:
     run.factors = _Factors(run.candidates, run.model)
 
 
-def _skipped_share(run: _Run, most: int = 3) -> str:
+def _skipped_share(run: _Run, skipped: dict[str, str], narrowed: set[str], most: int = 3) -> str:
     """The skipped layers that hold the most FLOPs, with their share and reason: why a budget is out of reach.
-    A layer inside a width unit's chain (a depthwise conv between the producer and the consumer) is not one: it narrows
+    A layer in ``narrowed`` (a depthwise conv between a width unit's producer and consumer) is not one: it narrows
     with the width, and its FLOPs are in the unit's options."""
     by_module, total = run.original.by_module, run.original.total
-    narrowed = {name for c in run.candidates if c.unit is not None for name in c.unit.chain}
     held = []
-    for name, why in run.skipped.items():
+    for name, why in skipped.items():
         if name in narrowed:
             continue
         flops = by_module.get(name, by_module.get(name.rpartition(".")[0], 0)) if name else total
@@ -1437,18 +1484,26 @@ def _skipped_share(run: _Run, most: int = 3) -> str:
     return f". Left as they are: {listed}{more}"
 
 
+def _check_flops_reach(run: _Run, saved: int, skipped: dict[str, str], narrowed: set[str]) -> None:
+    """Refuses a FLOPs budget below the smallest plan (the count less the most any plan saves), naming the floor."""
+    s, total = run.settings, run.original.total
+    reachable = total - saved
+    if s.flops is not None and reachable > math.floor(s.flops * total):
+        raise BudgetError(
+            f"`flops_budget >= {math.ceil(reachable / total * 1e4) / 1e4:.4f}` must hold for this model with "
+            f"methods={list(s.fit.methods)} (the smallest reachable ratio), but got flops_budget={s.flops!r}"
+            f"{_skipped_share(run, skipped, narrowed)}"
+        )
+
+
 def _reach(run: _Run) -> None:
     """Reads the count and candidates; writes FLOPs and parameter targets and fixed parts, refusing a budget no plan reaches."""
     s, total = run.settings, run.original.total
     run.target = math.floor(s.flops * total) if s.flops is not None else total
     run.fixed = total - sum(c.dense_cost for c in run.candidates)
     run.weight_scores = [_layer_options(c) for c in run.candidates]
-    reachable = run.fixed + minimum_cost(run.weight_scores)
-    if s.flops is not None and reachable > run.target:
-        raise BudgetError(
-            f"`flops_budget >= {math.ceil(reachable / total * 1e4) / 1e4:.4f}` must hold for this model with "
-            f"methods={list(s.fit.methods)} (the smallest reachable ratio), but got flops_budget={s.flops!r}{_skipped_share(run)}"
-        )
+    narrowed = {name for c in run.candidates if c.unit is not None for name in c.unit.chain}
+    _check_flops_reach(run, total - run.fixed - minimum_cost(run.weight_scores), run.skipped, narrowed)  # refused earlier; kept as a check
     run.original_params = count_params(run.model)
     run.option_params = [_option_params(c) for c in run.candidates]
     run.fixed_params = run.original_params - sum(int(p[0]) for p in run.option_params)  # parameters no option changes

@@ -15,7 +15,7 @@ from autodac import zoo
 from autodac.api import DEFAULT_METHODS, _build, _choices, _collect, _Factors, _option_params
 from autodac.budgets import Budgets, gather
 from autodac.cost import count_flops, count_params
-from autodac.testing import InvertedResidualNet, SmallConvNet
+from autodac.testing import ConvNeXtLike, DenseNetLike, InvertedResidualNet, ShuffleNetLike, SmallConvNet, VideoNet
 
 MIN_PARAMS = re.compile(r"`params_budget >= (\d\.\d{4})` must hold")
 
@@ -96,6 +96,45 @@ def test_flops_as_a_value_plans_as_the_shorthand() -> None:
     by_value = autodac.optimize(SmallConvNet(), autodac.Flops(0.5), example_inputs=x, progress=False).plan
     by_ratio = autodac.optimize(SmallConvNet(), flops_budget=0.5, example_inputs=x, progress=False).plan
     assert by_value.to_dict() == by_ratio.to_dict()
+
+
+# ----------------------------------------------------------------------------- a budget out of reach, refused early
+
+
+@pytest.mark.parametrize("factory, shape", [
+    (SmallConvNet, (1, 3, 8, 8)), (InvertedResidualNet, (1, 3, 16, 16)), (DenseNetLike, (1, 3, 16, 16)),
+    (ConvNeXtLike, (1, 3, 16, 16)), (ShuffleNetLike, (1, 3, 16, 16)), (VideoNet, (1, 3, 4, 16, 16)),
+    (zoo.resnet20, (1, 1, 28, 28)),
+])
+@pytest.mark.parametrize("methods", [("dac",), DEFAULT_METHODS + ("tdac",)])
+def test_the_early_floor_is_the_scored_options_floor(factory, shape, methods) -> None:
+    """The most FLOPs a plan saves, known from the costs before any statistics, is what the scored options allow
+    (widths, their producers' factorisations and layers no option makes cheaper included)."""
+    torch.manual_seed(0)
+    model, x = factory().eval(), torch.randn(*shape)
+    seen: list[tuple[int, dict[str, str]]] = []
+    _, candidates, skipped = _collect(model, (x,), methods, (), False, by_module=count_flops(model, (x,)).by_module, notes=[],
+                                      check_reach=lambda saved, skipped, narrowed: seen.append((saved, skipped)))
+    assert seen and seen[0][0] == sum(c.dense_cost - min(o[2] for o in c.options) for c in candidates) > 0
+    assert seen[0][1] == skipped  # the early refusal names the same layers left as they are
+    if factory in (InvertedResidualNet, ShuffleNetLike):  # width units (and their producers' options) are in the floor
+        assert any(c.unit is not None for c in candidates)
+
+
+@pytest.mark.parametrize("data", [False, True])
+def test_a_budget_out_of_reach_is_refused_before_statistics_or_errors(monkeypatch, data) -> None:
+    """Refused from the costs alone: no implied moments, no probe statistics, no SVD (seconds, not a minute, at 224 px)."""
+    import autodac.api as api
+
+    def gathered(*args, **kwargs):
+        raise AssertionError("statistics or errors computed for a budget out of reach")
+
+    for name in ("_implied_statistics", "_statistics", "reconstruction_errors"):
+        monkeypatch.setattr(api, name, gathered)
+    x = torch.randn(8, 3, 16, 16)
+    kwargs = {"data": [x]} if data else {}
+    with pytest.raises(autodac.BudgetError, match=r"`flops_budget >= 0\.\d{4}` must hold.*flops_budget=0\.001"):
+        autodac.optimize(InvertedResidualNet().eval(), 0.001, example_inputs=x[:1], progress=False, **kwargs)
 
 
 # ----------------------------------------------------------------------------- parameter counts in closed form
