@@ -15,6 +15,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from autodac.errors import AutodacError
 from autodac.factorize import METHODS, Decomposition, get_method, method_table
@@ -133,6 +134,14 @@ def plain_layer(layer: FactorizedLayer) -> nn.Module:
     return plain
 
 
+def trainable(module: nn.Module, name: str) -> bool:
+    """Whether ``module``'s tensor ``name`` trains: under ``torch.nn.utils.parametrize`` (weight norm, spectral
+    norm) whether any of its originals does (the computed tensor, read without grad, never says so)."""
+    if parametrize.is_parametrized(module, name):
+        return any(p.requires_grad for p in module.parametrizations[name].parameters())
+    return bool(getattr(module, name).requires_grad)
+
+
 @torch.no_grad()
 def build_factorized(
     module: nn.Module, method: str, rank: int, decomposition: Decomposition | None = None, impl: str = ""
@@ -172,10 +181,9 @@ def build_factorized(
     if module.bias is not None:
         second.bias.copy_(module.bias)
     first, second = factorization.implement(first, second, impl, rank)
-    for half in (first, second):  # a frozen layer's factors stay frozen: fine-tuning the rest of the model keeps working
+    for half in (first, second):  # a frozen layer's factors stay frozen, a trainable one's train: as the layer did
         for pname, parameter in half.named_parameters():
-            frozen_like = module.bias if pname == "bias" and half is second else weight
-            parameter.requires_grad_(frozen_like.requires_grad)
+            parameter.requires_grad_(trainable(module, "bias" if pname == "bias" and half is second else "weight"))
     pads = tuple(p if any(p) else () for p in factorization.place_padding(padding))
     layer = keep_shape_attributes(module, FactorizedLayer(method, rank, first, second, impl, pads))
     layer.train(module.training)

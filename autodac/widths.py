@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autodac.batches import Batch, call, count
+from autodac.layers import trainable
 from autodac.surgery import evaluating
 
 __all__ = ["WidthUnit", "find_width_units", "consumable", "collecting_moments", "input_moments", "slice_unit", "plain_copy", "plain_parameters", "Gathered"]
@@ -439,8 +440,7 @@ def plain_copy(module: nn.Module) -> nn.Module:
     new = copy.deepcopy(module)
     if parametrize.is_parametrized(module):
         # not ``remove_parametrizations`` on the copy: it deletes the property from the class the copy shares with the original
-        values = {name: (getattr(module, name).detach().clone(), any(p.requires_grad for p in module.parametrizations[name].parameters()))
-                  for name in module.parametrizations}
+        values = {name: (getattr(module, name).detach().clone(), trainable(module, name)) for name in module.parametrizations}
         new.__class__ = type(module).__bases__[0]  # the class parametrize derived ParametrizedX from
         del new._modules["parametrizations"]
         for name, (value, requires_grad) in values.items():

@@ -263,6 +263,22 @@ def test_a_frozen_layer_s_factors_stay_frozen_in_every_implementation() -> None:
     assert all(p.requires_grad for p in result.model[11].parameters())  # the trainable head stays trainable, cut or not
 
 
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+@pytest.mark.parametrize("method", ["dac", "spatial", "lowrank"])
+def test_a_trainable_parametrised_layer_s_factors_train_and_a_frozen_one_s_do_not(norm, method) -> None:
+    """The computed weight of a parametrised layer never requires grad (it is read under no_grad): its originals say."""
+    from torch.nn.utils import parametrizations
+
+    for frozen in (False, True):
+        model = _three_convs().eval()
+        getattr(parametrizations, norm)(model[3])
+        model[3].requires_grad_(not frozen)
+        result = _quiet_optimize(model, 0.85, example_inputs=torch.randn(1, 3, 16, 16), methods=[method], exclude=["0", "6", "11"], widths=False)
+        assert "3" in result.plan.factorized
+        for built in (result.model, autodac.apply(model, result.plan)):
+            assert {p.requires_grad for p in built[3].parameters()} == {not frozen}, (frozen, dict(built[3].named_parameters()).keys())
+
+
 def test_a_weight_normed_producer_keeps_its_width_option_and_its_original() -> None:
     from torch.nn.utils.parametrizations import weight_norm
 
