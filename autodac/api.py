@@ -559,8 +559,8 @@ def _collect(
         live = [layer for layer in traced if layer.name in names]  # in execution order, as before
         for name in joined:
             del skipped[name]
-    if check_reach is not None:
-        saved, unchanged = _most_saved(live, methods, units, unit_costs)
+    saved, unchanged = _most_saved(live, methods, units, unit_costs) if check_reach is not None else (0, [])
+    if saved > 0:  # nothing to save is refused below as a model with nothing to decompose
         check_reach(saved, {**skipped, **{name: _NO_CHEAPER for name in unchanged}}, {n for unit in units.values() for n in unit.chain})
     modules = {t.name: t.module for t in live}
     consumers = {name: modules[name] for name in units}
