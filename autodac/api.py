@@ -55,7 +55,8 @@ from autodac.search.storage import SharedSearch, open_search
 from autodac.sequential import Refit, refit_in_order
 from autodac.structure import check_structure, model_structure
 from autodac.surgery import (
-    TracedLayer, copy_model, evaluating, held_parametrizations, legacy_norm, own_hooks, replace_layers, run_model, trace_layers,
+    TracedLayer, copy_model, evaluating, held_parametrizations, legacy_norm, outside_inference_mode, own_hooks, replace_layers, run_model,
+    trace_layers,
 )
 from autodac.subclasses import explicit_padding
 from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
@@ -1072,6 +1073,7 @@ class _ProbeRunner:
         return -divergence(outputs, reference, self.kind), probe_metric(outputs, reference, self.held_out.labels, self.kind)
 
 
+@outside_inference_mode
 def optimize(
     model: nn.Module,
     flops_budget: "float | Budget | Sequence[Budget] | None" = None,
@@ -2262,6 +2264,7 @@ def _layer_options(candidate: _Candidate) -> LayerOptions:
     )
 
 
+@outside_inference_mode
 def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn.Module:
     """A copy of ``model`` with every layer of ``plan`` factorised; refuses a plan that does not fit.
 

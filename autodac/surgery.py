@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,18 @@ class _WeightUses(TorchFunctionMode):
                             self.uses[key] = (f"Tensor.{name}" if not weight_call
                                               else f"F.{name}" if hasattr(F, name) else f"torch.{name.strip('_')}")
         return func(*args, **kwargs)
+
+
+def outside_inference_mode(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` run with inference mode off, whatever the caller's: synthesis and distillation take gradients
+    (which inference mode forbids, enable_grad or not), and the modules built are ordinary tensors a user can fine-tune."""
+
+    @functools.wraps(function)
+    def outside(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False):
+            return function(*args, **kwargs)
+
+    return outside
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from torch import nn
 
 from autodac.errors import AutodacError, ModelError
 from autodac.probes import batch_size_for
-from autodac.surgery import copy_model, evaluating
+from autodac.surgery import copy_model, evaluating, outside_inference_mode
 
 __all__ = ["synthesize_inputs", "statistics_mismatch", "DEFAULT_STEPS"]
 
@@ -71,6 +71,7 @@ def statistics_mismatch(model: nn.Module, inputs: torch.Tensor) -> float:
 _REDUCED = (torch.float16, torch.bfloat16)
 
 
+@outside_inference_mode
 def synthesize_inputs(
     model: nn.Module,
     example_inputs: torch.Tensor,

@@ -279,6 +279,22 @@ def test_a_trainable_parametrised_layer_s_factors_train_and_a_frozen_one_s_do_no
             assert {p.requires_grad for p in built[3].parameters()} == {not frozen}, (frozen, dict(built[3].named_parameters()).keys())
 
 
+@pytest.mark.parametrize("training", [{"synthesize": 32}, {"data": "made in inference mode", "distill": autodac.DistillOptions(epochs=1)}])
+def test_a_call_under_inference_mode_trains_what_it_must_and_returns_an_ordinary_model(training) -> None:
+    """Synthesis and distillation take gradients, which inference mode forbids even under enable_grad; the result is
+    made of ordinary tensors (a model of inference tensors could not be fine-tuned)."""
+    model = _three_convs().eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.inference_mode():
+        if "data" in training:
+            training = {**training, "data": [torch.randn(16, 3, 16, 16) for _ in range(4)]}
+        result = _quiet_optimize(model, 0.6, example_inputs=x, n_trials=2, **training)
+        rebuilt = autodac.apply(model, result.plan, training.get("data"))
+    for built in (result.model, rebuilt):
+        assert not any(t.is_inference() for t in [*built.parameters(), *built.buffers()])
+    assert autodac.synthesize_inputs(model, x, 2, steps=1, progress=False).is_inference() is False
+
+
 def test_a_weight_normed_producer_keeps_its_width_option_and_its_original() -> None:
     from torch.nn.utils.parametrizations import weight_norm
 
