@@ -1361,6 +1361,7 @@ def _check_latency_cache(cache: Any) -> None:
         raise AutodacError(f"`latency_cache` must be True, False, None or a file path, but got {type(cache).__name__} {cache!r}")
     if os.path.isdir(cache):
         raise AutodacError(f"`latency_cache` must be the path of a file (the timings are written there), but {str(cache)!r} is a folder")
+    LatencyCache.open(cache)  # refuses a file that is not a cache (a plan, say) before any work, rather than writing over it
 
 
 def _distill_options(given: Any, has_probe: bool) -> DistillOptions | None:

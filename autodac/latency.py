@@ -148,15 +148,24 @@ class LatencyCache:
     def open(cls, path: str | os.PathLike | None | bool = True) -> "LatencyCache":
         if path is False or path is None:
             return cls(None, {})
+        owned = path is True  # autodac's own per-user file; any other is the caller's
         if path is True:
             root = os.environ.get("AUTODAC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autodac")
             path = os.path.join(root, "latency.json")
         path = Path(path).expanduser()  # "~/x.json" is the user's home, not a folder named "~" made in the working directory
-        entries: dict[str, float] = {}
         try:
-            entries = {str(k): float(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
-        except (OSError, ValueError, AttributeError):  # missing or unreadable: start afresh, never fail the plan
-            entries = {}
+            text = path.read_text(encoding="utf-8")
+        except OSError:  # not there yet (or unreadable): start afresh
+            return cls(path, {})
+        try:
+            entries = {str(k): float(v) for k, v in json.loads(text).items()}
+        except (ValueError, TypeError, AttributeError) as error:
+            if not owned and text.strip():  # a plan, a config, notes: saving the timings would write over them
+                raise AutodacError(
+                    f"`latency_cache` must name a file of autodac's timings (a JSON object of seconds by key) or one not there yet, "
+                    f"but {str(path)!r} holds something else ({type(error).__name__}: {str(error)[:80]}); it is left as it is: give another path"
+                ) from None
+            entries = {}  # autodac's own file, damaged, or an empty one: start afresh
         return cls(path, entries)
 
     @staticmethod
