@@ -462,12 +462,31 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _save_model(model, path_text: str) -> None:
+    """``torch.save(model)`` to a temporary file beside ``path_text``, moved into place once whole: a model that cannot
+    be pickled, or a full disk, leaves what was there before (never a truncated file)."""
+    import tempfile
+
     import torch
 
+    folder = os.path.dirname(os.path.abspath(path_text))
     try:
-        torch.save(model, path_text)
-    except (OSError, RuntimeError) as error:  # torch's writer raises RuntimeError for a full disk or a refused file
-        raise CLIError(f"the model must be written to {path_text!r}, but torch.save raised {type(error).__name__}: {error}") from None
+        handle, partial = tempfile.mkstemp(prefix=".autodac-", suffix=".pt", dir=folder)
+    except OSError as error:
+        raise CLIError(f"the model must be written to {path_text!r}, but its folder cannot take a file: {error}") from None
+    os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        torch.save(model, partial)
+        os.chmod(partial, 0o666 & ~umask)  # as open() would have made it (mkstemp's is private to the user)
+        os.replace(partial, path_text)
+    except Exception as error:  # noqa: BLE001 - OSError, torch's RuntimeError, and pickling's AttributeError/TypeError/PicklingError
+        hint = ("; a model whose class is defined inside a function, or that holds a lambda, cannot be pickled: save the plan "
+                "(--out) and rebuild the model with `autodac apply`") if not isinstance(error, OSError) else ""
+        raise CLIError(f"the model must be written to {path_text!r}, but torch.save raised {type(error).__name__}: {error}{hint}") from None
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
 
 
 def _metric_lines(metrics: Mapping[str, float], notes: Sequence[str]) -> list[str]:
@@ -507,10 +526,10 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if getattr(args, "distill", None) is not None:
         kwargs["distill"] = autodac.DistillOptions(epochs=args.distill)
     result = autodac.optimize(model, **kwargs, **_given_options(args))
+    if args.save_model:  # first: a model that cannot be written leaves no plan beside what was there before
+        _save_model(result.model, args.save_model)
     if args.out:
         result.plan.save(args.out)
-    if args.save_model:
-        _save_model(result.model, args.save_model)
     written = [path for path in (args.out, args.save_model) if path]
     payload = {
         "plan": args.out, "model": args.save_model, "budget": result.plan.budget, "original_flops": result.original_flops,

@@ -9,6 +9,7 @@ non-zero with exactly one line on stderr, ``autodac: error: ...``, and no traceb
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -452,6 +453,23 @@ def test_compare_and_plan_table_refuse_a_table_format_tabulate_does_not_know(wor
 def test_the_plan_and_the_saved_model_cannot_be_one_file(work: Path) -> None:
     _refused(_cli("optimize", "small.pt", "--flops-budget", "0.5", "--input-shape", SHAPE, "--out", "same.json",
                   "--save-model", "same.json", cwd=work), "`--out` (the plan) and `--save-model` must be different files")
+
+
+def test_a_model_that_cannot_be_pickled_leaves_the_file_there_before_whole(tmp_path: Path) -> None:
+    """torch.save wrote a truncated zip over the old file and its pickling error came out as a traceback."""
+    from autodac.cli import CLIError, _save_model
+
+    path = tmp_path / "keep.pt"
+    path.write_bytes(b"the model saved yesterday")
+    model = SmallConvNet()
+    model.post = lambda t: t  # pickle cannot take it
+    with pytest.raises(CLIError, match=r"must be written to .*keep\.pt.*cannot be pickled: save the plan"):
+        _save_model(model, str(path))
+    assert path.read_bytes() == b"the model saved yesterday" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.pt"]
+    _save_model(SmallConvNet(), str(path))  # a model that pickles replaces it, with the permissions open() gives
+    umask = os.umask(0)
+    os.umask(umask)
+    assert isinstance(torch.load(path, weights_only=False), SmallConvNet) and (path.stat().st_mode & 0o777) == (0o666 & ~umask)
 
 
 def test_an_output_that_is_a_file_the_command_reads_is_refused_and_the_file_kept(work: Path, data_free: dict) -> None:
