@@ -514,6 +514,35 @@ def _counting_evaluate(model: nn.Module, x: torch.Tensor) -> tuple[Callable[[nn.
     return evaluate, returned
 
 
+@pytest.mark.parametrize("verbosity", ["WARNING", "ERROR"])
+def test_a_failing_evaluate_is_raised_once_without_optuna_s_traceback_or_its_verbosity_lowered(capfd, verbosity) -> None:
+    """The search sets optuna's level to WARNING (no line per trial): a caller's ERROR was lowered to it, and a failed
+    trial printed optuna's copy of the traceback before autodac raised the same exception."""
+    import optuna
+
+    model = _trained_small_net()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(23))
+    calls, seen = [0], []
+
+    def evaluate(candidate: nn.Module) -> float:
+        calls[0] += 1
+        seen.append(optuna.logging.get_verbosity())
+        if calls[0] == 3:
+            raise ValueError("the caller's metric broke")
+        return 0.5
+
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(getattr(optuna.logging, verbosity))
+    try:
+        with pytest.raises(ValueError, match="the caller's metric broke"):
+            autodac.optimize(model, BUDGET, evaluate=evaluate, example_inputs=x[:1], **{**SEARCH, "n_trials": 4})
+        assert set(seen) == {max(getattr(optuna.logging, verbosity), optuna.logging.WARNING)}
+        assert optuna.logging.get_verbosity() == getattr(optuna.logging, verbosity)
+    finally:
+        optuna.logging.set_verbosity(before)
+    assert "Traceback" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("with_data", [False, True], ids=["no-data", "data"])
 def test_evaluate_is_the_metric(with_data: bool) -> None:
     model = _trained_small_net()

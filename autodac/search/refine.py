@@ -43,6 +43,11 @@ class RefineResult:
     front: list[Trial] = field(default_factory=list)  # cost-vs-value Pareto front, cheapest first
 
 
+def _no_failed_trial_traceback(record: logging.LogRecord) -> bool:
+    """Optuna's warning of a failed trial carries the exception's traceback; the search raises that exception itself."""
+    return record.exc_info is None
+
+
 def pareto_trials(trials: Sequence[Trial]) -> list[Trial]:
     """The trials no other trial beats on both cost (lower) and value (higher), cheapest first."""
     front: list[Trial] = []
@@ -124,7 +129,10 @@ def refine(
 
     optuna_logger = logging.getLogger("optuna")
     previous = optuna_logger.level
-    optuna_logger.setLevel(logging.WARNING)
+    optuna_logger.setLevel(max(optuna_logger.getEffectiveLevel(), logging.WARNING))  # no line per trial; the caller's ERROR stands
+    handlers = list(optuna_logger.handlers)  # its modules log through them (a filter on the logger would not see their records)
+    for handler in handlers:
+        handler.addFilter(_no_failed_trial_traceback)
     try:
         startup = min(5, max(1, n_trials // 4))
         first = {f"w{i}": 1.0 for i in range(len(layers))}
@@ -160,6 +168,8 @@ def refine(
                 trials = _study_trials(study, layers)
     finally:
         optuna_logger.setLevel(previous)
+        for handler in handlers:
+            handler.removeFilter(_no_failed_trial_traceback)
     # Ties go to the earliest trial (the plain allocation first), so noise never replaces it for nothing.
     best = max((t for t in trials if t.cost <= budget), key=lambda t: (t.value, -t.number))
     return RefineResult(best=best, trials=trials, seconds=time.perf_counter() - start, front=pareto_trials(trials))
