@@ -192,6 +192,10 @@ def _example_shapes(x: Batch) -> list[tuple[int, ...]]:
     return [tuple(part.shape[1:]) for part in (x.parts if isinstance(x, Inputs) else (x,))]
 
 
+def _dtypes(x: Batch) -> str:
+    return ", ".join(str(part.dtype).removeprefix("torch.") for part in (x.parts if isinstance(x, Inputs) else (x,)))
+
+
 def _shapes(x: Batch) -> Any:
     """A batch's shape as an error shows it: one tuple, or a list of them for several inputs."""
     return [tuple(part.shape) for part in x.parts] if isinstance(x, Inputs) else tuple(x.shape)
@@ -222,6 +226,10 @@ def collect_probe(data: Iterable[Any], max_samples: int = DEFAULT_PROBE_SIZE) ->
             raise AutodacError(  # else torch.cat or x.shape[0] fails obscurely
                 f"every batch of `data` must hold inputs N x ... of one shape, but batch {position} has inputs of shape "
                 f"{_shapes(x)}" + (f" and batch 0 {_shapes(xs[0])}" if xs else "")
+            )
+        if xs and _dtypes(x) != _dtypes(xs[0]):  # else torch.cat promotes every batch to the widest, unsaid
+            raise AutodacError(
+                f"every batch of `data` must hold inputs of one dtype, but batch {position} has {_dtypes(x)} and batch 0 {_dtypes(xs[0])}"
             )
         for part in arguments(x):
             if isinstance(part, torch.Tensor) and part.is_floating_point() and not bool(torch.isfinite(part).all()):

@@ -171,6 +171,8 @@ def test_single_pair_with_float_targets_is_unlabeled() -> None:
             "batch 1 differs", id="labeled-then-float",
         ),
         pytest.param([torch.zeros(2, 3), torch.zeros(2, 4)], r"one shape, but batch 1 has inputs of shape \(2, 4\) and batch 0 \(2, 3\)", id="shapes-differ"),
+        pytest.param([torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64)],
+                     "one dtype, but batch 2 has float64 and batch 0 float32", id="dtypes-differ"),  # torch.cat promoted all, unsaid
         pytest.param(
             (torch.zeros(10, 3, 4, 4), torch.zeros(9, dtype=torch.long)), r"batch 1 has inputs of shape \(9,\)", id="labels-of-another-length",
         ),
