@@ -55,8 +55,7 @@ from autodac.search.storage import SharedSearch, open_search
 from autodac.sequential import Refit, refit_in_order
 from autodac.structure import check_structure, model_structure
 from autodac.surgery import (
-    TracedLayer, copy_model, evaluating, held_parametrizations, legacy_norm, outside_inference_mode, own_hooks, replace_layers, run_model,
-    trace_layers,
+    TracedLayer, copy_model, evaluating, held_parametrizations, legacy_norm, own_hooks, replace_layers, run_model, trace_layers,
 )
 from autodac.subclasses import explicit_padding
 from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
@@ -1073,7 +1072,6 @@ class _ProbeRunner:
         return -divergence(outputs, reference, self.kind), probe_metric(outputs, reference, self.held_out.labels, self.kind)
 
 
-@outside_inference_mode
 def optimize(
     model: nn.Module,
     flops_budget: "float | Budget | Sequence[Budget] | None" = None,
@@ -1182,7 +1180,8 @@ def optimize(
     ``search=SearchOptions(...)``, ``study=StudyOptions(...)``. A group and options given flat
     combine; one option set both ways to two values other than its default is refused.
     """
-    with _global_rng_kept(model):  # building modules draws their (discarded) initial weights: the caller's seeding stands
+    # inference mode off, whatever the caller's: synthesis and distillation take gradients, and the result must be fine-tunable
+    with torch.inference_mode(False), _global_rng_kept(model):  # building modules draws (discarded) weights: the caller's seeding stands
         run = _check(dict(locals()))  # the arguments as given (the signature is their one list)
         with held_parametrizations(run.model) as restore:  # a spectral norm in train mode is read, not stepped
             _probe(run)
@@ -2265,7 +2264,6 @@ def _layer_options(candidate: _Candidate) -> LayerOptions:
     )
 
 
-@outside_inference_mode
 def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn.Module:
     """A copy of ``model`` with every layer of ``plan`` factorised; refuses a plan that does not fit.
 
@@ -2282,7 +2280,8 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
     if not isinstance(plan, Plan):
         raise PlanError(f"`plan` must be an autodac.Plan, but got {type(plan).__name__}")
     _check_materialised(model)
-    with _global_rng_kept(model), held_parametrizations(model) as restore:  # the caller's seeding stands; spectral norms are read, not stepped
+    # inference mode off (as in optimize): the copy is of ordinary tensors, and a distillation replay takes gradients
+    with torch.inference_mode(False), _global_rng_kept(model), held_parametrizations(model) as restore:  # seeding kept; norms read
         model = _working_copy(model)  # as optimize's: plans name the unfused projections (``attn.q_proj``)
         _check_plan_fits(model, plan)
         example = _plan_example(model, plan)
