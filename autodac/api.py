@@ -55,7 +55,7 @@ from autodac.search.storage import SharedSearch, open_search
 from autodac.sequential import Refit, refit_in_order
 from autodac.structure import check_structure, model_structure
 from autodac.surgery import (
-    TracedLayer, copy_model, evaluating, held_parametrizations, legacy_norm, own_hooks, replace_layers, run_model, trace_layers,
+    TracedLayer, copy_model, evaluating, held_parametrizations, own_hooks, replace_layers, run_model, trace_layers, weight_hook,
 )
 from autodac.subclasses import explicit_padding
 from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
@@ -391,7 +391,10 @@ def _skip_reason(layer: TracedLayer, methods: Sequence[str], excluded: bool) -> 
         return f"used through a functional call ({layer.functional}), cannot be replaced"
     if layer.geometry is None:
         return "not run on the example inputs"
-    legacy = legacy_norm(module)
+    legacy = weight_hook(module)
+    if legacy == "prune":
+        return ("torch.nn.utils.prune recomputes its pruned tensors (weight_orig x weight_mask) in a hook its replacement would not "
+                "run: call torch.nn.utils.prune.remove(module, name) for each first, which keeps the pruned values")
     if legacy is not None:
         return (f"torch.nn.utils.{legacy} (the legacy form) recomputes its weight in a hook its replacement would not run: "
                 f"use torch.nn.utils.parametrizations.{legacy}, which autodac reads, or remove it first")

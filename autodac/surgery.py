@@ -293,7 +293,7 @@ def trace_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[Trac
         if id(parameter) in uses.uses and id(parameter) not in owned:
             owner_name = name.rpartition(".")[0]
             owner = model.get_submodule(owner_name) if owner_name else model
-            if legacy_norm(owner) is not None and any(owner is module for module in candidates.values()):
+            if weight_hook(owner) is not None and any(owner is module for module in candidates.values()):
                 continue  # its hook's reads: the layer is kept under its own name, saying why
             if isinstance(owner, _UNSUPPORTED_TYPES) and name.rpartition(".")[2] == "weight":
                 if owner_name not in unsupported:  # torch's own layer, run by its own forward: named as the layer, not as a call
@@ -309,8 +309,10 @@ HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_
 HOOK_FLAG_TABLES = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
-def legacy_norm(module: nn.Module) -> str | None:
-    """``"weight_norm"`` or ``"spectral_norm"`` when ``module`` carries torch's legacy hook of that name, else None."""
+def weight_hook(module: nn.Module) -> str | None:
+    """The torch utility whose pre-forward hook recomputes ``module``'s weight (``"weight_norm"`` or ``"spectral_norm"``
+    in their legacy form, ``"prune"`` for ``torch.nn.utils.prune``), else None: a replacement would not run the hook."""
+    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
@@ -319,6 +321,8 @@ def legacy_norm(module: nn.Module) -> str | None:
             return "weight_norm"
         if isinstance(hook, SpectralNorm):
             return "spectral_norm"
+        if isinstance(hook, BasePruningMethod):
+            return "prune"
     return None
 
 

@@ -412,6 +412,24 @@ def test_legacy_weight_and_spectral_norms_are_copied_kept_and_named_with_the_way
     assert list(result.plan.factorized) == ["4"]
 
 
+def test_a_pruned_layer_is_kept_with_the_way_out_and_its_weight_orig_is_no_layer() -> None:
+    """torch.nn.utils.prune's hook recomputes the weight; before, the plan named a parameter ('2.weight_orig') as a
+    skipped layer, read 'outside its own forward', and the layer itself only as one with hooks."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(8, 16, 5, padding=2), nn.ReLU(), nn.Conv1d(16, 16, 5, padding=2), nn.ReLU(),
+                          nn.Conv1d(16, 16, 5, padding=2)).eval()
+    prune.l1_unstructured(model[2], "weight", amount=0.5)
+    prune.l1_unstructured(model[4], "bias", amount=0.5)
+    result = _quiet_optimize(model, 0.95, example_inputs=torch.randn(1, 8, 64))
+    assert sorted(result.plan.skipped) == ["2", "4"]
+    assert all("call torch.nn.utils.prune.remove(module, name)" in result.plan.skipped[n] for n in ("2", "4"))
+    assert list(result.plan.factorized) == ["0"]
+    prune.remove(model[2], "weight")  # as the reason says: then it is planned
+    assert "2" not in _quiet_optimize(model, 0.95, example_inputs=torch.randn(1, 8, 64)).plan.skipped
+
+
 def test_an_evaluate_that_ends_in_train_mode_leaves_the_result_as_the_caller_s_model() -> None:
     model = SmallConvNet().eval()
 
