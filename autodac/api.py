@@ -55,7 +55,7 @@ from autodac.search.storage import SharedSearch, open_search
 from autodac.sequential import Refit, refit_in_order
 from autodac.structure import check_structure, model_structure
 from autodac.surgery import (
-    TracedLayer, copy_model, evaluating, held_parametrizations, own_hooks, replace_layers, run_model, trace_layers, weight_hook,
+    TracedLayer, copy_model, evaluating, global_hooks, held_parametrizations, own_hooks, replace_layers, run_model, trace_layers, weight_hook,
 )
 from autodac.subclasses import explicit_padding
 from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
@@ -1186,6 +1186,7 @@ def optimize(
     # inference mode off, whatever the caller's: synthesis and distillation take gradients, and the result must be fine-tunable
     with torch.inference_mode(False), _global_rng_kept(model):  # building modules draws (discarded) weights: the caller's seeding stands
         run = _check(dict(locals()))  # the arguments as given (the signature is their one list)
+        _flag_global_hooks(run.notes, stacklevel=3)
         with held_parametrizations(run.model) as restore:  # a spectral norm in train mode is read, not stepped
             _probe(run)
             _count(run)
@@ -1855,6 +1856,16 @@ def _predicted_text(summed: float, worst: float, cap: float) -> str:
     )
 
 
+def _flag_global_hooks(notes: list[str], stacklevel: int) -> None:
+    """Warns of process-wide module hooks: they run on the replacements' convs too, so one that changes outputs
+    makes the model returned compute what no plan was scored for."""
+    count = global_hooks()
+    if count:
+        _flag(f"{count} process-wide module hook(s) (torch.nn.modules.module.register_module_forward_hook or _pre_hook) run on "
+              "every module, the factorised layers' new convs too: one that changes outputs makes the model returned differ from "
+              "what was planned and scored; remove them while autodac runs", notes, stacklevel)
+
+
 def _flag(message: str, notes: list[str], stacklevel: int) -> None:
     warnings.warn(f"autodac: {message}", UserWarning, stacklevel=stacklevel + 1)  # pointed at optimize's caller
     logger.warning(message)
@@ -2283,6 +2294,7 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
     if not isinstance(plan, Plan):
         raise PlanError(f"`plan` must be an autodac.Plan, but got {type(plan).__name__}")
     _check_materialised(model)
+    _flag_global_hooks([], stacklevel=3)
     # inference mode off (as in optimize): the copy is of ordinary tensors, and a distillation replay takes gradients
     with torch.inference_mode(False), _global_rng_kept(model), held_parametrizations(model) as restore:  # seeding kept; norms read
         model = _working_copy(model)  # as optimize's: plans name the unfused projections (``attn.q_proj``)

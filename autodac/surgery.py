@@ -326,6 +326,15 @@ def weight_hook(module: nn.Module) -> str | None:
     return None
 
 
+def global_hooks() -> int:
+    """How many process-wide forward and pre-forward module hooks are registered (``register_module_forward_hook``
+    and its kin): they run on every module, a replacement's convs too."""
+    from torch.nn.modules import module as torch_module
+
+    tables = ("_global_forward_hooks", "_global_forward_pre_hooks")
+    return sum(len(getattr(torch_module, table, None) or {}) for table in tables)
+
+
 def own_hooks(module: nn.Module) -> int:
     """How many forward, pre-forward and backward hooks are registered on ``module`` itself: a replacement would not run them."""
     return sum(len(getattr(module, table, None) or {}) for table in HOOK_TABLES)

@@ -430,6 +430,26 @@ def test_a_pruned_layer_is_kept_with_the_way_out_and_its_weight_orig_is_no_layer
     assert "2" not in _quiet_optimize(model, 0.95, example_inputs=torch.randn(1, 8, 64)).plan.skipped
 
 
+def test_a_process_wide_module_hook_is_warned_of_at_the_caller_s_line_and_noted() -> None:
+    """register_module_forward_hook runs on the replacements' convs too: a scaling one made result.model differ, unsaid."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    handle = register_module_forward_hook(lambda module, args, out: out * 1.1 if isinstance(module, nn.Conv2d) else None)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = autodac.optimize(SmallConvNet(), 0.5, example_inputs=X[:1], progress=False)
+            autodac.apply(SmallConvNet(), result.plan)
+    finally:
+        handle.remove()
+    ours = [w for w in caught if "process-wide module hook" in str(w.message)]
+    assert len(ours) == 2 and {Path(w.filename).name for w in ours} == {Path(__file__).name}
+    assert any("process-wide module hook" in note for note in result.plan.notes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none once it is removed
+        autodac.apply(SmallConvNet(), result.plan)
+
+
 def test_an_evaluate_that_ends_in_train_mode_leaves_the_result_as_the_caller_s_model() -> None:
     model = SmallConvNet().eval()
 
