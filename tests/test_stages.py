@@ -46,11 +46,17 @@ def test_the_score_stage_costs_every_option_in_closed_form_as_fvcore_counts_it()
                 assert count_flops(built, (X,)).total == fixed + sum(c.options[s][2] for c, s in zip(run.candidates, selection))
 
 
-def test_the_reach_stage_refuses_a_budget_no_plan_meets_before_any_search() -> None:
+def test_a_budget_no_plan_meets_is_refused_while_scoring_and_the_reach_stage_checks_it_again() -> None:
+    """Refused from the options' costs before any statistics (the score stage); the reach stage's exact check stays."""
+    message = r"`flops_budget >= 0\.\d{4}` must hold .* but got flops_budget=0\.01"
     run = api._start(SmallConvNet(), 0.01, example_inputs=X, progress=False)
-    for stage in (api._probe, api._count, api._score):
+    for stage in (api._probe, api._count):
         stage(run)
-    with pytest.raises(autodac.BudgetError, match=r"`flops_budget >= 0\.\d{4}` must hold .* but got flops_budget=0\.01"):
+    with pytest.raises(autodac.BudgetError, match=message):
+        api._score(run)
+    run = _scored()  # scored for 0.5; the same run asked for 0.01 is refused by the reach stage
+    run.settings = dataclasses.replace(run.settings, flops=0.01)
+    with pytest.raises(autodac.BudgetError, match=message):
         api._reach(run)
 
 
