@@ -30,7 +30,7 @@ from autodac._logging import get_logger, peak_memory_bytes
 from autodac.attention import unfuse_attention
 from autodac.cost import FlopCount, count_flops, count_params
 from autodac.errors import AutodacError, BudgetError, ModelError, PlanError
-from autodac.batches import Batch, arguments, count, per_example
+from autodac.batches import Batch, arguments, count, per_example, tensor_leaves
 from autodac.budgets import Budget, Budgets, gather
 from autodac.factorize import METHODS, get_method
 from autodac.latency import LatencyCache, LatencyTable, describe_device, measure_table, resolve_device, side_by_side
@@ -279,6 +279,26 @@ def _check_finite(model: nn.Module) -> None:
                 f"the model's parameters and BatchNorm statistics must be finite, but {name!r} holds {bad} NaN or infinite "
                 f"values of {tensor.numel()}"
             )
+    for name, tensor in tensors:
+        if name.endswith("running_var") and bool((tensor.detach() < 0).any()):  # finite, yet the model outputs NaN
+            bad = tensor.detach() < 0
+            raise ModelError(
+                f"the model's BatchNorm running variances must be >= 0, but {name!r} holds {int(bad.sum())} negative values "
+                f"(the smallest {float(tensor.detach()[bad].min()):.4g})"
+            )
+
+
+def _check_finite_outputs(output: Any, what: str) -> None:
+    """Refuse an original model whose outputs hold NaN or +inf (float16 overflow, say): no plan could be scored or
+    fitted against them, and a data-free plan would be returned computing NaN. A -inf is a mask's (masked logits)."""
+    for tensor in tensor_leaves(output):
+        if tensor.is_floating_point():
+            bad = int((torch.isnan(tensor) | torch.isposinf(tensor)).sum())
+            if bad:
+                raise ModelError(
+                    f"the model's outputs on {what} must not be NaN or +inf, but {bad} of {tensor.numel()} are "
+                    "(an overflow in a reduced-precision model, or a broken statistic?)"
+                )
 
 
 def _check_label_range(labels: torch.Tensor | None, reference: torch.Tensor) -> None:
@@ -1026,6 +1046,7 @@ class _ProbeRunner:
             else:
                 self.calibration, self.held_out = split_probe(probe)
                 self.held_out.reference = predict(model, self.held_out.inputs)
+                _check_finite_outputs(self.held_out.reference, "the probe")
                 check_output_kind(kind, self.held_out.reference)
                 _check_label_range(probe.labels, self.held_out.reference)
                 self.kind = output_kind(self.held_out.reference, self.held_out.inputs) if kind == "auto" else kind
@@ -1445,7 +1466,9 @@ def _probe(run: _Run) -> None:
 
 def _count(run: _Run) -> None:
     """Reads the model and inputs; writes fvcore's count of the original (after a clear error for inputs it cannot take)."""
-    run_model(run.model, run.inputs)  # a clear error for inputs the model cannot take, before anything traces it
+    output = run_model(run.model, run.inputs)  # a clear error for inputs the model cannot take, before anything traces it
+    if not run.assumed:  # the assumed zeros stand in for a shape, not for what the model is given
+        _check_finite_outputs(output, "its example inputs")
     with _stage("counting FLOPs (fvcore)"):
         run.original = count_flops(run.model, run.inputs)
 

@@ -431,6 +431,38 @@ def test_a_model_with_nan_weights_or_statistics_is_refused_naming_them(where: st
         autodac.optimize(model, 0.5, example_inputs=torch.randn(1, 3, 8, 8), progress=False)
 
 
+def test_a_negative_running_variance_is_refused_naming_it() -> None:
+    """Finite, so the finiteness check let it through, and the original (and a data-free plan) output NaN."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    with torch.no_grad():
+        model[1].running_var[3] = -1.0
+    with pytest.raises(autodac.ModelError, match=r"running variances must be >= 0, but '1\.running_var' holds 1 negative values \(the smallest -1\)"):
+        autodac.optimize(model, 0.5, example_inputs=torch.randn(1, 3, 8, 8), progress=False)
+
+
+@pytest.mark.parametrize("data", [False, True])
+def test_an_original_whose_outputs_overflow_is_refused_and_a_masked_minus_inf_is_not(data: bool) -> None:
+    """A float16 model whose activations overflow output NaN: a data-free plan was returned computing NaN, a probe run
+    crashed in a Cholesky factorisation. A -inf (masked logits) is an output, not an overflow."""
+
+    class Masked(nn.Module):
+        def __init__(self, fill: float) -> None:
+            super().__init__()
+            self.net, self.fill = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), fill
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.net(x)
+            return torch.cat([out, torch.full_like(out[:, :1], self.fill)], 1)
+
+    x = torch.randn(4, 3, 8, 8)
+    kwargs = {"data": [x], "n_trials": 1} if data else {}
+    with pytest.raises(autodac.ModelError, match=r"outputs on (its example inputs|the probe) must not be NaN or \+inf, but 16 of 144 are"):
+        autodac.optimize(Masked(float("nan")).eval(), 0.7, example_inputs=x[:1], progress=False, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert autodac.optimize(Masked(float("-inf")).eval(), 0.7, example_inputs=x[:1], progress=False, **kwargs).plan.factorized
+
+
 @pytest.mark.parametrize("shape", [(8, 3, 16, 16), (8, 1, 8, 8)], ids=["other-size", "other-channels"])
 def test_apply_refuses_data_of_another_shape_than_the_plan_was_made_at(shape: tuple[int, ...]) -> None:
     data = [torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))]
