@@ -24,7 +24,7 @@ from torch import nn
 from autodac.batches import Batch, Inputs, arguments, call, concat, count, fast_layout, per_example
 from autodac.errors import AutodacError, ModelError
 from autodac.factorize import get_method
-from autodac.factorize.base import covariance_for
+from autodac.factorize.base import covariance_for, power_of_two_peak
 from autodac.subclasses import explicit_padding
 from autodac.surgery import evaluating
 
@@ -817,12 +817,14 @@ def input_covariances(
     def hook(name: str):
         def collect(module, args, _output):
             x = args[0].detach().cpu()
+            scale = power_of_two_peak(x)  # exact: activations near 1e20 would overflow the float32 product
+            x = x / scale if scale != 1.0 else x
             if covariance_fits(module):
                 rows = _patches(module, x, max_positions, generators[name])
                 product, positions = rows.T @ rows, rows.shape[0]  # float32 product, float64 sum
             else:
                 product, positions = _channel_blocks(module, x, max_positions, generators[name])
-            _accumulate(sums, name, product)
+            _accumulate(sums, name, product, scale * scale)
             counts[name] += positions
 
         return collect
@@ -837,12 +839,12 @@ def input_covariances(
     return {name: sums[name].div_(counts[name]) for name in layers if counts[name]}
 
 
-def _accumulate(sums: dict[str, torch.Tensor], name: str, product: torch.Tensor) -> None:
-    """``sums[name] += product`` in float64, in place (no float64 copy of the product)."""
+def _accumulate(sums: dict[str, torch.Tensor], name: str, product: torch.Tensor, scale: float = 1.0) -> None:
+    """``sums[name] += scale * product`` in float64, in place (no float64 copy of the product)."""
     if name in sums:
-        sums[name].add_(product)
+        sums[name].add_(product, alpha=scale)
     else:
-        sums[name] = product.double()
+        sums[name] = product.double().mul_(scale)
 
 
 class _Reached(Exception):
@@ -893,8 +895,9 @@ def cross_covariances(
         if rows_seen.shape[0] > max_positions:
             keep = torch.randperm(rows_seen.shape[0], generator=generator)[:max_positions]
             rows_seen, rows_now = rows_seen[keep], rows_now[keep]
-        rows_seen, rows_now = rows_seen.float(), rows_now.float()
-        _accumulate(sums, "cross", rows_seen.T @ rows_now)
-        _accumulate(sums, "gram", rows_now.T @ rows_now)
+        scale_seen, scale_now = power_of_two_peak(rows_seen), power_of_two_peak(rows_now)  # exact, as in input_covariances
+        rows_seen, rows_now = rows_seen.float() / scale_seen, rows_now.float() / scale_now
+        _accumulate(sums, "cross", rows_seen.T @ rows_now, scale_seen * scale_now)
+        _accumulate(sums, "gram", rows_now.T @ rows_now, scale_now * scale_now)
         rows += rows_now.shape[0]
     return sums["cross"].div_(rows), sums["gram"].div_(rows)

@@ -431,6 +431,30 @@ def test_a_model_with_nan_weights_or_statistics_is_refused_naming_them(where: st
         autodac.optimize(model, 0.5, example_inputs=torch.randn(1, 3, 8, 8), progress=False)
 
 
+@pytest.mark.parametrize("where, scale", [("filter", 1e-20), ("layer", 1e20)], ids=["dead-filter", "huge-layer"])
+@pytest.mark.parametrize("data", [False, True])
+def test_weights_far_from_one_plan_within_budget_without_overflow(where: str, scale: float, data: bool) -> None:
+    """A filter weight decay left at 1e-20 before a BatchNorm (its output weight gamma^2/|W|^2 ~ 1e40 overflowed
+    float32), and a layer of weights near 1e20 (its Gram, energy and input covariances overflowed): eigh and
+    Cholesky failed, or NaN errors gave a plan over budget. Exact power-of-two scalings keep them finite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    with torch.no_grad():
+        if where == "filter":
+            model[0].weight[5] *= scale
+        else:
+            model[3].weight *= scale
+    x = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    kwargs = {"data": [x], "n_trials": 2} if data else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = autodac.optimize(model, 0.5, example_inputs=x[:1], progress=False, **kwargs)
+    assert result.flops <= 0.5 * result.original_flops and result.plan.factorized
+    assert all(math.isfinite(c.error) for c in result.plan.factorized.values())
+    assert bool(torch.isfinite(result.model(x)).all())
+
+
 def test_a_negative_running_variance_is_refused_naming_it() -> None:
     """Finite, so the finiteness check let it through, and the original (and a data-free plan) output NaN."""
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()

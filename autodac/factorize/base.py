@@ -16,6 +16,8 @@ its parameters at a rank (``params``) and its colour in pictures (``color``).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -198,7 +200,7 @@ class SVDFactorization(BaseFactorization):
 
     def errors(self, weight, out_weights=None, input_cov=None) -> torch.Tensor:
         matrix, _, _ = self._matrix(weight, out_weights, input_cov)
-        return tail_energy(singular_values(matrix), matrix.pow(2).sum())
+        return tail_energy(singular_values(matrix), energy_of(matrix))
 
     def decompose(self, weight, out_weights=None, input_cov=None) -> Decomposition:
         matrix, scale, factor = self._matrix(weight, out_weights, input_cov)
@@ -242,6 +244,24 @@ def tail_energy(singular_values: torch.Tensor, total_energy: torch.Tensor) -> to
     return ((total - kept) / total).clamp_min(0.0)
 
 
+def power_of_two_peak(tensor: torch.Tensor) -> float:
+    """The power of two nearest below ``tensor``'s largest magnitude (1 for an empty, all-zero or non-finite one).
+
+    Dividing by it is exact, so values of any range are brought near 1 before they are squared in float32
+    (a Gram or covariance of entries near 1e20 overflows, near 1e-20 underflows), and values already near 1
+    give bit for bit what they gave unscaled."""
+    peak = float(tensor.detach().abs().amax()) if tensor.numel() else 0.0
+    if not math.isfinite(peak) or peak == 0.0:
+        return 1.0
+    return 2.0 ** math.floor(math.log2(peak))
+
+
+def energy_of(matrix: torch.Tensor) -> torch.Tensor:
+    """``sum(matrix^2)`` as a float64 scalar, squared after an exact power-of-two scaling (no float32 overflow)."""
+    scale = power_of_two_peak(matrix)
+    return (matrix / scale).pow(2).sum().double() * (scale * scale)
+
+
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     """Singular values (descending, batched over leading dims) from the smaller Gram matrix.
 
@@ -252,16 +272,18 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     differ from float64's by < 1e-6 of the layer's energy on spectra decaying as ``1/i^2``
     or slower) and decomposed in float64, which keeps those tail energies accurate.
     """
-    m = matrix
+    scale = power_of_two_peak(matrix)
+    m = matrix / scale  # squared in the Gram: weights near 1e20 (or 1e-20) would overflow (underflow) float32
     gram = m @ m.transpose(-1, -2) if m.shape[-2] <= m.shape[-1] else m.transpose(-1, -2) @ m
-    return torch.linalg.eigvalsh(gram.double()).flip(-1).clamp_min(0).sqrt()
+    return torch.linalg.eigvalsh(gram.double()).flip(-1).clamp_min(0).sqrt() * scale
 
 
 def out_scale(out_weights: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     """``sqrt`` of output-channel weights, floored so the scaling stays invertible (exact at full rank)."""
     if out_weights is None:
         return None
-    w = out_weights.detach().to(device=like.device, dtype=like.dtype).clamp_min(0)
+    w = out_weights.detach().to(device=like.device, dtype=torch.float64).clamp_min(0)
+    w = (w / power_of_two_peak(w)).to(like.dtype)  # only ratios matter: gamma^2/|W|^2 of a dead filter (1e40) overflows float32
     floor = w.mean().clamp_min(torch.finfo(like.dtype).tiny) * 1e-6
     return w.clamp_min(floor).sqrt()
 
@@ -271,7 +293,7 @@ def full_svd(
 ) -> Decomposition:
     """SVD of ``matrix`` (already in the SVD dtype and weighting) packaged with what truncation needs."""
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return Decomposition(u, s, vh, matrix.pow(2).sum(), tuple(weight.shape), weight.dtype, scale, in_factor)
+    return Decomposition(u, s, vh, energy_of(matrix), tuple(weight.shape), weight.dtype, scale, in_factor)
 
 
 def cholesky_factor(covariance: torch.Tensor, damping: float = 1e-2) -> torch.Tensor:
