@@ -168,6 +168,30 @@ def test_several_secondary_budgets_all_hold(seed: int) -> None:
         assert sum(int(c[i]) for c, i in zip(costs, selection)) <= b
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_with_secondary_budgets_no_move_to_a_better_option_still_fits(seed: int) -> None:
+    """A multiplier reaches only the convex hull of (secondary cost, error): a parameter budget of 0.9 was met at 0.79
+    when a better option fit. What it leaves is spent: no single layer can move to a lower error within every budget."""
+    rng = np.random.default_rng(3000 + seed)
+    layers = _instance(rng, 50)
+    extra = [[rng.integers(0, 50, size=len(o.costs)).astype(np.int64) for o in layers] for _ in range(1 + seed % 2)]
+    combos = list(itertools.product(*(range(len(o.costs)) for o in layers)))
+    primary_budget = int(rng.integers(minimum_cost(layers), sum(int(o.costs.max()) for o in layers) + 1))
+    feasible = [c for c in combos if sum(int(o.costs[i]) for o, i in zip(layers, c)) <= primary_budget]
+    witness = feasible[int(rng.integers(len(feasible)))]
+    budgets = [int(sum(int(c[i]) for c, i in zip(costs, witness))) for costs in extra]
+    selection = solve(layers, primary_budget, secondary=[Secondary(costs, b) for costs, b in zip(extra, budgets)])
+    tables = [[o.costs for o in layers]] + extra
+    limits = [primary_budget] + budgets
+    spent = [sum(int(t[i][s]) for i, s in enumerate(selection)) for t in tables]
+    assert all(used <= limit for used, limit in zip(spent, limits))
+    for i, options in enumerate(layers):
+        for j in range(len(options.costs)):
+            if options.errors[j] < options.errors[selection[i]]:
+                moved = [used + int(t[i][j]) - int(t[i][selection[i]]) for used, t in zip(spent, tables)]
+                assert any(m > limit for m, limit in zip(moved, limits)), (i, j, selection)
+
+
 def test_a_list_of_one_secondary_is_the_single_secondary() -> None:
     rng = np.random.default_rng(11)
     layers = _instance(rng, 40)

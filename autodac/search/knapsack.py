@@ -82,7 +82,39 @@ def solve(
             best, high = candidate, middle
         else:
             low = middle
-    return best
+    return _spend_every_leftover(layers, best, budget, others)
+
+
+def _spend_every_leftover(layers: list[LayerOptions], selection: list[int], budget: int, others: Sequence["Secondary"]) -> list[int]:
+    """Greedily move layers to better options while every budget still holds.
+
+    A multiplier reaches only the allocations on the lower convex hull of (secondary cost, error): what it leaves of
+    the secondary budget (a parameter budget met at 0.79 when 0.9 was allowed) is spent here, best error gained per
+    share of the budgets it uses first.
+    """
+    selection = list(selection)
+    budgets = np.array([budget] + [s.budget for s in others], dtype=np.float64)
+    tables = [np.stack([o.costs.astype(np.int64)] + [s.costs[i].astype(np.int64) for s in others]) for i, o in enumerate(layers)]
+    spent = np.sum([table[:, selection[i]] for i, table in enumerate(tables)], axis=0)
+    while True:
+        best_ratio, best_move = 0.0, None
+        for i, (options, table) in enumerate(zip(layers, tables)):
+            now = selection[i]
+            gains = options.errors[now] - options.errors
+            extras = table - table[:, now : now + 1]  # budgets x options
+            fits = (gains > 0) & np.all(spent[:, None] + extras <= budgets[:, None], axis=0)
+            if not fits.any():
+                continue
+            shares = (np.clip(extras, 0, None) / np.maximum(budgets, 1)[:, None]).sum(0)
+            ratios = np.where(fits, gains / np.maximum(shares, 1e-300), -1.0)
+            index = int(np.argmax(ratios))
+            if ratios[index] > best_ratio:
+                best_ratio, best_move = float(ratios[index]), (i, index)
+        if best_move is None:
+            return selection
+        i, index = best_move
+        spent += tables[i][:, index] - tables[i][:, selection[i]]
+        selection[i] = index
 
 
 @dataclass(frozen=True)
