@@ -288,17 +288,21 @@ def _check_finite(model: nn.Module) -> None:
             )
 
 
+def _broken_outputs(output: Any) -> tuple[int, int]:
+    """How many of the original model's output entries are NaN or +inf (a -inf is a mask's, as in masked logits), of how many."""
+    tensors = [t for t in tensor_leaves(output) if t.is_floating_point()]
+    return sum(int((torch.isnan(t) | torch.isposinf(t)).sum()) for t in tensors), sum(t.numel() for t in tensors)
+
+
 def _check_finite_outputs(output: Any, what: str) -> None:
-    """Refuse an original model whose outputs hold NaN or +inf (float16 overflow, say): no plan could be scored or
-    fitted against them, and a data-free plan would be returned computing NaN. A -inf is a mask's (masked logits)."""
-    for tensor in tensor_leaves(output):
-        if tensor.is_floating_point():
-            bad = int((torch.isnan(tensor) | torch.isposinf(tensor)).sum())
-            if bad:
-                raise ModelError(
-                    f"the model's outputs on {what} must not be NaN or +inf, but {bad} of {tensor.numel()} are "
-                    "(an overflow in a reduced-precision model, or a broken statistic?)"
-                )
+    """Refuse a probe on which the original's outputs hold NaN or +inf (float16 overflow, say): no plan can be scored
+    or fitted against them (the fits' factorisations fail on them)."""
+    bad, total = _broken_outputs(output)
+    if bad:
+        raise ModelError(
+            f"the model's outputs on {what} must not be NaN or +inf, but {bad} of {total} are "
+            "(an overflow in a reduced-precision model, or a broken statistic?)"
+        )
 
 
 def _check_label_range(labels: torch.Tensor | None, reference: torch.Tensor) -> None:
@@ -1467,8 +1471,11 @@ def _probe(run: _Run) -> None:
 def _count(run: _Run) -> None:
     """Reads the model and inputs; writes fvcore's count of the original (after a clear error for inputs it cannot take)."""
     output = run_model(run.model, run.inputs)  # a clear error for inputs the model cannot take, before anything traces it
-    if not run.assumed:  # the assumed zeros stand in for a shape, not for what the model is given
-        _check_finite_outputs(output, "its example inputs")
+    bad, total = _broken_outputs(output)
+    if bad and not run.assumed:  # example inputs may stand for a shape (noise a model taking log(x) makes NaN of): said, not refused
+        _flag(f"the model's outputs on example_inputs hold {bad} NaN or +inf values of {total}: data-free plans are costed on "
+              "these inputs but fitted without them; if the model overflows (float16) or a statistic is broken, its plans "
+              "compute the same NaN", run.notes, stacklevel=3)
     with _stage("counting FLOPs (fvcore)"):
         run.original = count_flops(run.model, run.inputs)
 
