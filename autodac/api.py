@@ -279,12 +279,16 @@ def _check_finite(model: nn.Module) -> None:
                 f"the model's parameters and BatchNorm statistics must be finite, but {name!r} holds {bad} NaN or infinite "
                 f"values of {tensor.numel()}"
             )
-    for name, tensor in tensors:
-        if name.endswith("running_var") and bool((tensor.detach() < 0).any()):  # finite, yet the model outputs NaN
-            bad = tensor.detach() < 0
+    for name, module in model.named_modules():
+        variance = getattr(module, "running_var", None) if isinstance(module, nn.modules.batchnorm._BatchNorm) else None
+        if variance is None:
+            continue
+        bad = variance.detach() + module.eps <= 0  # finite, yet the model outputs NaN (a -1e-7 beside eps=1e-5 is rounding)
+        if bool(bad.any()):
+            key = f"{name}.running_var" if name else "running_var"
             raise ModelError(
-                f"the model's BatchNorm running variances must be >= 0, but {name!r} holds {int(bad.sum())} negative values "
-                f"(the smallest {float(tensor.detach()[bad].min()):.4g})"
+                f"the model's BatchNorm running variances plus eps must be > 0, but {key!r} holds {int(bad.sum())} values "
+                f"that are not (the smallest {float(variance.detach()[bad].min()):.4g}, eps {module.eps:g})"
             )
 
 

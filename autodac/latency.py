@@ -154,12 +154,13 @@ class LatencyCache:
             path = os.path.join(root, "latency.json")
         path = Path(path).expanduser()  # "~/x.json" is the user's home, not a folder named "~" made in the working directory
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
         except OSError:  # not there yet (or unreadable): start afresh
             return cls(path, {})
+        text = raw.decode("utf-8", errors="replace")
         try:
-            entries = {str(k): float(v) for k, v in json.loads(text).items()}
-        except (ValueError, TypeError, AttributeError) as error:
+            entries = {str(k): float(v) for k, v in json.loads(raw.decode("utf-8")).items()}
+        except (ValueError, TypeError, AttributeError) as error:  # UnicodeDecodeError is a ValueError
             if not owned and text.strip():  # a plan, a config, notes: saving the timings would write over them
                 raise AutodacError(
                     f"`latency_cache` must name a file of autodac's timings (a JSON object of seconds by key) or one not there yet, "

@@ -818,7 +818,8 @@ def input_covariances(
         def collect(module, args, _output):
             x = args[0].detach().cpu()
             scale = power_of_two_peak(x)  # exact: activations near 1e20 would overflow the float32 product
-            x = x / scale if scale != 1.0 else x
+            if scale != 1.0:  # in float32 at least: a float16 input divided in its own dtype would lose its small values
+                x = x.to(torch.promote_types(x.dtype, torch.float32)) / scale
             if covariance_fits(module):
                 rows = _patches(module, x, max_positions, generators[name])
                 product, positions = rows.T @ rows, rows.shape[0]  # float32 product, float64 sum

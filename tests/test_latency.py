@@ -219,8 +219,8 @@ def test_median_seconds_is_a_median_of_the_timed_runs() -> None:
 
 def test_a_damaged_or_empty_cache_of_autodac_s_own_starts_afresh(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("AUTODAC_CACHE_DIR", str(tmp_path))
-    for text in ("not json", "{\"k\": {}}", ""):
-        (tmp_path / "latency.json").write_text(text)
+    for text in ("not json", "{\"k\": {}}", "", b"\xff\xfe binary"):
+        (tmp_path / "latency.json").write_bytes(text if isinstance(text, bytes) else text.encode())
         cache = LatencyCache.open(True)
         assert cache.entries == {}
         cache.put("k", 1.5)
@@ -231,14 +231,15 @@ def test_a_damaged_or_empty_cache_of_autodac_s_own_starts_afresh(tmp_path, monke
     assert LatencyCache.open(empty).entries == {}
 
 
-@pytest.mark.parametrize("text", ["not json", '{"version": 3, "layers": {"conv1": {"method": "dac"}}}', "[1, 2]"])
+@pytest.mark.parametrize("text", ["not json", '{"version": 3, "layers": {"conv1": {"method": "dac"}}}', "[1, 2]", b"\x89PNG\xff"])
 def test_a_file_of_the_caller_s_that_is_not_a_cache_is_refused_and_left_as_it_is(tmp_path, text) -> None:
     """A plan or notes given as latency_cache were written over with timings once the search was done."""
     path = tmp_path / "plan.json"
-    path.write_text(text)
+    text = text if isinstance(text, bytes) else text.encode()
+    path.write_bytes(text)
     with pytest.raises(autodac.AutodacError, match=r"`latency_cache` must name a file of autodac's timings.*plan\.json.*left as it is"):
         autodac.optimize(WideNet(), latency_budget=0.6, example_inputs=INPUT, latency_cache=path, progress=False)
-    assert path.read_text() == text
+    assert path.read_bytes() == text
 
 
 def test_a_cache_path_under_home_is_expanded_not_made_as_a_folder_named_tilde(tmp_path, monkeypatch) -> None:

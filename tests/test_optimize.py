@@ -432,6 +432,22 @@ def test_a_model_with_nan_weights_or_statistics_is_refused_naming_them(where: st
         autodac.optimize(model, 0.5, example_inputs=torch.randn(1, 3, 8, 8), progress=False)
 
 
+def test_ordinary_output_weights_weigh_bit_for_bit_as_they_did_and_extreme_ones_stay_finite() -> None:
+    """The overflow guard must not touch ordinary weightings: a division by an odd power of two enters as sqrt(2)."""
+    from autodac.factorize.base import out_scale
+
+    def unguarded(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # out_scale as it was before the guard
+        w = w.to(like.dtype).clamp_min(0)
+        return w.clamp_min(w.mean().clamp_min(torch.finfo(like.dtype).tiny) * 1e-6).sqrt()
+
+    like = torch.zeros(1)
+    for seed in range(20):
+        w = torch.rand(64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3 * (seed + 1)
+        assert torch.equal(out_scale(w, like), unguarded(w, like))
+    extreme = torch.tensor([1e40, 1.0, 1e-3], dtype=torch.float64)
+    assert bool(torch.isfinite(out_scale(extreme, like)).all()) and not bool(torch.isfinite(unguarded(extreme, like)).all())
+
+
 @pytest.mark.parametrize("where, scale", [("filter", 1e-20), ("layer", 1e20)], ids=["dead-filter", "huge-layer"])
 @pytest.mark.parametrize("data", [False, True])
 def test_weights_far_from_one_plan_within_budget_without_overflow(where: str, scale: float, data: bool) -> None:
@@ -461,8 +477,14 @@ def test_a_negative_running_variance_is_refused_naming_it() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
     with torch.no_grad():
         model[1].running_var[3] = -1.0
-    with pytest.raises(autodac.ModelError, match=r"running variances must be >= 0, but '1\.running_var' holds 1 negative values \(the smallest -1\)"):
+    refused = r"running variances plus eps must be > 0, but '1\.running_var' holds 1 values that are not \(the smallest -1, eps 1e-05\)"
+    with pytest.raises(autodac.ModelError, match=refused):
         autodac.optimize(model, 0.5, example_inputs=torch.randn(1, 3, 8, 8), progress=False)
+    with torch.no_grad():
+        model[1].running_var[3] = -1e-7  # a converted model's rounding: eps keeps its outputs finite
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert autodac.optimize(model, 0.5, example_inputs=torch.randn(1, 3, 8, 8), progress=False).plan.factorized
 
 
 def test_an_original_whose_outputs_overflow_on_the_probe_is_refused_on_example_inputs_warned_and_minus_inf_kept() -> None:

@@ -472,3 +472,17 @@ def test_a_stopped_score_is_a_lower_bound_on_the_whole_divergence(monkeypatch: p
         else:
             assert bound == pytest.approx(whole)
     assert math.isnan(runner.score(changed, floor=whole * 0.25)[1]), "a floor 4x better than the model must stop it"
+
+
+def test_a_float16_input_s_covariance_is_its_float32_values_covariance_when_scaled() -> None:
+    """Activations far from 1 are scaled by a power of two before their product; a float16 input divided in its own
+    dtype lost its small values (subnormals, zeros): 5,111 of 5,184 entries changed."""
+    from autodac.probes import input_covariances
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3)).eval()
+    x = torch.rand(8, 4, 10, 10) * 0.05
+    x[0, 0, 0, 0] = 1000.0  # the scale is 512: 0.05 / 512 is below float16's normal range
+    half = input_covariances(model.half(), {"0": model[0]}, x.half())["0"]
+    model.float()
+    assert torch.equal(half, input_covariances(model, {"0": model[0]}, x.half().float())["0"])

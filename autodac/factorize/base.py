@@ -244,6 +244,10 @@ def tail_energy(singular_values: torch.Tensor, total_energy: torch.Tensor) -> to
     return ((total - kept) / total).clamp_min(0.0)
 
 
+# Output weights whose peak is within these are used as they are: float32 holds their squares and their sums.
+_SAFE_LOW, _SAFE_HIGH = 2.0**-60, 2.0**60
+
+
 def power_of_two_peak(tensor: torch.Tensor) -> float:
     """The power of two nearest below ``tensor``'s largest magnitude (1 for an empty, all-zero or non-finite one).
 
@@ -283,7 +287,10 @@ def out_scale(out_weights: torch.Tensor | None, like: torch.Tensor) -> torch.Ten
     if out_weights is None:
         return None
     w = out_weights.detach().to(device=like.device, dtype=torch.float64).clamp_min(0)
-    w = (w / power_of_two_peak(w)).to(like.dtype)  # only ratios matter: gamma^2/|W|^2 of a dead filter (1e40) overflows float32
+    scale = power_of_two_peak(w)
+    if not _SAFE_LOW <= scale <= _SAFE_HIGH:  # only ratios matter: gamma^2/|W|^2 of a dead filter (1e40) overflows float32
+        w = w / scale  # only then: a sqrt of an odd power of two would change ordinary plans' bits
+    w = w.to(like.dtype)
     floor = w.mean().clamp_min(torch.finfo(like.dtype).tiny) * 1e-6
     return w.clamp_min(floor).sqrt()
 
