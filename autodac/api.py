@@ -299,13 +299,14 @@ def _broken_outputs(output: Any) -> tuple[int, int]:
 
 
 def _check_finite_outputs(output: Any, what: str) -> None:
-    """Refuse a probe on which the original's outputs hold NaN or +inf (float16 overflow, say): no plan can be scored
-    or fitted against them (the fits' factorisations fail on them)."""
-    bad, total = _broken_outputs(output)
+    """Refuse a probe on which the original's outputs are not finite (float16 overflow, masked logits): no plan can
+    be scored against them (every divergence is NaN) or fitted to them (the factorisations fail)."""
+    tensors = [t for t in tensor_leaves(output) if t.is_floating_point()]
+    bad, total = sum(int((~torch.isfinite(t)).sum()) for t in tensors), sum(t.numel() for t in tensors)
     if bad:
         raise ModelError(
-            f"the model's outputs on {what} must not be NaN or +inf, but {bad} of {total} are "
-            "(an overflow in a reduced-precision model, or a broken statistic?)"
+            f"the model's outputs on {what} must be finite to score plans against, but {bad} of {total} are NaN or infinite "
+            "(an overflow in a reduced-precision model, a broken statistic, or masked logits: pass evaluate= to score those)"
         )
 
 

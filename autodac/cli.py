@@ -461,7 +461,7 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet
 
 
-def _save_model(model, path_text: str) -> None:
+def _save_model(model, path_text: str, instead: str = "") -> None:
     """``torch.save(model)`` to a temporary file beside ``path_text``, moved into place once whole: a model that cannot
     be pickled, or a full disk, leaves what was there before (never a truncated file)."""
     import tempfile
@@ -481,8 +481,8 @@ def _save_model(model, path_text: str) -> None:
         os.chmod(partial, 0o666 & ~umask)  # as open() would have made it (mkstemp's is private to the user)
         os.replace(partial, path_text)
     except Exception as error:  # noqa: BLE001 - OSError, torch's RuntimeError, and pickling's AttributeError/TypeError/PicklingError
-        hint = ("; a model whose class is defined inside a function, or that holds a lambda, cannot be pickled: save the plan "
-                "(--out) and rebuild the model with `autodac apply`") if not isinstance(error, OSError) else ""
+        hint = ("; a model whose class is defined inside a function, or that holds a lambda, cannot be pickled"
+                + (f": {instead}" if instead else "")) if not isinstance(error, OSError) else ""
         raise CLIError(f"the model must be written to {path_text!r}, but torch.save raised {type(error).__name__}: {error}{hint}") from None
     finally:
         if os.path.exists(partial):
@@ -526,10 +526,13 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if getattr(args, "distill", None) is not None:
         kwargs["distill"] = autodac.DistillOptions(epochs=args.distill)
     result = autodac.optimize(model, **kwargs, **_given_options(args))
-    if args.save_model:  # first: a model that cannot be written leaves no plan beside what was there before
-        _save_model(result.model, args.save_model)
-    if args.out:
+    if args.out:  # first: the plan holds the whole run, whatever becomes of the model's pickle
         result.plan.save(args.out)
+    if args.save_model:
+        _save_model(result.model, args.save_model, (
+            f"the plan is in {args.out!r}; `autodac apply` rebuilds the model from it wherever its class can be imported"
+            if args.out else "give --out to keep the plan, from which `autodac apply` rebuilds the model"
+        ))
     written = [path for path in (args.out, args.save_model) if path]
     payload = {
         "plan": args.out, "model": args.save_model, "budget": result.plan.budget, "original_flops": result.original_flops,

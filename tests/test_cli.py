@@ -463,13 +463,24 @@ def test_a_model_that_cannot_be_pickled_leaves_the_file_there_before_whole(tmp_p
     path.write_bytes(b"the model saved yesterday")
     model = SmallConvNet()
     model.post = lambda t: t  # pickle cannot take it
-    with pytest.raises(CLIError, match=r"must be written to .*keep\.pt.*cannot be pickled: save the plan"):
-        _save_model(model, str(path))
+    with pytest.raises(CLIError, match=r"must be written to .*keep\.pt.*cannot be pickled: the plan is in"):
+        _save_model(model, str(path), "the plan is in 'x.json'")
     assert path.read_bytes() == b"the model saved yesterday" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.pt"]
     _save_model(SmallConvNet(), str(path))  # a model that pickles replaces it, with the permissions open() gives
     umask = os.umask(0)
     os.umask(umask)
     assert isinstance(torch.load(path, weights_only=False), SmallConvNet) and (path.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+def test_a_model_that_cannot_be_pickled_still_leaves_the_run_s_plan(tmp_path: Path) -> None:
+    """The plan is written first: a pickling failure of --save-model lost the whole optimize run."""
+    (tmp_path / "lambda_net.py").write_text(
+        "from autodac.testing import SmallConvNet\n\ndef net():\n    m = SmallConvNet().eval()\n    m.post = lambda t: t\n    return m\n"
+    )
+    message = _refused(_cli("optimize", "lambda_net:net", "--flops-budget", "0.8", "--input-shape", SHAPE, "--out", "plan.json",
+                            "--save-model", "m.pt", cwd=tmp_path, pythonpath=str(tmp_path)), "cannot be pickled: the plan is in 'plan.json'")
+    assert "Traceback" not in message and not (tmp_path / "m.pt").exists()
+    assert autodac.Plan.load(tmp_path / "plan.json").factorized
 
 
 def test_an_output_that_is_a_file_the_command_reads_is_refused_and_the_file_kept(work: Path, data_free: dict) -> None:
