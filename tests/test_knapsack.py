@@ -151,17 +151,22 @@ def test_no_allocation_meeting_both_budgets_is_a_value_error() -> None:
         solve(layers, 0, secondary=Secondary([np.array([10, 0])], 5))
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_several_secondary_budgets_all_hold(seed: int) -> None:
-    """Any number of budgets: each met by the answer whenever some allocation meets them all (here, a random one does)."""
-    rng = np.random.default_rng(2000 + seed)
+def _met_by_some_allocation(rng: np.random.Generator, count: int):
+    """A random instance, ``count`` secondary costs per option, a primary budget, and secondary budgets that one
+    allocation within the primary budget (drawn at random) meets exactly."""
     layers = _instance(rng, 50)
-    extra = [[rng.integers(0, 50, size=len(o.costs)).astype(np.int64) for o in layers] for _ in range(2)]
+    extra = [[rng.integers(0, 50, size=len(o.costs)).astype(np.int64) for o in layers] for _ in range(count)]
     combos = list(itertools.product(*(range(len(o.costs)) for o in layers)))
     primary_budget = int(rng.integers(minimum_cost(layers), sum(int(o.costs.max()) for o in layers) + 1))
     feasible = [c for c in combos if sum(int(o.costs[i]) for o, i in zip(layers, c)) <= primary_budget]
     witness = feasible[int(rng.integers(len(feasible)))]
-    budgets = [int(sum(int(c[i]) for c, i in zip(costs, witness))) for costs in extra]
+    return layers, extra, primary_budget, [int(sum(int(c[i]) for c, i in zip(costs, witness))) for costs in extra]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_several_secondary_budgets_all_hold(seed: int) -> None:
+    """Any number of budgets: each met by the answer whenever some allocation meets them all (here, a random one does)."""
+    layers, extra, primary_budget, budgets = _met_by_some_allocation(np.random.default_rng(2000 + seed), 2)
     selection = solve(layers, primary_budget, secondary=[Secondary(costs, b) for costs, b in zip(extra, budgets)])
     assert sum(int(o.costs[i]) for o, i in zip(layers, selection)) <= primary_budget
     for costs, b in zip(extra, budgets):
@@ -172,14 +177,7 @@ def test_several_secondary_budgets_all_hold(seed: int) -> None:
 def test_with_secondary_budgets_no_move_to_a_better_option_still_fits(seed: int) -> None:
     """A multiplier reaches only the convex hull of (secondary cost, error): a parameter budget of 0.9 was met at 0.79
     when a better option fit. What it leaves is spent: no single layer can move to a lower error within every budget."""
-    rng = np.random.default_rng(3000 + seed)
-    layers = _instance(rng, 50)
-    extra = [[rng.integers(0, 50, size=len(o.costs)).astype(np.int64) for o in layers] for _ in range(1 + seed % 2)]
-    combos = list(itertools.product(*(range(len(o.costs)) for o in layers)))
-    primary_budget = int(rng.integers(minimum_cost(layers), sum(int(o.costs.max()) for o in layers) + 1))
-    feasible = [c for c in combos if sum(int(o.costs[i]) for o, i in zip(layers, c)) <= primary_budget]
-    witness = feasible[int(rng.integers(len(feasible)))]
-    budgets = [int(sum(int(c[i]) for c, i in zip(costs, witness))) for costs in extra]
+    layers, extra, primary_budget, budgets = _met_by_some_allocation(np.random.default_rng(3000 + seed), 1 + seed % 2)
     selection = solve(layers, primary_budget, secondary=[Secondary(costs, b) for costs, b in zip(extra, budgets)])
     tables = [[o.costs for o in layers]] + extra
     limits = [primary_budget] + budgets
