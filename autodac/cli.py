@@ -468,18 +468,22 @@ def _save_model(model, path_text: str, instead: str = "") -> None:
 
     import torch
 
-    folder = os.path.dirname(os.path.abspath(path_text))
+    target = os.path.realpath(path_text)  # a link is written through, as open() would
     try:
-        handle, partial = tempfile.mkstemp(prefix=".autodac-", suffix=".pt", dir=folder)
+        handle, partial = tempfile.mkstemp(prefix=".autodac-", suffix=".pt", dir=os.path.dirname(target))
     except OSError as error:
         raise CLIError(f"the model must be written to {path_text!r}, but its folder cannot take a file: {error}") from None
     os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
+    if os.path.exists(target):
+        mode = os.stat(target).st_mode & 0o777  # the file's own mode, kept
+    else:
+        umask = os.umask(0o022)  # read it (os has no getter); the CLI runs one thread
+        os.umask(umask)
+        mode = 0o666 & ~umask  # as open() would have made it (mkstemp's is private to the user)
     try:
         torch.save(model, partial)
-        os.chmod(partial, 0o666 & ~umask)  # as open() would have made it (mkstemp's is private to the user)
-        os.replace(partial, path_text)
+        os.chmod(partial, mode)
+        os.replace(partial, target)
     except Exception as error:  # noqa: BLE001 - OSError, torch's RuntimeError, and pickling's AttributeError/TypeError/PicklingError
         hint = ("; a model whose class is defined inside a function, or that holds a lambda, cannot be pickled"
                 + (f": {instead}" if instead else "")) if not isinstance(error, OSError) else ""

@@ -470,6 +470,11 @@ def test_a_model_that_cannot_be_pickled_leaves_the_file_there_before_whole(tmp_p
     umask = os.umask(0)
     os.umask(umask)
     assert isinstance(torch.load(path, weights_only=False), SmallConvNet) and (path.stat().st_mode & 0o777) == (0o666 & ~umask)
+    path.chmod(0o640)
+    link = tmp_path / "link.pt"
+    link.symlink_to(path)
+    _save_model(SmallConvNet(), str(link))  # through the link, into the file, whose mode stays
+    assert link.is_symlink() and (path.stat().st_mode & 0o777) == 0o640 and isinstance(torch.load(path, weights_only=False), SmallConvNet)
 
 
 def test_a_model_that_cannot_be_pickled_still_leaves_the_run_s_plan(tmp_path: Path) -> None:
