@@ -292,17 +292,18 @@ def _check_finite(model: nn.Module) -> None:
             )
 
 
-def _broken_outputs(output: Any) -> tuple[int, int]:
-    """How many of the original model's output entries are NaN or +inf (a -inf is a mask's, as in masked logits), of how many."""
+def _broken_outputs(output: Any, masked: bool = False) -> tuple[int, int]:
+    """How many of the original model's output entries are not finite, of how many; with ``masked``, a -inf (a mask's,
+    as in masked logits) is not counted."""
     tensors = [t for t in tensor_leaves(output) if t.is_floating_point()]
-    return sum(int((torch.isnan(t) | torch.isposinf(t)).sum()) for t in tensors), sum(t.numel() for t in tensors)
+    broken = (lambda t: torch.isnan(t) | torch.isposinf(t)) if masked else (lambda t: ~torch.isfinite(t))
+    return sum(int(broken(t).sum()) for t in tensors), sum(t.numel() for t in tensors)
 
 
 def _check_finite_outputs(output: Any, what: str) -> None:
     """Refuse a probe on which the original's outputs are not finite (float16 overflow, masked logits): no plan can
     be scored against them (every divergence is NaN) or fitted to them (the factorisations fail)."""
-    tensors = [t for t in tensor_leaves(output) if t.is_floating_point()]
-    bad, total = sum(int((~torch.isfinite(t)).sum()) for t in tensors), sum(t.numel() for t in tensors)
+    bad, total = _broken_outputs(output)
     if bad:
         raise ModelError(
             f"the model's outputs on {what} must be finite to score plans against, but {bad} of {total} are NaN or infinite "
@@ -489,24 +490,26 @@ def _option_costs(layer: TracedLayer, methods: Sequence[str]) -> list[tuple[str,
 
 
 def _candidate_options(
-    layer: TracedLayer, methods: Sequence[str], out_weights: torch.Tensor | None = None, input_cov: torch.Tensor | None = None
+    layer: TracedLayer, costs: list[tuple[str, int, int]], out_weights: torch.Tensor | None = None, input_cov: torch.Tensor | None = None
 ) -> list[tuple[str, int | None, int, float]]:
+    """The dense option, then each of ``costs`` (``_option_costs``) with its predicted error."""
     options: list[tuple[str, int | None, int, float]] = [(DENSE, None, layer.geometry.dense_cost(), 0.0)]
     errors: dict[str, Any] = {}
-    for name, rank, cost in _option_costs(layer, methods):
+    for name, rank, cost in costs:
         if name not in errors:
             errors[name] = reconstruction_errors(layer.module, name, out_weights, input_cov)
         options.append((name, rank, cost, float(errors[name][rank - 1])))
     return options
 
 
-def _most_saved(live: list[TracedLayer], methods: Sequence[str], units: dict[str, WidthUnit], unit_costs: dict[str, int]) -> tuple[int, list[str]]:
+def _most_saved(
+    live: list[TracedLayer], costs: dict[str, list[tuple[str, int, int]]], units: dict[str, WidthUnit], unit_costs: dict[str, int]
+) -> tuple[int, list[str]]:
     """The most FLOPs any plan of these layers saves, and the layers no option makes cheaper, from the costs alone.
 
-    The same options ``_collect`` then scores (a width unit's include its producer's factorisations and its
+    The same options ``_collect`` then scores (``costs``, a width unit's with its producer's factorisations and its
     widths), so a budget out of reach is refused before any statistics are gathered or any error is computed.
     """
-    costs = {layer.name: _option_costs(layer, methods) for layer in live}
     dense = {layer.name: layer.geometry.dense_cost() for layer in live}
     producers = {unit.producer for unit in units.values()}
     saved, none = 0, []
@@ -591,7 +594,8 @@ def _collect(
         live = [layer for layer in traced if layer.name in names]  # in execution order, as before
         for name in joined:
             del skipped[name]
-    saved, unchanged = _most_saved(live, methods, units, unit_costs) if check_reach is not None else (0, [])
+    costs = {layer.name: _option_costs(layer, methods) for layer in live}  # reckoned once: the reach check and the scoring
+    saved, unchanged = _most_saved(live, costs, units, unit_costs) if check_reach is not None else (0, [])
     if saved > 0:  # nothing to save is refused below as a model with nothing to decompose
         check_reach(saved, {**skipped, **{name: _NO_CHEAPER for name in unchanged}}, {n for unit in units.values() for n in unit.chain})
     modules = {t.name: t.module for t in live}
@@ -633,7 +637,7 @@ def _collect(
         input_cov = covariances.get(layer.name)
         fit = _layer_fit(model, layer, weighting, statistics if input_cov is not None else None)
         out_weights = _fit_weights(model, fit, layer.module)
-        options = _candidate_options(layer, methods, out_weights, input_cov)
+        options = _candidate_options(layer, costs[layer.name], out_weights, input_cov)
         scored[layer.name] = _Candidate(layer, options, fit, out_weights, input_cov)
     producers = {unit.producer: unit for unit in units.values()}
     for name, candidate in scored.items():
@@ -1476,7 +1480,7 @@ def _probe(run: _Run) -> None:
 def _count(run: _Run) -> None:
     """Reads the model and inputs; writes fvcore's count of the original (after a clear error for inputs it cannot take)."""
     output = run_model(run.model, run.inputs)  # a clear error for inputs the model cannot take, before anything traces it
-    bad, total = _broken_outputs(output)
+    bad, total = _broken_outputs(output, masked=True)
     if bad and not run.assumed:  # example inputs may stand for a shape (noise a model taking log(x) makes NaN of): said, not refused
         _flag(f"the model's outputs on example_inputs hold {bad} NaN or +inf values of {total}: data-free plans are costed on "
               "these inputs but fitted without them; if the model overflows (float16) or a statistic is broken, its plans "

@@ -157,11 +157,10 @@ class LatencyCache:
             raw = path.read_bytes()
         except OSError:  # not there yet (or unreadable): start afresh
             return cls(path, {})
-        text = raw.decode("utf-8", errors="replace")
         try:
             entries = {str(k): float(v) for k, v in json.loads(raw.decode("utf-8")).items()}
         except (ValueError, TypeError, AttributeError) as error:  # UnicodeDecodeError is a ValueError
-            if not owned and text.strip():  # a plan, a config, notes: saving the timings would write over them
+            if not owned and raw.strip():  # a plan, a config, notes: saving the timings would write over them
                 raise AutodacError(
                     f"`latency_cache` must name a file of autodac's timings (a JSON object of seconds by key) or one not there yet, "
                     f"but {str(path)!r} holds something else ({type(error).__name__}: {str(error)[:80]}); it is left as it is: give another path"
