@@ -1497,7 +1497,7 @@ def _score(run: _Run) -> None:
         _, run.candidates, run.skipped = _collect(
             run.model, run.inputs, s.fit.methods, s.fit.exclude, s.progress, s.fit.weighting, fit_inputs,
             implied_seed=s.search.seed if run.probe is None and s.fit.fit_to_data else None,
-            by_module=run.original.by_module if s.fit.widths and s.latency is None else None, notes=run.notes,
+            by_module=run.original.by_module if s.fit.widths else None, notes=run.notes,
             check_reach=functools.partial(_check_flops_reach, run),  # before any statistics or error: a refusal in seconds
         )
     if run.probe is None and any(c.fit.startswith("implied") for c in run.candidates):
@@ -2118,12 +2118,55 @@ def _inputs_on(inputs: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]
 def _measure_latency(model, inputs, candidates: list[_Candidate], factors: _Factors, device, cache_path, progress, runtime: Runtime) -> LatencyTable:
     cache = LatencyCache.open(cache_path)
     reference = _on_device(model, device)
+    shapes = _member_shapes(model, inputs, [c.unit for c in candidates if c.unit is not None])
     layers = [
-        (c.layer.module, c.layer.geometry, [o[:2] for o in c.options], functools.partial(factors.build, c.layer.name))
+        (c.layer.module, c.layer.geometry, [o[:2] for o in c.options], functools.partial(factors.build, c.layer.name),
+         None if c.unit is None else functools.partial(_unit_parts, c, factors, shapes))
         for c in candidates
     ]
+    # a unit's producer options run the producer's own forms
+    implementations = {**IMPLEMENTATIONS, **{PRODUCER + m: impls for m, impls in IMPLEMENTATIONS.items()}}
     with evaluating(reference):
-        return measure_table(reference, _inputs_on(inputs, device), layers, IMPLEMENTATIONS, device, cache, progress, runtime)
+        return measure_table(reference, _inputs_on(inputs, device), layers, implementations, device, cache, progress, runtime)
+
+
+def _member_shapes(model: nn.Module, inputs, units: list[WidthUnit]) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """The input shape of every call of every width unit member (producer, chain, consumer), from one pass."""
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    handles = []
+    for unit in units:
+        for name in (unit.producer, *unit.chain, unit.consumer):
+            def record(_module, args, name=name):
+                shapes.setdefault(name, []).append(tuple(args[0].shape))
+            handles.append(model.get_submodule(name).register_forward_pre_hook(record))
+    try:
+        with evaluating(model), torch.no_grad():
+            if units:
+                model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: tuple(found) for name, found in shapes.items()}
+
+
+def _unit_parts(candidate: _Candidate, factors: _Factors, shapes, method: str, rank: int | None, impl: str) -> list[tuple[nn.Module, Any]]:
+    """What one option of a width unit runs, for timing: producer, chain and consumer, each on inputs of its traced
+    shapes with the hidden channels at the option's width (the activations and other ops between are not timed)."""
+    unit = candidate.unit
+    names = (unit.producer, *unit.chain, unit.consumer)
+    modules = {name: factors.root.get_submodule(name) for name in names}
+    width = unit.channels
+    if rank is not None:
+        modules.update(factors.replacements(unit.consumer, method, rank, impl))
+        width = rank if method == WIDTH else width
+
+    def narrowed(name: str) -> tuple[tuple[int, ...], ...]:
+        if name == unit.producer:
+            return shapes[name]
+        axis = -1 if isinstance(modules[name], nn.Linear) else 1
+        return tuple(tuple(width if d == axis % len(shape) else size for d, size in enumerate(shape)) for shape in shapes[name])
+
+    return [(modules[name], narrowed(name)) for name in names]
 
 
 def _latency_ratio(model: nn.Module, decomposed: nn.Module, inputs, timing: LatencyTable) -> tuple[float, float, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import os
 import statistics
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 _WARMUP = 3
+Part = tuple[nn.Module, tuple[tuple[int, ...], ...]]  # a module an option runs, and the input shape of each of its calls
 
 
 def resolve_device(device: Any, model: nn.Module) -> torch.device:
@@ -176,6 +178,12 @@ class LatencyCache:
         )
         return hashlib.sha1(described.encode()).hexdigest()
 
+    @staticmethod
+    def part_key(device: torch.device, module: nn.Module, dtype: torch.dtype, shapes: Sequence[Sequence[int]], runtime: Runtime = TORCH) -> str:
+        """The key of one part of an option (``layer_latencies``' ``parts``): the module as it is and its input shapes."""
+        described = json.dumps(["part", device_key(device, runtime), repr(module), str(dtype), [list(shape) for shape in shapes]])
+        return hashlib.sha1(described.encode()).hexdigest()
+
     def get(self, key: str) -> float | None:
         return self.entries.get(key)
 
@@ -214,6 +222,7 @@ def layer_latencies(
     repeats: int = 7,
     seed: int = 0,
     runtime: Runtime = TORCH,
+    parts: Callable[[str, int | None, str], Sequence[Part]] | None = None,
 ) -> tuple[list[float], list[str]]:
     """Seconds and fastest implementation for every ``(method, rank)`` option of one layer.
 
@@ -221,15 +230,22 @@ def layer_latencies(
     (each implementation of it, on inputs of the traced shapes): all of them when there are
     that few (speed is not smooth in rank where a narrow conv misses the fast kernels), else ``points`` ranks spread evenly with linear interpolation between.
     Each is timed on ``runtime`` (onnxruntime: the layer exported alone, one session per input shape).
+    With ``parts`` (``(method, rank, impl)`` -> the modules an option runs, each with its input
+    shapes; rank None for the layer as it is) an option's time is the sum of its parts' (a
+    width unit: producer, chain and consumer, all at the option's width), not ``build``'s layer's.
     """
     generator = torch.Generator().manual_seed(seed)
-    inputs = layer_inputs(module, geometry, device, generator)
+    inputs = layer_inputs(module, geometry, device, generator) if parts is None else []
 
-    def timed(layer: nn.Module, option: Sequence[Any]) -> float:
+    def timed(method: str, rank: int | None, impl: str) -> float:
+        if parts is not None:
+            return sum(_part_seconds(part, device, cache, runtime, repeats, generator) for part in parts(method, rank, impl))
+        option = ("dense",) if rank is None else (method, rank, impl)
         key = LatencyCache.key(device, module, geometry, option, runtime)
         cached = cache.get(key)
         if cached is not None:
             return cached
+        layer = module if rank is None else build(method, rank, impl)
         if any(p.device != device for p in layer.parameters()):
             layer = copy.deepcopy(layer).to(device)  # never move the caller's own layer (convs and linears have no mode)
         seconds = median_seconds(runtime.runner(layer, [(x,) for x in inputs]), device, repeats=repeats)
@@ -241,7 +257,7 @@ def layer_latencies(
     by_method: dict[str, list[tuple[int, int]]] = {}
     for index, (method, rank) in enumerate(options):
         if rank is None:
-            seconds[index] = timed(module, ("dense",))
+            seconds[index] = timed(method, None, "")
         else:
             by_method.setdefault(method, []).append((rank, index))
     for method, entries in by_method.items():
@@ -250,12 +266,34 @@ def layer_latencies(
         measured = _spread(ranks, points)  # every rank when there are few: speed is not smooth in rank at small widths
         best = {impl: [] for impl in implementations.get(method, ("",))}
         for impl in best:
-            best[impl] = [timed(build(method, rank, impl), (method, rank, impl)) for rank in measured]
+            best[impl] = [timed(method, rank, impl) for rank in measured]
         for rank, index in entries:
             estimates = {impl: _interpolate(rank, measured, times) for impl, times in best.items()}
             impl = min(estimates, key=lambda name: (estimates[name], name))
             seconds[index], impls[index] = estimates[impl], impl
     return seconds, impls
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    tensor = next(iter(module.parameters()), None)
+    tensor = tensor if tensor is not None else next((b for b in module.buffers() if b.is_floating_point()), None)
+    return tensor.dtype if tensor is not None else torch.get_default_dtype()
+
+
+def _part_seconds(part: Part, device: torch.device, cache: LatencyCache, runtime: Runtime, repeats: int, generator: torch.Generator) -> float:
+    """Seconds of one part's calls (one random input each, at its shapes), cached by the module and the shapes."""
+    module, shapes = part
+    dtype = _dtype_of(module)
+    key = LatencyCache.part_key(device, module, dtype, shapes, runtime)
+    cached = cache.get(key)
+    if cached is not None:
+        return cached
+    if any(p.device != device for p in itertools.chain(module.parameters(), module.buffers())):
+        module = copy.deepcopy(module).to(device)  # the caller's own modules stay where they are
+    inputs = [(torch.randn(shape, generator=generator).to(device, dtype),) for shape in shapes]
+    seconds = median_seconds(runtime.runner(module, inputs), device, repeats=repeats)
+    cache.put(key, seconds)
+    return seconds
 
 
 def _interpolate(rank: int, ranks: Sequence[int], times: Sequence[float]) -> float:
@@ -307,14 +345,15 @@ class LatencyTable:
 def measure_table(
     model: nn.Module,
     inputs: tuple[Any, ...],
-    layers: Sequence[tuple[nn.Module, Geometry, Sequence[tuple[str, int | None]], Callable[[str, int, str], nn.Module]]],
+    layers: Sequence[tuple[nn.Module, Geometry, Sequence[tuple[str, int | None]], Callable[[str, int, str], nn.Module], Any]],
     implementations: Mapping[str, Sequence[str]],
     device: torch.device,
     cache: LatencyCache,
     progress: bool = False,
     runtime: Runtime = TORCH,
 ) -> LatencyTable:
-    """Time the original model end to end, then every layer's options (see ``layer_latencies``), on ``runtime``."""
+    """Time the original model end to end, then every layer's options (see ``layer_latencies``: the last of each
+    layer's entries is its ``parts``, or None), on ``runtime``."""
     original = median_seconds(runtime.runner(model, [inputs]), device, repeats=11)
     iterator = layers
     if progress:
@@ -322,8 +361,8 @@ def measure_table(
 
         iterator = tqdm(layers, desc="autodac: timing layers", unit="layer", disable=None, leave=False)
     seconds, impls = [], []
-    for module, geometry, options, build in iterator:
-        row, chosen = layer_latencies(module, geometry, options, build, implementations, device, cache, runtime=runtime)
+    for module, geometry, options, build, parts in iterator:
+        row, chosen = layer_latencies(module, geometry, options, build, implementations, device, cache, runtime=runtime, parts=parts)
         seconds.append(row)
         impls.append(chosen)
     cache.save()

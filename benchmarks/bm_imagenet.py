@@ -4,6 +4,7 @@
     python benchmarks/bm_imagenet.py                           # EfficientNet-Lite0, budgets 0.9 0.7 0.5, three modes
     python benchmarks/bm_imagenet.py --model crepe_full        # CREPE on 16 kHz frames
     python benchmarks/bm_imagenet.py --model efficientnet_lite2 --modes data-free probe --budgets 0.9   # Lite2 at 260 px
+    python benchmarks/bm_imagenet.py --latency --modes data-free probe --budgets 0.8 --out benchmarks/results/imagenet_latency
     python benchmarks/bm_imagenet.py --probe-crops 32 --test-crops 32 --budgets 0.95 --modes data-free probe \\
         --extra-kwargs '{"n_trials": 2, "sequential_fit": false, "profile_size": 8}' --out /tmp/imagenet_tiny   # harness check
 
@@ -180,9 +181,12 @@ def child(spec_path: str) -> None:
         row["peak reset"] = True
     except OSError:
         row["peak reset"] = False  # then VmHWM also covers loading the model and the inputs
+    budget = autodac.Latency(spec["budget"], device="cpu") if spec["latency"] else spec["budget"]
+    if spec["latency"]:
+        kwargs.setdefault("latency_cache", False)  # every layer timed in this call: its time includes the timing
     start = time.perf_counter()
     try:
-        result = autodac.optimize(model, spec["budget"], **kwargs)
+        result = autodac.optimize(model, budget, **kwargs)
     except Exception as error:  # a refused budget or a crash: both are results
         row.update({"optimize s": time.perf_counter() - start, "peak RSS (GiB)": _status("VmHWM"),
                     "error": f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}",
@@ -207,6 +211,11 @@ def child(spec_path: str) -> None:
                           else "rejected" if any(n.startswith("distillation tried") for n in result.plan.notes) else None),
         })
         row["fvcore ratio"] = fvcore_flops(result.model, example) / spec["original_flops"]
+        if spec["latency"]:  # the ratio optimize measured, and a fresh side-by-side run of the returned model
+            from autodac.latency import side_by_side
+
+            row["latency ratio"] = result.latency_ratio
+            row["re-measured latency ratio"] = side_by_side(model.eval(), result.model.eval(), (example,), torch.device("cpu"), rounds=21)[0]
         original = torch.load(work / "test_outputs.pt")
         test = torch.load(work / "test.pt")
         sources = work / "test_sources.json"
@@ -285,7 +294,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def run_one(args: argparse.Namespace, work: Path, info: dict[str, Any], mode: str, budget: float) -> dict[str, Any]:
     spec = {
         "model": args.model, "mode": mode, "budget": budget, "threads": args.threads, "work": str(work),
-        "batch": args.batch, "synthesize": args.synthesize, "extra": args.extra_kwargs, "progress": args.progress,
+        "batch": args.batch, "synthesize": args.synthesize, "extra": args.extra_kwargs, "progress": args.progress, "latency": args.latency,
         "original_flops": info["original fvcore FLOPs"], "result": str(work / f"row_{mode}_{budget}.json"),
     }
     spec_path = work / f"spec_{mode}_{budget}.json"
@@ -322,13 +331,16 @@ def describe(row: dict[str, Any], model_name: str) -> str:
     cents = f"<= {CENTS:g} cents"
     pitch = f", within {CENTS:g} cents {pct(cents + ' (%)')} (conf {pct(cents + ' conf (%)')})" if model_name == "crepe_full" else ""
     error = f"; ERROR {row['error']}" if row.get("error") else ""
-    return (f"FLOPs {row['FLOPs ratio']:.4f} (fvcore {row.get('fvcore ratio', math.nan):.4f}), {row['layers']} layers "
+    latency = (f"latency {row['latency ratio']:.3f} (re-measured {row['re-measured latency ratio']:.3f}), "
+               if row.get("re-measured latency ratio") is not None else "")
+    return (f"{latency}FLOPs {row['FLOPs ratio']:.4f} (fvcore {row.get('fvcore ratio', math.nan):.4f}), {row['layers']} layers "
             f"[{row['methods']}], agree {pct('agree (%)')} [{row.get('agree 95% interval', 'n/a')}] (conf {pct('agree conf (%)')}){pitch}; "
             f"{row['optimize s']:.0f} s, "
             f"peak {row['peak RSS (GiB)']:.2f} GiB (before {row['rss before (GiB)']:.2f}){error}")
 
 
-TABLE_COLUMNS = ("mode", "budget", "FLOPs ratio", "fvcore ratio", "params ratio", "layers", "methods", "distilled",
+TABLE_COLUMNS = ("mode", "budget", "latency ratio", "re-measured latency ratio", "FLOPs ratio", "fvcore ratio", "params ratio",
+                 "layers", "methods", "distilled",
                  "probe metric", "probe before distillation", "agree (%)", "agree 95% interval", "agree conf (%)",
                  f"<= {CENTS:g} cents (%)", f"<= {CENTS:g} cents conf (%)", "optimize s", "peak RSS (GiB)", "rss before (GiB)", "error")
 
@@ -355,7 +367,10 @@ def write(out: Path, args: argparse.Namespace, info: dict[str, Any], rows: list[
         "`FLOPs ratio` is autodac's, `fvcore ratio` recounted here by fvcore on the returned model. Each row is one "
         "`optimize` call in its own process: `peak RSS` is that process's peak during the call, `rss before` its RSS with "
         "the model and the inputs loaded; `optimize s` is the call's wall time on a shared machine. `probe metric` is the call's "
-        "own held-out probe agreement (crops of the probe photos), `probe before distillation` the same before that stage.",
+        "own held-out probe agreement (crops of the probe photos), `probe before distillation` the same before that stage."
+        + (" Budgets are LATENCY budgets (`autodac.Latency(b, device=\"cpu\")`, eager torch, one example input): `latency ratio` is "
+           "the one `optimize` measured and met, `re-measured latency ratio` a fresh run of the returned model side by side with "
+           "the original (median of 21 interleaved rounds) after the call." if args.latency else ""),
         "",
         f"- original: {info['original fvcore FLOPs']:,} fvcore multiply-adds at one input; "
         f"{info['distinct test predictions']} distinct top-1 {'bins' if is_crepe else 'classes'} on the test {unit}",
@@ -402,6 +417,7 @@ def main() -> None:
     parser.add_argument("--extra-kwargs", type=json.loads, default={}, help="JSON object of further optimize keyword arguments")
     parser.add_argument("--run-timeout", type=float, default=0, help="seconds before a row's child is killed (0: none)")
     parser.add_argument("--progress", action="store_true", help="autodac's progress bars on stderr")
+    parser.add_argument("--latency", action="store_true", help="the budgets are latency budgets on this CPU (autodac.Latency)")
     args = parser.parse_args()
     if not isinstance(args.extra_kwargs, dict):
         parser.error(f"--extra-kwargs must be a JSON object, but got {args.extra_kwargs!r}")

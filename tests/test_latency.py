@@ -435,3 +435,43 @@ def test_options_the_damage_cap_forbids_stay_forbidden_in_nanoseconds() -> None:
     scores = [LayerOptions(np.array([900, 500, 200]), np.array([0.0, 0.05, 0.4]))]
     costed = _costed(_capped(scores, 0.1), table)  # the cheapest option's error 0.4 is above the cap
     assert costed[0].costs.tolist() == [1_000_000, 600_000, _UNREACHABLE]
+
+
+def test_a_latency_budget_plans_hidden_widths_timed_as_whole_units(tmp_path, monkeypatch) -> None:
+    """An inverted-residual net's hidden widths are options under a latency budget too, and a width's time is its
+    whole unit's (producer, chain and consumer at that width), not the narrowed consumer's alone."""
+    from autodac.testing import InvertedResidualNet
+
+    parts_of = {}  # (method, rank) -> the parts timed for it, of every unit
+    original = latency_module.layer_latencies
+
+    def spy(module, geometry, options, build, *args, parts=None, **kwargs):
+        def recording(method, rank, impl):
+            found = parts(method, rank, impl)
+            parts_of.setdefault((method, rank), []).append(found)
+            return found
+
+        return original(module, geometry, options, build, *args, parts=None if parts is None else recording, **kwargs)
+
+    monkeypatch.setattr(latency_module, "layer_latencies", spy)
+    model = InvertedResidualNet().eval()
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    result = autodac.optimize(model, latency_budget=0.75, example_inputs=x, latency_cache=tmp_path / "c.json", progress=False)
+    assert result.latency_ratio <= 0.75
+    widths = {name: c for name, c in result.plan.factorized.items() if c.method == "width"}
+    assert widths, "the hidden widths are the lever of an inverted-residual net"
+    cache = LatencyCache.open(tmp_path / "c.json")
+    for name, choice in widths.items():
+        members = [model.get_submodule(m) for m in (*choice.sliced, name)]  # the caller's; optimize timed its copy's
+        dense = next(parts for parts in parts_of[("dense", None)] if torch.equal(parts[-1][0].weight, members[-1].weight))
+        assert [repr(module) for module, _ in dense] == [repr(m) for m in members]
+        seconds = [cache.get(LatencyCache.part_key(torch.device("cpu"), m, torch.float32, shapes)) for m, shapes in dense]
+        assert choice.latency_before == pytest.approx(sum(seconds) * 1e3)  # producer, chain and consumer, not the consumer alone
+    timed_widths = [(rank, parts) for (method, rank), found in parts_of.items() if method == "width" for parts in found]
+    assert timed_widths
+    for rank, parts in timed_widths:
+        (producer, producer_shapes), *rest = parts
+        assert (producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels) == rank
+        for module, shapes in rest:  # the chain and the consumer read ``rank`` channels
+            axis = -1 if isinstance(module, nn.Linear) else 1
+            assert all(shape[axis] == rank for shape in shapes)
