@@ -28,6 +28,7 @@ from torch import nn
 from autodac.errors import AutodacError
 from autodac.factorize import Geometry
 from autodac.runtimes import TORCH, Runtime
+from autodac.surgery import evaluating
 
 __all__ = [
     "LatencyCache", "median_seconds", "side_by_side", "layer_inputs", "layer_latencies", "LatencyTable", "measure_table", "device_key",
@@ -291,7 +292,8 @@ def _part_seconds(part: Part, device: torch.device, cache: LatencyCache, runtime
     if any(p.device != device for p in itertools.chain(module.parameters(), module.buffers())):
         module = copy.deepcopy(module).to(device)  # the caller's own modules stay where they are
     inputs = [(torch.randn(shape, generator=generator).to(device, dtype),) for shape in shapes]
-    seconds = median_seconds(runtime.runner(module, inputs), device, repeats=repeats)
+    with evaluating(module):  # a BatchNorm timed in training mode would move its running statistics
+        seconds = median_seconds(runtime.runner(module, inputs), device, repeats=repeats)
     cache.put(key, seconds)
     return seconds
 

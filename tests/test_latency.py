@@ -475,3 +475,15 @@ def test_a_latency_budget_plans_hidden_widths_timed_as_whole_units(tmp_path, mon
         for module, shapes in rest:  # the chain and the consumer read ``rank`` channels
             axis = -1 if isinstance(module, nn.Linear) else 1
             assert all(shape[axis] == rank for shape in shapes)
+
+
+def test_timing_a_part_leaves_a_training_batchnorm_s_statistics_as_they_were() -> None:
+    norm = nn.BatchNorm2d(8).train()
+    before = (norm.running_mean.clone(), norm.running_var.clone(), int(norm.num_batches_tracked))
+    conv = nn.Conv2d(8, 8, 1)
+    geometry = autodac.surgery.trace_layers(conv, (torch.randn(1, 8, 6, 6),))[0].geometry
+    seconds, _ = layer_latencies(conv, geometry, [("dense", None)], None, IMPLEMENTATIONS, torch.device("cpu"), LatencyCache(None, {}),
+                                 parts=lambda method, rank, impl: [(norm, ((1, 8, 6, 6),)), (conv, ((1, 8, 6, 6),))])
+    assert seconds[0] > 0
+    assert torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
+    assert int(norm.num_batches_tracked) == before[2] and norm.training  # and its mode is the caller's again
