@@ -2161,9 +2161,9 @@ def _unit_parts(candidate: _Candidate, factors: _Factors, shapes, method: str, r
         width = rank if method == WIDTH else width
 
     def narrowed(name: str) -> tuple[tuple[int, ...], ...]:
-        if name == unit.producer:
+        if name == unit.producer or width == unit.channels:
             return shapes[name]
-        axis = -1 if isinstance(modules[name], nn.Linear) else 1
+        axis = -1 if isinstance(factors.root.get_submodule(name), nn.Linear) else 1  # a Linear reads tokens' last axis
         return tuple(tuple(width if d == axis % len(shape) else size for d, size in enumerate(shape)) for shape in shapes[name])
 
     return [(modules[name], narrowed(name)) for name in names]

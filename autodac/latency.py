@@ -180,9 +180,10 @@ class LatencyCache:
         return hashlib.sha1(described.encode()).hexdigest()
 
     @staticmethod
-    def part_key(device: torch.device, module: nn.Module, dtype: torch.dtype, shapes: Sequence[Sequence[int]], runtime: Runtime = TORCH) -> str:
-        """The key of one part of an option (``layer_latencies``' ``parts``): the module as it is and its input shapes."""
-        described = json.dumps(["part", device_key(device, runtime), repr(module), str(dtype), [list(shape) for shape in shapes]])
+    def parts_key(device: torch.device, parts: Sequence[tuple[nn.Module, torch.dtype, Sequence[Sequence[int]]]], runtime: Runtime = TORCH) -> str:
+        """The key of an option timed by its parts (``layer_latencies``' ``parts``): each module as it is, its dtype and input shapes."""
+        described = json.dumps(["parts", device_key(device, runtime),
+                                [[repr(module), str(dtype), [list(shape) for shape in shapes]] for module, dtype, shapes in parts]])
         return hashlib.sha1(described.encode()).hexdigest()
 
     def get(self, key: str) -> float | None:
@@ -232,7 +233,7 @@ def layer_latencies(
     that few (speed is not smooth in rank where a narrow conv misses the fast kernels), else ``points`` ranks spread evenly with linear interpolation between.
     Each is timed on ``runtime`` (onnxruntime: the layer exported alone, one session per input shape).
     With ``parts`` (``(method, rank, impl)`` -> the modules an option runs, each with its input
-    shapes; rank None for the layer as it is) an option's time is the sum of its parts' (a
+    shapes; rank None for the layer as it is) an option's time is that of its parts run together (a
     width unit: producer, chain and consumer, all at the option's width), not ``build``'s layer's.
     """
     generator = torch.Generator().manual_seed(seed)
@@ -240,7 +241,7 @@ def layer_latencies(
 
     def timed(method: str, rank: int | None, impl: str) -> float:
         if parts is not None:
-            return sum(_part_seconds(part, device, cache, runtime, repeats, generator) for part in parts(method, rank, impl))
+            return _parts_seconds(parts(method, rank, impl), device, cache, runtime, repeats, generator)
         option = ("dense",) if rank is None else (method, rank, impl)
         key = LatencyCache.key(device, module, geometry, option, runtime)
         cached = cache.get(key)
@@ -281,19 +282,40 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
     return tensor.dtype if tensor is not None else torch.get_default_dtype()
 
 
-def _part_seconds(part: Part, device: torch.device, cache: LatencyCache, runtime: Runtime, repeats: int, generator: torch.Generator) -> float:
-    """Seconds of one part's calls (one random input each, at its shapes), cached by the module and the shapes."""
-    module, shapes = part
-    dtype = _dtype_of(module)
-    key = LatencyCache.part_key(device, module, dtype, shapes, runtime)
+class _Together(nn.Module):
+    """Modules an option runs, as one module whose forward runs each on its own inputs (one call, one runtime session:
+    the per-call overhead is paid once, as in the model, not once per part)."""
+
+    def __init__(self, modules: Sequence[nn.Module], calls: Sequence[int]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(modules)
+        self.calls = list(calls)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs, start = [], 0
+        for member, count in zip(self.members, self.calls):
+            outputs.extend(member(x) for x in inputs[start : start + count])
+            start += count
+        return tuple(outputs)
+
+
+def _parts_seconds(parts: Sequence[Part], device: torch.device, cache: LatencyCache, runtime: Runtime, repeats: int,
+                   generator: torch.Generator) -> float:
+    """Seconds of one option's parts, every call of each on a random input of its shape, run together; cached by the
+    modules and the shapes. A runtime that optimises the graph (onnxruntime) folds a BatchNorm into the conv before
+    it: BatchNorm parts are not timed there."""
+    if runtime.name != "torch":
+        parts = [(module, shapes) for module, shapes in parts if not isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    key = LatencyCache.parts_key(device, [(module, _dtype_of(module), shapes) for module, shapes in parts], runtime)
     cached = cache.get(key)
     if cached is not None:
         return cached
-    if any(p.device != device for p in itertools.chain(module.parameters(), module.buffers())):
-        module = copy.deepcopy(module).to(device)  # the caller's own modules stay where they are
-    inputs = [(torch.randn(shape, generator=generator).to(device, dtype),) for shape in shapes]
-    with evaluating(module):  # a BatchNorm timed in training mode would move its running statistics
-        seconds = median_seconds(runtime.runner(module, inputs), device, repeats=repeats)
+    together = _Together([module for module, _ in parts], [len(shapes) for _, shapes in parts])
+    if any(p.device != device for p in itertools.chain(together.parameters(), together.buffers())):
+        together = copy.deepcopy(together).to(device)  # the caller's own modules stay where they are
+    inputs = tuple(torch.randn(shape, generator=generator).to(device, _dtype_of(module)) for module, shapes in parts for shape in shapes)
+    with evaluating(together):  # a BatchNorm timed in training mode would move its running statistics
+        seconds = median_seconds(runtime.runner(together, [inputs]), device, repeats=repeats)
     cache.put(key, seconds)
     return seconds
 
