@@ -179,17 +179,41 @@ def unfused_attention():
             yield
 
 
+_READ_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)  # whose inputs autodac's hooks read
+
+
 def run_model(model: nn.Module, example_inputs: tuple[Any, ...]) -> Any:
-    """Run ``model`` in eval mode without grad, turning any failure into a ``ModelError``."""
+    """Run ``model`` in eval mode without grad, turning any failure into a ``ModelError``; also a ``ModelError`` when a
+    conv, linear or BatchNorm layer is called with its input as a keyword (``bn(input=x)``): autodac's hooks read it
+    from the positional arguments, as nearly every model passes it."""
+    by_keyword: list[str] = []
+    names = {module: name for name, module in model.named_modules()}
+
+    def positional(module, args, kwargs):
+        if not args and kwargs and names[module] not in by_keyword:
+            by_keyword.append(names[module])
+
+    handles = [m.register_forward_pre_hook(positional, with_kwargs=True) for m in names if isinstance(m, _READ_LAYERS)]
     try:
         with evaluating(model):
-            return model(*example_inputs)
+            output = model(*example_inputs)
     except Exception as error:
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
         raise ModelError(
             f"the model must run on its example inputs, but calling it on inputs of shape {shapes} "
             f"raised {type(error).__name__}: {error}"
         ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    if by_keyword:
+        listed = ", ".join(repr(n or "the model itself") for n in by_keyword[:5]) + (f" and {len(by_keyword) - 5} more" if len(by_keyword) > 5 else "")
+        raise ModelError(
+            f"every conv, linear and BatchNorm layer must be called with its input as a positional argument (autodac reads it "
+            f"there), but {listed} {'is' if len(by_keyword) == 1 else 'are'} called with it as a keyword (`layer(input=x)`): "
+            "call them as `layer(x)`"
+        )
+    return output
 
 
 def _inside_factorized(name: str, factorized_prefixes: list[str]) -> bool:

@@ -306,3 +306,27 @@ def test_output_kind_distribution_is_refused_for_outputs_that_do_not_sum_to_one(
 def test_float_targets_are_ignored_with_a_warning_that_does_not_name_a_metric_the_probe_will_not_report() -> None:
     with pytest.warns(UserWarning, match=r"so they are ignored: the probe compares the outputs with the original model's"):
         autodac.optimize(_Embedding(), 0.7, data=[(X, torch.rand(64, 4))], n_trials=1, progress=False)
+
+
+class KeywordCalledNorm(nn.Module):
+    """An inverted-residual block whose BatchNorm is called as ``bn(input=t)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.expand = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 64, 1, bias=False)
+        self.bn0, self.project = nn.BatchNorm2d(64), nn.Conv2d(64, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.relu(self.bn0(input=self.expand(self.stem(x)))))
+
+
+@pytest.mark.parametrize("budget", [0.5, autodac.Latency(0.9)], ids=["flops", "latency"])
+def test_a_layer_called_with_its_input_as_a_keyword_is_refused_naming_it(budget) -> None:
+    """autodac's hooks read a layer's input from its positional arguments: a keyword call once raised a bare IndexError
+    from inside them (or a ModelError blaming the model's inputs, which the model runs on fine)."""
+    model = KeywordCalledNorm().eval()
+    x = torch.randn(2, 3, 16, 16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(autodac.ModelError, match=r"positional argument .* 'bn0' is called with it as a keyword"):
+        autodac.optimize(model, budget, example_inputs=x, latency_cache=False, progress=False)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
