@@ -1466,7 +1466,7 @@ def _probe(run: _Run) -> None:
     elif s.probe.synthesize:
         if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
             raise AutodacError(f"`synthesize` needs a model of one tensor input, but example_inputs has {len(inputs)} arguments")
-        run_model(model, inputs)  # a clear error for inputs the model cannot take, before any synthesis
+        run_model(model, inputs, hooked=True)  # a clear error for inputs the model cannot take, before any synthesis
         probe = Probe(synthesize_inputs(model, inputs[0], s.probe.synthesize, seed=s.search.seed, progress=s.progress), None)
         run.probe_source = {"source": "synthetic", "examples": s.probe.synthesize, "steps": SYNTHESIS_STEPS, "seed": s.search.seed}
         run.notes.append(f"no data: the probe is {s.probe.synthesize} inputs synthesised to match the model's BatchNorm statistics")
@@ -1479,7 +1479,7 @@ def _probe(run: _Run) -> None:
 
 def _count(run: _Run) -> None:
     """Reads the model and inputs; writes fvcore's count of the original (after a clear error for inputs it cannot take)."""
-    output = run_model(run.model, run.inputs)  # a clear error for inputs the model cannot take, before anything traces it
+    output = run_model(run.model, run.inputs, hooked=True)  # a clear error for inputs the model cannot take, before anything traces it
     bad, total = _broken_outputs(output, masked=True)
     if bad and not run.assumed:  # example inputs may stand for a shape (noise a model taking log(x) makes NaN of): said, not refused
         _flag(f"the model's outputs on example_inputs hold {bad} NaN or +inf values of {total}: data-free plans are costed on "
@@ -1571,6 +1571,8 @@ def _open_search(run: _Run) -> None:
             **fingerprinted(s.groups),  # the options flagged for it in ``autodac.options``
             "methods": tuple(m for m in METHODS if m in s.fit.methods),  # a set: naming them in another order is the same search
             **({} if s.fit.widths else {"widths": False}),  # other options, another shared profile; studies with widths keep theirs
+            # latency studies once left widths out (other options, other tables): those made since are another search
+            **({"latency_widths": True} if s.latency is not None and s.fit.widths else {}),
             "evaluate": s.evaluate is not None,
             **({} if s.params is None else {"params_budget": s.params}),  # studies without one keep the fingerprint they had
             **({} if s.probe.output_kind == "auto" else {"output_kind": s.probe.output_kind}),  # auto: as before the option
@@ -2163,10 +2165,20 @@ def _unit_parts(candidate: _Candidate, factors: _Factors, shapes, method: str, r
     def narrowed(name: str) -> tuple[tuple[int, ...], ...]:
         if name == unit.producer or width == unit.channels:
             return shapes[name]
-        axis = -1 if isinstance(factors.root.get_submodule(name), nn.Linear) else 1  # a Linear reads tokens' last axis
+        axis = _channel_axis(factors.root.get_submodule(name))
         return tuple(tuple(width if d == axis % len(shape) else size for d, size in enumerate(shape)) for shape in shapes[name])
 
     return [(modules[name], narrowed(name)) for name in names]
+
+
+def _channel_axis(module: nn.Module) -> int:
+    """The axis of a module's input that holds its channels: the last for a Linear (tokens ``N x L x C`` too), the one
+    before the spatial axes for a conv (an unbatched ``C x H x W`` input too), 1 for a BatchNorm."""
+    if isinstance(module, nn.Linear):
+        return -1
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return -(len(module.kernel_size) + 1)
+    return 1
 
 
 def _latency_ratio(model: nn.Module, decomposed: nn.Module, inputs, timing: LatencyTable) -> tuple[float, float, float]:
@@ -2417,7 +2429,9 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         if replayed is not None and plan.input_shapes:  # the plan was made and fitted at its input shapes: the data must have them
             _check_probe_shape(replayed, tuple(torch.empty(shape, device="meta") for shape in plan.input_shapes), True, "plan.input_shapes")
         if replayed is not None:
-            _check_runs_on_data(model, arguments(replayed.inputs[:1].to(_device_of(model))))
+            first = arguments(replayed.inputs[:1].to(_device_of(model)))
+            _check_runs_on_data(model, first)
+            run_model(model, first, hooked=True)  # the layers are re-fitted through hooks on their inputs
         recorded = plan.probe.get("inputs") if plan.probe.get("source") == "data" else None
         if replayed is not None and recorded and (needing or plan.metrics.get("bn_reestimated") or plan.distilled):
             given = _probes.probe_fingerprint(replayed.inputs)

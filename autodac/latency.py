@@ -233,8 +233,9 @@ def layer_latencies(
     that few (speed is not smooth in rank where a narrow conv misses the fast kernels), else ``points`` ranks spread evenly with linear interpolation between.
     Each is timed on ``runtime`` (onnxruntime: the layer exported alone, one session per input shape).
     With ``parts`` (``(method, rank, impl)`` -> the modules an option runs, each with its input
-    shapes; rank None for the layer as it is) an option's time is that of its parts run together (a
-    width unit: producer, chain and consumer, all at the option's width), not ``build``'s layer's.
+    shapes; rank None for the layer as it is) an option's time is that of its parts run together
+    in one call, one session (a width unit: producer, chain and consumer, all at the option's
+    width; see ``_parts_seconds``), not ``build``'s layer's.
     """
     generator = torch.Generator().manual_seed(seed)
     inputs = layer_inputs(module, geometry, device, generator) if parts is None else []
@@ -299,13 +300,20 @@ class _Together(nn.Module):
         return tuple(outputs)
 
 
+def _folded(before: nn.Module, module: nn.Module) -> bool:
+    """Whether a graph-optimising runtime folds ``module`` into ``before``: a BatchNorm right after a conv (or after a
+    factorised pair whose last layer is a conv)."""
+    last = [m for m in before.modules() if not list(m.children())][-1:] or [before]
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and isinstance(last[0], nn.modules.conv._ConvNd)
+
+
 def _parts_seconds(parts: Sequence[Part], device: torch.device, cache: LatencyCache, runtime: Runtime, repeats: int,
                    generator: torch.Generator) -> float:
     """Seconds of one option's parts, every call of each on a random input of its shape, run together; cached by the
-    modules and the shapes. A runtime that optimises the graph (onnxruntime) folds a BatchNorm into the conv before
-    it: BatchNorm parts are not timed there."""
+    modules and the shapes. A runtime that optimises the graph (onnxruntime) folds a BatchNorm into the conv just
+    before it: such BatchNorm parts are not timed there (one after a Linear still runs, and is timed)."""
     if runtime.name != "torch":
-        parts = [(module, shapes) for module, shapes in parts if not isinstance(module, nn.modules.batchnorm._BatchNorm)]
+        parts = [part for i, part in enumerate(parts) if not (i > 0 and _folded(parts[i - 1][0], part[0]))]
     key = LatencyCache.parts_key(device, [(module, _dtype_of(module), shapes) for module, shapes in parts], runtime)
     cached = cache.get(key)
     if cached is not None:

@@ -182,12 +182,13 @@ def unfused_attention():
 _READ_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)  # whose inputs autodac's hooks read
 
 
-def run_model(model: nn.Module, example_inputs: tuple[Any, ...]) -> Any:
-    """Run ``model`` in eval mode without grad, turning any failure into a ``ModelError``; also a ``ModelError`` when a
-    conv, linear or BatchNorm layer is called with its input as a keyword (``bn(input=x)``): autodac's hooks read it
-    from the positional arguments, as nearly every model passes it."""
+def run_model(model: nn.Module, example_inputs: tuple[Any, ...], hooked: bool = False) -> Any:
+    """Run ``model`` in eval mode without grad, turning any failure into a ``ModelError``. ``hooked``: the caller's
+    stages will read layers' inputs through hooks, so a conv, linear or BatchNorm layer called with its input as a
+    keyword (``bn(input=x)``) is a ``ModelError`` too (the hooks read the positional arguments, as nearly every model
+    passes it)."""
     by_keyword: list[str] = []
-    names = {module: name for name, module in model.named_modules()}
+    names = {module: name for name, module in model.named_modules()} if hooked else {}
 
     def positional(module, args, kwargs):
         if not args and kwargs and names[module] not in by_keyword:

@@ -543,3 +543,61 @@ def test_parts_run_together_in_one_call_and_onnxruntime_does_not_time_the_batchn
     (eager, eager_calls), (onnx, onnx_calls) = runs
     assert list(eager.members) == [conv, norm, project] and len(eager_calls) == 1 and len(eager_calls[0]) == 4
     assert list(onnx.members) == [conv, project] and [tuple(x.shape) for x in onnx_calls[0]] == [(1, 4, 6, 6), (1, 8, 6, 6), (1, 8, 3, 3)]
+    runs.clear()  # a BatchNorm after a Linear is not folded: it is timed
+    linear, norm1d, out = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)
+    runtime = get_runtime("onnxruntime")
+    real = runtime.runner
+    monkeypatch.setattr(type(runtime), "runner", lambda self, module, calls: runs.append((module, calls)) or real(module, calls))
+    latency_module._parts_seconds([(linear, ((2, 4),)), (norm1d, ((2, 8),)), (out, ((2, 8),))], torch.device("cpu"),
+                                  LatencyCache(None, {}), runtime, 3, torch.Generator())
+    assert list(runs[0][0].members) == [linear, norm1d, out]
+
+
+class UnbatchedBlock(nn.Module):
+    """A conv then a 1x1 conv on an unbatched ``C x H x W`` input: the hidden channels are axis 0 there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand, self.project = nn.Conv2d(8, 64, 3, padding=1), nn.Conv2d(64, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.relu(self.expand(x)))
+
+
+def test_a_unit_on_an_unbatched_input_is_timed_along_its_channel_axis(monkeypatch) -> None:
+    recorded = []
+    original = autodac.api._unit_parts
+
+    def spy(candidate, factors, shapes, method, rank, impl):
+        parts = original(candidate, factors, shapes, method, rank, impl)
+        recorded.append((method, rank, [s for _, s in parts]))
+        return parts
+
+    monkeypatch.setattr(autodac.api, "_unit_parts", spy)
+    x = torch.randn(8, 32, 32, generator=torch.Generator().manual_seed(0))
+    try:  # the width was once put on axis 1 (the height): the timing crashed inside torch
+        autodac.optimize(UnbatchedBlock().eval(), latency_budget=0.9, example_inputs=x, latency_cache=False, progress=False)
+    except BudgetError:
+        pass
+    widths = [(rank, shapes) for method, rank, shapes in recorded if method == "width"]
+    assert widths and all(shapes == [((8, 32, 32),), ((rank, 32, 32),)] for rank, shapes in widths)
+
+
+def test_a_latency_study_records_that_it_plans_widths(tmp_path) -> None:
+    """Latency studies made before widths were planned under a latency budget hold other options and tables: a worker
+    of today must be refused there, not fail on a table of another shape."""
+    import optuna
+
+    from autodac.search import storage as shared_storage
+    from autodac.testing import InvertedResidualNet
+
+    url = str(tmp_path / "study.journal")
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    try:
+        autodac.optimize(InvertedResidualNet().eval(), latency_budget=0.95, data=[x], n_trials=1, progress=False, latency_cache=False,
+                         storage=url, study_name="lat", distill=False)
+    except BudgetError:
+        pass  # the fingerprint is recorded when the study opens
+    study = optuna.load_study(study_name="lat", storage=shared_storage.open_storage(url))
+    fingerprint = next(v for k, v in study.user_attrs.items() if k.endswith("fingerprint"))
+    assert fingerprint.get("latency_widths") is True

@@ -330,3 +330,9 @@ def test_a_layer_called_with_its_input_as_a_keyword_is_refused_naming_it(budget)
     with pytest.raises(autodac.ModelError, match=r"positional argument .* 'bn0' is called with it as a keyword"):
         autodac.optimize(model, budget, example_inputs=x, latency_cache=False, progress=False)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_export_still_takes_a_model_that_calls_a_layer_with_a_keyword(tmp_path) -> None:
+    """Only the stages that read layers' inputs through hooks need them positional: export does not."""
+    exported = autodac.export(KeywordCalledNorm().eval(), tmp_path / "m.pt", format="pt", example_inputs=torch.randn(1, 3, 8, 8))
+    assert exported.max_difference <= exported.allowed
