@@ -55,7 +55,8 @@ from autodac.search.storage import SharedSearch, open_search
 from autodac.sequential import Refit, refit_in_order
 from autodac.structure import check_structure, model_structure
 from autodac.surgery import (
-    TracedLayer, copy_model, evaluating, global_hooks, held_parametrizations, own_hooks, replace_layers, run_model, trace_layers, weight_hook,
+    TracedLayer, copy_model, evaluating, global_hooks, held_parametrizations, own_hooks, positional_inputs, replace_layers, run_model,
+    trace_layers, weight_hook,
 )
 from autodac.subclasses import explicit_padding
 from autodac.synthesis import DEFAULT_STEPS as SYNTHESIS_STEPS, synthesize_inputs
@@ -183,10 +184,12 @@ def _check_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...
 
 def _check_runs_on_data(model: nn.Module, first: tuple[Any, ...]) -> Any:
     """The model's output on ``data``'s first example: inputs of a dtype it cannot take are refused here, naming both dtypes,
-    not from inside the first probe stage."""
+    not from inside the first probe stage; a layer called with its input as a keyword is refused (``positional_inputs``)."""
     try:
-        with evaluating(model):
+        with positional_inputs(model), evaluating(model):
             return model(*first)
+    except ModelError:
+        raise
     except Exception as error:
         seen = ", ".join(f"{str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
                          for x in first)
@@ -2156,7 +2159,8 @@ def _unit_parts(candidate: _Candidate, factors: _Factors, shapes, method: str, r
     shapes with the hidden channels at the option's width (the activations and other ops between are not timed)."""
     unit = candidate.unit
     names = (unit.producer, *unit.chain, unit.consumer)
-    modules = {name: factors.root.get_submodule(name) for name in names}
+    originals = {name: factors.root.get_submodule(name) for name in names}
+    modules = dict(originals)
     width = unit.channels
     if rank is not None:
         modules.update(factors.replacements(unit.consumer, method, rank, impl))
@@ -2165,7 +2169,7 @@ def _unit_parts(candidate: _Candidate, factors: _Factors, shapes, method: str, r
     def narrowed(name: str) -> tuple[tuple[int, ...], ...]:
         if name == unit.producer or width == unit.channels:
             return shapes[name]
-        axis = _channel_axis(factors.root.get_submodule(name))
+        axis = _channel_axis(originals[name])
         return tuple(tuple(width if d == axis % len(shape) else size for d, size in enumerate(shape)) for shape in shapes[name])
 
     return [(modules[name], narrowed(name)) for name in names]
@@ -2429,9 +2433,7 @@ def apply(model: nn.Module, plan: Plan, data: Iterable[Any] | None = None) -> nn
         if replayed is not None and plan.input_shapes:  # the plan was made and fitted at its input shapes: the data must have them
             _check_probe_shape(replayed, tuple(torch.empty(shape, device="meta") for shape in plan.input_shapes), True, "plan.input_shapes")
         if replayed is not None:
-            first = arguments(replayed.inputs[:1].to(_device_of(model)))
-            _check_runs_on_data(model, first)
-            run_model(model, first, hooked=True)  # the layers are re-fitted through hooks on their inputs
+            _check_runs_on_data(model, arguments(replayed.inputs[:1].to(_device_of(model))))
         recorded = plan.probe.get("inputs") if plan.probe.get("source") == "data" else None
         if replayed is not None and recorded and (needing or plan.metrics.get("bn_reestimated") or plan.distilled):
             given = _probes.probe_fingerprint(replayed.inputs)
@@ -2521,16 +2523,18 @@ def _global_rng_kept(model: nn.Module):
 
 def _plan_example(model: nn.Module, plan: Plan) -> tuple[Any, ...] | None:
     """Zeros of the plan's input shapes, on the model's device and in its dtype; None when the plan records none
-    or the model itself cannot run on them (inputs that are not floats, token ids say: nothing to check with)."""
+    or the model itself cannot run on them (inputs that are not floats, token ids say: nothing to check with). A layer
+    called with its input as a keyword is refused here (``positional_inputs``): the width proof and the fits hook inputs."""
     if not plan.input_shapes:
         return None
     weight = next(iter(model.parameters()), None)
     options = {} if weight is None else {"device": weight.device, "dtype": weight.dtype}
     example = tuple(torch.zeros(shape, **options) for shape in plan.input_shapes)
-    try:
-        run_model(model, example)
-    except ModelError:
-        return None
+    with positional_inputs(model):
+        try:
+            run_model(model, example)
+        except ModelError:
+            return None
     return example
 
 

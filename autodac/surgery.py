@@ -182,13 +182,13 @@ def unfused_attention():
 _READ_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)  # whose inputs autodac's hooks read
 
 
-def run_model(model: nn.Module, example_inputs: tuple[Any, ...], hooked: bool = False) -> Any:
-    """Run ``model`` in eval mode without grad, turning any failure into a ``ModelError``. ``hooked``: the caller's
-    stages will read layers' inputs through hooks, so a conv, linear or BatchNorm layer called with its input as a
-    keyword (``bn(input=x)``) is a ``ModelError`` too (the hooks read the positional arguments, as nearly every model
-    passes it)."""
+@contextlib.contextmanager
+def positional_inputs(model: nn.Module):
+    """Run ``model`` within the block: a ``ModelError`` when it ends, if a conv, linear or BatchNorm layer was called with
+    its input as a keyword (``bn(input=x)``). autodac's hooks read a layer's input from its positional arguments, as
+    nearly every model passes it; a failure inside the block propagates as it is."""
+    names = {module: name for name, module in model.named_modules()}
     by_keyword: list[str] = []
-    names = {module: name for name, module in model.named_modules()} if hooked else {}
 
     def positional(module, args, kwargs):
         if not args and kwargs and names[module] not in by_keyword:
@@ -196,14 +196,7 @@ def run_model(model: nn.Module, example_inputs: tuple[Any, ...], hooked: bool = 
 
     handles = [m.register_forward_pre_hook(positional, with_kwargs=True) for m in names if isinstance(m, _READ_LAYERS)]
     try:
-        with evaluating(model):
-            output = model(*example_inputs)
-    except Exception as error:
-        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
-        raise ModelError(
-            f"the model must run on its example inputs, but calling it on inputs of shape {shapes} "
-            f"raised {type(error).__name__}: {error}"
-        ) from error
+        yield
     finally:
         for handle in handles:
             handle.remove()
@@ -214,7 +207,22 @@ def run_model(model: nn.Module, example_inputs: tuple[Any, ...], hooked: bool = 
             f"there), but {listed} {'is' if len(by_keyword) == 1 else 'are'} called with it as a keyword (`layer(input=x)`): "
             "call them as `layer(x)`"
         )
-    return output
+
+
+def run_model(model: nn.Module, example_inputs: tuple[Any, ...], hooked: bool = False) -> Any:
+    """Run ``model`` in eval mode without grad, turning any failure into a ``ModelError``. ``hooked``: the caller's
+    stages will read layers' inputs through hooks, so a layer called with its input as a keyword is refused too
+    (``positional_inputs``)."""
+    with positional_inputs(model) if hooked else contextlib.nullcontext():
+        try:
+            with evaluating(model):
+                return model(*example_inputs)
+        except Exception as error:
+            shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
+            raise ModelError(
+                f"the model must run on its example inputs, but calling it on inputs of shape {shapes} "
+                f"raised {type(error).__name__}: {error}"
+            ) from error
 
 
 def _inside_factorized(name: str, factorized_prefixes: list[str]) -> bool:

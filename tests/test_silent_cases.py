@@ -311,13 +311,15 @@ def test_float_targets_are_ignored_with_a_warning_that_does_not_name_a_metric_th
 class KeywordCalledNorm(nn.Module):
     """An inverted-residual block whose BatchNorm is called as ``bn(input=t)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, keyword: bool = True) -> None:
         super().__init__()
+        self.keyword = keyword
         self.stem, self.expand = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 64, 1, bias=False)
         self.bn0, self.project = nn.BatchNorm2d(64), nn.Conv2d(64, 16, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(torch.relu(self.bn0(input=self.expand(self.stem(x)))))
+        hidden = self.expand(self.stem(x))
+        return self.project(torch.relu(self.bn0(input=hidden) if self.keyword else self.bn0(hidden)))
 
 
 @pytest.mark.parametrize("budget", [0.5, autodac.Latency(0.9)], ids=["flops", "latency"])
@@ -336,3 +338,17 @@ def test_export_still_takes_a_model_that_calls_a_layer_with_a_keyword(tmp_path) 
     """Only the stages that read layers' inputs through hooks need them positional: export does not."""
     exported = autodac.export(KeywordCalledNorm().eval(), tmp_path / "m.pt", format="pt", example_inputs=torch.randn(1, 3, 8, 8))
     assert exported.max_difference <= exported.allowed
+
+
+def test_apply_with_data_refuses_a_layer_called_with_a_keyword_before_changing_anything() -> None:
+    """The plan's widths are re-fitted to the data through hooks on the layers' inputs."""
+    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    positional = KeywordCalledNorm(keyword=False).eval()
+    plan = autodac.optimize(positional, 0.6, data=[x[:16], x[16:]], n_trials=2, progress=False, distill=False).plan
+    assert any(c.method == "width" for c in plan.factorized.values())
+    model = KeywordCalledNorm().eval()
+    model.load_state_dict(positional.state_dict())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(autodac.ModelError, match=r"'bn0' is called with it as a keyword"):
+        autodac.apply(model, plan, data=[x[:16], x[16:]])
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
