@@ -69,13 +69,18 @@ def affected_layers(model: nn.Module, layers: dict[str, nn.Module], example: tup
             if seen_norm[0]:
                 affected.add(name)
         handles.append(module.register_forward_pre_hook(mark))
+    _run_hooked(model, example, handles)
+    return affected
+
+
+def _run_hooked(model: nn.Module, example: tuple[Any, ...], handles: list) -> None:
+    """One eval-mode pass of ``example`` with ``handles``' hooks in place, removed after (also when it raises)."""
     try:
         with evaluating(model):
             model(*example)
     finally:
         for handle in handles:
             handle.remove()
-    return affected
 
 
 def implied_batch(example: tuple[torch.Tensor, ...], widest: int, smallest_map: int) -> Batch:
@@ -105,10 +110,5 @@ def positions_per_example(model: nn.Module, modules: dict[str, nn.Module], examp
             handles.append(module.register_forward_hook(lambda m, a, o, record=record: record(m, a, o)))
         else:
             handles.append(module.register_forward_pre_hook(lambda m, a, record=record: record(m, a)))
-    try:
-        with evaluating(model):
-            model(*example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_hooked(model, example, handles)
     return found
