@@ -360,8 +360,11 @@ def write(out: Path, args: argparse.Namespace, info: dict[str, Any], rows: list[
         + ("then distilled on the probe (`distill`), no labels " if args.extra_kwargs.get("distill") else "without fine-tuning ")
         + "(see `benchmarks/bm_imagenet.py`; "
         f"assets from `{assets.SETUP}`). Quality is agreement with the original model on {info['test inputs']} held-out test "
-        f"{unit} drawn from {info['test files']} files ({info['test sources']} sources) that share no source with the "
-        f"{info['probe files']} probe files ({info['probe sources']} sources) the {info['probe inputs']} probe {unit} came from. "
+        + (f"{unit} drawn from {info['test files']} files ({info['test sources']} sources), the same files the "
+           f"{info['probe inputs']} probe {unit} came from (other crops: the `test-photos` oracle below). "
+           if args.probe_pool == "test-photos" else
+           f"{unit} drawn from {info['test files']} files ({info['test sources']} sources) that share no source with the "
+           f"{info['probe files']} probe files ({info['probe sources']} sources) the {info['probe inputs']} probe {unit} came from. ")
         + ("`agree`: same top pitch bin (20 cents wide); `<= 40 cents`: CREPE's local weighted-average pitch within 40 cents "
            "of the original's; " if is_crepe else "`agree`: same top-1 ImageNet class; ")
         + f"`agree 95% interval`: a bootstrap over whole test {'recordings' if is_crepe else 'photographs'} (their {unit} resampled "
