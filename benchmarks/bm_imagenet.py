@@ -172,6 +172,8 @@ def child(spec_path: str) -> None:
     model = load_model(spec["model"])
     example = torch.load(work / "example.pt")
     kwargs: dict[str, Any] = {"example_inputs": example, "progress": spec["progress"], **spec["extra"]}
+    if isinstance(kwargs.get("distill"), dict):  # JSON has no DistillOptions: '{"distill": {"epochs": 30}}' names its fields
+        kwargs["distill"] = autodac.DistillOptions(**kwargs["distill"])
     if spec["mode"] == "probe":
         probe = torch.load(work / "probe.pt")
         kwargs["data"] = [probe[i:i + spec["batch"]] for i in range(0, len(probe), spec["batch"])]
@@ -426,7 +428,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None,
                         help="results path without suffix (default: benchmarks/results/imagenet, or imagenet_crepe for crepe_full)")
-    parser.add_argument("--extra-kwargs", type=json.loads, default={}, help="JSON object of further optimize keyword arguments")
+    parser.add_argument("--extra-kwargs", type=json.loads, default={},
+                        help="JSON object of further optimize keyword arguments; an object as `distill` is DistillOptions' fields")
     parser.add_argument("--run-timeout", type=float, default=0, help="seconds before a row's child is killed (0: none)")
     parser.add_argument("--progress", action="store_true", help="autodac's progress bars on stderr")
     parser.add_argument("--latency", action="store_true", help="the budgets are latency budgets on this CPU (autodac.Latency)")
