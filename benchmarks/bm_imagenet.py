@@ -160,6 +160,15 @@ def _status(field: str) -> float:
     return math.nan
 
 
+def distill_from_json(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs``' ``distill`` as optimize takes it: JSON has no DistillOptions, so '{"distill": {"epochs": 30}}' names its fields."""
+    if not isinstance(kwargs.get("distill"), dict):
+        return {}
+    import autodac
+
+    return {"distill": autodac.DistillOptions(**kwargs["distill"])}
+
+
 def child(spec_path: str) -> None:
     """Run one ``optimize`` call as ``spec`` says and write its row to ``spec["result"]``."""
     spec = json.loads(Path(spec_path).read_text())
@@ -172,8 +181,7 @@ def child(spec_path: str) -> None:
     model = load_model(spec["model"])
     example = torch.load(work / "example.pt")
     kwargs: dict[str, Any] = {"example_inputs": example, "progress": spec["progress"], **spec["extra"]}
-    if isinstance(kwargs.get("distill"), dict):  # JSON has no DistillOptions: '{"distill": {"epochs": 30}}' names its fields
-        kwargs["distill"] = autodac.DistillOptions(**kwargs["distill"])
+    kwargs.update(distill_from_json(kwargs))
     if spec["mode"] == "probe":
         probe = torch.load(work / "probe.pt")
         kwargs["data"] = [probe[i:i + spec["batch"]] for i in range(0, len(probe), spec["batch"])]
@@ -436,6 +444,10 @@ def main() -> None:
     args = parser.parse_args()
     if not isinstance(args.extra_kwargs, dict):
         parser.error(f"--extra-kwargs must be a JSON object, but got {args.extra_kwargs!r}")
+    try:  # a wrong distill field is refused here, not in each row's child after the inputs are drawn
+        distill_from_json(args.extra_kwargs)
+    except Exception as error:
+        parser.error(f"--extra-kwargs' distill must be DistillOptions' fields with valid values: {error}")
     if args.probe_pool != "split" and args.model not in PHOTO_MODELS:
         parser.error(f"--probe-pool {args.probe_pool} draws photographs: it is for the photo models {list(PHOTO_MODELS)}, not {args.model}")
     if "probe" not in args.modes:
